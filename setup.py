@@ -1,0 +1,30 @@
+"""selfexplain: train language models to explain their own computations, at cluster scale."""
+from setuptools import find_packages, setup
+
+setup(
+    name="selfexplain",
+    version="0.1.0",
+    description="Ground truth, explainer training and self-vs-cross evaluation of model self-explanation.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["groundtruth*", "training*", "eval*", "distributed*", "benchmarks*"]),
+    install_requires=[
+        # torch is installed first, pinned, by the Makefile; this range only has to admit it.
+        "torch>=2.4,<2.14",
+        "transformers>=5.0,<6",
+        "deepspeed>=0.16,<0.20",
+        "ray[default,train]>=2.40,<3",
+        "sae-lens>=6.0,<7",
+        "webdataset>=0.2.100,<2",
+        "wandb>=0.18,<1",
+        "pyyaml>=6",
+        "gguf>=0.10",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "pyarrow>=15",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "countryinfo>=1.0,<2",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["selfexplain=distributed.cli:main"]},
+)
