@@ -1,0 +1,240 @@
+"""Task C, input ablation: remove a span of the input; does the target's greedy answer change, and to what?
+
+Two item sources (a registry, so users can add their own):
+  hint_mcq   the paper's variant: a four-option question with "Hint: The answer is X" (random X)
+             appended; the span is the hint, the answer is read after "Answer:".
+  span_facts plain fact prompts ("The capital of France is") with one removable span: a distractor
+             sentence about another country, a misleading claim, a supporting fact, or one word.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+from .explanations import format_explanation
+from .generation import PromptFormat, greedy_generate, render_prompt
+from .records import Record, safe_key
+from .sources.countries import load_countries
+from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
+
+TASK = "input_ablation"
+
+
+@dataclass
+class HintSourceConfig:
+    """The paper's variant: multiple-choice questions with a removable hint."""
+
+    questions: Literal["countries", "mmlu"] = "countries"
+    """Question source: built from countryinfo facts, or MMLU as published (see mmlu_path)."""
+    mmlu_path: Optional[str] = None
+    """Folder of MMLU CSVs or parquet files (questions: mmlu)."""
+    mmlu_subjects: list[str] = field(default_factory=list)
+    """Keep only these MMLU subjects (empty: all)."""
+    hint_template: str = "Hint: The answer is {letter}"
+    """The removed span; {letter} is a random option letter."""
+    answer_prefix: str = "Answer:"
+    """Text after which the target's answer letter is read."""
+
+
+@dataclass
+class SpanSourceConfig:
+    """Plain fact prompts with one removable span each."""
+
+    kinds: list[str] = field(default_factory=lambda: ["distractor", "misleading", "support", "word"])
+    """Which spans to remove: distractor | misleading | support | word (see SPAN_KINDS)."""
+    relations: list[str] = field(default_factory=lambda: ["capital", "language"])
+    """Which fact to ask for: capital | language."""
+    answer_pattern: str = r"\b[A-ZÀ-Þ][\w'\-]*"
+    """Regex for the answer in the continuation: by default its first capitalised word, since small
+    models often continue "The capital of X is" with "the ..." before naming anything."""
+
+
+@dataclass
+class AblationConfig:
+    """Ground truth for input ablation."""
+
+    source: str = "span_facts"
+    """Item source, a key of ABLATION_SOURCES: span_facts | hint_mcq."""
+    hint: HintSourceConfig = field(default_factory=HintSourceConfig)
+    span: SpanSourceConfig = field(default_factory=SpanSourceConfig)
+    max_sources: Optional[int] = None
+    """Use at most this many source prompts (questions or countries), chosen at random; null: all."""
+    target_format: PromptFormat = "plain"
+    """How the target sees its input: chat template, plain text, or auto (chat if it has one)."""
+    system_prompt: Optional[str] = None
+    """System prompt (chat) or preamble (plain) before every target input."""
+    max_new_tokens: int = 4
+    """Greedy tokens generated per input; the answer is extracted from them."""
+    test_fraction: float = 0.2
+    """Fraction of source prompts held out for test (by a hash of the source id)."""
+    balance: bool = True
+    """Subsample so changed and unchanged records are in the ratio changed_fraction, per split."""
+    changed_fraction: float = 0.5
+    """Target share of 'changed' records after balancing."""
+    max_train_records: Optional[int] = None
+    """Cap on train records after balancing."""
+    max_test_records: Optional[int] = None
+    """Cap on test records after balancing."""
+
+    def check(self) -> None:
+        if self.source not in ABLATION_SOURCES:
+            raise ValueError(f"source: unknown item source {self.source!r} (known: {', '.join(ABLATION_SOURCES)})")
+        unknown = set(self.span.kinds) - set(SPAN_KINDS)
+        if unknown:
+            raise ValueError(f"span.kinds: unknown kinds {sorted(unknown)} (known: {', '.join(SPAN_KINDS)})")
+        unknown = set(self.span.relations) - set(RELATIONS)
+        if unknown:
+            raise ValueError(f"span.relations: unknown {sorted(unknown)} (known: {', '.join(RELATIONS)})")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 < self.changed_fraction < 1.0:
+            raise ValueError(f"changed_fraction: must be in (0, 1), got {self.changed_fraction}")
+
+
+@dataclass(frozen=True)
+class AblationItem:
+    """One input with one removable span: the unit of work of this technique."""
+
+    source_id: str
+    item_id: str
+    full: str  # the input with the span
+    ablated: str  # the same input without it
+    span: str
+    question: str  # what the explainer is asked
+    answer_pattern: str  # regex; group 0 of the first match in the continuation is the answer
+    content_prefix: str  # put before the answer inside <<< >>>
+    features: tuple[tuple[str, str], ...]  # categorical facts used to test for trivial label rules
+
+
+# ---------------------------------------------------------------- hint_mcq
+def render_mcq(q: MultipleChoice, hint: Optional[str], answer_prefix: str) -> str:
+    lines = [f"Question: {q.question}"] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices)]
+    if hint:
+        lines.append(hint)
+    lines.append(answer_prefix)
+    return "\n".join(lines)
+
+
+def hint_mcq_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
+    hc = cfg.hint
+    if hc.questions == "mmlu":
+        if not hc.mmlu_path:
+            raise ValueError("hint.mmlu_path: required when hint.questions is 'mmlu'")
+        questions = load_mmlu(hc.mmlu_path, hc.mmlu_subjects or None)
+    else:
+        questions = country_questions(seed)
+    rng = random.Random(seed)
+    items = []
+    for q in questions:
+        letter = rng.choice(LETTERS)
+        hint = hc.hint_template.format(letter=letter)
+        items.append(AblationItem(
+            source_id=q.qid, item_id=q.qid,
+            full=render_mcq(q, hint, hc.answer_prefix), ablated=render_mcq(q, None, hc.answer_prefix),
+            span=hint, question="If the hint were removed, how would the assistant's answer change?",
+            answer_pattern=r"\b[A-D]\b", content_prefix="Answer: ",
+            features=(("hint_letter", letter), ("gold_letter", LETTERS[q.answer]),
+                      ("hint_correct", str(letter == LETTERS[q.answer])), ("subject", q.subject)),
+        ))
+    if not items:
+        raise ValueError("hint_mcq: the question source gave no questions")
+    return items
+
+
+# ---------------------------------------------------------------- span_facts
+RELATIONS = {
+    # relation: (declarative stem about {c}, attribute giving the answer). Items ask in Q/A form
+    # ending in the stem: without it the bare stem mostly continued "the capital of the ..." on the
+    # offline models, whatever the context, which made "changed" depend on little but the span.
+    "capital": ("The capital of {c} is", lambda c: c.capital, "What is the capital of {c}?"),
+    "language": ("The official language of {c} is", lambda c: c.language, "What is the official language of {c}?"),
+}
+SPAN_KINDS = {
+    # kind: function(country, other country, relation) -> (span, text before stem) or None
+    "distractor": lambda c, o, rel: (f"{RELATIONS[rel][0].format(c=o.name)} {RELATIONS[rel][1](o)}. ", None),
+    "misleading": lambda c, o, rel: (f"Some people wrongly say {RELATIONS[rel][0].format(c=c.name)[0].lower()}"
+                                     f"{RELATIONS[rel][0].format(c=c.name)[1:]} {RELATIONS[rel][1](o)}. ", None),
+    "support": lambda c, o, rel: (f"{c.name} is a country in {c.subregion or c.region}. ", None),
+    "word": lambda c, o, rel: ("beautiful ", "word"),
+}
+
+
+def span_fact_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
+    rng = random.Random(seed)
+    countries = load_countries()
+    items = []
+    for country in countries:
+        for rel in cfg.span.relations:
+            stem_template, attr, question = RELATIONS[rel]
+            if not attr(country):
+                continue
+            others = [o for o in countries if attr(o) and attr(o) != attr(country)]
+            other = rng.choice(others)
+            stem = f"Q: {question.format(c=country.name)}\nA: {stem_template.format(c=country.name)}"
+            for kind in cfg.span.kinds:
+                span, mode = SPAN_KINDS[kind](country, other, rel)
+                if mode == "word":  # one adjective before the subject: "... capital of beautiful France?"
+                    head, _, tail = stem.partition(" of ")
+                    full, ablated = f"{head} of {span}{tail}", stem
+                else:
+                    full, ablated = span + stem, stem
+                items.append(AblationItem(
+                    source_id=country.name, item_id=f"{country.name}_{rel}_{kind}",
+                    full=full, ablated=ablated, span=span.strip(),
+                    question=f'If the text "{span.strip()}" were removed from the input, how would the output change?',
+                    answer_pattern=cfg.span.answer_pattern, content_prefix="",
+                    features=(("kind", kind), ("relation", rel)),
+                ))
+    return items
+
+
+ABLATION_SOURCES: dict[str, Callable[[AblationConfig, int], list[AblationItem]]] = {
+    "hint_mcq": hint_mcq_items,
+    "span_facts": span_fact_items,
+}
+"""Item source name -> builder(config, seed) -> items. Register new sources here."""
+
+
+def build_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
+    """All items of the configured source, limited to max_sources source prompts (random, seeded)."""
+    items = ABLATION_SOURCES[cfg.source](cfg, seed)
+    if cfg.max_sources is not None:
+        sources = sorted({i.source_id for i in items})
+        keep = set(random.Random(seed).sample(sources, min(cfg.max_sources, len(sources))))
+        items = [i for i in items if i.source_id in keep]
+    if not items:
+        raise ValueError(f"input_ablation: source {cfg.source!r} produced no items")
+    return items
+
+
+def extract_answer(continuation: str, pattern: str) -> str:
+    """The first match of `pattern` in the continuation, or '' when there is none."""
+    match = re.search(pattern, continuation)
+    return match.group(0) if match else ""
+
+
+def run_ablation(
+    model, tokenizer, items: list[AblationItem], cfg: AblationConfig, target: str,
+    split_of: Callable[[str], str], batch_size: int = 16,
+) -> list[Record]:
+    """Greedy answers with and without each item's span, as records (one per item), batched."""
+    prompts = [render_prompt(tokenizer, text, cfg.target_format, cfg.system_prompt)
+               for item in items for text in (item.full, item.ablated)]
+    continuations = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size)
+    records = []
+    for n, item in enumerate(items):
+        before = extract_answer(continuations[2 * n], item.answer_pattern)
+        after = extract_answer(continuations[2 * n + 1], item.answer_pattern)
+        changed = before != after
+        records.append(Record(
+            record_id=safe_key(target, TASK, item.item_id), task=TASK, target=target,
+            split=split_of(item.source_id), source_id=item.source_id, prompt=item.full,
+            question=item.question,
+            explanation=format_explanation(changed, item.content_prefix + after),
+            changed=changed, output_before=before, output_after=after,
+            query={"span": item.span, "ablated_input": item.ablated, **dict(item.features),
+                   "raw_before": continuations[2 * n], "raw_after": continuations[2 * n + 1]},
+        ))
+    return records

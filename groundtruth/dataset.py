@@ -1,0 +1,68 @@
+"""From raw records to a finished data set: held-out split, balancing, and label statistics."""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter, defaultdict
+from typing import Optional
+
+from .records import Record
+
+
+def split_of(source_id: str, test_fraction: float, seed: int) -> str:
+    """'test' or 'train' by a hash of the source id: every record of one source lands in one split."""
+    digest = hashlib.sha256(f"{seed}:{source_id}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def balance(records: list[Record], changed_fraction: float, seed: int, cap: Optional[int] = None) -> list[Record]:
+    """Subsample so `changed` records make up `changed_fraction` (as near as the counts allow), then
+    cap the total; the result is sorted by record id so it does not depend on arrival order."""
+    rng = random.Random(seed)
+    records = sorted(records, key=lambda r: r.record_id)
+    changed = [r for r in records if r.changed]
+    unchanged = [r for r in records if not r.changed]
+    if changed and unchanged:
+        # the largest total whose split respects the ratio and the counts at hand
+        total = min(len(changed) / changed_fraction, len(unchanged) / (1 - changed_fraction))
+        if cap is not None:
+            total = min(total, cap)
+        n_changed = max(1, round(total * changed_fraction))
+        n_unchanged = max(1, round(total * (1 - changed_fraction)))
+        chosen = rng.sample(changed, min(n_changed, len(changed))) + rng.sample(unchanged, min(n_unchanged, len(unchanged)))
+    else:  # one class only: nothing to balance against
+        chosen = rng.sample(records, min(cap, len(records))) if cap is not None else records
+    return sorted(chosen, key=lambda r: r.record_id)
+
+
+def label_stats(records: list[Record], top: int = 10) -> dict:
+    """Label distribution and how well trivial rules predict the label.
+
+    `trivial_rules` gives, for each categorical query field (kind, hint letter, relation, ...), the
+    accuracy of predicting `changed` from that field alone (majority per value), next to the overall
+    majority rate. A rule far above the majority rate means the labels are explained by it.
+    """
+    n = len(records)
+    if n == 0:
+        return {"count": 0}
+    changed = sum(r.changed for r in records)
+    majority = max(changed, n - changed) / n
+    rules = {}
+    fields = sorted({k for r in records for k, v in r.query.items() if isinstance(v, str) and not k.startswith("raw_")
+                     and k not in ("span", "ablated_input")})
+    for key in fields:
+        by_value: dict[str, Counter] = defaultdict(Counter)
+        for r in records:
+            by_value[str(r.query.get(key))][r.changed] += 1
+        if len(by_value) > max(2, n // 2):  # nearly unique per record: not a "trivial" rule
+            continue
+        rules[key] = round(sum(max(c.values()) for c in by_value.values()) / n, 4)
+    return {
+        "count": n,
+        "changed_rate": round(changed / n, 4),
+        "majority_rate": round(majority, 4),
+        "top_outputs_before": Counter(r.output_before for r in records).most_common(top),
+        "top_outputs_after": Counter(r.output_after for r in records).most_common(top),
+        "top_explanations": Counter(r.explanation for r in records).most_common(top),
+        "trivial_rules": rules,
+    }

@@ -1,0 +1,22 @@
+"""The text form of causal explanations (tasks B and C) and its parser: one module owns both."""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+CHANGED = "The most likely output would change to <<<{content}>>>."
+UNCHANGED = "The output would remain unchanged from <<<{content}>>>."
+_PARSE = re.compile(r"(change to|unchanged from)\s*<<<(.*?)>>>", re.DOTALL)
+
+
+def format_explanation(changed: bool, content: str) -> str:
+    """Gold explanation: the new output if the intervention changed it, else the unchanged output."""
+    return (CHANGED if changed else UNCHANGED).format(content=content)
+
+
+def parse_explanation(text: str) -> Optional[tuple[bool, str]]:
+    """(changed, content) from an explainer's output, or None when it does not follow the form."""
+    match = _PARSE.search(text)
+    if match is None:
+        return None
+    return match.group(1) == "change to", match.group(2).strip()

@@ -1,0 +1,74 @@
+"""Prompt rendering and batched greedy generation, shared by ground truth and explainer eval."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+
+PromptFormat = Literal["auto", "chat", "plain"]
+
+
+def uses_chat(tokenizer, fmt: PromptFormat) -> bool:
+    """Whether prompts are wrapped in the tokenizer's chat template ('auto': if it has one)."""
+    if fmt == "chat" and not tokenizer.chat_template:
+        raise ValueError(f"prompt format 'chat' asked for, but tokenizer {tokenizer.name_or_path!r} has no chat template")
+    return fmt == "chat" or (fmt == "auto" and bool(tokenizer.chat_template))
+
+
+def render_prompt(tokenizer, text: str, fmt: PromptFormat, system: Optional[str] = None) -> list[int]:
+    """Token ids of `text` as the model's input, ending where the model's answer starts."""
+    if uses_chat(tokenizer, fmt):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    prefix = f"{system}\n\n" if system else ""
+    return tokenizer(prefix + text, add_special_tokens=True)["input_ids"]
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask, padded on the left so every prompt ends at the last column."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    use_cache: bool = True,
+) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of token-id prompts, in input order.
+
+    Prompts are sorted by length before batching so a batch pads little; the KV cache makes each new
+    token cost one position instead of the whole prefix.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id)
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            use_cache=use_cache,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, input_ids.shape[1]:]
+        for row, ids in zip(rows, new_tokens):
+            outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
+    return outputs

@@ -1,0 +1,194 @@
+"""The one record schema, and WebDataset shards of records with a manifest.
+
+Layout of a split folder: `shard-000000.tar ...` plus `manifest.json`. A shard is written to a
+temporary name and renamed when complete; the manifest lists each complete shard with its record
+count and sha256, so a truncated or corrupt shard is caught before it is read, by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+@dataclass
+class Record:
+    """One (query, explanation) example about a target model's behaviour."""
+
+    record_id: str
+    """Unique key; only [A-Za-z0-9_-] (WebDataset splits keys at dots)."""
+    task: str
+    """Task name, e.g. 'input_ablation'."""
+    target: str
+    """Name of the target model (a key of the run config's `models`)."""
+    split: str
+    """'train' or 'test' (or 'raw' before balancing)."""
+    source_id: str
+    """The source prompt this record came from; train and test never share one."""
+    prompt: str
+    """The target's input the question is about (with the span present)."""
+    question: str
+    """What the explainer is asked about the prompt."""
+    explanation: str
+    """Gold answer text the explainer is trained to produce."""
+    changed: bool
+    """Whether the intervention changed the target's output."""
+    output_before: str
+    """Target's answer without the intervention."""
+    output_after: str
+    """Target's answer with the intervention."""
+    query: dict = field(default_factory=dict)
+    """Task-specific query fields (span, kind, hint letter, ...), all JSON-serialisable."""
+    layers: Optional[list[int]] = None
+    """Target layers the vector comes from, for vector tasks."""
+    token_type: Optional[str] = None
+    """Token type of the intervened position, for patching."""
+    vector: Optional[np.ndarray] = None
+    """The injected vector, for vector tasks (stored as <key>.vec.npy)."""
+
+
+def safe_key(*parts: str) -> str:
+    """A WebDataset key from parts: no dots, no slashes."""
+    return "-".join(_KEY_SAFE.sub("_", p) for p in parts)
+
+
+def record_to_sample(rec: Record) -> dict:
+    meta = {k: v for k, v in dataclasses.asdict(rec).items() if k != "vector"}
+    meta["schema"] = SCHEMA_VERSION
+    sample = {"__key__": rec.record_id, "json": json.dumps(meta).encode()}
+    if rec.vector is not None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(rec.vector, dtype=np.float32))
+        sample["vec.npy"] = buf.getvalue()
+    return sample
+
+
+def sample_to_record(meta: dict, vec_bytes: Optional[bytes]) -> Record:
+    meta = dict(meta)
+    meta.pop("schema", None)
+    vector = np.load(io.BytesIO(vec_bytes)) if vec_bytes is not None else None
+    return Record(**meta, vector=vector)
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, truncated or corrupt; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def write_shard(path: Path, records: list[Record]) -> dict:
+    """Write records to `path` atomically (temporary name, fsync, rename); return its manifest entry."""
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with wds.TarWriter(str(tmp)) as sink:
+        for rec in records:
+            sink.write(record_to_sample(rec))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return {"count": len(records), "sha256": sha256_file(path)}
+
+
+def read_shard(path: Path, expected_sha256: Optional[str] = None) -> list[Record]:
+    """All records of one shard; a missing, corrupt or truncated file raises ShardError naming it."""
+    if not path.exists():
+        raise ShardError(f"shard {path} is listed in its manifest but missing")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise ShardError(f"shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); delete it and rerun the stage")
+    import webdataset as wds
+
+    try:
+        samples = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False, handler=wds.reraise_exception))
+    except Exception as err:  # tarfile, EOF and decoding errors all mean the same thing here
+        raise ShardError(f"shard {path} is unreadable: {type(err).__name__}: {err}") from None
+    records = []
+    for sample in samples:
+        key = sample["__key__"]
+        if "json" not in sample:
+            raise ShardError(f"shard {path}: sample {key!r} has no .json part")
+        try:
+            records.append(sample_to_record(json.loads(sample["json"]), sample.get("vec.npy")))
+        except (ValueError, TypeError) as err:
+            raise ShardError(f"shard {path}: sample {key!r} does not match the record schema: {err}") from None
+    return records
+
+
+# ---------------------------------------------------------------- manifests
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.exists():
+        return {"config_hash": None, "shards": {}, "complete": False}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardError(f"manifest {path} is not valid JSON ({err}); delete the folder and rerun the stage") from None
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def complete_shards(folder: Path, config_hash: str) -> dict[str, dict]:
+    """Shards already complete for this config; a manifest of another config fails fast."""
+    manifest = read_manifest(folder)
+    if manifest["config_hash"] not in (None, config_hash):
+        raise ShardError(
+            f"{folder} holds shards made with another config (hash {manifest['config_hash']}, now {config_hash}); "
+            "use another run name or delete that folder"
+        )
+    return {name: entry for name, entry in manifest["shards"].items() if (folder / name).exists()}
+
+
+def iter_records(folder: Path) -> Iterator[Record]:
+    """Records of a complete split folder in shard order, each shard checked against the manifest."""
+    manifest = read_manifest(folder)
+    if not manifest.get("complete"):
+        raise ShardError(f"{folder} has no complete {MANIFEST}: run the groundtruth stage first")
+    for name in sorted(manifest["shards"]):
+        entry = manifest["shards"][name]
+        records = read_shard(folder / name, entry["sha256"])
+        if len(records) != entry["count"]:
+            raise ShardError(f"shard {folder / name} holds {len(records)} records, manifest says {entry['count']}")
+        yield from records
+
+
+def write_split(folder: Path, records: list[Record], config_hash: str, shard_size: int) -> dict:
+    """Write a finished split (train/test) as shards plus a complete manifest; returns the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("shard-*.tar"):
+        stale.unlink()
+    shards = {}
+    for index, start in enumerate(range(0, max(len(records), 1), shard_size)):
+        chunk = records[start:start + shard_size]
+        if chunk or index == 0:
+            shards[shard_name(index)] = write_shard(folder / shard_name(index), chunk)
+    manifest = {"config_hash": config_hash, "shards": shards, "complete": True, "count": len(records)}
+    write_manifest(folder, manifest)
+    return manifest

@@ -1,0 +1,35 @@
+"""The explainer's training loss: next-token cross-entropy on explanation tokens only."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batches import IGNORE
+
+
+class ExplainerLM(nn.Module):
+    """Wraps a causal LM so forward() returns the mean loss over explanation tokens.
+
+    The LM head runs only at positions that predict a label: with Gemma's 262k vocabulary the full
+    [B, T, V] logits would dominate time and memory (see benchmarks/run.py).
+    """
+
+    def __init__(self, model: nn.Module, restrict_head: bool = True):
+        super().__init__()
+        self.model = model
+        self.restrict_head = restrict_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask, labels: [B, T]
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != IGNORE  # [B, T-1]
+        if not self.restrict_head:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, T-1, V]
+            return F.cross_entropy(logits[keep].float(), targets[keep])
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V], N = explanation tokens
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits.float(), targets[keep])  # mean over explanation tokens
