@@ -113,6 +113,10 @@ def write_shard(path: Path, records: list[Record]) -> dict:
     return {"count": len(records), "sha256": sha256_file(path)}
 
 
+def _whole(urls):
+    return urls
+
+
 def read_shard(path: Path, expected_sha256: Optional[str] = None) -> list[Record]:
     """All records of one shard; a missing, corrupt or truncated file raises ShardError naming it."""
     if not path.exists():
@@ -122,7 +126,11 @@ def read_shard(path: Path, expected_sha256: Optional[str] = None) -> list[Record
     import webdataset as wds
 
     try:
-        samples = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False, handler=wds.reraise_exception))
+        # Every caller wants the whole shard, whatever rank it runs on: record-level splitting across
+        # ranks happens in training (equal step counts), so no node or worker splitting here.
+        dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, handler=wds.reraise_exception,
+                                 nodesplitter=_whole, workersplitter=_whole)
+        samples = list(dataset)
     except Exception as err:  # tarfile, EOF and decoding errors all mean the same thing here
         raise ShardError(f"shard {path} is unreadable: {type(err).__name__}: {err}") from None
     records = []

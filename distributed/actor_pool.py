@@ -1,0 +1,66 @@
+"""A pool of Ray actors working through a list of units, surviving actor deaths.
+
+Ray schedules the actors and restarts nothing by itself here: when an actor dies (killed, OOM, node
+lost) the pool kills its handle, starts a replacement and puts the unit back at the head of the
+queue, up to `max_retries` times per unit. An exception raised by the unit's own code is not retried:
+it is a bug or bad input and fails the stage at once with its message.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+
+def run_pool(
+    make_actor: Callable[[], Any],
+    n_actors: int,
+    units: Sequence[Any],
+    call: Callable[[Any, Any], Any],
+    on_result: Callable[[Any, Any], int],
+    max_retries: int,
+    desc: str,
+) -> None:
+    """Run call(actor, unit) for every unit on up to n_actors actors; on_result(unit, result) returns
+    the number of records the unit produced (for the records/s shown on the progress bar)."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    if not units:
+        return
+    queue = deque(range(len(units)))
+    failures = [0] * len(units)
+    idle = [make_actor() for _ in range(min(n_actors, len(units)))]
+    running: dict = {}
+    records, started = 0, time.time()
+    bar = tqdm(total=len(units), desc=desc, unit="shard", dynamic_ncols=True)
+    try:
+        while queue or running:
+            while idle and queue:
+                actor, index = idle.pop(), queue.popleft()
+                running[call(actor, units[index])] = (actor, index)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, index = running.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayTaskError as err:  # the unit's own code raised: not a fault to retry
+                raise err.as_instanceof_cause() from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                failures[index] += 1
+                if failures[index] > max_retries:
+                    raise RuntimeError(f"{desc}: unit {index} lost its actor {failures[index]} times; last: {err}") from err
+                tqdm.write(f"[{desc}] actor died on unit {index} ({type(err).__name__}); retrying on a new actor")
+                ray.kill(actor, no_restart=True)
+                idle.append(make_actor())
+                queue.appendleft(index)
+                continue
+            records += on_result(units[index], result)
+            idle.append(actor)
+            bar.update(1)
+            bar.set_postfix(records=records, rate=f"{records / max(time.time() - started, 1e-9):.1f}/s")
+    finally:
+        bar.close()
+        for actor in idle + [a for a, _ in running.values()]:
+            ray.kill(actor, no_restart=True)

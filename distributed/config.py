@@ -1,0 +1,168 @@
+"""The run config: one typed tree of the components' own config dataclasses, loaded from YAML.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.lr=1e-4"])
+
+Unknown keys and wrong types fail with the dotted path of the key; the resolved config is saved into
+every run folder (config.resolved.yaml) together with the code version.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from groundtruth.ablation import AblationConfig
+from groundtruth.models import ModelSpec, ModelSpecError, describe
+from training.step import TrainConfig
+
+from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class TasksConfig:
+    """Which tasks run, each with its ground-truth config (absent: the task is skipped)."""
+
+    input_ablation: Optional[AblationConfig] = None
+    """Task C: remove a span of the input; does the output change, and to what?"""
+
+    def enabled(self) -> dict:
+        return {name: cfg for name, cfg in vars(self).items() if cfg is not None}
+
+
+@dataclass
+class RayConfig:
+    """Where Ray runs."""
+
+    address: Optional[str] = None
+    """Address of a running cluster ('auto', 'ray://host:10001', ...); null starts Ray in this process."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a local Ray (null: the machine's cores)."""
+    include_dashboard: bool = False
+    """Start the dashboard with a local Ray (clusters have their own)."""
+    temp_dir: Optional[str] = None
+    """Ray's session folder for a local Ray (null: Ray's default)."""
+
+
+@dataclass
+class GroundTruthConfig:
+    """The actor pool that runs a technique on the target and writes shards."""
+
+    actors: int = 2
+    """Actors, each holding one copy of the target."""
+    actor_cpus: float = 1.0
+    """CPUs per actor; also its torch thread count (at least 1), so actors do not oversubscribe cores."""
+    actor_gpus: float = 0.0
+    """GPUs per actor (1 on GPU clusters)."""
+    items_per_shard: int = 64
+    """Work items per raw shard: the unit that is retried when an actor dies."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    max_retries: int = 3
+    """Attempts per shard after actor deaths before the stage fails."""
+    shard_size: int = 2000
+    """Records per finished train/test shard."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluator actors that run explainers on held-out records."""
+
+    actors: int = 1
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    batch_size: int = 16
+    max_new_tokens: Optional[int] = None
+    """Tokens per explanation; null: the task's default (50 for causal tasks, as in the paper)."""
+    max_examples: Optional[int] = None
+    """Score at most this many test records per target (null: all)."""
+    untrained: bool = True
+    """Also score each explainer before fine-tuning."""
+    baselines: list[str] = field(default_factory=lambda: ["majority"])
+    """Baselines to score (see eval/baselines.py)."""
+    max_retries: int = 2
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking (offline unless you log in and set mode: online)."""
+
+    enabled: bool = True
+    project: str = "selfexplain"
+    entity: Optional[str] = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """WANDB_MODE in the environment overrides this."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: models, tasks, and each stage's settings."""
+
+    name: str
+    """Run name; the run folder is runs/<name> unless out_dir is set."""
+    models: dict[str, ModelSpec]
+    """Named model specs, referred to by targets and explainers."""
+    targets: list[str]
+    """Models whose behaviour is explained (frozen)."""
+    explainers: list[str]
+    """Models fine-tuned to explain each target (self when explainer == target)."""
+    tasks: TasksConfig
+    out_dir: Optional[str] = None
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    groundtruth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self) -> None:
+        for key in ("targets", "explainers"):
+            names = getattr(self, key)
+            if not names:
+                raise ValueError(f"{key}: name at least one model")
+            for i, name in enumerate(names):
+                if name not in self.models:
+                    raise ValueError(f"{key}[{i}]: {name!r} is not in models ({', '.join(self.models)})")
+        for name, spec in self.models.items():
+            try:
+                describe(spec.source)
+            except ModelSpecError as err:
+                raise ValueError(f"models.{name}.source: {err}") from None
+        if not self.tasks.enabled():
+            raise ValueError("tasks: enable at least one task")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or Path("runs") / self.name).resolve()
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load, override and validate a run config; errors name the dotted key (and the file)."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def code_version() -> str:
+    """git describe of the code, or 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_resolved(cfg: RunConfig) -> Path:
+    """Write config.resolved.yaml (with the code version) into the run folder."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / "config.resolved.yaml"
+    tmp = path.with_name(".config.resolved.yaml.tmp")
+    tmp.write_text(yaml.safe_dump({"code_version": code_version(), "config": to_dict(cfg)}, sort_keys=False))
+    os.replace(tmp, path)
+    return path

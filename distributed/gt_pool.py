@@ -1,0 +1,133 @@
+"""Ground-truth stage: a Ray actor pool runs a task's technique on the target and writes shards.
+
+Per (task, target): work items are cut into units of `items_per_shard`; each unit becomes one raw
+shard, written atomically by the actor that processed it and listed in the raw manifest by the driver
+as it completes. A rerun skips listed shards; a unit whose actor died is redone on a new actor and
+its shard (same name) replaces any partial one, so every record ends up present exactly once. Then
+the driver balances each split and writes train/ and test/ shards with label statistics.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from groundtruth.dataset import balance, label_stats, split_of
+from groundtruth.models import prepare
+from groundtruth.records import (Record, complete_shards, iter_records, read_manifest, shard_name, write_manifest,
+                                 write_shard, write_split)
+from groundtruth.tasks import TASKS
+
+from .actor_pool import run_pool
+from .config import RunConfig
+from .ray_session import torch_threads
+from .typed_yaml import stable_hash
+
+FAULT_ENV = "SELFEXPLAIN_FAULT_KILL_UNIT"  # "<unit>:<marker file>": die once mid-shard (fault tests)
+
+
+def gt_dir(cfg: RunConfig, task: str, target: str) -> Path:
+    return cfg.run_dir / "groundtruth" / task / target
+
+
+def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
+    """What the shards of (task, target) depend on; a change makes existing shards unusable."""
+    return stable_hash({"task": asdict(cfg.tasks.enabled()[task]), "target": asdict(cfg.models[target]),
+                        "seed": cfg.seed, "items_per_shard": cfg.groundtruth.items_per_shard})
+
+
+class GroundTruthWorker:
+    """One copy of the target model; turns units of work items into raw shards."""
+
+    def __init__(self, spec, threads: int):
+        import torch
+
+        from groundtruth.models import load_model
+
+        torch.set_num_threads(threads)
+        self.model, self.tokenizer = load_model(spec)
+
+    def process(self, task: str, task_cfg, target: str, unit: int, items: list, out_path: str,
+                test_fraction: float, seed: int, batch_size: int) -> dict:
+        records = TASKS[task].run(self.model, self.tokenizer, items, task_cfg, target,
+                                  lambda source: split_of(source, test_fraction, seed), batch_size)
+        _maybe_die(unit, Path(out_path), records)
+        return write_shard(Path(out_path), records)
+
+
+def _maybe_die(unit: int, out_path: Path, records: list[Record]) -> None:
+    """Fault injection for tests: write half a shard under the temporary name, then exit hard."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    index, marker = spec.split(":", 1)
+    if int(index) != unit or Path(marker).exists():
+        return
+    Path(marker).write_text("died")
+    write_shard(out_path.with_name(f".{out_path.name}.partial"), records[: len(records) // 2])
+    os._exit(1)
+
+
+def run_groundtruth(cfg: RunConfig) -> dict:
+    """Generate (or finish) ground truth for every enabled task and target; returns label stats."""
+    import ray
+
+    pc = cfg.groundtruth
+    stats: dict = {}
+    for task, task_cfg in cfg.tasks.enabled().items():
+        spec = TASKS[task]
+        items = spec.build_items(task_cfg, cfg.seed)
+        units = [items[i:i + pc.items_per_shard] for i in range(0, len(items), pc.items_per_shard)]
+        for target in cfg.targets:
+            folder, config_hash = gt_dir(cfg, task, target), gt_hash(cfg, task, target)
+            raw = folder / "raw"
+            done = complete_shards(raw, config_hash)
+            todo = [i for i in range(len(units)) if shard_name(i) not in done]
+            manifest = {"config_hash": config_hash, "shards": dict(done), "complete": False}
+            if todo:
+                model_spec = cfg.models[target]
+                prepare(model_spec)  # dequantise packaged weights once, before actors race to it
+                actor_cls = ray.remote(num_cpus=pc.actor_cpus, num_gpus=pc.actor_gpus, max_restarts=0)(GroundTruthWorker)
+
+                def on_result(unit: int, entry: dict) -> int:
+                    manifest["shards"][shard_name(unit)] = entry
+                    write_manifest(raw, manifest)
+                    return entry["count"]
+
+                run_pool(
+                    make_actor=lambda: actor_cls.remote(model_spec, torch_threads(pc.actor_cpus)),
+                    n_actors=pc.actors, units=todo,
+                    call=lambda actor, unit: actor.process.remote(
+                        task, task_cfg, target, unit, units[unit], str(raw / shard_name(unit)),
+                        task_cfg.test_fraction, cfg.seed, pc.batch_size),
+                    on_result=on_result, max_retries=pc.max_retries, desc=f"groundtruth {task}/{target}",
+                )
+            manifest["complete"] = True
+            manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
+            write_manifest(raw, manifest)
+            stats.setdefault(task, {})[target] = finalize(folder, task_cfg, config_hash, cfg.seed, pc.shard_size)
+    return stats
+
+
+def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
+    """Balance the raw records of each split into train/ and test/ shards; write label_stats.json."""
+    stats_path = folder / "label_stats.json"
+    finished = all(read_manifest(folder / s).get("config_hash") == config_hash and read_manifest(folder / s).get("complete")
+                   for s in ("train", "test"))
+    if finished and stats_path.exists():
+        return json.loads(stats_path.read_text())
+    records = list(iter_records(folder / "raw"))
+    stats = {"raw": label_stats(records)}
+    for split, cap in (("train", task_cfg.max_train_records), ("test", task_cfg.max_test_records)):
+        chosen = [r for r in records if r.split == split]
+        if task_cfg.balance:
+            chosen = balance(chosen, task_cfg.changed_fraction, seed, cap)
+        elif cap is not None:
+            chosen = chosen[:cap]
+        if not chosen:
+            raise ValueError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
+        write_split(folder / split, chosen, config_hash, shard_size)
+        stats[split] = label_stats(chosen)
+    stats_path.write_text(json.dumps(stats, indent=1))
+    return stats

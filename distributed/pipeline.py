@@ -1,0 +1,93 @@
+"""The pipeline: groundtruth -> train -> eval -> report, each stage resumable, plus the dry-run plan."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+from eval.matrix import build_matrix, write_matrix
+from eval.report import write_report
+from groundtruth.models import describe
+from groundtruth.tasks import TASKS
+from training.step import deepspeed_config
+
+from .config import RunConfig, save_resolved
+from .eval_pool import run_eval_stage
+from .gt_pool import gt_dir, run_groundtruth
+from .ray_session import ray_session
+from .tracking import log_to_wandb
+from .train_job import run_train_stage, train_jobs
+from .typed_yaml import to_dict
+
+STAGES = ("groundtruth", "train", "eval", "report")
+
+
+def collect_label_stats(cfg: RunConfig) -> dict:
+    stats: dict = {}
+    for task in cfg.tasks.enabled():
+        for target in cfg.targets:
+            path = gt_dir(cfg, task, target) / "label_stats.json"
+            if path.exists():
+                stats.setdefault(task, {})[target] = json.loads(path.read_text())
+    return stats
+
+
+def eval_and_matrix(cfg: RunConfig) -> dict:
+    cells = run_eval_stage(cfg)
+    matrix = build_matrix(cells, collect_label_stats(cfg))
+    write_matrix(cfg.run_dir / "matrix.json", matrix)
+    return matrix
+
+
+def report(cfg: RunConfig) -> Path:
+    path = cfg.run_dir / "matrix.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the eval stage first")
+    matrix = json.loads(path.read_text())
+    md = write_report(cfg.run_dir, matrix, cfg.name)
+    wandb_dir = log_to_wandb(cfg, matrix, sorted(cfg.run_dir.glob("heatmap_*.png")))
+    print(f"[report] {md}" + (f"; W&B run in {wandb_dir}" if wandb_dir else ""), flush=True)
+    return md
+
+
+def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
+    """Run the given stages in order inside one Ray session (report needs none)."""
+    save_resolved(cfg)
+    needs_ray = any(s in stages for s in ("groundtruth", "eval")) or ("train" in stages and cfg.train.use_ray)
+    with ray_session(cfg.ray) if needs_ray else nullcontext():
+        if "groundtruth" in stages:
+            run_groundtruth(cfg)
+        if "train" in stages:
+            run_train_stage(cfg)
+        if "eval" in stages:
+            eval_and_matrix(cfg)
+    if "report" in stages:
+        report(cfg)
+
+
+def plan(cfg: RunConfig) -> str:
+    """What a run would do, computed without loading any model."""
+    gp, tc, ec = cfg.groundtruth, cfg.train, cfg.eval
+    lines = [f"run {cfg.name} -> {cfg.run_dir}", f"ray: {cfg.ray.address or 'local (started here)'}", "models:"]
+    lines += [f"  {name}: {spec.source} ({describe(spec.source)}, {spec.dtype})" for name, spec in cfg.models.items()]
+    lines.append(f"targets: {', '.join(cfg.targets)}; explainers: {', '.join(cfg.explainers)}")
+    for task, task_cfg in cfg.tasks.enabled().items():
+        try:
+            n_items = len(TASKS[task].build_items(task_cfg, cfg.seed))
+            n_units = -(-n_items // gp.items_per_shard)
+            items = f"{n_items} items -> {n_units} raw shards per target"
+        except (FileNotFoundError, ValueError) as err:
+            items = f"items not countable here ({err})"
+        lines += [f"task {task}: {items}",
+                  f"  groundtruth: {gp.actors} actors x ({gp.actor_cpus} CPU, {gp.actor_gpus} GPU), batch {gp.batch_size}"]
+    jobs = train_jobs(cfg)
+    lines.append(f"train: {len(jobs)} explainer jobs, {'Ray Train' if tc.use_ray else 'in-process'} with "
+                 f"{tc.num_workers} workers x ({tc.worker_cpus} CPU{', 1 GPU' if tc.use_gpu else ''})")
+    lines += [f"  {j.task}: {j.explainer} on {j.target} -> {j.export_dir}" for j in jobs]
+    lines.append("  deepspeed config: " + json.dumps(deepspeed_config(tc, tc.num_workers)))
+    rows = len(cfg.explainers) * (2 if ec.untrained else 1) + len(ec.baselines)
+    lines.append(f"eval: {rows} rows x {len(cfg.targets)} targets per task, {ec.actors} actors x "
+                 f"({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
+    lines.append(f"wandb: {'off' if not cfg.wandb.enabled else cfg.wandb.mode} (project {cfg.wandb.project})")
+    lines.append("resolved config:\n" + json.dumps(to_dict(cfg), indent=1))
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Starting and joining Ray, with the environment every worker process needs."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from .config import RayConfig
+
+# Environment forwarded to every Ray worker: offline model loading, W&B mode, DeepSpeed's op cache,
+# and the project's own switches (SELFEXPLAIN_*).
+FORWARDED_PREFIXES = ("SELFEXPLAIN_", "HF_", "TRANSFORMERS_", "WANDB_", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_")
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+@contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """ray.init for the block (local unless cfg.address), then ray.shutdown if we started it.
+
+    Never `ray stop`: that ends every Ray process on the machine, not only ours.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True,
+                    "namespace": "selfexplain"}
+    if cfg.address:
+        kwargs["address"] = cfg.address
+    else:
+        kwargs["num_cpus"] = cfg.num_cpus or os.cpu_count()
+        kwargs["include_dashboard"] = cfg.include_dashboard
+        if cfg.temp_dir:
+            kwargs["_temp_dir"] = os.path.abspath(cfg.temp_dir)
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def torch_threads(cpus: float) -> int:
+    """Threads for a worker reserving `cpus` CPUs: at least 1, never more than it reserved."""
+    return max(1, int(cpus))

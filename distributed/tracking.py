@@ -1,0 +1,47 @@
+"""Weights & Biases: one run per pipeline run, offline by default (synced later with `wandb sync`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from eval.matrix import HEADLINE, cells_of
+
+from .config import RunConfig
+from .typed_yaml import to_dict
+
+
+def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[Path]:
+    """Log the matrix as a table, summary scalars per cell, bar charts and heatmaps; return the run folder."""
+    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name, dir=str(cfg.run_dir),
+                     config=to_dict(cfg), job_type="pipeline", reinit="finish_previous")
+    cells = cells_of(matrix)
+    metric_names = sorted({k for c in cells for k in c.metrics})
+    table = wandb.Table(columns=["task", "row", "kind", "explainer", "target", "self", *metric_names])
+    for c in cells:
+        table.add_data(c.task, c.row, c.kind, c.explainer, c.target, c.is_self, *[c.metrics.get(m) for m in metric_names])
+    run.log({"matrix": table})
+    for c in cells:
+        for metric, value in c.metrics.items():
+            run.summary[f"{c.task}/{metric}/{c.row}/{c.target}"] = value
+    for task in matrix["tasks"]:
+        rows = [[f"{c.row} -> {c.target}", c.metrics.get(HEADLINE, 0.0)] for c in cells if c.task == task]
+        bar_table = wandb.Table(data=rows, columns=["cell", HEADLINE])
+        run.log({f"{task}/{HEADLINE}_bar": wandb.plot.bar(bar_table, "cell", HEADLINE, title=f"{task}: {HEADLINE}")})
+    for image in images:
+        run.log({f"heatmap/{image.stem}": wandb.Image(str(image))})
+    for log in sorted(cfg.run_dir.glob("explainers/*/*/train_log.jsonl")):
+        name = f"{log.parent.parent.name}/{log.parent.name}"
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            run.log({f"train/{name}/loss": entry["loss"], f"train/{name}/step": entry["step"]})
+    folder = Path(run.dir).parent
+    run.finish()
+    return folder

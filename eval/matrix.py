@@ -1,0 +1,52 @@
+"""The explainer x target matrix: one cell per (task, row, target), rows being trained, untrained and
+baseline explainers."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HEADLINE = "exact_match"  # the metric the heatmap and summary scalars show
+
+
+@dataclass
+class Cell:
+    task: str
+    row: str  # e.g. "smollm2 trained", "gemma untrained", "majority"
+    kind: str  # trained | untrained | baseline
+    explainer: str  # model name, or the baseline's name
+    target: str
+    metrics: dict
+
+    @property
+    def is_self(self) -> bool:
+        return self.kind == "trained" and self.explainer == self.target
+
+
+def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
+    """matrix.json content: per task, its targets, rows (cells by target) and label statistics."""
+    tasks: dict = {}
+    for cell in cells:
+        task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "label_stats": label_stats.get(cell.task, {})})
+        if cell.target not in task["targets"]:
+            task["targets"].append(cell.target)
+        row = task["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
+        row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
+    return {"headline_metric": HEADLINE, "tasks": tasks}
+
+
+def write_matrix(path: Path, matrix: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(matrix, indent=1))
+    os.replace(tmp, path)
+
+
+def cells_of(matrix: dict) -> list[Cell]:
+    """The cells of a matrix.json (inverse of build_matrix)."""
+    return [Cell(task, name, row["kind"], row["explainer"], target, {k: v for k, v in m.items() if k != "self"})
+            for task, t in matrix["tasks"].items() for name, row in t["rows"].items() for target, m in row["cells"].items()]
+
+
+def cell_dict(cell: Cell) -> dict:
+    return asdict(cell) | {"self": cell.is_self}

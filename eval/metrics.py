@@ -1,0 +1,40 @@
+"""Scores of generated causal explanations (tasks B and C): exact match, has-changed macro-F1, content match."""
+from __future__ import annotations
+
+from groundtruth.explanations import parse_explanation
+from groundtruth.records import Record
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def score(predictions: list[str], records: list[Record]) -> dict:
+    """Metrics of predictions against gold records. Unparseable output counts as wrong everywhere
+    (for the F1 it is taken as the class opposite to gold)."""
+    if len(predictions) != len(records):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
+    n = len(records)
+    if n == 0:
+        return {"n": 0}
+    exact = content = parsed = 0
+    confusion = {(g, p): 0 for g in (True, False) for p in (True, False)}
+    for text, rec in zip(predictions, records):
+        gold = parse_explanation(rec.explanation)
+        pred = parse_explanation(text)
+        if pred is None:
+            confusion[(rec.changed, not rec.changed)] += 1
+            continue
+        parsed += 1
+        confusion[(rec.changed, pred[0])] += 1
+        content += pred[1] == gold[1]
+        exact += pred == gold
+    f1_changed = _f1(confusion[(True, True)], confusion[(False, True)], confusion[(True, False)])
+    f1_unchanged = _f1(confusion[(False, False)], confusion[(True, False)], confusion[(False, True)])
+    return {
+        "n": n,
+        "exact_match": exact / n,
+        "changed_macro_f1": (f1_changed + f1_unchanged) / 2,
+        "content_match": content / n,
+        "parse_rate": parsed / n,
+    }

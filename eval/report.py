@@ -1,0 +1,77 @@
+"""Human-readable results: report.md and a heatmap PNG per task, from matrix.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .matrix import HEADLINE
+
+METRICS = ("exact_match", "changed_macro_f1", "content_match", "parse_rate")
+
+
+def heatmap(task: str, table: dict, path: Path, metric: str = HEADLINE) -> Path:
+    """Rows x targets heatmap of one metric; self cells outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, targets = list(table["rows"]), table["targets"]
+    values = [[table["rows"][r]["cells"].get(t, {}).get(metric, float("nan")) for t in targets] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(targets), 1.0 + 0.55 * len(rows)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(targets)), [f"target: {t}" for t in targets])
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(rows):
+        for j, target in enumerate(targets):
+            value = values[i][j]
+            ax.text(j, i, "-" if value != value else f"{value:.2f}", ha="center", va="center",
+                    color="white" if value == value and value < 0.6 else "black")
+            if table["rows"][row]["cells"].get(target, {}).get("self"):
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    ax.set_title(f"{task}: {metric} (red: self-explanation)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(table: dict, metric: str) -> list[str]:
+    targets = table["targets"]
+    lines = [f"| explainer | {' | '.join(targets)} |", "|---|" + "---|" * len(targets)]
+    for name, row in table["rows"].items():
+        cells = []
+        for t in targets:
+            cell = row["cells"].get(t)
+            cells.append("-" if cell is None else f"{cell[metric]:.3f}{' (self)' if cell['self'] else ''}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
+
+
+def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
+    """report.md with per-task metric tables, heatmaps and label statistics; returns its path."""
+    lines = [f"# selfexplain report: {config_name}", "",
+             "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
+             "target models. A self cell is an explainer explaining the model it is a copy of.", ""]
+    for task, table in matrix["tasks"].items():
+        png = heatmap(task, table, run_dir / f"heatmap_{task}.png")
+        lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
+        for metric in METRICS:
+            lines += [f"### {metric}", "", *_table(table, metric), ""]
+        n = {t: next(iter(r["cells"].get(t, {"n": 0})["n"] for r in table["rows"].values() if t in r["cells"]), 0)
+             for t in table["targets"]}
+        lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in n.items()), ""]
+        for target, stats in table.get("label_stats", {}).items():
+            lines += [f"### labels of target {target}", ""]
+            for split, s in stats.items():
+                if not s.get("count"):
+                    continue
+                rules = ", ".join(f"{k} {v:.2f}" for k, v in s.get("trivial_rules", {}).items()) or "none"
+                top = ", ".join(f"{o!r} x{c}" for o, c in s["top_outputs_after"][:5])
+                lines += [f"- {split}: {s['count']} records, changed rate {s['changed_rate']:.2f}, majority "
+                          f"{s['majority_rate']:.2f}; accuracy of predicting 'changed' from one field alone: "
+                          f"{rules}; top outputs after ablation: {top}"]
+            lines.append("")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

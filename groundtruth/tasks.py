@@ -1,0 +1,24 @@
+"""Registry of ground-truth tasks: how to build a task's work items and run its technique on a batch.
+
+A task plugs into the pipeline by adding a TaskSpec here and a config field in distributed/config.py's
+TasksConfig of the same name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import ablation
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    build_items: Callable[[Any, int], list]  # (task config, seed) -> items; each has .source_id
+    run: Callable[..., list]  # (model, tokenizer, items, task config, target, split_of, batch_size) -> records
+    explanation_tokens: int  # max new tokens when an explainer answers (the paper: 50 for causal tasks)
+
+
+TASKS: dict[str, TaskSpec] = {
+    ablation.TASK: TaskSpec(ablation.TASK, ablation.build_items, ablation.run_ablation, explanation_tokens=50),
+}
