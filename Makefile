@@ -12,6 +12,10 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+# glibc returns large freed buffers to the OS and page-faults them back every training step (seen as
+# high system time); keeping them mapped made a CPU step ~20% faster. Ray workers inherit these.
+export MALLOC_MMAP_THRESHOLD_ := 4294967296
+export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
 .PHONY: install quickstart test test-all bench clean
 

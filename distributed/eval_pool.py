@@ -95,11 +95,15 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
             test = records_of[(task, target)] = test_records(cfg, task, target)
             out = cfg.run_dir / "eval" / task / target
             data_key = stable_hash([r.record_id for r in test] + [asdict_eval(cfg)])
-            train = list(iter_records(gt_dir(cfg, task, target) / "train")) if ec.baselines else []
+            train: Optional[list[Record]] = None
             for name in ec.baselines:
-                preds = BASELINES[name](train, test)
-                cell = Cell(task, name, "baseline", name, target, score(preds, test))
-                _save_cell(out / f"{name}.json", data_key, cell, preds)
+                path = out / f"{name}.json"
+                cell = _load_cell(path, data_key)
+                if cell is None:
+                    train = train if train is not None else list(iter_records(gt_dir(cfg, task, target) / "train"))
+                    preds = BASELINES[name](train, test)
+                    cell = Cell(task, name, "baseline", name, target, score(preds, test))
+                    _save_cell(path, data_key, cell, preds)
                 cells.append(cell)
             for explainer in cfg.explainers:
                 job = exports[(task, target, explainer)]

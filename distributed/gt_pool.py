@@ -15,8 +15,8 @@ from pathlib import Path
 
 from groundtruth.dataset import balance, label_stats, split_of
 from groundtruth.models import prepare
-from groundtruth.records import (Record, complete_shards, iter_records, read_manifest, shard_name, write_manifest,
-                                 write_shard, write_split)
+from groundtruth.records import (Record, complete_shards, iter_records, read_manifest, remove_temporaries, shard_name,
+                                 temporary_name, write_manifest, write_shard, write_split, write_tar)
 from groundtruth.tasks import TASKS
 
 from .actor_pool import run_pool
@@ -65,7 +65,7 @@ def _maybe_die(unit: int, out_path: Path, records: list[Record]) -> None:
     if int(index) != unit or Path(marker).exists():
         return
     Path(marker).write_text("died")
-    write_shard(out_path.with_name(f".{out_path.name}.partial"), records[: len(records) // 2])
+    write_tar(temporary_name(out_path), records[: len(records) // 2])  # half a shard, never renamed
     os._exit(1)
 
 
@@ -103,6 +103,9 @@ def run_groundtruth(cfg: RunConfig) -> dict:
                         task_cfg.test_fraction, cfg.seed, pc.batch_size),
                     on_result=on_result, max_retries=pc.max_retries, desc=f"groundtruth {task}/{target}",
                 )
+            removed = remove_temporaries(raw)
+            if removed:
+                print(f"[groundtruth] {task}/{target}: removed {removed} half-written shard(s) of dead actors", flush=True)
             manifest["complete"] = True
             manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
             write_manifest(raw, manifest)

@@ -9,7 +9,8 @@ from .config import RayConfig
 
 # Environment forwarded to every Ray worker: offline model loading, W&B mode, DeepSpeed's op cache,
 # and the project's own switches (SELFEXPLAIN_*).
-FORWARDED_PREFIXES = ("SELFEXPLAIN_", "HF_", "TRANSFORMERS_", "WANDB_", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_")
+FORWARDED_PREFIXES = ("SELFEXPLAIN_", "HF_", "TRANSFORMERS_", "WANDB_", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_",
+                      "MALLOC_")
 
 
 def worker_env() -> dict[str, str]:

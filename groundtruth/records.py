@@ -98,15 +98,33 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def write_shard(path: Path, records: list[Record]) -> dict:
-    """Write records to `path` atomically (temporary name, fsync, rename); return its manifest entry."""
+def temporary_name(path: Path) -> Path:
+    """Where a shard is written before it is complete (per process, so writers never collide)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_tar(path: Path, records: list[Record]) -> None:
+    """Write records as WebDataset samples to `path` (not atomic: see write_shard)."""
     import webdataset as wds
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(path)) as sink:
         for rec in records:
             sink.write(record_to_sample(rec))
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete shards left half-written by dead writers; returns how many."""
+    stale = list(folder.glob(".shard-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def write_shard(path: Path, records: list[Record]) -> dict:
+    """Write records to `path` atomically (temporary name, fsync, rename); return its manifest entry."""
+    tmp = temporary_name(path)
+    write_tar(tmp, records)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -49,6 +49,9 @@ class TrainConfig:
     """DeepSpeed ZeRO stage 0-3."""
     offload_optimizer: bool = False
     """ZeRO-offload of optimizer state to CPU (stage 1-3)."""
+    bucket_size: int = 50_000_000
+    """ZeRO reduce/allgather bucket size in elements. DeepSpeed's default (5e8 = 2 GB of fp32 per
+    bucket) made a 135M model's step 1.6x slower than plain AdamW on CPU; 5e7 removes most of that."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 halves memory on GPUs; on these CPUs it was measured about 2x slower than fp32."""
     checkpoint_every: int = 50
@@ -116,11 +119,14 @@ class TrainJob:
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed config a TrainConfig stands for (also printed by --dry-run)."""
-    zero: dict = {"stage": cfg.zero_stage}
+    zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.bucket_size,
+                  "allgather_bucket_size": cfg.bucket_size}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights
+        zero["stage3_prefetch_bucket_size"] = cfg.bucket_size
+        del zero["allgather_bucket_size"]  # not a stage-3 setting
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

@@ -1,0 +1,183 @@
+"""Speed benchmarks: each compares a fast path with the naive way on the same inputs, in one run.
+
+    python -m benchmarks.run                 # all, results in benchmarks/results/<name>.json
+    python -m benchmarks.run groundtruth     # one
+
+Every result file holds `fast` and `naive` (seconds for the same work), `ratio` (naive / fast, so
+higher is better), `target` (the ratio asked for) and the workload. CPU timings are noisy: compare
+ratios, not absolute seconds. Each timing is the median of `REPEATS` runs after one warm-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from groundtruth.ablation import AblationConfig, build_items, run_ablation
+from groundtruth.models import ModelSpec, load_model
+from groundtruth.records import Record
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPEATS = 3
+
+
+def timed(fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, object]:
+    """Median seconds of fn() over `repeats` runs after one warm-up, and its last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def write(name: str, fast: float, naive: float, target: float, workload: dict, **extra) -> dict:
+    out = {"name": name, "fast": round(fast, 4), "naive": round(naive, 4), "ratio": round(naive / fast, 3),
+           "target": target, "meets_target": naive / fast >= target, "workload": workload,
+           "torch_threads": torch.get_num_threads(), **extra}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+    return out
+
+
+def bench_groundtruth() -> dict:
+    """Input-ablation ground truth on SmolLM2: batches of 16 inputs vs one input at a time."""
+    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    cfg = AblationConfig(max_sources=4)
+    items = build_items(cfg, seed=0)[:32]
+
+    def run(batch: int) -> list[Record]:
+        return run_ablation(model, tok, items, cfg, "smollm2", lambda s: "train", batch_size=batch)
+
+    fast, fast_records = timed(lambda: run(16), repeats=1)
+    naive, naive_records = timed(lambda: run(1), repeats=1)
+    same = [r.explanation for r in fast_records] == [r.explanation for r in naive_records]
+    return write("groundtruth", fast, naive, 3.0,
+                 {"model": "smollm2-135m-instruct", "items": len(items), "generations": 2 * len(items),
+                  "max_new_tokens": cfg.max_new_tokens, "fast_batch": 16, "naive_batch": 1},
+                 identical_labels=same)
+
+
+def _explain_records(n: int) -> list[Record]:
+    """n explainer questions about real ablation inputs (gold fields left empty)."""
+    cfg = AblationConfig(max_sources=n)
+    items = build_items(cfg, seed=1)[:n]
+    return [Record(f"r{i}", "input_ablation", "t", "test", it.source_id, it.full, it.question, "", False, "", "")
+            for i, it in enumerate(items)]
+
+
+def bench_eval_generation() -> dict:
+    """Explainer generation on SmolLM2: batched (16) with KV cache vs one example at a time."""
+    from eval.generate import explain
+
+    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    records = _explain_records(16)
+    fast, fast_out = timed(lambda: explain(model, tok, records, "plain", 24, batch_size=16), repeats=1)
+    naive, naive_out = timed(lambda: explain(model, tok, records, "plain", 24, batch_size=1), repeats=1)
+    same = sum(a == b for a, b in zip(fast_out, naive_out))
+    return write("eval_generation", fast, naive, 4.0,
+                 {"model": "smollm2-135m-instruct", "examples": len(records), "max_new_tokens": 24,
+                  "fast_batch": 16, "naive_batch": 1}, identical_outputs=f"{same}/{len(records)}")
+
+
+def _train_batch(tok, n: int = 8):
+    from training.batches import collate, encode_example
+
+    from groundtruth.explanations import format_explanation
+
+    records = _explain_records(n)
+    for i, r in enumerate(records):
+        r.explanation = format_explanation(i % 2 == 0, "Paris")
+    return collate([encode_example(tok, r, "plain", 256) for r in records], tok.pad_token_id)
+
+
+def bench_train_step() -> dict:
+    """One optimizer step on SmolLM2: DeepSpeed engine (ZeRO-2, torch AdamW) vs a plain AdamW loop."""
+    import deepspeed
+
+    from training.loss import ExplainerLM
+    from training.step import TrainConfig, deepspeed_config, init_process_group_if_needed
+
+    init_process_group_if_needed()
+    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    model.train()
+    batch = _train_batch(tok)
+    plain = ExplainerLM(model)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, weight_decay=0.01)
+
+    def plain_step():
+        loss = plain(**batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    naive, _ = timed(plain_step)
+    del optimizer
+    ds_model, _ = load_model(ModelSpec("smollm2-135m-instruct"))
+    ds_model.train()
+    cfg = TrainConfig(micro_batch_size=8, lr=1e-5, zero_stage=2)
+    engine, *_ = deepspeed.initialize(model=ExplainerLM(ds_model), config=deepspeed_config(cfg, 1),
+                                      model_parameters=list(ds_model.parameters()))
+
+    def ds_step():
+        loss = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+
+    fast, _ = timed(ds_step)
+    return write("train_step", fast, naive, 0.9,
+                 {"model": "smollm2-135m-instruct", "batch": 8, "tokens": int(batch["attention_mask"].sum()),
+                  "fast": "deepspeed ZeRO-2 engine, torch AdamW", "naive": "plain torch AdamW loop"})
+
+
+def bench_lm_head() -> dict:
+    """Forward+backward on Gemma-3-270M (262k vocab): LM head on explanation tokens only vs full logits."""
+    from training.loss import ExplainerLM
+
+    model, tok = load_model(ModelSpec("gemma-3-270m"))
+    model.train()
+    batch = _train_batch(tok)
+
+    def step(restrict: bool):
+        def run():
+            loss = ExplainerLM(model, restrict_head=restrict)(**batch)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss.item()
+        return run
+
+    fast, fast_loss = timed(step(True))
+    naive, naive_loss = timed(step(False))
+    return write("lm_head", fast, naive, 2.0,
+                 {"model": "gemma-3-270m", "batch": 8, "tokens": int(batch["attention_mask"].sum()),
+                  "loss_tokens": int((batch["labels"] != -100).sum())},
+                 same_loss=abs(fast_loss - naive_loss) < 1e-3)
+
+
+BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
+              "train_step": bench_train_step, "lm_head": bench_lm_head}
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(int(os.environ.get("SELFEXPLAIN_BENCH_THREADS", os.cpu_count() or 1)))
+    names = argv or list(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        print(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    for name in names:
+        BENCHMARKS[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

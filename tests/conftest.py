@@ -1,0 +1,45 @@
+"""Shared fixtures: offline environment, tiny models, small record sets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# DeepSpeed's CPU comm op is compiled once into the project's own cache (see Makefile).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+
+from groundtruth.explanations import format_explanation  # noqa: E402
+from groundtruth.records import Record  # noqa: E402
+
+
+def make_records(n: int, target: str = "t", split: str = "train") -> list[Record]:
+    """Input-ablation records with a learnable pattern: 'changed' iff the span is a distractor."""
+    records = []
+    for i in range(n):
+        changed = i % 2 == 0
+        before, after = f"City{i % 3}", (f"City{(i + 1) % 3}" if changed else f"City{i % 3}")
+        records.append(Record(
+            record_id=f"{target}-r{i:04d}", task="input_ablation", target=target, split=split, source_id=f"s{i}",
+            prompt=f"{'Distractor. ' if changed else 'Support. '}The capital of Land{i % 3} is",
+            question="If the first sentence were removed, how would the output change?",
+            explanation=format_explanation(changed, after), changed=changed, output_before=before,
+            output_after=after, query={"kind": "distractor" if changed else "support"},
+        ))
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the default tiny random Llama."""
+    from groundtruth.models import ModelSpec, load_model
+
+    return load_model(ModelSpec("tiny-llama"))
+# Workers started from the tests (Ray, DeepSpeed) inherit the allocator setting the Makefile uses.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "4294967296")
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")

@@ -1,0 +1,103 @@
+import csv
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_records
+from groundtruth.ablation import AblationConfig, HintSourceConfig, build_items, extract_answer, run_ablation
+from groundtruth.dataset import balance, label_stats, split_of
+from groundtruth.generation import greedy_generate, render_prompt
+from groundtruth.sources.multiple_choice import load_mmlu
+
+
+def test_span_items_remove_exactly_the_span():
+    items = build_items(AblationConfig(max_sources=5), seed=0)
+    assert len({i.source_id for i in items}) == 5
+    # countries x relations (some countries have no known language) x span kinds
+    assert len(items) % 4 == 0 and 5 * 4 < len(items) <= 5 * 2 * 4
+    for item in items:
+        assert item.span in item.full and item.span not in item.ablated
+        assert item.full.replace(item.span, "").replace("  ", " ").strip() == item.ablated.strip()
+
+
+def test_hint_items_follow_the_paper_format():
+    items = build_items(AblationConfig(source="hint_mcq", max_sources=30), seed=0)
+    letters = Counter(dict(i.features)["hint_letter"] for i in items)
+    assert set(letters) <= set("ABCD") and len(letters) >= 3, "hint letters are drawn at random"
+    for item in items:
+        assert item.full.endswith("Answer:") and item.ablated.endswith("Answer:")
+        assert item.full.count("Hint: The answer is") == 1 and "Hint" not in item.ablated
+
+
+def write_mmlu_csv(folder, rows):
+    folder.mkdir(parents=True)
+    with open(folder / "astronomy_test.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def test_mmlu_csv_and_parquet(tmp_path):
+    write_mmlu_csv(tmp_path / "csv", [["What orbits Earth?", "Moon", "Sun", "Mars", "Venus", "A"],
+                                      ["Hottest planet?", "Mars", "Venus", "Earth", "Moon", "B"]])
+    questions = load_mmlu(str(tmp_path / "csv"))
+    assert [q.answer for q in questions] == [0, 1] and questions[0].subject == "astronomy"
+    table = pa.table({"question": ["2+2?"], "subject": ["math"], "choices": [["3", "4", "5", "6"]], "answer": [1]})
+    pq.write_table(table, tmp_path / "test.parquet")
+    (q,) = load_mmlu(str(tmp_path / "test.parquet"))
+    assert q.choices == ("3", "4", "5", "6") and q.answer == 1 and q.subject == "math"
+    cfg = AblationConfig(source="hint_mcq", hint=HintSourceConfig(questions="mmlu", mmlu_path=str(tmp_path / "csv")))
+    assert len(build_items(cfg, seed=0)) == 2
+
+
+def test_empty_or_malformed_question_source_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no MMLU questions found"):
+        load_mmlu(str(tmp_path / "empty"))
+    write_mmlu_csv(tmp_path / "bad", [["q", "a", "b", "c"]])
+    with pytest.raises(ValueError, match="astronomy_test.csv:1: expected 6 columns"):
+        load_mmlu(str(tmp_path / "bad"))
+    with pytest.raises(FileNotFoundError):
+        load_mmlu(str(tmp_path / "missing"))
+
+
+def test_batched_generation_matches_one_at_a_time(tiny):
+    model, tok = tiny
+    prompts = [render_prompt(tok, text, "plain") for text in ["a", "The capital of", "xyz xyz xyz xyz", "Q: 1+1?\nA:"]]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    single = [greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_run_ablation_labels_agree_with_reference(tiny):
+    model, tok = tiny
+    cfg = AblationConfig(max_sources=3, max_new_tokens=3)
+    cfg.span.answer_pattern = r"\S+"
+    items = build_items(cfg, seed=0)[:10]
+    records = run_ablation(model, tok, items, cfg, "t", lambda s: "train", batch_size=4)
+    for item, rec in zip(items, records):
+        # slow reference: each input alone
+        before = greedy_generate(model, tok, [render_prompt(tok, item.full, "plain")], 3, 1)[0]
+        after = greedy_generate(model, tok, [render_prompt(tok, item.ablated, "plain")], 3, 1)[0]
+        assert rec.output_before == extract_answer(before, r"\S+")
+        assert rec.output_after == extract_answer(after, r"\S+")
+        assert rec.changed == (rec.output_before != rec.output_after)
+        assert f"<<<{rec.output_after}>>>" in rec.explanation
+
+
+def test_split_keeps_sources_apart():
+    splits = {s: split_of(s, 0.3, seed=1) for s in (f"src{i}" for i in range(400))}
+    assert 0.2 < sum(v == "test" for v in splits.values()) / 400 < 0.4
+    assert all(split_of(s, 0.3, seed=1) == v for s, v in splits.items())
+
+
+def test_balance_and_label_stats():
+    records = make_records(40)
+    for i, r in enumerate(records):
+        r.changed = i < 30  # 30 changed, 10 unchanged
+    chosen = balance(records, 0.5, seed=0)
+    assert sum(r.changed for r in chosen) == 10 and sum(not r.changed for r in chosen) == 10
+    assert len(balance(records, 0.5, seed=0, cap=8)) == 8
+    stats = label_stats(make_records(40))
+    assert stats["changed_rate"] == 0.5
+    assert stats["trivial_rules"]["kind"] == 1.0, "kind alone predicts 'changed' in these records"

@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from distributed.config import load_config, save_resolved
+from distributed.typed_yaml import ConfigError
+
+BASE = {
+    "name": "t",
+    "models": {"a": {"source": "tiny-llama"}},
+    "targets": ["a"],
+    "explainers": ["a"],
+    "tasks": {"input_ablation": {"max_sources": 3}},
+}
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_recipes_validate():
+    quick = load_config("configs/quickstart.yaml")
+    assert quick.targets == ["smollm2", "gemma"] and quick.tasks.input_ablation.source == "span_facts"
+    paper = load_config("configs/paper/input_ablation.yaml")
+    assert paper.models["llama"].source == "meta-llama/Llama-3.1-8B-Instruct"
+    assert paper.train.lr == 1e-5 and paper.train.precision == "bf16" and paper.train.use_gpu
+
+
+def test_overrides_apply_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.lr=1e-3", "train.zero_stage=3", "eval.max_examples=7",
+                                              "tasks.input_ablation.span.kinds=[word]"])
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.zero_stage == 3 and cfg.eval.max_examples == 7
+    assert cfg.tasks.input_ablation.span.kinds == ["word"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "train.lrr: unknown key"),
+    ("train.lr=fast", "train.lr: expected a number"),
+    ("train.use_ray=maybe", "train.use_ray: expected true or false"),
+    ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
+    ("train.precision=fp8", "train.precision: must be one of"),
+    ("targets=[b]", "targets[0]: 'b' is not in models"),
+    ("models.a.source=nonsense", "models.a.source: unknown model source 'nonsense'; accepted forms"),
+    ("tasks.input_ablation.source=nope", "tasks.input_ablation.source: unknown item source"),
+    ("tasks.input_ablation.span.kinds=[foo]", "tasks.input_ablation.span.kinds: unknown kinds"),
+    ("groundtruth.actors=two", "groundtruth.actors: expected an integer"),
+])
+def test_bad_values_name_the_dotted_key(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), [override])
+    assert expected in str(err.value)
+
+
+def test_missing_required_key_and_no_tasks(tmp_path):
+    data = dict(BASE)
+    del data["targets"]
+    with pytest.raises(ConfigError, match="targets: required key is missing"):
+        load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match="tasks: enable at least one task"):
+        load_config(write(tmp_path, {**BASE, "tasks": {}}))
+
+
+def test_resolved_config_is_saved_with_code_version(tmp_path):
+    cfg = load_config(write(tmp_path, {**BASE, "out_dir": str(tmp_path / "run")}), ["train.lr=2e-4"])
+    saved = yaml.safe_load(save_resolved(cfg).read_text())
+    assert saved["config"]["train"]["lr"] == pytest.approx(2e-4)
+    assert saved["code_version"]

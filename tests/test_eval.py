@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from conftest import make_records
+from eval.baselines import majority_class
+from eval.matrix import Cell, build_matrix, cells_of
+from eval.metrics import score
+from eval.report import write_report
+from groundtruth.explanations import format_explanation, parse_explanation
+
+
+def test_parse_round_trips_and_rejects_other_text():
+    assert parse_explanation(format_explanation(True, "Rome")) == (True, "Rome")
+    assert parse_explanation(format_explanation(False, "Answer: B")) == (False, "Answer: B")
+    assert parse_explanation("Rome, probably") is None
+
+
+def test_metrics_on_hand_made_cases():
+    records = make_records(4)  # changed: r0, r2
+    gold = [r.explanation for r in records]
+    assert score(gold, records) == {"n": 4, "exact_match": 1.0, "changed_macro_f1": 1.0, "content_match": 1.0,
+                                    "parse_rate": 1.0}
+    flipped = [format_explanation(not r.changed, r.output_after) for r in records]
+    s = score(flipped, records)
+    assert s["exact_match"] == 0.0 and s["content_match"] == 1.0 and s["changed_macro_f1"] == 0.0
+    garbage = ["no idea"] * 4
+    s = score(garbage, records)
+    assert s["exact_match"] == 0.0 and s["parse_rate"] == 0.0 and s["changed_macro_f1"] == 0.0
+    half = gold[:2] + ["no idea"] * 2
+    assert score(half, records)["exact_match"] == 0.5
+    with pytest.raises(ValueError):
+        score(gold[:3], records)
+
+
+def test_majority_baseline_predicts_the_most_common_training_explanation():
+    train = make_records(5)
+    train[1].explanation = train[3].explanation = train[4].explanation = "X"
+    assert majority_class(train, make_records(3)) == ["X"] * 3
+
+
+def test_matrix_and_report(tmp_path):
+    cells = [Cell("input_ablation", "a trained", "trained", "a", "a", {"n": 4, "exact_match": 0.5, "changed_macro_f1": 0.4,
+                                                                       "content_match": 0.7, "parse_rate": 1.0}),
+             Cell("input_ablation", "b trained", "trained", "b", "a", {"n": 4, "exact_match": 0.25, "changed_macro_f1": 0.3,
+                                                                       "content_match": 0.5, "parse_rate": 1.0})]
+    matrix = build_matrix(cells, {})
+    table = matrix["tasks"]["input_ablation"]
+    assert table["rows"]["a trained"]["cells"]["a"]["self"] and not table["rows"]["b trained"]["cells"]["a"]["self"]
+    assert {(c.row, c.target) for c in cells_of(json.loads(json.dumps(matrix)))} == {("a trained", "a"), ("b trained", "a")}
+    report = write_report(tmp_path, matrix, "unit")
+    text = report.read_text()
+    assert "| a trained | 0.500 (self) |" in text and "| b trained | 0.250 |" in text
+    png = tmp_path / "heatmap_input_ablation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

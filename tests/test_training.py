@@ -1,0 +1,82 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_records
+from groundtruth.models import ModelSpec
+from groundtruth.records import write_split
+from training.batches import IGNORE, collate, encode_example
+from training.export import CheckpointMismatch, export_matches, load_explainer
+from training.loss import ExplainerLM
+from training.step import TrainConfig, TrainJob, micro_batch_order, run_training
+
+
+def test_labels_cover_exactly_the_explanation_and_eos(tiny):
+    _, tok = tiny
+    rec = make_records(1)[0]
+    ids, labels = encode_example(tok, rec, "plain", max_len=512)
+    answer = tok(rec.explanation, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    kept = [lab for lab in labels if lab != IGNORE]
+    assert kept == answer and ids[-len(answer):] == answer
+    assert all(lab == IGNORE for lab in labels[: len(ids) - len(answer)])
+    short_ids, short_labels = encode_example(tok, rec, "plain", max_len=len(answer) + 5)
+    assert len(short_ids) == len(answer) + 5 and [x for x in short_labels if x != IGNORE] == answer
+
+
+def test_restricted_head_loss_equals_full_logits_loss(tiny):
+    model, tok = tiny
+    batch = collate([encode_example(tok, r, "plain", 512) for r in make_records(3)], tok.pad_token_id)
+    restricted = ExplainerLM(model, restrict_head=True)(**batch)
+    full = ExplainerLM(model, restrict_head=False)(**batch)
+    # reference: per-token losses averaged over explanation tokens only (never over padded length)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    reference = per_token.sum() / (targets != IGNORE).sum()
+    assert torch.allclose(restricted, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
+
+
+def test_every_rank_gets_equal_disjoint_batches():
+    orders = [micro_batch_order(23, rank, 3, 2, seed=0, epoch=1) for rank in range(3)]
+    assert len({len(o) for o in orders}) == 1
+    flat = [i for o in orders for b in o for i in b]
+    assert len(flat) == len(set(flat))
+    assert orders[0] != micro_batch_order(23, 0, 3, 2, seed=0, epoch=2), "a new order each epoch"
+
+
+def make_job(tmp_path, **train) -> TrainJob:
+    data = tmp_path / "data" / "train"
+    if not data.exists():
+        write_split(data, make_records(16), "h", shard_size=8)
+    settings = {"micro_batch_size": 4, "lr": 3e-3, "use_ray": False, "checkpoint_every": 5, "log_every": 5, **train}
+    cfg = TrainConfig(**settings)
+    return TrainJob("input_ablation", "t", "tiny", ModelSpec("tiny-llama"), str(data), str(tmp_path / "job"), cfg)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_training_learns_exports_and_resumes(tmp_path, stage):
+    job = make_job(tmp_path, max_steps=10, zero_stage=stage)
+    first = run_training(job)
+    log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
+    assert first["steps"] == 10 and log[-1]["loss"] < log[0]["loss"] * 0.9
+    assert export_matches(job)
+    model, _ = load_explainer(job.export_dir, {"task": "input_ablation", "target": "t"})
+    assert model.config.hidden_size == 32
+    # resume: a longer run starts from the step-10 checkpoint, not from scratch
+    longer = make_job(tmp_path, max_steps=15, zero_stage=stage)
+    second = run_training(longer)
+    assert second["steps"] == 15
+    lines = (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [5, 10, 15]
+
+
+def test_export_of_another_config_is_refused(tmp_path):
+    job = make_job(tmp_path, max_steps=2)
+    run_training(job)
+    with pytest.raises(CheckpointMismatch, match="target: checkpoint has 't', config says 'other'"):
+        load_explainer(job.export_dir, {"target": "other"})
+    assert not export_matches(make_job(tmp_path, max_steps=2, lr=1.0))
+    with pytest.raises(CheckpointMismatch, match="not a finished explainer export"):
+        load_explainer(tmp_path, {})
