@@ -48,8 +48,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(plan(cfg))
             return 0
         run(cfg, STAGES if args.command == "run" else (args.command,))
-    except (ConfigError, ModelSpecError, ShardError, CheckpointMismatch, FileNotFoundError) as err:
-        print(f"selfexplain: error: {err}", file=sys.stderr)
+    except (ConfigError, ModelSpecError, ShardError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
+        # Bad input (config, model, data, checkpoint): a message to act on, not a traceback.
+        print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0
 

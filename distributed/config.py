@@ -41,8 +41,9 @@ class RayConfig:
     """Address of a running cluster ('auto', 'ray://host:10001', ...); null starts Ray in this process."""
     num_cpus: Optional[int] = None
     """Logical CPUs of a local Ray (null: the machine's cores)."""
-    include_dashboard: bool = False
-    """Start the dashboard with a local Ray (clusters have their own)."""
+    include_dashboard: Optional[bool] = None
+    """Dashboard of a local Ray: null lets Ray start it (it does with ray[default]); Ray Train's
+    state queries and the progress metrics need it. Clusters have their own."""
     temp_dir: Optional[str] = None
     """Ray's session folder for a local Ray (null: Ray's default)."""
 

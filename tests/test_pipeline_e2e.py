@@ -107,3 +107,14 @@ def test_bad_config_exits_with_a_message(tmp_path, capsys):
     path.write_text(yaml.safe_dump({**CONFIG, "train": {"zero_stag": 2}}))
     assert cli_main(["run", str(path), "--dry-run"]) == 2
     assert "train.zero_stag: unknown key" in capsys.readouterr().err
+
+
+def test_empty_question_source_fails_with_a_message(tmp_path, capsys):
+    (tmp_path / "mmlu").mkdir()
+    path = tmp_path / "c.yaml"
+    data = {**CONFIG, "out_dir": str(tmp_path / "run"),
+            "tasks": {"input_ablation": {"source": "hint_mcq", "hint": {"questions": "mmlu", "mmlu_path": str(tmp_path / "mmlu")}}}}
+    path.write_text(yaml.safe_dump(data))
+    assert cli_main(["groundtruth", str(path)]) == 2
+    assert f"no MMLU questions found in {tmp_path / 'mmlu'}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "groundtruth").exists(), "nothing half-made is left behind"

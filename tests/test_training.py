@@ -57,7 +57,7 @@ def make_job(tmp_path, **train) -> TrainJob:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_training_learns_exports_and_resumes(tmp_path, stage):
-    job = make_job(tmp_path, max_steps=10, zero_stage=stage)
+    job = make_job(tmp_path, max_steps=10, zero_stage=stage, keep_checkpoints_after_export=True)
     first = run_training(job)
     log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
     assert first["steps"] == 10 and log[-1]["loss"] < log[0]["loss"] * 0.9
@@ -65,7 +65,7 @@ def test_training_learns_exports_and_resumes(tmp_path, stage):
     model, _ = load_explainer(job.export_dir, {"task": "input_ablation", "target": "t"})
     assert model.config.hidden_size == 32
     # resume: a longer run starts from the step-10 checkpoint, not from scratch
-    longer = make_job(tmp_path, max_steps=15, zero_stage=stage)
+    longer = make_job(tmp_path, max_steps=15, zero_stage=stage, keep_checkpoints_after_export=True)
     second = run_training(longer)
     assert second["steps"] == 15
     lines = (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()
@@ -75,6 +75,7 @@ def test_training_learns_exports_and_resumes(tmp_path, stage):
 def test_export_of_another_config_is_refused(tmp_path):
     job = make_job(tmp_path, max_steps=2)
     run_training(job)
+    assert not job.checkpoint_dir.exists(), "checkpoints go once the export is written (default)"
     with pytest.raises(CheckpointMismatch, match="target: checkpoint has 't', config says 'other'"):
         load_explainer(job.export_dir, {"target": "other"})
     assert not export_matches(make_job(tmp_path, max_steps=2, lr=1.0))
