@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from eval.baselines import BASELINES
 from groundtruth.ablation import AblationConfig
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from training.step import TrainConfig
@@ -49,33 +50,35 @@ class RayConfig:
 
 
 @dataclass
-class GroundTruthConfig:
-    """The actor pool that runs a technique on the target and writes shards."""
+class ActorPoolConfig:
+    """A pool of Ray actors, each holding one model copy (ground truth and eval both use one)."""
 
-    actors: int = 2
-    """Actors, each holding one copy of the target."""
+    actors: int = 1
+    """Actors, each holding one model copy."""
     actor_cpus: float = 1.0
     """CPUs per actor; also its torch thread count (at least 1), so actors do not oversubscribe cores."""
     actor_gpus: float = 0.0
     """GPUs per actor (1 on GPU clusters)."""
+    batch_size: int = 16
+    """Prompts per forward pass / generate call."""
+    max_retries: int = 3
+    """Attempts per unit of work after actor deaths before the stage fails."""
+
+
+@dataclass
+class GroundTruthConfig(ActorPoolConfig):
+    """The actor pool that runs a technique on the target and writes shards."""
+
     items_per_shard: int = 64
     """Work items per raw shard: the unit that is retried when an actor dies."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    max_retries: int = 3
-    """Attempts per shard after actor deaths before the stage fails."""
     shard_size: int = 2000
     """Records per finished train/test shard."""
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ActorPoolConfig):
     """Evaluator actors that run explainers on held-out records."""
 
-    actors: int = 1
-    actor_cpus: float = 1.0
-    actor_gpus: float = 0.0
-    batch_size: int = 16
     max_new_tokens: Optional[int] = None
     """Tokens per explanation; null: the task's default (50 for causal tasks, as in the paper)."""
     max_examples: Optional[int] = None
@@ -84,7 +87,11 @@ class EvalConfig:
     """Also score each explainer before fine-tuning."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
     """Baselines to score (see eval/baselines.py)."""
-    max_retries: int = 2
+
+    def check(self) -> None:
+        unknown = set(self.baselines) - set(BASELINES)
+        if unknown:
+            raise ValueError(f"baselines: unknown {sorted(unknown)} (known: {', '.join(BASELINES)})")
 
 
 @dataclass

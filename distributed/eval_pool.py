@@ -94,7 +94,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
         for target in cfg.targets:
             test = records_of[(task, target)] = test_records(cfg, task, target)
             out = cfg.run_dir / "eval" / task / target
-            data_key = stable_hash([r.record_id for r in test] + [asdict_eval(cfg)])
+            data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg)])
             train: Optional[list[Record]] = None
             for name in ec.baselines:
                 path = out / f"{name}.json"
@@ -144,7 +144,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     return cells
 
 
-def asdict_eval(cfg: RunConfig) -> dict:
+def eval_settings(cfg: RunConfig) -> dict:
     """The eval settings a scored cell depends on."""
     ec = cfg.eval
     return {"max_new_tokens": ec.max_new_tokens, "max_examples": ec.max_examples}

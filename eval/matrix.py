@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 HEADLINE = "exact_match"  # the metric the heatmap and summary scalars show
@@ -47,6 +47,3 @@ def cells_of(matrix: dict) -> list[Cell]:
     return [Cell(task, name, row["kind"], row["explainer"], target, {k: v for k, v in m.items() if k != "self"})
             for task, t in matrix["tasks"].items() for name, row in t["rows"].items() for target, m in row["cells"].items()]
 
-
-def cell_dict(cell: Cell) -> dict:
-    return asdict(cell) | {"self": cell.is_self}

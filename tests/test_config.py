@@ -45,6 +45,7 @@ def test_overrides_apply_with_types(tmp_path):
     ("tasks.input_ablation.source=nope", "tasks.input_ablation.source: unknown item source"),
     ("tasks.input_ablation.span.kinds=[foo]", "tasks.input_ablation.span.kinds: unknown kinds"),
     ("groundtruth.actors=two", "groundtruth.actors: expected an integer"),
+    ("eval.baselines=[oracle]", "eval.baselines: unknown ['oracle']"),
 ])
 def test_bad_values_name_the_dotted_key(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:

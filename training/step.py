@@ -55,7 +55,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 halves memory on GPUs; on these CPUs it was measured about 2x slower than fp32."""
     checkpoint_every: int = 50
-    """Save a resumable DeepSpeed checkpoint every this many optimizer steps (and at the end)."""
+    """Save a resumable DeepSpeed checkpoint every this many optimizer steps."""
     keep_checkpoints: int = 1
     """Older checkpoints than the newest this many are deleted (each holds optimizer state: ~16 bytes
     per parameter in fp32, 2 GB for SmolLM2)."""
@@ -249,7 +249,9 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
                 print(f"[train {job.explainer}<-{job.target}] step {step}/{total_steps} loss {entry['loss']:.4f}", flush=True)
             if report is not None:
                 report(entry)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
+        # The last step is exported instead; its checkpoint is only worth writing if kept afterwards.
+        final_kept = step == total_steps and cfg.keep_checkpoints_after_export
+        if (step % cfg.checkpoint_every == 0 and step < total_steps) or final_kept:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state={"step": step})
             if rank == 0:
                 _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
