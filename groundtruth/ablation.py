@@ -151,13 +151,25 @@ RELATIONS = {
     "capital": ("The capital of {c} is", lambda c: c.capital, "What is the capital of {c}?"),
     "language": ("The official language of {c} is", lambda c: c.language, "What is the official language of {c}?"),
 }
+
+
+def _fact(rel: str, country) -> str:
+    template, attr, _ = RELATIONS[rel]
+    return f"{template.format(c=country.name)} {attr(country)}"
+
+
+def _before(sentence: str, stem: str) -> tuple[str, str]:
+    return sentence, f"{sentence} {stem}"
+
+
 SPAN_KINDS = {
-    # kind: function(country, other country, relation) -> (span, text before stem) or None
-    "distractor": lambda c, o, rel: (f"{RELATIONS[rel][0].format(c=o.name)} {RELATIONS[rel][1](o)}. ", None),
-    "misleading": lambda c, o, rel: (f"Some people wrongly say {RELATIONS[rel][0].format(c=c.name)[0].lower()}"
-                                     f"{RELATIONS[rel][0].format(c=c.name)[1:]} {RELATIONS[rel][1](o)}. ", None),
-    "support": lambda c, o, rel: (f"{c.name} is a country in {c.subregion or c.region}. ", None),
-    "word": lambda c, o, rel: ("beautiful ", "word"),
+    # kind: (country, another country, relation, stem) -> (span, the stem with the span in it)
+    "distractor": lambda c, o, rel, stem: _before(f"{_fact(rel, o)}.", stem),
+    "misleading": lambda c, o, rel, stem: _before(
+        f"Some people wrongly say {RELATIONS[rel][0].format(c=c.name)[0].lower()}"
+        f"{RELATIONS[rel][0].format(c=c.name)[1:]} {RELATIONS[rel][1](o)}.", stem),
+    "support": lambda c, o, rel, stem: _before(f"{c.name} is a country in {c.subregion or c.region}.", stem),
+    "word": lambda c, o, rel, stem: ("beautiful", stem.replace(f" of {c.name}", f" of beautiful {c.name}", 1)),
 }
 
 
@@ -170,20 +182,13 @@ def span_fact_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
             stem_template, attr, question = RELATIONS[rel]
             if not attr(country):
                 continue
-            others = [o for o in countries if attr(o) and attr(o) != attr(country)]
-            other = rng.choice(others)
+            other = rng.choice([o for o in countries if attr(o) and attr(o) != attr(country)])
             stem = f"Q: {question.format(c=country.name)}\nA: {stem_template.format(c=country.name)}"
             for kind in cfg.span.kinds:
-                span, mode = SPAN_KINDS[kind](country, other, rel)
-                if mode == "word":  # one adjective before the subject: "... capital of beautiful France?"
-                    head, _, tail = stem.partition(" of ")
-                    full, ablated = f"{head} of {span}{tail}", stem
-                else:
-                    full, ablated = span + stem, stem
+                span, full = SPAN_KINDS[kind](country, other, rel, stem)
                 items.append(AblationItem(
-                    source_id=country.name, item_id=f"{country.name}_{rel}_{kind}",
-                    full=full, ablated=ablated, span=span.strip(),
-                    question=f'If the text "{span.strip()}" were removed from the input, how would the output change?',
+                    source_id=country.name, item_id=f"{country.name}_{rel}_{kind}", full=full, ablated=stem,
+                    span=span, question=f'If the text "{span}" were removed from the input, how would the output change?',
                     answer_pattern=cfg.span.answer_pattern, content_prefix="",
                     features=(("kind", kind), ("relation", rel)),
                 ))
