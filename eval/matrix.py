@@ -27,11 +27,13 @@ class Cell:
 def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
     """matrix.json content: per task, its targets, rows (cells by target) and label statistics."""
     tasks: dict = {}
-    for cell in cells:
+    for cell in cells:  # targets in the order cells first name them
         task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "label_stats": label_stats.get(cell.task, {})})
         if cell.target not in task["targets"]:
             task["targets"].append(cell.target)
-        row = task["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
+    kind_order = {"trained": 0, "untrained": 1, "baseline": 2}  # row order: trained, untrained, baselines
+    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, 3), c.row)):
+        row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
     return {"headline_metric": HEADLINE, "tasks": tasks}
 
