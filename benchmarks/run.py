@@ -75,16 +75,22 @@ def _explain_records(n: int) -> list[Record]:
 
 
 def bench_eval_generation() -> dict:
-    """Explainer generation on SmolLM2: batched (16) with KV cache vs one example at a time."""
+    """Explainer generation on SmolLM2: batched (16) with KV cache vs one example at a time.
+
+    Chat format: in plain format the untrained model ends every answer at once (EOS as first token),
+    which would time prompt encoding only; in chat format it writes a full answer, as a trained
+    explainer does."""
     from eval.generate import explain
 
     model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
     records = _explain_records(16)
-    fast, fast_out = timed(lambda: explain(model, tok, records, "plain", 24, batch_size=16), repeats=1)
-    naive, naive_out = timed(lambda: explain(model, tok, records, "plain", 24, batch_size=1), repeats=1)
+    fast, fast_out = timed(lambda: explain(model, tok, records, "chat", 24, batch_size=16), repeats=1)
+    naive, naive_out = timed(lambda: explain(model, tok, records, "chat", 24, batch_size=1), repeats=1)
     same = sum(a == b for a, b in zip(fast_out, naive_out))
+    generated = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in naive_out)
     return write("eval_generation", fast, naive, 4.0,
                  {"model": "smollm2-135m-instruct", "examples": len(records), "max_new_tokens": 24,
+                  "generated_tokens": generated, "prompt_format": "chat",
                   "fast_batch": 16, "naive_batch": 1}, identical_outputs=f"{same}/{len(records)}")
 
 
