@@ -28,3 +28,21 @@ def test_smollm2_ablation_labels_are_not_degenerate(smollm2):
     changed = sum(r.changed for r in records)
     assert 0.15 < changed / len(records) < 0.85, "both labels occur"
     assert len({r.output_after for r in records}) >= 5, "answers vary with the prompt"
+
+
+def test_smollm2_fast_patcher_matches_reference_and_flips_the_capital(smollm2):
+    import torch
+
+    from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
+
+    model, tok = smollm2
+    x = torch.tensor(tok("The capital of France is")["input_ids"])
+    x_prime = torch.tensor(tok("The capital of Spain is")["input_ids"])
+    blocks = layer_blocks(model.config.num_hidden_layers, 4)
+    interventions = [Intervention(b, t, t) for b in range(4) for t in range(len(x))]
+    clean, slow = patch_slow(model, x, x_prime, blocks, interventions)
+    assert patch_fast(model, x, x_prime, blocks, interventions) == (clean, slow)
+    assert tok.decode([clean]).strip() == "Paris"
+    subject = len(x) - 2  # "France" / "Spain": the subject's last token
+    flipped = [tok.decode([slow[i]]).strip() for i, iv in enumerate(interventions) if iv.position == subject]
+    assert "Madrid" in flipped
