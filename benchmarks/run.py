@@ -169,8 +169,48 @@ def bench_lm_head() -> dict:
                  same_loss=abs(fast_loss - naive_loss) < 1e-3)
 
 
+def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 matmul rate of this machine (the arithmetic limit the FLOP utilisation is against)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds, _ = timed(lambda: a @ b, repeats)
+    return 2 * size ** 3 / seconds
+
+
+def bench_patching() -> dict:
+    """Activation patching on SmolLM2, every (block, position) of 4 prompt pairs: the batched patcher
+    from the cached clean run vs one hooked full forward per intervention."""
+    from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
+
+    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    pairs = [("France", "Spain"), ("Japan", "Italy"), ("Egypt", "Peru"), ("Canada", "Norway")]
+    prompts = [(torch.tensor(tok(f"The capital of {a} is")["input_ids"]), torch.tensor(tok(f"The capital of {b} is")["input_ids"]))
+               for a, b in pairs]
+    prompts = [(x, y) for x, y in prompts if len(x) == len(y)]
+    layers = model.config.num_hidden_layers
+    blocks = layer_blocks(layers, 4)
+    plans = [[Intervention(b, t, t) for b in range(4) for t in range(len(x))] for x, _ in prompts]
+
+    def run(patcher):
+        return [patcher(model, x, y, blocks, plan) for (x, y), plan in zip(prompts, plans)]
+
+    fast, fast_labels = timed(lambda: run(patch_fast), repeats=1)
+    naive, naive_labels = timed(lambda: run(patch_slow), repeats=1)
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    head = model.config.hidden_size * model.config.vocab_size
+    flops = 0  # forward FLOPs of the fast path: two clean runs per pair, then each block from its first layer
+    for (x, _), plan in zip(prompts, plans):
+        flops += 2 * 2 * len(x) * layers * per_layer
+        flops += sum(2 * len(x) * (layers - blocks[iv.block][0]) * per_layer + 2 * head for iv in plan)
+    rate = matmul_flops_per_second()
+    return write("patching", fast, naive, 3.0,
+                 {"model": "smollm2-135m-instruct", "pairs": len(prompts), "blocks": 4,
+                  "interventions": sum(len(p) for p in plans)},
+                 identical_labels=fast_labels == naive_labels, fast_forward_flops=flops,
+                 matmul_flops_per_second=round(rate), flop_utilisation=round(flops / (rate * fast), 3))
+
+
 BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
-              "train_step": bench_train_step, "lm_head": bench_lm_head}
+              "train_step": bench_train_step, "lm_head": bench_lm_head, "patching": bench_patching}
 
 
 def main(argv: list[str]) -> int:
