@@ -116,8 +116,8 @@ def run_groundtruth(cfg: RunConfig) -> dict:
 def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
     """Balance the raw records of each split into train/ and test/ shards; write label_stats.json."""
     stats_path = folder / "label_stats.json"
-    finished = all(read_manifest(folder / s).get("config_hash") == config_hash and read_manifest(folder / s).get("complete")
-                   for s in ("train", "test"))
+    manifests = [read_manifest(folder / split) for split in ("train", "test")]
+    finished = all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests)
     if finished and stats_path.exists():
         return json.loads(stats_path.read_text())
     records = list(iter_records(folder / "raw"))

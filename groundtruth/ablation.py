@@ -153,9 +153,14 @@ RELATIONS = {
 }
 
 
-def _fact(rel: str, country) -> str:
+def _claim(rel: str, subject, answer_from) -> str:
+    """'The capital of <subject> is <answer_from's capital>'."""
     template, attr, _ = RELATIONS[rel]
-    return f"{template.format(c=country.name)} {attr(country)}"
+    return f"{template.format(c=subject.name)} {attr(answer_from)}"
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _before(sentence: str, stem: str) -> tuple[str, str]:
@@ -164,10 +169,8 @@ def _before(sentence: str, stem: str) -> tuple[str, str]:
 
 SPAN_KINDS = {
     # kind: (country, another country, relation, stem) -> (span, the stem with the span in it)
-    "distractor": lambda c, o, rel, stem: _before(f"{_fact(rel, o)}.", stem),
-    "misleading": lambda c, o, rel, stem: _before(
-        f"Some people wrongly say {RELATIONS[rel][0].format(c=c.name)[0].lower()}"
-        f"{RELATIONS[rel][0].format(c=c.name)[1:]} {RELATIONS[rel][1](o)}.", stem),
+    "distractor": lambda c, o, rel, stem: _before(f"{_claim(rel, o, o)}.", stem),
+    "misleading": lambda c, o, rel, stem: _before(f"Some people wrongly say {_lower_first(_claim(rel, c, o))}.", stem),
     "support": lambda c, o, rel, stem: _before(f"{c.name} is a country in {c.subregion or c.region}.", stem),
     "word": lambda c, o, rel, stem: ("beautiful", stem.replace(f" of {c.name}", f" of beautiful {c.name}", 1)),
 }

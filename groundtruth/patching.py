@@ -56,9 +56,9 @@ def layer_states(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack(captured)
 
 
-def block_vectors(source_states: torch.Tensor, blocks: list[list[int]], position: int) -> list[torch.Tensor]:
-    """v per block: mean over the block's layers of the source's residual stream at `position`."""
-    return [source_states[[layer + 1 for layer in block], position].mean(0) for block in blocks]
+def block_vector(source_states: torch.Tensor, block: list[int], position: int) -> torch.Tensor:
+    """v: mean over the block's layers of the source's residual stream at `position` -> [d]."""
+    return source_states[[layer + 1 for layer in block], position].mean(0)
 
 
 @torch.no_grad()
@@ -69,7 +69,7 @@ def patch_slow(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
     clean = int(model(input_ids=x.unsqueeze(0)).logits[0, -1].argmax())
     patched = []
     for iv in interventions:
-        vector = block_vectors(source, blocks, iv.source_position)[iv.block]
+        vector = block_vector(source, blocks[iv.block], iv.source_position)
 
         def overwrite(module, args, output, position=iv.position, vector=vector):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -118,7 +118,7 @@ def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
         if not members:
             continue
         where = torch.tensor([interventions[i].position for i in members])
-        vectors = torch.stack([block_vectors(source, blocks, interventions[i].source_position)[b] for i in members])
+        vectors = torch.stack([block_vector(source, block, interventions[i].source_position) for i in members])
         start = block[0]
         hidden = clean_states[start].expand(len(members), -1, -1).clone()  # input of the block's first layer
         hidden = _run_layers(model, hidden, start, num_layers, {layer: (where, vectors) for layer in block})

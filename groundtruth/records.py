@@ -211,10 +211,8 @@ def write_split(folder: Path, records: list[Record], config_hash: str, shard_siz
     for stale in folder.glob("shard-*.tar"):
         stale.unlink()
     shards = {}
-    for index, start in enumerate(range(0, max(len(records), 1), shard_size)):
-        chunk = records[start:start + shard_size]
-        if chunk or index == 0:
-            shards[shard_name(index)] = write_shard(folder / shard_name(index), chunk)
+    for index, start in enumerate(range(0, max(len(records), 1), shard_size)):  # an empty split: one empty shard
+        shards[shard_name(index)] = write_shard(folder / shard_name(index), records[start:start + shard_size])
     manifest = {"config_hash": config_hash, "shards": shards, "complete": True, "count": len(records)}
     write_manifest(folder, manifest)
     return manifest

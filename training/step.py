@@ -227,11 +227,15 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     if rank == 0:
         _truncate_log(log_path, step)  # entries past the resumed step belong to a run that was lost
     started, last_loss = time.time(), float("nan")
+    order_epoch, order = -1, []
     while step < total_steps:
         losses = []
         for micro_index in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
             epoch, within = divmod(micro_index, per_epoch)
-            rows = micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, epoch)[within]
+            if epoch != order_epoch:  # one permutation per epoch, not one per micro-batch
+                order_epoch = epoch
+                order = micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, epoch)
+            rows = order[within]
             batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
             loss = engine(**batch)
             engine.backward(loss)
