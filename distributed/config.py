@@ -17,6 +17,7 @@ import yaml
 
 from eval.baselines import BASELINES
 from groundtruth.ablation import AblationConfig
+from groundtruth.patching_task import PatchingConfig
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from training.step import TrainConfig
 
@@ -29,6 +30,8 @@ class TasksConfig:
 
     input_ablation: Optional[AblationConfig] = None
     """Task C: remove a span of the input; does the output change, and to what?"""
+    activation_patching: Optional[PatchingConfig] = None
+    """Task B: write a counterfactual prompt's block-mean state over a position; how does the output change?"""
 
     def enabled(self) -> dict:
         return {name: cfg for name, cfg in vars(self).items() if cfg is not None}

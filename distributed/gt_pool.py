@@ -109,28 +109,31 @@ def run_groundtruth(cfg: RunConfig) -> dict:
             manifest["complete"] = True
             manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
             write_manifest(raw, manifest)
-            stats.setdefault(task, {})[target] = finalize(folder, task_cfg, config_hash, cfg.seed, pc.shard_size)
+            stats.setdefault(task, {})[target] = finalize(folder, task_cfg, config_hash, cfg.seed, pc.shard_size,
+                                                          spec.balance_cell)
     return stats
 
 
-def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
-    """Balance the raw records of each split into train/ and test/ shards; write label_stats.json."""
+def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int, cell_of=None) -> dict:
+    """Balance the raw records of each split into train/ and test/ shards; write label_stats.json.
+
+    cell_of: the task's balancing cells (e.g. token type x block), also counted in the stats."""
     stats_path = folder / "label_stats.json"
     manifests = [read_manifest(folder / split) for split in ("train", "test")]
     finished = all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests)
     if finished and stats_path.exists():
         return json.loads(stats_path.read_text())
     records = list(iter_records(folder / "raw"))
-    stats = {"raw": label_stats(records)}
+    stats = {"raw": label_stats(records, cell_of=cell_of)}
     for split, cap in (("train", task_cfg.max_train_records), ("test", task_cfg.max_test_records)):
         chosen = [r for r in records if r.split == split]
         if task_cfg.balance:
-            chosen = balance(chosen, task_cfg.changed_fraction, seed, cap)
+            chosen = balance(chosen, task_cfg.changed_fraction, seed, cap, cell_of)
         elif cap is not None:
             chosen = chosen[:cap]
         if not chosen:
             raise ValueError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
         write_split(folder / split, chosen, config_hash, shard_size)
-        stats[split] = label_stats(chosen)
+        stats[split] = label_stats(chosen, cell_of=cell_of)
     stats_path.write_text(json.dumps(stats, indent=1))
     return stats

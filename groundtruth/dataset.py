@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 from .records import Record
 
@@ -15,9 +15,30 @@ def split_of(source_id: str, test_fraction: float, seed: int) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def balance(records: list[Record], changed_fraction: float, seed: int, cap: Optional[int] = None) -> list[Record]:
+def stratified_sample(records: list[Record], n: int, cell_of: Optional[Callable[[Record], str]],
+                      rng: random.Random) -> list[Record]:
+    """n records at random; with cell_of, taken round-robin over cells so no cell dominates (a cell
+    with few records gives all it has and the others fill the rest)."""
+    if cell_of is None or n >= len(records):
+        return rng.sample(records, min(n, len(records)))
+    cells: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        cells[cell_of(r)].append(r)
+    for members in cells.values():
+        rng.shuffle(members)
+    chosen: list[Record] = []
+    while len(chosen) < n:
+        for key in sorted(cells):
+            if cells[key] and len(chosen) < n:
+                chosen.append(cells[key].pop())
+    return chosen
+
+
+def balance(records: list[Record], changed_fraction: float, seed: int, cap: Optional[int] = None,
+            cell_of: Optional[Callable[[Record], str]] = None) -> list[Record]:
     """Subsample so `changed` records make up `changed_fraction` (as near as the counts allow), then
-    cap the total; the result is sorted by record id so it does not depend on arrival order."""
+    cap the total; within each class, records are spread over the cells of `cell_of` when given. The
+    result is sorted by record id so it does not depend on arrival order."""
     rng = random.Random(seed)
     records = sorted(records, key=lambda r: r.record_id)
     changed = [r for r in records if r.changed]
@@ -29,13 +50,17 @@ def balance(records: list[Record], changed_fraction: float, seed: int, cap: Opti
             total = min(total, cap)
         n_changed = max(1, round(total * changed_fraction))
         n_unchanged = max(1, round(total * (1 - changed_fraction)))
-        chosen = rng.sample(changed, min(n_changed, len(changed))) + rng.sample(unchanged, min(n_unchanged, len(unchanged)))
+        chosen = stratified_sample(changed, n_changed, cell_of, rng) + stratified_sample(unchanged, n_unchanged, cell_of, rng)
     else:  # one class only: nothing to balance against
-        chosen = rng.sample(records, min(cap, len(records))) if cap is not None else records
+        chosen = stratified_sample(records, cap, cell_of, rng) if cap is not None else records
     return sorted(chosen, key=lambda r: r.record_id)
 
 
-def label_stats(records: list[Record], top: int = 10) -> dict:
+NOT_RULES = ("span", "ablated_input", "subject", "counterfactual_subject", "counterfactual_prompt")
+"""Query fields that identify an input rather than describe it: a 'rule' on them only memorises."""
+
+
+def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable[[Record], str]] = None) -> dict:
     """Label distribution and how well trivial rules predict the label.
 
     `trivial_rules` gives, for each categorical query field (kind, hint letter, relation, ...), the
@@ -49,7 +74,7 @@ def label_stats(records: list[Record], top: int = 10) -> dict:
     majority = max(changed, n - changed) / n
     rules = {}
     fields = sorted({k for r in records for k, v in r.query.items() if isinstance(v, str) and not k.startswith("raw_")
-                     and k not in ("span", "ablated_input")})
+                     and k not in NOT_RULES})
     for key in fields:
         by_value: dict[str, Counter] = defaultdict(Counter)
         for r in records:
@@ -57,6 +82,7 @@ def label_stats(records: list[Record], top: int = 10) -> dict:
         if len(by_value) > max(2, n // 2):  # nearly unique per record: not a "trivial" rule
             continue
         rules[key] = round(sum(max(c.values()) for c in by_value.values()) / n, 4)
+    cells = Counter(cell_of(r) for r in records) if cell_of else None
     return {
         "count": n,
         "changed_rate": round(changed / n, 4),
@@ -65,4 +91,6 @@ def label_stats(records: list[Record], top: int = 10) -> dict:
         "top_outputs_after": Counter(r.output_after for r in records).most_common(top),
         "top_explanations": Counter(r.explanation for r in records).most_common(top),
         "trivial_rules": rules,
+        **({"cells": dict(sorted(cells.items())), "largest_cell_share": round(max(cells.values()) / n, 4)}
+           if cells else {}),
     }

@@ -15,14 +15,21 @@ def uses_chat(tokenizer, fmt: PromptFormat) -> bool:
     return fmt == "chat" or (fmt == "auto" and bool(tokenizer.chat_template))
 
 
-def render_prompt(tokenizer, text: str, fmt: PromptFormat, system: Optional[str] = None) -> list[int]:
-    """Token ids of `text` as the model's input, ending where the model's answer starts."""
+def prompt_string(tokenizer, text: str, fmt: PromptFormat, system: Optional[str] = None) -> tuple[str, bool]:
+    """(the model's input as a string, whether tokenizing it adds special tokens such as BOS).
+
+    A chat template writes its own special tokens; plain text gets the tokenizer's (BOS)."""
     if uses_chat(tokenizer, fmt):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
     prefix = f"{system}\n\n" if system else ""
-    return tokenizer(prefix + text, add_special_tokens=True)["input_ids"]
+    return prefix + text, True
+
+
+def render_prompt(tokenizer, text: str, fmt: PromptFormat, system: Optional[str] = None) -> list[int]:
+    """Token ids of `text` as the model's input, ending where the model's answer starts."""
+    string, special = prompt_string(tokenizer, text, fmt, system)
+    return tokenizer(string, add_special_tokens=special)["input_ids"]
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

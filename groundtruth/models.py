@@ -1,7 +1,8 @@
 """Model specs -> (transformers causal LM, tokenizer).
 
 A spec's `source` takes one of these forms (tried in this order):
-  tiny-llama[:key=value,...]   a tiny random Llama built from a config, for tests (keys: hidden,
+  tiny-llama[:key=value,...]   a tiny random Llama (or tiny-gemma: Gemma 3, with its sliding-window
+                               and global layers) built from a config, for tests (keys: hidden,
                                layers, heads, seed)
   <packaged name>              a model shipped inside an installed PyPI package (see PACKAGED);
                                its GGUF file is dequantised once and cached as safetensors
@@ -23,7 +24,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_PREFIX = "tiny-llama"
+TINY_ARCHS = ("tiny-llama", "tiny-gemma")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -75,15 +76,15 @@ def cache_root() -> Path:
 
 def accepted_forms() -> str:
     return (
-        f"accepted forms: '{TINY_PREFIX}[:hidden=..,layers=..,heads=..,seed=..]', a packaged model "
+        "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,seed=..]' (or tiny-gemma[...]), a packaged model "
         f"({', '.join(sorted(PACKAGED))}), a local folder with config.json, or a hub id 'org/name'"
     )
 
 
 def describe(source: str) -> str:
     """Which form a source string takes, without loading anything (for dry runs)."""
-    if source.split(":")[0] == TINY_PREFIX:
-        return "tiny random llama"
+    if source.split(":")[0] in TINY_ARCHS:
+        return "tiny random model"
     if source in PACKAGED:
         return "packaged GGUF"
     if Path(source).is_dir():
@@ -126,8 +127,9 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
 
     dtype = DTYPES[spec.dtype]
     kind = describe(spec.source)
-    if kind == "tiny random llama":
-        model, tok = build_tiny_llama(**parse_tiny_options(spec.source))
+    if kind == "tiny random model":
+        build = build_tiny_gemma if spec.source.startswith("tiny-gemma") else build_tiny_llama
+        model, tok = build(**parse_tiny_options(spec.source))
         model = model.to(dtype)
     else:
         path = prepare(spec)
@@ -149,7 +151,7 @@ def parse_tiny_options(source: str) -> dict[str, int]:
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
         if key not in ("hidden", "layers", "heads", "seed") or not value.isdigit():
-            raise ModelSpecError(f"bad tiny-llama option {part!r} in {source!r}; {accepted_forms()}")
+            raise ModelSpecError(f"bad tiny model option {part!r} in {source!r}; {accepted_forms()}")
         options[key] = int(value)
     return options
 
@@ -198,6 +200,26 @@ def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: in
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def build_tiny_gemma(hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0):
+    """A deterministic random Gemma 3 text model: alternating sliding-window and global attention
+    layers with their own rotary embeddings, scaled embeddings and logit soft-capping (what makes
+    Gemma differ from Llama for code that runs layers by hand)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = byte_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=1, head_dim=hidden // heads,
+        sliding_window=4, sliding_window_pattern=2,  # short window: tests see it matter
+        max_position_embeddings=1024, final_logit_softcapping=30.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config)
     return model, tok
 
 

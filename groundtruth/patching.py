@@ -1,4 +1,4 @@
-"""Task B core, activation patching (work in progress for issue 3: no pipeline task yet).
+"""Task B core, activation patching: blocks, block-mean vectors, and two patchers that agree.
 
 The target's layers are cut into B contiguous blocks. For a (block, position t) of prompt x and its
 aligned position t' of the counterfactual x': v = mean over the block's layers of x' hidden states
@@ -6,14 +6,17 @@ aligned position t' of the counterfactual x': v = mean over the block's layers o
 of the block. The label is the greedy next token at the last position before and after.
 
 `patch_slow` is the obvious reference: one full forward per intervention with forward hooks.
-`patch_fast` reuses the clean run: each intervention starts at its block's first layer from the
-cached hidden state, and all interventions of one block run as one batch.
+`patch_fast` reuses the clean run: the layers before a block are not run again (stand-ins return the
+cached input of the block's first layer), and all interventions of one block run as one batch. It
+goes through the model's own forward, so masks, rotary tables and per-layer attention types (Gemma's
+sliding-window and global layers) are whatever the architecture makes them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -36,24 +39,33 @@ def layer_blocks(num_layers: int, num_blocks: int) -> list[list[int]]:
     return blocks
 
 
-@torch.no_grad()
-def layer_states(model, ids: torch.Tensor) -> torch.Tensor:
-    """Residual stream of one prompt: [L + 1, T, d]; index 0 is the embeddings, l + 1 after layer l.
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (Llama, Gemma, Qwen, ... all keep them here)."""
+    return model.get_decoder().layers
 
-    Read with forward hooks (not output_hidden_states, whose last entry is after the final norm)."""
+
+@torch.no_grad()
+def clean_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Residual stream of one prompt [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and the
+    greedy next token. Read with forward hooks (output_hidden_states ends after the final norm)."""
     captured: list[torch.Tensor] = []
 
     def keep(module, args, output):
         captured.append((output[0] if isinstance(output, tuple) else output)[0].clone())
 
-    modules = [model.get_input_embeddings(), *model.model.layers]
+    modules = [model.get_input_embeddings(), *decoder_layers(model)]
     hooks = [m.register_forward_hook(keep) for m in modules]
     try:
-        model(input_ids=ids.unsqueeze(0))
+        logits = model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.stack(captured)
+    return torch.stack(captured), int(logits[0, -1].argmax())
+
+
+def layer_states(model, ids: torch.Tensor) -> torch.Tensor:
+    """Residual stream of one prompt: [L + 1, T, d] (see clean_run)."""
+    return clean_run(model, ids)[0]
 
 
 def block_vector(source_states: torch.Tensor, block: list[int], position: int) -> torch.Tensor:
@@ -61,72 +73,80 @@ def block_vector(source_states: torch.Tensor, block: list[int], position: int) -
     return source_states[[layer + 1 for layer in block], position].mean(0)
 
 
+def _overwrite_hook(positions: torch.Tensor, vectors: torch.Tensor):
+    """A forward hook writing vectors[n] over row n's hidden state at positions[n] (rows in order)."""
+    rows = torch.arange(len(positions))
+
+    def overwrite(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[rows, positions] = vectors.to(hidden.dtype)
+        return output
+
+    return overwrite
+
+
 @torch.no_grad()
 def patch_slow(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[int]],
                interventions: list[Intervention]) -> tuple[int, list[int]]:
     """(clean next token, patched next token per intervention): one hooked full forward each."""
-    source = layer_states(model, x_prime)
+    source, _ = clean_run(model, x_prime)
     clean = int(model(input_ids=x.unsqueeze(0)).logits[0, -1].argmax())
     patched = []
+    layers = decoder_layers(model)
     for iv in interventions:
-        vector = block_vector(source, blocks[iv.block], iv.source_position)
-
-        def overwrite(module, args, output, position=iv.position, vector=vector):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden[:, position] = vector
-            return output
-
-        hooks = [model.model.layers[layer].register_forward_hook(overwrite) for layer in blocks[iv.block]]
+        hook = _overwrite_hook(torch.tensor([iv.position]), block_vector(source, blocks[iv.block], iv.source_position)[None])
+        handles = [layers[layer].register_forward_hook(hook) for layer in blocks[iv.block]]
         try:
             patched.append(int(model(input_ids=x.unsqueeze(0)).logits[0, -1].argmax()))
         finally:
-            for hook in hooks:
-                hook.remove()
+            for handle in handles:
+                handle.remove()
     return clean, patched
 
 
-def _run_layers(model, hidden: torch.Tensor, start: int, end: int, patch: dict) -> torch.Tensor:
-    """Run decoder layers [start, end) on hidden [N, T, d]; after layer l, rows take patch[l] =
-    (positions [N], vectors [N, d]). Llama-style decoders (one rotary embedding, one causal mask)."""
-    base = model.model
-    if not hasattr(base, "rotary_emb") or getattr(model.config, "sliding_window_pattern", None):
-        raise NotImplementedError(f"fast patching supports Llama-style decoders, not {type(model).__name__}")
-    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-    rotary = base.rotary_emb(hidden, position_ids=positions)
-    rows = torch.arange(hidden.shape[0])
-    for layer in range(start, end):
-        # no mask: a full-length unpadded batch gets the causal mask inside attention
-        hidden = base.layers[layer](hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions)
-        if layer in patch:
-            where, vectors = patch[layer]
-            hidden = hidden.clone()
-            hidden[rows, where] = vectors
-    return hidden
+class _CachedInput(nn.Module):
+    """Stands in for a decoder layer before the patched block: returns the clean run's cached input of
+    the block's first layer instead of computing anything."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden  # [N, T, d]
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden
 
 
 @torch.no_grad()
 def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[int]],
-               interventions: list[Intervention]) -> tuple[int, list[int]]:
-    """Same labels as patch_slow, from the cached clean run, one batch per block."""
-    clean_states = layer_states(model, x)  # [L + 1, T, d]
-    source = layer_states(model, x_prime)
-    num_layers = len(model.model.layers)
-    clean = int(_next_token(model, clean_states[-1:]).item())
+               interventions: list[Intervention], clean=None, source=None) -> tuple[int, list[int]]:
+    """Same labels as patch_slow, from the cached clean run, one batch per block.
+
+    clean / source: clean_run results of x and x' when the caller already has them (they are also
+    where the vectors come from)."""
+    clean_states, clean_token = clean if clean is not None else clean_run(model, x)
+    source_states = source[0] if source is not None else clean_run(model, x_prime)[0]
+    layers = decoder_layers(model)
     patched = [0] * len(interventions)
     for b, block in enumerate(blocks):
         members = [i for i, iv in enumerate(interventions) if iv.block == b]
         if not members:
             continue
         where = torch.tensor([interventions[i].position for i in members])
-        vectors = torch.stack([block_vector(source, block, interventions[i].source_position) for i in members])
-        start = block[0]
-        hidden = clean_states[start].expand(len(members), -1, -1).clone()  # input of the block's first layer
-        hidden = _run_layers(model, hidden, start, num_layers, {layer: (where, vectors) for layer in block})
-        for i, token in zip(members, _next_token(model, hidden).tolist()):
+        vectors = torch.stack([block_vector(source_states, block, interventions[i].source_position) for i in members])
+        start, n = block[0], len(members)
+        skipped = [layers[i] for i in range(start)]
+        cached = _CachedInput(clean_states[start].expand(n, -1, -1))  # the input of the block's first layer
+        for i in range(start):
+            layers[i] = cached
+        handles = [layers[layer].register_forward_hook(_overwrite_hook(where, vectors)) for layer in block]
+        try:
+            # one unpadded batch of copies of x: no attention mask needed; only the last position's logits
+            logits = model(input_ids=x.expand(n, -1), logits_to_keep=1).logits[:, -1]
+        finally:
+            for handle in handles:
+                handle.remove()
+            for i, layer in enumerate(skipped):
+                layers[i] = layer
+        for i, token in zip(members, logits.argmax(-1).tolist()):
             patched[i] = int(token)
-    return clean, patched
-
-
-def _next_token(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Greedy next token at the last position of residual streams [N, T, d] -> [N]."""
-    return model.lm_head(model.model.norm(hidden[:, -1])).argmax(-1)
+    return clean_token, patched

@@ -6,9 +6,10 @@ TasksConfig of the same name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from . import ablation
+from . import ablation, patching_task
+from .records import Record
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,12 @@ class TaskSpec:
     build_items: Callable[[Any, int], list]  # (task config, seed) -> items; each has .source_id
     run: Callable[..., list]  # (model, tokenizer, items, task config, target, split_of, batch_size) -> records
     explanation_tokens: int  # max new tokens when an explainer answers (the paper: 50 for causal tasks)
+    has_vectors: bool = False  # records carry a vector the explainer reads through [vec]
+    balance_cell: Optional[Callable[[Record], str]] = None  # cells balancing spreads records over
 
 
 TASKS: dict[str, TaskSpec] = {
     ablation.TASK: TaskSpec(ablation.TASK, ablation.build_items, ablation.run_ablation, explanation_tokens=50),
+    patching_task.TASK: TaskSpec(patching_task.TASK, patching_task.build_items, patching_task.run_patching,
+                                 explanation_tokens=50, has_vectors=True, balance_cell=patching_task.balance_cell),
 }

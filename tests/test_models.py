@@ -20,7 +20,7 @@ def test_unknown_spec_lists_accepted_forms():
         describe("no such model")
     for form in ("tiny-llama", "smollm2-135m-instruct", "gemma-3-270m", "local folder", "hub id"):
         assert form in str(err.value)
-    with pytest.raises(ModelSpecError, match="bad tiny-llama option"):
+    with pytest.raises(ModelSpecError, match="bad tiny model option"):
         load_model(ModelSpec("tiny-llama:width=3"))
 
 

@@ -1,4 +1,5 @@
 """The fast patcher (cached clean run, one batch per block) against one hooked forward per intervention."""
+import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
@@ -19,9 +20,10 @@ def test_layer_states_match_the_models_own_output():
     assert torch.allclose(model.lm_head(model.model.norm(states[-1])), logits, atol=1e-5)
 
 
-def test_fast_patcher_gives_the_reference_labels():
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])  # Gemma: sliding-window + global layers
+def test_fast_patcher_gives_the_reference_labels(arch):
     # a sharper random model, so that patches do change the argmax sometimes
-    model, _ = load_model(ModelSpec("tiny-llama:hidden=32,layers=4,seed=3"))
+    model, _ = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
     for p in model.parameters():
         p.data *= 3
     gen = torch.Generator().manual_seed(0)

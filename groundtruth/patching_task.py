@@ -1,0 +1,213 @@
+"""Task B, activation patching, as a ground-truth task: fact pairs in, one record per (block, position).
+
+For each counterfactual pair (x, x') every position t of x is patched in every block with the block
+mean of x' at the aligned position t' (see groundtruth/patching.py); the record holds v, the block's
+layers, the token and its type, and the target's greedy next token before and after.
+
+Position alignment (x and x' differ only in the subject): tokens before the subject align by index
+from the start; subject tokens by distance from the subject's last token (clipped at the counterfactual
+subject's first); tokens after the subject by distance from the end of the prompt. Token types:
+subject_final (last subject token), relation (the relation template's words), original_option /
+new_option / other_option (inside the forced-choice option list: x's answer, x''s answer, another),
+other (non-final subject tokens, BOS, chat-template and instruction tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+
+from .explanations import format_explanation
+from .generation import PromptFormat, prompt_string
+from .patching import Intervention, block_vector, clean_run, decoder_layers, layer_blocks, patch_fast
+from .records import Record, safe_key
+from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
+
+TASK = "activation_patching"
+TOKEN_TYPES = ("subject_final", "relation", "original_option", "new_option", "other_option", "other")
+
+
+@dataclass
+class PatchingConfig:
+    """Ground truth for activation patching."""
+
+    source: Literal["countries", "counterfact"] = "countries"
+    """Facts: built from countryinfo (offline), or CounterFact as published (see counterfact_path)."""
+    counterfact_path: Optional[str] = None
+    """The published counterfact.json (source: counterfact)."""
+    relations: list[str] = None  # type: ignore[assignment]
+    """Country relations to use (source: countries): capital | language | region. Null: all."""
+    max_facts: Optional[int] = None
+    """Use at most this many original facts x, chosen at random (seeded); null: all."""
+    pairs_per_fact: int = 1
+    """Counterfactuals x' per original fact."""
+    prompt_format: Literal["plain", "forced_choice"] = "plain"
+    """plain completion ("The capital of France is"), or the paper's forced-choice suffix. On SmolLM2
+    the forced-choice chat prompt answers "The" to everything (DESIGN.md section 7)."""
+    forced_choice_suffix: str = "\nRespond with one of {options} or unknown and nothing else."
+    """Appended in forced_choice format; {options} is the options joined by ' or '."""
+    n_options: int = 5
+    """Answer options per pair in forced_choice format (both answers included)."""
+    target_format: PromptFormat = "plain"
+    """How the target sees its prompt: chat template, plain text, or auto."""
+    system_prompt: Optional[str] = None
+    """System prompt (chat) or preamble (plain)."""
+    num_blocks: int = 4
+    """Contiguous blocks the target's layers are cut into (the paper: 4)."""
+    test_fraction: float = 0.2
+    """Fraction of original facts held out for test (by a hash of the fact id)."""
+    balance: bool = True
+    """Subsample to changed_fraction changed records, spreading each class evenly over the
+    (token type, block) cells so that no cell dominates."""
+    changed_fraction: float = 0.5
+    """Target share of 'changed' records after balancing."""
+    max_train_records: Optional[int] = None
+    """Cap on train records after balancing."""
+    max_test_records: Optional[int] = None
+    """Cap on test records after balancing."""
+
+    def __post_init__(self):
+        if self.relations is None:
+            self.relations = ["capital", "language", "region"]
+
+    def check(self) -> None:
+        if self.source == "counterfact" and not self.counterfact_path:
+            raise ValueError("counterfact_path: required when source is 'counterfact'")
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks: must be at least 1, got {self.num_blocks}")
+        if self.pairs_per_fact < 1:
+            raise ValueError(f"pairs_per_fact: must be at least 1, got {self.pairs_per_fact}")
+        if self.n_options < 2:
+            raise ValueError(f"n_options: must be at least 2 (both answers), got {self.n_options}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 < self.changed_fraction < 1.0:
+            raise ValueError(f"changed_fraction: must be in (0, 1), got {self.changed_fraction}")
+
+
+@dataclass(frozen=True)
+class PatchItem:
+    """One counterfactual pair: the unit of work of this technique."""
+
+    source_id: str  # the original fact: train and test never share one
+    pair: FactPair
+
+
+def build_items(cfg: PatchingConfig, seed: int) -> list[PatchItem]:
+    facts = load_counterfact(cfg.counterfact_path) if cfg.source == "counterfact" else country_facts(cfg.relations)
+    pairs = make_pairs(facts, cfg.pairs_per_fact, cfg.n_options, seed, cfg.max_facts)
+    if not pairs:
+        raise ValueError(f"activation_patching: source {cfg.source!r} gave no counterfactual pairs")
+    return [PatchItem(p.x.fact_id, p) for p in pairs]
+
+
+# ---------------------------------------------------------------- prompts, token types, alignment
+@dataclass
+class PatchPrompt:
+    """One side of a pair as the target sees it."""
+
+    text: str  # the user text (what the explainer is shown)
+    ids: torch.Tensor  # [T]
+    token_types: list[str]  # [T]
+    subject: tuple[int, int]  # first and last token index of the subject
+
+
+def user_text(cfg: PatchingConfig, pair: FactPair, fact) -> str:
+    if cfg.prompt_format == "forced_choice":
+        return fact.text + cfg.forced_choice_suffix.format(options=" or ".join(pair.options))
+    return fact.text
+
+
+def encode_side(tokenizer, cfg: PatchingConfig, pair: FactPair, fact) -> PatchPrompt:
+    """Tokenize one prompt of a pair and type its tokens from their character offsets."""
+    text = user_text(cfg, pair, fact)
+    string, special = prompt_string(tokenizer, text, cfg.target_format, cfg.system_prompt)
+    enc = tokenizer(string, add_special_tokens=special, return_offsets_mapping=True)
+    base = string.rfind(text)
+    sub_start = base + fact.template.index("{}")
+    sub_end = sub_start + len(fact.subject)
+    relation_end = base + len(fact.text)
+    option_spans = []  # (start, end, type) inside the suffix
+    if cfg.prompt_format == "forced_choice":
+        cursor = relation_end
+        for option in pair.options:
+            at = string.find(option, cursor)
+            if at >= 0:
+                kind = ("original_option" if option == pair.x.answer else
+                        "new_option" if option == pair.x_prime.answer else "other_option")
+                option_spans.append((at, at + len(option), kind))
+                cursor = at + len(option)
+    types, subject_tokens = [], []
+    for n, (start, end) in enumerate(enc["offset_mapping"]):
+        kind = "other"
+        if end > start:
+            if start < sub_end and end > sub_start:
+                subject_tokens.append(n)
+            elif base <= start < relation_end:
+                kind = "relation"
+            else:
+                kind = next((k for s, e, k in option_spans if start < e and end > s), "other")
+        types.append(kind)
+    if not subject_tokens:
+        raise ValueError(f"subject {fact.subject!r} not found among the tokens of {string!r}")
+    types[subject_tokens[-1]] = "subject_final"  # non-final subject tokens stay 'other'
+    return PatchPrompt(text, torch.tensor(enc["input_ids"]), types, (subject_tokens[0], subject_tokens[-1]))
+
+
+def align(t: int, x: PatchPrompt, x_prime: PatchPrompt) -> int:
+    """The position of x' aligned with position t of x (the rule in the module docstring)."""
+    (s0, s1), (p0, p1) = x.subject, x_prime.subject
+    if t < s0:
+        return min(t, p0 - 1) if p0 > 0 else 0
+    if t <= s1:
+        return max(p0, p1 - (s1 - t))
+    return max(p1 + 1, len(x_prime.ids) - (len(x.ids) - t))
+
+
+# ---------------------------------------------------------------- the technique
+def _answer(tokenizer, token: int) -> str:
+    return tokenizer.decode([token]).strip()
+
+
+def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, target: str,
+                 split_of: Callable[[str], str], batch_size: int = 16) -> list[Record]:
+    """Every (block, position) of every pair: patched with the fast patcher, one record each.
+
+    batch_size is unused: a pair's interventions of one block always make one batch."""
+    blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
+    records = []
+    for item in items:
+        pair = item.pair
+        x, xp = encode_side(tokenizer, cfg, pair, pair.x), encode_side(tokenizer, cfg, pair, pair.x_prime)
+        clean, source = clean_run(model, x.ids), clean_run(model, xp.ids)
+        interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in range(len(x.ids))]
+        clean_token, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
+        before = _answer(tokenizer, clean_token)
+        for iv, token in zip(interventions, patched):
+            after = _answer(tokenizer, token)
+            changed = after != before
+            token_text = tokenizer.decode([int(x.ids[iv.position])])
+            vector = block_vector(source[0], blocks[iv.block], iv.source_position)
+            records.append(Record(
+                record_id=safe_key(target, TASK, pair.pair_id, f"b{iv.block}", f"t{iv.position}"), task=TASK,
+                target=target, split=split_of(item.source_id), source_id=item.source_id, prompt=x.text,
+                question="How would the output change?",
+                explanation=format_explanation(changed, after),
+                changed=changed, output_before=before, output_after=after,
+                query={"token": token_text, "position": iv.position, "source_position": iv.source_position,
+                       "token_type": x.token_types[iv.position], "block": str(iv.block),
+                       "relation": pair.x.relation, "subject": pair.x.subject,
+                       "counterfactual_subject": pair.x_prime.subject, "counterfactual_prompt": xp.text,
+                       "options": list(pair.options)},
+                layers=list(blocks[iv.block]), token_type=x.token_types[iv.position],
+                vector=vector.float().numpy().astype(np.float32),
+            ))
+    return records
+
+
+def balance_cell(record: Record) -> str:
+    """The (token type, block) cell a record counts in when balancing."""
+    return f"{record.token_type}/block{record.query.get('block')}"
+

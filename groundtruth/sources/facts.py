@@ -1,0 +1,117 @@
+"""Fact-recall prompts for activation patching: CounterFact-style facts and counterfactual pairs.
+
+A fact is (subject, relation template with "{}" for the subject, true object). A pair (x, x') shares
+the relation and one list of answer options and differs in subject and true object, so writing a
+state of x' into x can move the answer from x's object to x''s.
+
+Two sources: facts built from `countryinfo` (offline), and CounterFact as published (a JSON list of
+records with `requested_rewrite: {prompt, subject, relation_id, target_true: {str}}`).
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .countries import load_countries
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str  # relation id, e.g. "capital" or CounterFact's "P36"
+    template: str  # "{}" marks the subject, e.g. "The capital of {} is"
+    answer: str  # the true object
+
+    @property
+    def text(self) -> str:
+        return self.template.format(self.subject)
+
+    @property
+    def fact_id(self) -> str:
+        return f"{self.relation}:{self.subject}"
+
+
+@dataclass(frozen=True)
+class FactPair:
+    """An original prompt x, its counterfactual x', and the answer options both share."""
+
+    x: Fact
+    x_prime: Fact
+    options: tuple[str, ...]  # includes both answers, in a seeded order
+
+    @property
+    def pair_id(self) -> str:
+        return f"{self.x.fact_id}|{self.x_prime.subject}"
+
+
+COUNTRY_RELATIONS = {
+    # relation: (template, attribute). Plain completions the offline models answer (DESIGN.md section 7).
+    "capital": ("The capital of {} is", lambda c: c.capital),
+    "language": ("The official language of {} is", lambda c: c.language),
+    "region": ("{} is a country in", lambda c: c.region),
+}
+
+
+def country_facts(relations: list[str]) -> list[Fact]:
+    """One fact per country and relation, from countryinfo (countries lacking the attribute skipped)."""
+    unknown = set(relations) - set(COUNTRY_RELATIONS)
+    if unknown:
+        raise ValueError(f"unknown country relations {sorted(unknown)} (known: {', '.join(COUNTRY_RELATIONS)})")
+    facts = []
+    for rel in relations:
+        template, attr = COUNTRY_RELATIONS[rel]
+        facts += [Fact(c.name, rel, template, attr(c)) for c in load_countries() if attr(c)]
+    return facts
+
+
+def load_counterfact(path: str) -> list[Fact]:
+    """Facts from CounterFact's published JSON (a list of records; only `requested_rewrite` is used)."""
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"CounterFact file {file} does not exist (the published counterfact.json)")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(raw, list):
+        raise ValueError(f"{file}: expected a JSON list of CounterFact records, got {type(raw).__name__}")
+    facts = []
+    for n, rec in enumerate(raw):
+        try:
+            rw = rec["requested_rewrite"]
+            template, subject = rw["prompt"], rw["subject"]
+            facts.append(Fact(subject, rw["relation_id"], template, rw["target_true"]["str"].strip()))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{file}: record {n} lacks requested_rewrite field {err}") from None
+        if "{}" not in template:
+            raise ValueError(f"{file}: record {n} prompt {template!r} has no '{{}}' for the subject")
+    if not facts:
+        raise ValueError(f"{file} holds no CounterFact records")
+    return facts
+
+
+def make_pairs(facts: list[Fact], pairs_per_fact: int, n_options: int, seed: int,
+               max_facts: Optional[int] = None) -> list[FactPair]:
+    """Counterfactual pairs: each fact x with `pairs_per_fact` facts x' of the same relation and another
+    answer. Options: both answers plus others of the relation, up to n_options, in a seeded order."""
+    rng = random.Random(seed)
+    by_relation: dict[str, list[Fact]] = defaultdict(list)
+    for fact in facts:
+        by_relation[fact.relation].append(fact)
+    chosen = sorted(facts, key=lambda f: f.fact_id)
+    if max_facts is not None:
+        chosen = sorted(rng.sample(chosen, min(max_facts, len(chosen))), key=lambda f: f.fact_id)
+    pairs = []
+    for x in chosen:
+        others = [f for f in by_relation[x.relation] if f.answer != x.answer and f.subject != x.subject]
+        answers = sorted({f.answer for f in by_relation[x.relation]})
+        for x_prime in rng.sample(others, min(pairs_per_fact, len(others))):
+            extra = [a for a in answers if a not in (x.answer, x_prime.answer)]
+            options = [x.answer, x_prime.answer] + rng.sample(extra, max(0, min(n_options - 2, len(extra))))
+            rng.shuffle(options)
+            pairs.append(FactPair(x, x_prime, tuple(options)))
+    return pairs
