@@ -88,6 +88,8 @@ class EvalConfig(ActorPoolConfig):
     """Score at most this many test records per target (null: all)."""
     untrained: bool = True
     """Also score each explainer before fine-tuning."""
+    no_vector: bool = True
+    """For vector tasks, also score each trained explainer with the vector left out of its prompt."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
     """Baselines to score (see eval/baselines.py)."""
 

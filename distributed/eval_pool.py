@@ -1,7 +1,8 @@
 """Eval stage: Ray evaluator actors run every explainer on every target's test split; the driver scores.
 
 Rows per task and target: each explainer fine-tuned on that target ("trained"), each explainer before
-fine-tuning ("untrained"), and the configured baselines. Each scored cell is saved under
+fine-tuning ("untrained"), for vector tasks the trained explainer with the vector left out of its
+prompt ("no_vector", the paper's check of how much v matters), and the configured baselines. Each scored cell is saved under
 eval/<task>/<target>/<row>.json with a hash of what it depends on, so a rerun skips finished cells.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 from eval.baselines import BASELINES
 from eval.matrix import Cell
 from eval.metrics import score
-from groundtruth.models import ModelSpec, prepare
+from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
 from groundtruth.tasks import TASKS
 from training.export import load_explainer
@@ -26,6 +27,7 @@ from .config import RunConfig
 from .gt_pool import gt_dir
 from .ray_session import torch_threads
 from .train_job import train_jobs
+from training.step import TrainJob
 from .typed_yaml import stable_hash
 
 
@@ -34,10 +36,9 @@ class EvalUnit:
     task: str
     target: str
     row: str
-    kind: str  # trained | untrained
+    kind: str  # trained | no_vector | untrained
     explainer: str
-    spec: ModelSpec  # base model (untrained) or the base the export must come from
-    export_dir: Optional[str]  # trained only
+    job: TrainJob  # the training job of this (task, target, explainer): base model, export, projection
     path: str  # where the scored cell goes
     key: str  # hash of everything the cell depends on
 
@@ -53,13 +54,19 @@ class Evaluator:
     def explain(self, unit: EvalUnit, records: list[Record], fmt: str, max_new_tokens: int, batch_size: int) -> list[str]:
         from eval.generate import explain
         from groundtruth.models import load_model
+        from training.step import job_projection
 
-        if unit.kind == "trained":
-            model, tok = load_explainer(Path(unit.export_dir), {
-                "task": unit.task, "target": unit.target, "explainer_spec": dataclasses.asdict(unit.spec)})
+        job = unit.job
+        if unit.kind == "untrained":
+            model, tok = load_model(job.explainer_spec)
+            projection = None
+            if any(r.vector is not None for r in records):  # start from the same Pi training started from
+                projection = job_projection(job, records, model.config.hidden_size)
         else:
-            model, tok = load_model(unit.spec)
-        return explain(model, tok, records, fmt, max_new_tokens, batch_size)
+            model, tok, projection = load_explainer(job.export_dir, {
+                "task": unit.task, "target": unit.target, "explainer_spec": dataclasses.asdict(job.explainer_spec)})
+        return explain(model, tok, records, fmt, max_new_tokens, batch_size, projection,
+                       with_vector=unit.kind != "no_vector")
 
 
 def test_records(cfg: RunConfig, task: str, target: str) -> list[Record]:
@@ -107,22 +114,23 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
                 cells.append(cell)
             for explainer in cfg.explainers:
                 job = exports[(task, target, explainer)]
-                rows = [("trained", f"{explainer} trained", job.export_dir)]
+                rows = [("trained", f"{explainer} trained")]
+                if TASKS[task].has_vectors and ec.no_vector:
+                    rows.append(("no_vector", f"{explainer} trained, no vector"))
                 if ec.untrained:
-                    rows.append(("untrained", f"{explainer} untrained", None))
-                for kind, row, export in rows:
-                    stamp = (export / "selfexplain.json").read_text() if export else ""
+                    rows.append(("untrained", f"{explainer} untrained"))
+                for kind, row in rows:
+                    stamp = (job.export_dir / "selfexplain.json").read_text() if kind != "untrained" else ""
                     key = stable_hash([data_key, kind, dataclasses.asdict(cfg.models[explainer]), stamp,
-                                       cfg.train.prompt_format])
-                    path = out / f"{row.replace(' ', '_')}.json"
+                                       cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection)])
+                    path = out / f"{row.replace(' ', '_').replace(',', '')}.json"
                     done = _load_cell(path, key)
                     if done:
                         cells.append(done)
                     else:
-                        units.append(EvalUnit(task, target, row, kind, explainer, cfg.models[explainer],
-                                              str(export) if export else None, str(path), key))
+                        units.append(EvalUnit(task, target, row, kind, explainer, job, str(path), key))
     if units:
-        for spec in {u.spec.source: u.spec for u in units}.values():
+        for spec in {u.job.explainer_spec.source: u.job.explainer_spec for u in units}.values():
             prepare(spec)
         actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(Evaluator)
 

@@ -5,7 +5,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
-from eval.matrix import build_matrix, write_matrix
+from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
 from groundtruth.models import describe
 from groundtruth.tasks import TASKS
@@ -32,9 +32,21 @@ def collect_label_stats(cfg: RunConfig) -> dict:
     return stats
 
 
+def collect_projection_errors(cfg: RunConfig) -> dict:
+    """lstsq fit errors of the exported explainers: task -> 'explainer<-target' -> key -> errors."""
+    errors: dict = {}
+    for job in train_jobs(cfg):
+        meta = job.export_dir / "selfexplain.json"
+        if meta.exists():
+            projection = json.loads(meta.read_text()).get("projection") or {}
+            if projection.get("fit_error"):
+                errors.setdefault(job.task, {})[f"{job.explainer}<-{job.target}"] = projection["fit_error"]
+    return errors
+
+
 def eval_and_matrix(cfg: RunConfig) -> dict:
     cells = run_eval_stage(cfg)
-    matrix = build_matrix(cells, collect_label_stats(cfg))
+    matrix = add_projection_errors(build_matrix(cells, collect_label_stats(cfg)), collect_projection_errors(cfg))
     write_matrix(cfg.run_dir / "matrix.json", matrix)
     return matrix
 

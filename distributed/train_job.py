@@ -6,7 +6,7 @@ from pathlib import Path
 
 from groundtruth.models import prepare
 from training.export import export_matches
-from training.step import TrainJob, run_training
+from training.step import TrainJob, prefit_projection, run_training
 
 from .config import RunConfig
 from .gt_pool import gt_dir
@@ -22,7 +22,8 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
     return [
         TrainJob(task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
                  data_dir=str(gt_dir(cfg, task, target) / "train"),
-                 out_dir=str(explainer_dir(cfg, task, target, explainer)), train=cfg.train, seed=cfg.seed)
+                 out_dir=str(explainer_dir(cfg, task, target, explainer)), train=cfg.train, seed=cfg.seed,
+                 target_spec=cfg.models[target])
         for task in cfg.tasks.enabled() for target in cfg.targets for explainer in cfg.explainers
     ]
 
@@ -66,6 +67,7 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
             print(f"[train] {job.task}: {job.explainer} on {job.target} already exported, skipping", flush=True)
         else:
             prepare(job.explainer_spec)
+            prefit_projection(job)
             print(f"[train] {job.task}: {job.explainer} on {job.target} "
                   f"({'Ray Train, ' + str(job.train.num_workers) + ' workers' if job.train.use_ray else 'in-process'}, "
                   f"ZeRO-{job.train.zero_stage})", flush=True)

@@ -14,7 +14,7 @@ HEADLINE = "exact_match"  # the metric the heatmap and summary scalars show
 class Cell:
     task: str
     row: str  # e.g. "smollm2 trained", "gemma untrained", "majority"
-    kind: str  # trained | untrained | baseline
+    kind: str  # trained | no_vector | untrained | baseline
     explainer: str  # model name, or the baseline's name
     target: str
     metrics: dict
@@ -31,11 +31,19 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
         task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "label_stats": label_stats.get(cell.task, {})})
         if cell.target not in task["targets"]:
             task["targets"].append(cell.target)
-    kind_order = {"trained": 0, "untrained": 1, "baseline": 2}  # row order: trained, untrained, baselines
+    kind_order = {"trained": 0, "no_vector": 1, "untrained": 2, "baseline": 3}  # row order
     for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, 3), c.row)):
         row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
     return {"headline_metric": HEADLINE, "tasks": tasks}
+
+
+def add_projection_errors(matrix: dict, errors: dict) -> dict:
+    """Attach lstsq fit errors (task -> 'explainer<-target' -> key -> errors) to matrix.json."""
+    for task, table in matrix["tasks"].items():
+        if errors.get(task):
+            table["projection_fit_error"] = errors[task]
+    return matrix
 
 
 def write_matrix(path: Path, matrix: dict) -> None:

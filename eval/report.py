@@ -61,6 +61,12 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
         n = {t: next(iter(r["cells"].get(t, {"n": 0})["n"] for r in table["rows"].values() if t in r["cells"]), 0)
              for t in table["targets"]}
         lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in n.items()), ""]
+        for pair, keys in table.get("projection_fit_error", {}).items():
+            errors = "; ".join(f"layers {k}: {e['fit']:.3f} fit / {e.get('heldout', float('nan')):.3f} held out"
+                               for k, e in keys.items())
+            lines += [f"- lstsq projection {pair}, relative error ||h_E - Pi h_M|| / ||h_E||: {errors}"]
+        if table.get("projection_fit_error"):
+            lines.append("")
         for target, stats in table.get("label_stats", {}).items():
             lines += [f"### labels of target {target}", ""]
             for split, s in stats.items():
@@ -70,7 +76,8 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
                 top = ", ".join(f"{o!r} x{c}" for o, c in s["top_outputs_after"][:5])
                 lines += [f"- {split}: {s['count']} records, changed rate {s['changed_rate']:.2f}, majority "
                           f"{s['majority_rate']:.2f}; accuracy of predicting 'changed' from one field alone: "
-                          f"{rules}; top outputs after ablation: {top}"]
+                          f"{rules}; top outputs after the intervention: {top}"
+                          + (f"; largest (token type, block) cell {s['largest_cell_share']:.2f}" if "cells" in s else "")]
             lines.append("")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -1,7 +1,8 @@
 """Prompt rendering and batched greedy generation, shared by ground truth and explainer eval."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
@@ -51,11 +52,14 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int = 16,
     use_cache: bool = True,
+    batch_context: Optional[Callable[[list[int]], AbstractContextManager]] = None,
+    suppress_tokens: Sequence[int] = (),
 ) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of token-id prompts, in input order.
 
     Prompts are sorted by length before batching so a batch pads little; the KV cache makes each new
-    token cost one position instead of the whole prefix.
+    token cost one position instead of the whole prefix. batch_context(rows) wraps the generation of
+    the prompts `rows` (vector injection uses it); suppress_tokens are never generated.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
@@ -63,19 +67,26 @@ def greedy_generate(
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         input_ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id)
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            use_cache=use_cache,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with batch_context(rows) if batch_context else nullcontext():
+            generated = _generate(model, tokenizer, input_ids.to(device), mask.to(device), max_new_tokens,
+                                  use_cache, list(suppress_tokens) or None)
         new_tokens = generated[:, input_ids.shape[1]:]
         for row, ids in zip(rows, new_tokens):
             outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
     return outputs
+
+
+def _generate(model, tokenizer, input_ids, mask, max_new_tokens, use_cache, suppress):
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        use_cache=use_cache,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        suppress_tokens=suppress,
+    )

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import Intervention, layer_blocks, layer_states, patch_fast, patch_slow
+from groundtruth.patching import Intervention, block_vector, layer_blocks, layer_states, patch_fast, patch_slow
 
 
 def test_blocks_are_contiguous_and_cover_every_layer():
@@ -38,3 +38,98 @@ def test_fast_patcher_gives_the_reference_labels(arch):
         assert clean_fast == clean_slow and fast == slow
         changed += sum(token != clean_slow for token in slow)
     assert changed > 0, "the check is only meaningful if some patch changes the output"
+
+
+# ---------------------------------------------------------------- the ground-truth task
+import json  # noqa: E402
+
+from groundtruth.dataset import balance  # noqa: E402
+from groundtruth.patching_task import PatchingConfig, align, encode_side, run_patching  # noqa: E402
+from groundtruth.records import Record  # noqa: E402
+from groundtruth.sources.facts import Fact, FactPair, load_counterfact, make_pairs  # noqa: E402
+
+PAIR = FactPair(Fact("France", "capital", "The capital of {} is", "Paris"),
+                Fact("Spain", "capital", "The capital of {} is", "Madrid"), ("Madrid", "Paris", "Rome"))
+
+
+def test_token_types_and_alignment_follow_the_documented_rule(tiny):
+    _, tok = tiny  # byte tokenizer: one token per character after <s>
+    cfg = PatchingConfig()
+    x, xp = encode_side(tok, cfg, PAIR, PAIR.x), encode_side(tok, cfg, PAIR, PAIR.x_prime)
+    text = "The capital of France is"
+    assert len(x.ids) == 1 + len(text) and x.token_types[0] == "other"  # <s>
+    first, last = 1 + text.index("France"), text.index("France") + len("France")
+    assert x.subject == (first, last) and x.token_types[last] == "subject_final"
+    assert all(x.token_types[t] == "other" for t in range(first, last))  # non-final subject tokens
+    assert all(x.token_types[t] == "relation" for t in range(1, first)) and x.token_types[-1] == "relation"
+    assert align(last, x, xp) == xp.subject[1], "subject-final aligns with subject-final"
+    assert align(len(x.ids) - 1, x, xp) == len(xp.ids) - 1, "the last token aligns with the last"
+    assert align(3, x, xp) == 3, "tokens before the subject align by index"
+    assert align(first + 2, x, xp) == xp.subject[1] - (last - first - 2)  # counted back from the subject's end
+    assert align(first, x, xp) == xp.subject[0], "clipped at the shorter subject's first token"
+
+
+def test_forced_choice_prompts_type_the_options(tiny):
+    _, tok = tiny
+    cfg = PatchingConfig(prompt_format="forced_choice")
+    x = encode_side(tok, cfg, PAIR, PAIR.x)
+    assert "Respond with one of Madrid or Paris or Rome or unknown" in x.text
+    kinds = {t for t in x.token_types}
+    assert {"original_option", "new_option", "other_option", "subject_final", "relation"} <= kinds
+    paris = x.text.index("Paris")
+    assert x.token_types[1 + paris] == "original_option" and x.token_types[1 + x.text.index("Madrid")] == "new_option"
+
+
+def test_patching_records_match_the_hooked_reference(tiny):
+    model, tok = tiny
+    cfg = PatchingConfig(num_blocks=2)
+    pair = make_pairs([PAIR.x, PAIR.x_prime], 1, 2, seed=0)[0]
+    records = run_patching(model, tok, [type("Item", (), {"source_id": "s", "pair": pair})()], cfg, "t",
+                           lambda s: "train")
+    x, xp = encode_side(tok, cfg, pair, pair.x), encode_side(tok, cfg, pair, pair.x_prime)
+    assert len(records) == 2 * len(x.ids)
+    blocks = layer_blocks(len(model.model.layers), 2)
+    interventions = [Intervention(b, t, align(t, x, xp)) for b in range(2) for t in range(len(x.ids))]
+    clean, slow = patch_slow(model, x.ids, xp.ids, blocks, interventions)
+    source = layer_states(model, xp.ids)
+    for rec, iv, token in zip(records, interventions, slow):
+        assert rec.output_before == tok.decode([clean]).strip() and rec.output_after == tok.decode([token]).strip()
+        assert rec.changed == (rec.output_after != rec.output_before)
+        assert rec.layers == blocks[iv.block] and rec.query["position"] == iv.position
+        assert torch.allclose(torch.from_numpy(rec.vector), block_vector(source, blocks[iv.block], iv.source_position))
+        assert rec.token_type == x.token_types[iv.position]
+
+
+def test_counterfact_loader_reads_the_published_format(tmp_path):
+    def record(case, subject, prompt, true):
+        return {"case_id": case, "requested_rewrite": {"prompt": prompt, "relation_id": "P36", "subject": subject,
+                                                       "target_new": {"str": "X"}, "target_true": {"str": " " + true}},
+                "paraphrase_prompts": [], "neighborhood_prompts": []}
+    path = tmp_path / "counterfact.json"
+    path.write_text(json.dumps([record(0, "France", "The capital of {} is", "Paris"),
+                                record(1, "Spain", "The capital of {} is", "Madrid"),
+                                record(2, "Italy", "{}'s capital is", "Rome")]))
+    facts = load_counterfact(str(path))
+    assert [f.answer for f in facts] == ["Paris", "Madrid", "Rome"] and facts[2].text == "Italy's capital is"
+    pairs = make_pairs(facts, pairs_per_fact=2, n_options=3, seed=0)
+    assert len(pairs) == 6
+    for p in pairs:
+        assert p.x.relation == p.x_prime.relation and p.x.subject != p.x_prime.subject
+        assert {p.x.answer, p.x_prime.answer} <= set(p.options) and len(p.options) == 3
+    path.write_text(json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is"}}]))
+    with pytest.raises(ValueError, match="record 0 lacks requested_rewrite field 'subject'"):
+        load_counterfact(str(path))
+
+
+def test_balancing_spreads_each_class_over_cells():
+    def rec(i, cell, changed):
+        return Record(f"r{i:04d}", "activation_patching", "t", "train", "s", "p", "q", "e", changed, "a", "b",
+                      query={"block": "0"}, token_type=cell)
+    # "relation" dominates both classes 4 to 1
+    records = [rec(i, "relation" if i % 10 > 1 else "subject_final", i % 2 == 0) for i in range(400)]
+    cell_of = lambda r: r.token_type  # noqa: E731
+    plain = balance(records, 0.5, seed=0, cap=40)
+    spread = balance(records, 0.5, seed=0, cap=40, cell_of=cell_of)
+    share = lambda rs: sum(r.token_type == "relation" for r in rs) / len(rs)  # noqa: E731
+    assert len(spread) == 40 and sum(r.changed for r in spread) == 20
+    assert share(spread) == 0.5 < share(plain)

@@ -1,5 +1,6 @@
-"""The whole pipeline on tiny models through the real machinery: Ray actor pool (2 actors, one killed
-mid-shard), Ray Train + DeepSpeed ZeRO-2 (2 workers), Ray evaluators, report and offline W&B."""
+"""The whole pipeline on tiny models through the real machinery, both causal tasks: Ray actor pool
+(2 actors, one killed mid-shard), Ray Train + DeepSpeed ZeRO-2 (2 workers), Ray evaluators, report and
+offline W&B. Explainer b is wider than target a, so its patching explainer reads vectors through Pi."""
 import json
 import tempfile
 from collections import Counter
@@ -19,10 +20,12 @@ CONFIG = {
     "models": {"a": {"source": "tiny-llama:hidden=32,layers=2"}, "b": {"source": "tiny-llama:hidden=48,layers=2,seed=1"}},
     "targets": ["a"],
     "explainers": ["a", "b"],
-    "tasks": {"input_ablation": {"max_sources": 12, "test_fraction": 0.3, "max_new_tokens": 3, "span": {"answer_pattern": "\\S+"}}},
+    "tasks": {"input_ablation": {"max_sources": 12, "test_fraction": 0.3, "max_new_tokens": 3, "span": {"answer_pattern": "\\S+"}},
+              "activation_patching": {"max_facts": 8, "relations": ["capital"], "num_blocks": 2, "test_fraction": 0.3,
+                                      "max_train_records": 24, "max_test_records": 8}},
     "groundtruth": {"actors": 2, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
     "train": {"num_workers": 2, "worker_cpus": 0.5, "zero_stage": 2, "max_steps": 4, "micro_batch_size": 2,
-              "checkpoint_every": 2, "log_every": 2},
+              "checkpoint_every": 2, "log_every": 2, "projection": {"fit_texts": 40}},
     "eval": {"max_examples": 6, "max_new_tokens": 8, "actors": 2, "actor_cpus": 0.5},
     "ray": {"num_cpus": 4},
 }
@@ -58,8 +61,8 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     assert json.loads((gt / "label_stats.json").read_text())["raw"]["count"] == len(expected)
 
     # two explainers trained through Ray Train with 2 workers each, exported
-    for name in ("a_on_a", "b_on_a"):
-        export = cfg.run_dir / "explainers" / "input_ablation" / name / "export"
+    for name in ("input_ablation/a_on_a", "input_ablation/b_on_a", "activation_patching/a_on_a", "activation_patching/b_on_a"):
+        export = cfg.run_dir / "explainers" / name / "export"
         meta = json.loads((export / "selfexplain.json").read_text())
         assert meta["steps"] == 4
         log = (export.parent / "train_log.jsonl").read_text().splitlines()
@@ -71,6 +74,18 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     assert rows["a trained"]["cells"]["a"]["self"] and not rows["b trained"]["cells"]["a"]["self"]
     assert all(0.0 <= r["cells"]["a"]["exact_match"] <= 1.0 for r in rows.values())
     assert (cfg.run_dir / "report.md").exists() and (cfg.run_dir / "heatmap_input_ablation.png").exists()
+
+    # activation patching: vectors in the shards, no-vector rows, the cross explainer through a fitted Pi
+    patching = matrix["tasks"]["activation_patching"]
+    assert set(patching["rows"]) == {"a trained", "a trained, no vector", "a untrained", "b trained",
+                                     "b trained, no vector", "b untrained", "majority"}
+    test = list(iter_records(cfg.run_dir / "groundtruth" / "activation_patching" / "a" / "test"))
+    assert test and all(r.vector.shape == (32,) and r.layers and r.token_type for r in test)
+    assert list(patching["projection_fit_error"]) == ["b<-a"]
+    cross = cfg.run_dir / "explainers" / "activation_patching" / "b_on_a" / "export"
+    assert (cross / "projection.pt").exists()
+    assert json.loads((cross / "selfexplain.json").read_text())["projection"]["kind"] == "lstsq"
+    assert "lstsq projection b<-a" in (cfg.run_dir / "report.md").read_text()
     assert list((cfg.run_dir / "wandb").glob("offline-run-*"))
     assert (cfg.run_dir / "config.resolved.yaml").exists()
 

@@ -16,12 +16,14 @@ from training.step import TrainConfig, TrainJob, micro_batch_order, run_training
 def test_labels_cover_exactly_the_explanation_and_eos(tiny):
     _, tok = tiny
     rec = make_records(1)[0]
-    ids, labels = encode_example(tok, rec, "plain", max_len=512)
+    example = encode_example(tok, rec, "plain", max_len=512)
+    ids, labels = example.ids, example.labels
     answer = tok(rec.explanation, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     kept = [lab for lab in labels if lab != IGNORE]
     assert kept == answer and ids[-len(answer):] == answer
     assert all(lab == IGNORE for lab in labels[: len(ids) - len(answer)])
-    short_ids, short_labels = encode_example(tok, rec, "plain", max_len=len(answer) + 5)
+    short = encode_example(tok, rec, "plain", max_len=len(answer) + 5)
+    short_ids, short_labels = short.ids, short.labels
     assert len(short_ids) == len(answer) + 5 and [x for x in short_labels if x != IGNORE] == answer
 
 
@@ -62,7 +64,8 @@ def test_training_learns_exports_and_resumes(tmp_path, stage):
     log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
     assert first["steps"] == 10 and log[-1]["loss"] < log[0]["loss"] * 0.9
     assert export_matches(job)
-    model, _ = load_explainer(job.export_dir, {"task": "input_ablation", "target": "t"})
+    model, _, projection = load_explainer(job.export_dir, {"task": "input_ablation", "target": "t"})
+    assert projection is None, "a text-only task exports no projection"
     assert model.config.hidden_size == 32
     # resume: a longer run starts from the step-10 checkpoint, not from scratch
     longer = make_job(tmp_path, max_steps=15, zero_stage=stage, keep_checkpoints_after_export=True)

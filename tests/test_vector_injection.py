@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from training.explainer import Projection, add_vector_tokens, projected_inputs
+from training.explainer import Projection, add_vector_tokens, key_layers, projected_inputs, vector_key
 
 
 @pytest.fixture()
@@ -39,11 +39,11 @@ def test_vector_is_at_vec_position_and_nowhere_else(explainer, kind):
     texts = [f"Layer 1: {ids.text} means", f"x {ids.text}"]
     batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
     vectors = torch.randn(2, 32)
-    projection = Projection(kind, [1], 32, 32)
-    embeds = projected_inputs(model, projection, batch, ids.vec, vectors, torch.tensor([1, 1]))
+    projection = Projection(kind, ["1"], 32, 32)
+    embeds = projected_inputs(model, projection, batch, ids.vec, vectors, ["1", "1"])
     hidden = _first_layer_input(model, embeds)  # what the first decoder layer receives
     plain = model.get_input_embeddings()(batch)
-    expected = projection(vectors, torch.tensor([1, 1]))
+    expected = projection(vectors, ["1", "1"])
     if kind == "none":
         assert torch.equal(expected, vectors)
     at_vec = batch == ids.vec
@@ -55,10 +55,10 @@ def test_gradients_reach_a_trainable_projection_only(explainer):
     model, tok, ids = explainer
     batch = tok([f"{ids.text} is"], add_special_tokens=False, return_tensors="pt")["input_ids"]
     for trainable in (True, False):
-        projection = Projection("random", [0, 4], 48, 32, trainable=trainable)
-        embeds = projected_inputs(model, projection, batch, ids.vec, torch.randn(1, 48), torch.tensor([4]))
+        projection = Projection("random", ["0", "4-7"], 48, 32, trainable=trainable)
+        embeds = projected_inputs(model, projection, batch, ids.vec, torch.randn(1, 48), ["4-7"])
         model(inputs_embeds=embeds).logits.sum().backward()
-        grad = projection.maps["4"].grad
+        grad = projection.maps["4-7"].grad
         assert (grad is not None and grad.abs().sum() > 0) if trainable else grad is None
         assert projection.maps["0"].grad is None, "an unused layer's map gets no gradient"
         model.zero_grad()
@@ -66,14 +66,30 @@ def test_gradients_reach_a_trainable_projection_only(explainer):
 
 def test_mismatched_sizes_need_a_projection():
     with pytest.raises(ValueError, match="cannot map target hidden size 48 to explainer hidden size 32"):
-        Projection("none", [0], 48, 32)
+        Projection("none", ["0"], 48, 32)
 
 
 def test_lstsq_recovers_a_linear_map():
     true = torch.randn(32, 48, dtype=torch.float64)  # [d_e, d_t]
     h_target = torch.randn(500, 48, dtype=torch.float64)
     h_explainer = h_target @ true.T + 1e-3 * torch.randn(500, 32, dtype=torch.float64)
-    projection = Projection("lstsq", [2], 48, 32)
-    error = projection.fit(2, h_target.float(), h_explainer.float())
-    assert error < 1e-2 and projection.fit_error[2] == error
+    projection = Projection("lstsq", ["2"], 48, 32)
+    error = projection.fit("2", h_target.float(), h_explainer.float())
+    assert error < 1e-2 and projection.fit_error["2"]["fit"] == error
     assert torch.allclose(projection.maps["2"].double(), true, atol=1e-2)
+
+
+def test_projection_round_trips_through_its_file(tmp_path):
+    projection = Projection("random", ["0-3", "4-7"], 48, 32)
+    projection.fit_error["0-3"] = {"fit": 0.5}
+    projection.save(tmp_path / "projection.pt")
+    loaded = Projection.load(tmp_path / "projection.pt")
+    assert loaded.keys == ["0-3", "4-7"] and loaded.fit_error == {"0-3": {"fit": 0.5}}
+    vectors = torch.randn(3, 48)
+    assert torch.equal(loaded(vectors, ["0-3", "4-7", "0-3"]), projection(vectors, ["0-3", "4-7", "0-3"]))
+    assert not any(p.requires_grad for p in loaded.parameters()), "a loaded projection is frozen unless asked"
+
+
+def test_vector_keys_name_layers_and_blocks():
+    assert vector_key([5]) == "5" and vector_key(list(range(8, 16))) == "8-15"
+    assert key_layers("8-15") == list(range(8, 16)) and key_layers("5") == [5]

@@ -2,57 +2,96 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from groundtruth.generation import PromptFormat, render_prompt
 from groundtruth.records import Record
+
+from .explainer import SPECIAL_TOKENS, vector_key
 
 IGNORE = -100  # label value cross-entropy skips
 
 TEMPLATES: dict[str, list[str]] = {
     # task -> templates; one is picked per record (by a hash of its id, so the choice is stable)
     "input_ablation": ["{prompt}\n\n{question}"],
+    # the paper's inputs for task B: v as the soft token, the block's layers, the patched token, the text
+    "activation_patching": [
+        "At layers {layers}, the hidden state of token {position} ({token!r}) of the input below is replaced "
+        "by {vec}.\nInput: {prompt}\nHow would the output change?",
+        "Input: {prompt}\nIf {vec} were patched into {token!r} (token {position}) at layers {layers}, how would "
+        "the model's next word change?",
+        "{vec} is written over the residual stream of {token!r}, position {position}, in layers {layers} "
+        "while the model reads: {prompt}\nWhat does the model output now?",
+    ],
 }
-"""Explainer prompt templates per task. Fields: {prompt} (the target's input), {question}."""
+"""Explainer prompt templates per task, one picked per record. Fields: {prompt} (the target's input),
+{question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
+left out of the prompt), {layers}, {token}, {position}."""
 
 
-def explainer_text(record: Record) -> str:
+def explainer_text(record: Record, with_vector: bool = True) -> str:
     """The explainer's question about a record, as plain text."""
     templates = TEMPLATES.get(record.task)
     if not templates:
         raise KeyError(f"no explainer templates for task {record.task!r} (known: {', '.join(TEMPLATES)})")
     pick = int(hashlib.sha256(record.record_id.encode()).hexdigest(), 16) % len(templates)
-    return templates[pick].format(prompt=record.prompt, question=record.question)
+    layers = f"{record.layers[0]}-{record.layers[-1]}" if record.layers else ""
+    return templates[pick].format(prompt=record.prompt, question=record.question,
+                                  vec="".join(SPECIAL_TOKENS) if with_vector and record.vector is not None else "",
+                                  layers=layers, token=record.query.get("token", ""),
+                                  position=record.query.get("position", ""))
 
 
-def encode_prompt(tokenizer, record: Record, fmt: PromptFormat) -> list[int]:
+def encode_prompt(tokenizer, record: Record, fmt: PromptFormat, with_vector: bool = True) -> list[int]:
     """Token ids the explainer sees, ending where its answer starts (what eval generates from)."""
-    return render_prompt(tokenizer, explainer_text(record), fmt)
+    return render_prompt(tokenizer, explainer_text(record, with_vector), fmt)
 
 
-def encode_example(tokenizer, record: Record, fmt: PromptFormat, max_len: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) for one record: labels are the explanation tokens plus EOS, IGNORE elsewhere.
+@dataclass
+class Example:
+    """One training example: token ids, labels, and the vector its [vec] token stands for (if any)."""
 
-    A prompt too long for max_len loses tokens from its start; the explanation is never cut.
+    ids: list[int]
+    labels: list[int]
+    vector: Optional[np.ndarray] = None  # [d_target]
+    key: Optional[str] = None  # vector_key of the vector's target layers
+
+
+def encode_example(tokenizer, record: Record, fmt: PromptFormat, max_len: int) -> Example:
+    """One record as an Example: labels are the explanation tokens plus EOS, IGNORE elsewhere.
+
+    A prompt too long for max_len loses tokens from its start; the explanation is never cut (nor may
+    the cut reach the [vec] token).
     """
     prompt = encode_prompt(tokenizer, record, fmt)
     answer = tokenizer(record.explanation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(answer) >= max_len:
         raise ValueError(f"record {record.record_id}: explanation alone is {len(answer)} tokens, max_seq_len is {max_len}")
-    prompt = prompt[max(0, len(prompt) + len(answer) - max_len):]
-    return prompt + answer, [IGNORE] * len(prompt) + answer
+    cut = max(0, len(prompt) + len(answer) - max_len)
+    if record.vector is not None and tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[1]) in prompt[:cut]:
+        raise ValueError(f"record {record.record_id}: max_seq_len {max_len} would cut the [vec] token from the prompt")
+    prompt = prompt[cut:]
+    key = vector_key(record.layers) if record.vector is not None else None
+    return Example(prompt + answer, [IGNORE] * len(prompt) + answer, record.vector, key)
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, each [B, T]."""
-    width = max(len(ids) for ids, _ in examples)
+def collate(examples: Sequence[Example], pad_id: int) -> dict:
+    """Right-padded batch: input_ids, attention_mask, labels, each [B, T]; for vector tasks also
+    vectors [B, d_target] and vector_keys [B]."""
+    width = max(len(e.ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(labs)] = torch.tensor(labs)
-        mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    for row, e in enumerate(examples):
+        input_ids[row, :len(e.ids)] = torch.tensor(e.ids)
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+        mask[row, :len(e.ids)] = 1
+    batch: dict = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if any(e.vector is not None for e in examples):
+        batch["vectors"] = torch.from_numpy(np.stack([e.vector for e in examples if e.vector is not None]))
+        batch["vector_keys"] = [e.key for e in examples if e.vector is not None]
+    return batch

@@ -6,8 +6,10 @@ projection maps the target's hidden size to the explainer's (DESIGN.md section 2
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -42,15 +44,50 @@ def add_vector_tokens(model, tokenizer) -> VectorTokens:
 ProjectionKind = Literal["none", "random", "lstsq"]
 
 
+@dataclass
+class ProjectionConfig:
+    """How a target's vectors reach an explainer's embedding space (Pi, per target layer or block)."""
+
+    self_kind: ProjectionKind = "none"
+    """Pi for self-explainers (explainer == target): the paper feeds v unchanged."""
+    cross_kind: ProjectionKind = "lstsq"
+    """Pi for cross-model explainers: 'lstsq' (fitted on paired hidden states, the paper's better
+    choice), 'random' (trained jointly), or 'none' (needs equal hidden sizes)."""
+    trainable: Optional[bool] = None
+    """Whether Pi is trained with the explainer; null: trained for 'random', frozen for 'lstsq'."""
+    fit_corpus: str = "countries"
+    """Text the lstsq fit reads: 'countries' (sentences built from countryinfo) or a .txt file path
+    (one passage per line)."""
+    fit_texts: int = 400
+    """Passages read for the fit; a fifth of them are held out to report the fit's error."""
+
+    def kind_for(self, explainer: str, target: str) -> ProjectionKind:
+        return self.self_kind if explainer == target else self.cross_kind
+
+    def is_trainable(self, kind: ProjectionKind) -> bool:
+        return kind == "random" if self.trainable is None else self.trainable
+
+
+def vector_key(layers: list[int]) -> str:
+    """Name of the target layers a vector comes from: '12' for one layer, '0-7' for a block."""
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
+def key_layers(key: str) -> list[int]:
+    """Inverse of vector_key."""
+    first, _, last = key.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
 class Projection(nn.Module):
-    """Per-target-layer linear maps Pi_l: d_target -> d_explainer, no bias.
+    """Per-target-layer (or per-block) linear maps Pi: d_target -> d_explainer, no bias.
 
     kind 'none' is the identity and needs equal hidden sizes; 'random' starts from a scaled random
     matrix; 'lstsq' is fitted with `fit` from paired hidden states. Applied whenever configured, even
     when the sizes happen to match (the paper's code silently skipped it then).
     """
 
-    def __init__(self, kind: ProjectionKind, layers: list[int], d_target: int, d_explainer: int,
+    def __init__(self, kind: ProjectionKind, keys: list[str], d_target: int, d_explainer: int,
                  trainable: bool = True, seed: int = 0):
         super().__init__()
         if kind == "none" and d_target != d_explainer:
@@ -58,61 +95,105 @@ class Projection(nn.Module):
                 f"projection kind 'none' cannot map target hidden size {d_target} to explainer hidden size "
                 f"{d_explainer}; use kind 'random' or 'lstsq'"
             )
-        self.kind, self.layers = kind, list(layers)
+        self.kind, self.keys = kind, [str(k) for k in keys]
+        self.d_target, self.d_explainer = d_target, d_explainer
         self.maps = nn.ParameterDict()
         if kind != "none":
             gen = torch.Generator().manual_seed(seed)
-            for layer in self.layers:
+            for key in self.keys:
                 weight = torch.randn(d_explainer, d_target, generator=gen) / d_target ** 0.5  # [d_e, d_t]
-                self.maps[str(layer)] = nn.Parameter(weight, requires_grad=trainable)
-        self.fit_error: dict[int, float] = {}
+                self.maps[key] = nn.Parameter(weight, requires_grad=trainable)
+        self.fit_error: dict[str, dict[str, float]] = {}
 
-    def forward(self, vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
-        """vectors [N, d_target], layers [N] (target layer of each vector) -> [N, d_explainer]."""
+    def forward(self, vectors: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """vectors [N, d_target], keys [N] (vector_key of each vector's layers) -> [N, d_explainer]."""
         if self.kind == "none":
             return vectors
-        out = []
-        for vector, layer in zip(vectors, layers.tolist()):
-            if str(layer) not in self.maps:
-                raise KeyError(f"no projection for target layer {layer} (have {self.layers})")
-            weight = self.maps[str(layer)]
-            out.append(weight @ vector.to(weight.dtype))
+        missing = sorted(set(keys) - set(self.maps.keys()))
+        if missing:
+            raise KeyError(f"no projection for target layers {missing} (have {self.keys})")
+        out = [self.maps[key] @ vector.to(self.maps[key].dtype) for vector, key in zip(vectors, keys)]
         return torch.stack(out)
 
     @torch.no_grad()
-    def fit(self, layer: int, h_target: torch.Tensor, h_explainer: torch.Tensor) -> float:
-        """Least-squares fit of Pi_layer from paired hidden states: min ||h_E - Pi h_M||^2.
+    def fit(self, key: str, h_target: torch.Tensor, h_explainer: torch.Tensor) -> float:
+        """Least-squares fit of Pi_key from paired hidden states: min ||h_E - Pi h_M||^2.
 
         h_target [N, d_target], h_explainer [N, d_explainer] (same tokens of the same text). Returns the
-        relative fit error ||h_E - Pi h_M|| / ||h_E||, also kept in `fit_error`.
+        relative fit error ||h_E - Pi h_M|| / ||h_E||, also kept in fit_error[key]['fit'].
         """
         solution = torch.linalg.lstsq(h_target.double(), h_explainer.double()).solution  # [d_t, d_e]
-        weight = self.maps[str(layer)]
+        weight = self.maps[key]
         weight.copy_(solution.T.to(weight.dtype))
-        residual = h_explainer.double() - h_target.double() @ solution
-        error = (residual.norm() / h_explainer.double().norm()).item()
-        self.fit_error[layer] = error
+        error = self.error(key, h_target, h_explainer)
+        self.fit_error.setdefault(key, {})["fit"] = error
         return error
+
+    @torch.no_grad()
+    def error(self, key: str, h_target: torch.Tensor, h_explainer: torch.Tensor) -> float:
+        """Relative error ||h_E - Pi h_M|| / ||h_E|| of Pi_key on paired states (e.g. held-out text)."""
+        predicted = h_target.double() @ self.maps[key].double().T
+        return ((h_explainer.double() - predicted).norm() / h_explainer.double().norm()).item()
+
+    def save(self, path: Path) -> None:
+        """Weights and settings in one file (torch.load(weights_only=True) reads it back)."""
+        torch.save({"kind": self.kind, "keys": self.keys, "d_target": self.d_target, "d_explainer": self.d_explainer,
+                    "maps": {k: v.detach().float().cpu() for k, v in self.maps.items()},
+                    "fit_error": self.fit_error}, path)
+
+    @classmethod
+    def load(cls, path: Path, trainable: bool = False) -> "Projection":
+        saved = torch.load(path, weights_only=True)
+        projection = cls(saved["kind"], saved["keys"], saved["d_target"], saved["d_explainer"], trainable=trainable)
+        with torch.no_grad():
+            for key, weight in saved["maps"].items():
+                projection.maps[key].copy_(weight)
+        projection.fit_error = saved["fit_error"]
+        return projection
+
+
+@contextmanager
+def injecting(model, vec_id: int, vectors: Optional[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the input embedding at every `[vec]` token is replaced by its vector.
+
+    vectors [B', d] lists the vectors of the batch's `[vec]` tokens in row order (one per row that has
+    one). A forward hook on the embedding layer does it, so training, plain forwards and generate()
+    (whose later steps see no `[vec]`) all go through the same code. No scaling: the vector is only
+    cast. Gemma scales token embeddings inside its embedding module; the soft token replaces the result.
+    """
+    if vectors is None:
+        yield
+        return
+
+    def replace(module, args, output):
+        input_ids = args[0] if args else None
+        if input_ids is None:
+            return output
+        positions = input_ids == vec_id
+        found = int(positions.sum())
+        if found == 0:  # a generation step after the prompt
+            return output
+        if found != vectors.shape[0]:
+            raise ValueError(f"{found} [vec] tokens in the batch but {vectors.shape[0]} vectors")
+        output = output.clone()
+        output[positions] = vectors.to(output.dtype)
+        return output
+
+    handle = model.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def inject(model, input_ids: torch.Tensor, vec_id: int, vectors: torch.Tensor) -> torch.Tensor:
-    """Input embeddings [B, T, d] with the embedding at every `[vec]` token replaced by its vector.
-
-    input_ids [B, T] holds one `[vec]` per row that has a vector; vectors [B', d] lists them in row
-    order (B' = number of `[vec]` tokens). No scaling or normalisation: the vector is only cast.
-    """
-    embeds = model.get_input_embeddings()(input_ids)  # [B, T, d]
-    # Gemma scales token embeddings inside its embedding module; the soft token replaces the result.
-    positions = input_ids == vec_id
-    if int(positions.sum()) != vectors.shape[0]:
-        raise ValueError(f"{int(positions.sum())} [vec] tokens in the batch but {vectors.shape[0]} vectors")
-    embeds = embeds.clone()
-    embeds[positions] = vectors.to(embeds.dtype)
-    return embeds
+    """Input embeddings [B, T, d] with the embedding at every `[vec]` token replaced by its vector."""
+    with injecting(model, vec_id, vectors):
+        return model.get_input_embeddings()(input_ids)
 
 
 def projected_inputs(model, projection: Optional[Projection], input_ids: torch.Tensor, vec_id: int,
-                     vectors: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+                     vectors: torch.Tensor, keys: list[str]) -> torch.Tensor:
     """Embeddings with Pi v (or v when there is no projection) at the `[vec]` positions."""
-    mapped = projection(vectors, layers) if projection is not None else vectors
+    mapped = projection(vectors, keys) if projection is not None else vectors
     return inject(model, input_ids, vec_id, mapped)

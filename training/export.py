@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .step import TrainJob
 
 METADATA = "selfexplain.json"
+PROJECTION = "projection.pt"  # Pi, next to the weights, for explainers of vector tasks
 
 
 class CheckpointMismatch(ValueError):
@@ -34,11 +35,12 @@ def job_identity(job: "TrainJob") -> dict:
 
 def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, steps: int) -> Path:
     """Write job.export_dir atomically (full weights gathered under ZeRO-3). Call on every rank."""
-    state = None
+    state, projection_state = None, None
     if engine.zero_optimization_stage() == 3:
         full = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
         if rank == 0:
-            state = {k.removeprefix("model."): v for k, v in full.items()}
+            state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+            projection_state = {k.removeprefix("projection."): v for k, v in full.items() if k.startswith("projection.")}
     if rank != 0:
         return job.export_dir
     out = job.export_dir
@@ -46,7 +48,19 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     shutil.rmtree(tmp, ignore_errors=True)
     wrapper.model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
-    (tmp / METADATA).write_text(json.dumps({**job_identity(job), "steps": steps}, indent=1, sort_keys=True))
+    meta = {**job_identity(job), "steps": steps}
+    projection = wrapper.projection
+    if projection is not None:
+        if projection_state:  # ZeRO-3: the module's own parameters are partitioned; save a gathered copy
+            from .explainer import Projection
+
+            gathered = Projection(projection.kind, projection.keys, projection.d_target, projection.d_explainer)
+            gathered.load_state_dict({k: v.float() for k, v in projection_state.items()})
+            gathered.fit_error = projection.fit_error
+            projection = gathered
+        projection.save(tmp / PROJECTION)
+        meta["projection"] = {"kind": projection.kind, "keys": projection.keys, "fit_error": projection.fit_error}
+    (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -59,11 +73,13 @@ def export_matches(job: "TrainJob") -> bool:
         return False
     saved = json.loads(meta.read_text())
     saved.pop("steps", None)
+    saved.pop("projection", None)
     return saved == job_identity(job)
 
 
 def load_explainer(folder: Path, expect: dict):
-    """Load an exported explainer, failing with the differing fields if it was made for something else.
+    """Load an exported explainer -> (model, tokenizer, projection or None), failing with the differing
+    fields if it was made for something else.
 
     `expect` holds the metadata fields that must agree (e.g. task, target, explainer_spec).
     """
@@ -75,4 +91,10 @@ def load_explainer(folder: Path, expect: dict):
     if wrong:
         detail = "; ".join(f"{k}: checkpoint has {have!r}, config says {want!r}" for k, (have, want) in wrong.items())
         raise CheckpointMismatch(f"explainer {folder} does not match its config ({detail}); retrain or fix the config")
-    return load_model(ModelSpec(source=str(folder), dtype=meta["explainer_spec"]["dtype"]))
+    model, tokenizer = load_model(ModelSpec(source=str(folder), dtype=meta["explainer_spec"]["dtype"]))
+    projection = None
+    if "projection" in meta:
+        from .explainer import Projection
+
+        projection = Projection.load(Path(folder) / PROJECTION)
+    return model, tokenizer, projection

@@ -5,23 +5,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Optional
+
 from .batches import IGNORE
+from .explainer import Projection, injecting
 
 
 class ExplainerLM(nn.Module):
-    """Wraps a causal LM so forward() returns the mean loss over explanation tokens.
+    """Wraps a causal LM (and, for vector tasks, the projection Pi) so forward() returns the mean loss
+    over explanation tokens.
 
     The LM head runs only at positions that predict a label: with Gemma's 262k vocabulary the full
     [B, T, V] logits would dominate time and memory (see benchmarks/run.py).
     """
 
-    def __init__(self, model: nn.Module, restrict_head: bool = True):
+    def __init__(self, model: nn.Module, restrict_head: bool = True, projection: Optional[Projection] = None,
+                 vec_id: Optional[int] = None):
         super().__init__()
         self.model = model
         self.restrict_head = restrict_head
+        self.projection = projection  # a submodule: DeepSpeed trains it when its maps require grad
+        self.vec_id = vec_id
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask, labels: [B, T]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                vectors: Optional[torch.Tensor] = None, vector_keys: Optional[list[str]] = None) -> torch.Tensor:
+        # input_ids, attention_mask, labels: [B, T]; vectors [B', d_target] for the rows' [vec] tokens
+        mapped = None
+        if vectors is not None:
+            if self.vec_id is None:
+                raise ValueError("this batch carries vectors but the explainer has no [vec] token")
+            mapped = self.projection(vectors, vector_keys) if self.projection is not None else vectors
+        with injecting(self.model, self.vec_id, mapped):
+            return self._loss(input_ids, attention_mask, labels)
+
+    def _loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE  # [B, T-1]
         if not self.restrict_head:

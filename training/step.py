@@ -24,8 +24,10 @@ from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import iter_records
 
 from .batches import collate, encode_example
+from .explainer import ProjectionConfig, add_vector_tokens, vector_key
 from .export import export_explainer
 from .loss import ExplainerLM
+from .projection_fit import fitted_projection, initial_projection
 
 
 @dataclass
@@ -77,6 +79,8 @@ class TrainConfig:
     """One GPU per worker (clusters)."""
     use_ray: bool = True
     """Run through Ray Train; false runs the same loop in this process (world size 1)."""
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    """Pi from the target's hidden size to the explainer's, for tasks whose records carry vectors."""
 
     def check(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -100,6 +104,12 @@ class TrainJob:
     out_dir: str  # checkpoints/ and export/ go here
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
+    target_spec: Optional[ModelSpec] = None  # the target, for fitting an lstsq projection
+
+    @property
+    def projection_init_path(self) -> Path:
+        """Where the projection an explainer starts from is kept (fitted once, reused by eval)."""
+        return Path(self.out_dir) / "projection_init.pt"
 
     @property
     def export_dir(self) -> Path:
@@ -116,7 +126,8 @@ class TrainJob:
     def from_json(cls, text: str) -> "TrainJob":
         raw = json.loads(text)
         raw["explainer_spec"] = ModelSpec(**raw["explainer_spec"])
-        raw["train"] = TrainConfig(**raw["train"])
+        raw["target_spec"] = ModelSpec(**raw["target_spec"]) if raw.get("target_spec") else None
+        raw["train"] = TrainConfig(**{**raw["train"], "projection": ProjectionConfig(**raw["train"]["projection"])})
         return cls(**raw)
 
 
@@ -202,6 +213,10 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     model, tokenizer = load_model(job.explainer_spec)
     model.train()
     records = list(iter_records(Path(job.data_dir)))
+    wrapper_args: dict = {}
+    if any(r.vector is not None for r in records):
+        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec,
+                        "projection": job_projection(job, records, model.config.hidden_size)}
     examples = [encode_example(tokenizer, r, cfg.prompt_format, cfg.max_seq_len) for r in records]
     per_epoch = len(micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, 0))
     steps_per_epoch = per_epoch // cfg.grad_accum
@@ -212,7 +227,7 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
         )
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
-    wrapper = ExplainerLM(model, restrict_head=cfg.restrict_lm_head)
+    wrapper = ExplainerLM(model, restrict_head=cfg.restrict_lm_head, **wrapper_args)
     engine, *_ = deepspeed.initialize(
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=ds_config
     )
@@ -264,6 +279,29 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     if rank == 0 and not cfg.keep_checkpoints_after_export:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {"steps": step, "loss": last_loss, "seconds": time.time() - started, "world": world}
+
+
+def vector_keys(records: list) -> list[str]:
+    """The target layers (as vector keys) the records' vectors come from."""
+    return sorted({vector_key(r.layers) for r in records if r.vector is not None})
+
+
+def job_projection(job: TrainJob, records: list, d_explainer: int):
+    """The projection a job's explainer starts from, for the vector keys and size its records have."""
+    d_target = next(r.vector.shape[0] for r in records if r.vector is not None)
+    kind = job.train.projection.kind_for(job.explainer, job.target)
+    return initial_projection(job.projection_init_path, kind, vector_keys(records), d_target, d_explainer,
+                              job.target_spec, job.explainer_spec, job.train.projection, job.seed)
+
+
+def prefit_projection(job: TrainJob) -> None:
+    """Fit a job's lstsq projection before its ranks start (they then load it instead of each fitting)."""
+    if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:
+        return
+    records = list(iter_records(Path(job.data_dir)))
+    if any(r.vector is not None for r in records):
+        fitted_projection(job.projection_init_path, vector_keys(records), job.target_spec, job.explainer_spec,
+                          job.train.projection, job.seed)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:

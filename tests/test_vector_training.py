@@ -1,0 +1,108 @@
+"""Explainers that read vectors: training moves (or keeps) Pi, exports carry it, eval injects it."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.generate import explain
+from groundtruth.explanations import format_explanation
+from groundtruth.models import ModelSpec, load_model
+from groundtruth.records import Record, write_split
+from training.batches import encode_prompt
+from training.explainer import Projection, ProjectionConfig, add_vector_tokens, inject, vector_key
+from training.export import load_explainer
+from training.step import TrainConfig, TrainJob, run_training
+
+D_TARGET = 48
+
+
+def vector_records(n: int, split: str = "train") -> list[Record]:
+    """Patching-like records whose label is a function of the vector alone (the sign of its first entry)."""
+    gen = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        changed = i % 2 == 0
+        vector = gen.normal(size=D_TARGET).astype(np.float32)
+        vector[0] = 3.0 if changed else -3.0
+        records.append(Record(
+            record_id=f"t-r{i:04d}", task="activation_patching", target="t", split=split, source_id=f"s{i}",
+            prompt="The capital of France is", question="How would the output change?",
+            explanation=format_explanation(changed, "Madrid" if changed else "Paris"), changed=changed,
+            output_before="Paris", output_after="Madrid" if changed else "Paris",
+            query={"token": " France", "position": 4, "block": str(i % 2)},
+            layers=[0, 1] if i % 2 else [2, 3], token_type="subject_final", vector=vector,
+        ))
+    return records
+
+
+def vector_job(tmp_path, kind: str, **train) -> TrainJob:
+    data = tmp_path / "data" / "train"
+    if not data.exists():
+        write_split(data, vector_records(16), "h", shard_size=8)
+    cfg = TrainConfig(micro_batch_size=4, lr=3e-3, use_ray=False, log_every=2, checkpoint_every=50,
+                      projection=ProjectionConfig(cross_kind=kind, fit_texts=40), **train)
+    return TrainJob("activation_patching", "t", "e", ModelSpec("tiny-llama:hidden=32,layers=2"), str(data),
+                    str(tmp_path / f"job-{kind}"), cfg, target_spec=ModelSpec(f"tiny-llama:hidden={D_TARGET},layers=4,seed=1"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_trainable_projection_is_trained_exported_and_loaded(tmp_path, stage):
+    job = vector_job(tmp_path, "random", max_steps=8, zero_stage=stage)
+    run_training(job)
+    log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    model, tok, projection = load_explainer(job.export_dir, {"task": "activation_patching"})
+    start = Projection("random", ["0-1", "2-3"], D_TARGET, 32, seed=job.seed)
+    assert projection.keys == start.keys and projection.kind == "random"
+    assert not torch.allclose(projection.maps["0-1"], start.maps["0-1"]), "Pi moved during training"
+    assert len(tok) == model.get_input_embeddings().weight.shape[0] and "<|se_vec|>" in tok.get_vocab()
+    meta = json.loads((job.export_dir / "selfexplain.json").read_text())
+    assert meta["projection"]["kind"] == "random" and meta["projection"]["keys"] == ["0-1", "2-3"]
+
+
+def test_an_lstsq_projection_is_fitted_once_and_stays_frozen(tmp_path):
+    job = vector_job(tmp_path, "lstsq", max_steps=4)
+    run_training(job)
+    fitted = Projection.load(job.projection_init_path)
+    assert set(fitted.fit_error) == {"0-1", "2-3"}
+    for errors in fitted.fit_error.values():
+        assert 0 < errors["fit"] < 1.0 and 0 < errors["heldout"] < 1.0 and errors["tokens"] >= D_TARGET  # < 1: beats Pi = 0
+    _, _, exported = load_explainer(job.export_dir, {"task": "activation_patching"})
+    for key in fitted.keys:
+        assert torch.equal(exported.maps[key], fitted.maps[key]), "a frozen Pi leaves training unchanged"
+    meta = json.loads((job.export_dir / "selfexplain.json").read_text())
+    assert meta["projection"]["fit_error"] == fitted.fit_error
+
+
+def test_self_explainers_with_kind_none_need_equal_sizes(tmp_path):
+    job = vector_job(tmp_path, "none", max_steps=2)  # cross_kind none: 48 -> 32 cannot be the identity
+    with pytest.raises(ValueError, match="cannot map target hidden size 48 to explainer hidden size 32"):
+        run_training(job)
+
+
+def test_generation_reads_the_vector_like_a_no_cache_reference():
+    model, tok = load_model(ModelSpec("tiny-llama:hidden=32,layers=2,seed=2"))
+    for p in model.parameters():
+        p.data *= 4  # a sharp random model, so the vector visibly steers the output
+    tokens = add_vector_tokens(model, tok)
+    records = vector_records(4, "test")
+    projection = Projection("random", ["0-1", "2-3"], D_TARGET, 32, seed=5)
+    got = explain(model, tok, records, "plain", max_new_tokens=6, batch_size=3, projection=projection)
+    for record, text in zip(records, got):
+        ids = torch.tensor([encode_prompt(tok, record, "plain")])
+        v = projection(torch.from_numpy(record.vector)[None], [vector_key(record.layers)])
+        out = []
+        for _ in range(6):  # one full forward per token, the vector injected by hand
+            logits = model(inputs_embeds=inject(model, ids, tokens.vec, v)).logits[0, -1]
+            logits[[tokens.begin, tokens.vec, tokens.end]] = -float("inf")
+            token = int(logits.argmax())
+            if token == tok.eos_token_id:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        assert text == tok.decode(out, skip_special_tokens=True)
+    without = explain(model, tok, records, "plain", max_new_tokens=6, projection=projection, with_vector=False)
+    assert without != got, "leaving the vector out changes what the explainer says"
+    assert all("<|se_vec|>" not in tok.decode(encode_prompt(tok, r, "plain", with_vector=False)) for r in records)

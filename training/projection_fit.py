@@ -1,0 +1,138 @@
+"""Fitting Pi by least squares on paired hidden states of target and explainer (DESIGN.md 2.1).
+
+Pairing across tokenizers: both models read the same passages; a position pairs when a token of each
+ends at the same character of the text (special tokens and each sequence's first token, where hidden
+norms are outliers, are left out).
+
+Which explainer layer: a self-explainer reads the target's layer-l state as an input embedding, so a
+cross-explainer should read the state its own layers hold at the same relative depth. Target layer l
+of L_M pairs with explainer layer round((l + 1) * L_E / L_M) - 1; a block's vector (the mean over its
+layers) pairs with the mean over the paired explainer layers.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from groundtruth.models import ModelSpec, load_model
+from groundtruth.patching import decoder_layers
+from groundtruth.sources.corpus import load_passages
+
+from .explainer import Projection, ProjectionConfig, ProjectionKind, key_layers
+
+
+def paired_layers(layers: list[int], n_target: int, n_explainer: int) -> list[int]:
+    """Explainer layers at the same relative depth as the given target layers."""
+    return sorted({max(0, round((l + 1) * n_explainer / n_target) - 1) for l in layers})
+
+
+def _token_ends(tokenizer, text: str) -> tuple[list[int], dict[int, int]]:
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ends = {}
+    content = [n for n, (s, e) in enumerate(enc["offset_mapping"]) if e > s]
+    for n in content[1:]:  # the first content token carries outlier norms in some models
+        ends[enc["offset_mapping"][n][1]] = n
+    return enc["input_ids"], ends
+
+
+@torch.no_grad()
+def batch_states(model, batch: list[list[int]]) -> torch.Tensor:
+    """Residual streams of right-padded prompts: [L + 1, B, T, d] (index 0: the embeddings). Right
+    padding keeps every real token at its own position; causal attention keeps pads out of it."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids)] = 1
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
+    try:
+        model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(captured)
+
+
+@torch.no_grad()
+def paired_states(target, target_tok, explainer, explainer_tok, passages: list[str], keys: list[str],
+                  batch_size: int = 32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per key: (h_target [N, d_t], h_explainer [N, d_e]) at the paired positions of all passages."""
+    n_t, n_e = len(decoder_layers(target)), len(decoder_layers(explainer))
+    rows_t = {k: [l + 1 for l in key_layers(k)] for k in keys}  # +1: index 0 is the embedding
+    rows_e = {k: [l + 1 for l in paired_layers(key_layers(k), n_t, n_e)] for k in keys}
+    out: dict[str, tuple[list, list]] = {k: ([], []) for k in keys}
+    for start in range(0, len(passages), batch_size):
+        chunk = passages[start:start + batch_size]
+        sides = [[_token_ends(tok, text) for text in chunk] for tok in (target_tok, explainer_tok)]
+        states_t = batch_states(target, [ids for ids, _ in sides[0]])  # [L_t + 1, B, T, d_t]
+        states_e = batch_states(explainer, [ids for ids, _ in sides[1]])
+        for row, ((_, ends_t), (_, ends_e)) in enumerate(zip(*sides)):
+            shared = sorted(set(ends_t) & set(ends_e))
+            pos_t, pos_e = [ends_t[c] for c in shared], [ends_e[c] for c in shared]
+            for k in keys:
+                out[k][0].append(states_t[rows_t[k], row][:, pos_t].mean(0))
+                out[k][1].append(states_e[rows_e[k], row][:, pos_e].mean(0))
+    return {k: (torch.cat(a), torch.cat(b)) for k, (a, b) in out.items()}
+
+
+def fit_projection(keys: list[str], target_spec: ModelSpec, explainer_spec: ModelSpec, cfg: ProjectionConfig,
+                   seed: int, trainable: bool) -> Projection:
+    """An lstsq Pi fitted on cfg.fit_corpus, with its relative error on the fit passages and on held-out
+    ones in fit_error."""
+    target, target_tok = load_model(target_spec)
+    explainer, explainer_tok = (target, target_tok) if explainer_spec == target_spec else load_model(explainer_spec)
+    projection = Projection("lstsq", keys, target.config.hidden_size, explainer.config.hidden_size, trainable=trainable)
+    passages = load_passages(cfg.fit_corpus, cfg.fit_texts, seed)
+    held = max(1, len(passages) // 5)
+    fit = paired_states(target, target_tok, explainer, explainer_tok, passages[held:], keys)
+    test = paired_states(target, target_tok, explainer, explainer_tok, passages[:held], keys)
+    for key in keys:
+        h_t, h_e = fit[key]
+        if h_t.shape[0] < h_t.shape[1]:
+            raise ValueError(f"lstsq projection for layers {key}: {h_t.shape[0]} paired tokens for a {h_t.shape[1]}-wide "
+                             f"target state; raise projection.fit_texts (now {cfg.fit_texts})")
+        projection.fit(key, h_t, h_e)
+        projection.fit_error[key]["heldout"] = projection.error(key, *test[key])
+        projection.fit_error[key]["tokens"] = float(h_t.shape[0])
+    return projection
+
+
+def fitted_projection(path: Path, keys: list[str], target_spec: ModelSpec, explainer_spec: ModelSpec,
+                      cfg: ProjectionConfig, seed: int) -> Projection:
+    """The lstsq Pi kept at `path`, fitted first if the file is missing or was fitted for other keys."""
+    trainable = cfg.is_trainable("lstsq")
+    if path.exists():
+        saved = Projection.load(path, trainable=trainable)
+        if saved.kind == "lstsq" and saved.keys == keys:
+            return saved
+    projection = fit_projection(keys, target_spec, explainer_spec, cfg, seed, trainable)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    projection.save(tmp)
+    os.replace(tmp, path)
+    return projection
+
+
+def initial_projection(path: Path, kind: ProjectionKind, keys: list[str], d_target: int, d_explainer: int,
+                       target_spec: Optional[ModelSpec], explainer_spec: ModelSpec, cfg: ProjectionConfig,
+                       seed: int) -> Projection:
+    """The projection an explainer starts from. 'none' and 'random' are built at once (seeded); 'lstsq' is
+    fitted once and kept at `path`, so that training ranks and the untrained eval row share it."""
+    if kind != "lstsq":
+        return Projection(kind, keys, d_target, d_explainer, trainable=cfg.is_trainable(kind), seed=seed)
+    if target_spec is None:
+        raise ValueError("an lstsq projection needs the target model's spec to be fitted")
+    projection = fitted_projection(path, keys, target_spec, explainer_spec, cfg, seed)
+    if (projection.d_target, projection.d_explainer) != (d_target, d_explainer):
+        raise ValueError(f"{path} maps {projection.d_target} -> {projection.d_explainer}, but the vectors are "
+                         f"{d_target}-wide and the explainer {d_explainer}-wide; delete the file to refit")
+    return projection
