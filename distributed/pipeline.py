@@ -94,12 +94,18 @@ def plan(cfg: RunConfig) -> str:
                   f"  groundtruth: {gp.actors} actors x ({gp.actor_cpus} CPU, {gp.actor_gpus} GPU), batch {gp.batch_size}"]
     jobs = train_jobs(cfg)
     lines.append(f"train: {len(jobs)} explainer jobs, {'Ray Train' if tc.use_ray else 'in-process'} with "
-                 f"{tc.num_workers} workers x ({tc.worker_cpus} CPU{', 1 GPU' if tc.use_gpu else ''})")
-    lines += [f"  {j.task}: {j.explainer} on {j.target} -> {j.export_dir}" for j in jobs]
+                 f"{tc.num_workers} workers x ({tc.worker_cpus} CPU{', 1 GPU' if tc.use_gpu else ''}), "
+                 + (f"LoRA r={tc.lora.r} on {', '.join(tc.lora.target_modules)}" if tc.lora else "full fine-tune"))
+    for j in jobs:
+        reads = (f", reads v through Pi '{tc.projection.kind_for(j.explainer, j.target)}'"
+                 if TASKS[j.task].has_vectors else "")
+        lines.append(f"  {j.task}: {j.explainer} on {j.target}{reads} -> {j.export_dir}")
     lines.append("  deepspeed config: " + json.dumps(deepspeed_config(tc, tc.num_workers)))
-    rows = len(cfg.explainers) * (2 if ec.untrained else 1) + len(ec.baselines)
-    lines.append(f"eval: {rows} rows x {len(cfg.targets)} targets per task, {ec.actors} actors x "
-                 f"({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
+    lines.append(f"eval: {ec.actors} actors x ({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
+    for task in cfg.tasks.enabled():
+        per_explainer = 1 + ec.untrained + (ec.no_vector and TASKS[task].has_vectors)
+        rows = len(cfg.explainers) * per_explainer + len(ec.baselines)
+        lines.append(f"  {task}: {rows} rows x {len(cfg.targets)} targets")
     lines.append(f"wandb: {'off' if not cfg.wandb.enabled else cfg.wandb.mode} (project {cfg.wandb.project})")
     lines.append("resolved config:\n" + json.dumps(to_dict(cfg), indent=1))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ other (non-final subject tokens, BOS, chat-template and instruction tokens).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import numpy as np
@@ -37,8 +37,8 @@ class PatchingConfig:
     """Facts: built from countryinfo (offline), or CounterFact as published (see counterfact_path)."""
     counterfact_path: Optional[str] = None
     """The published counterfact.json (source: counterfact)."""
-    relations: list[str] = None  # type: ignore[assignment]
-    """Country relations to use (source: countries): capital | language | region. Null: all."""
+    relations: list[str] = field(default_factory=lambda: ["capital", "language", "region"])
+    """Country relations to use (source: countries): capital | language | region."""
     max_facts: Optional[int] = None
     """Use at most this many original facts x, chosen at random (seeded); null: all."""
     pairs_per_fact: int = 1
@@ -67,10 +67,6 @@ class PatchingConfig:
     """Cap on train records after balancing."""
     max_test_records: Optional[int] = None
     """Cap on test records after balancing."""
-
-    def __post_init__(self):
-        if self.relations is None:
-            self.relations = ["capital", "language", "region"]
 
     def check(self) -> None:
         if self.source == "counterfact" and not self.counterfact_path:

@@ -111,6 +111,11 @@ def test_dry_runs_print_the_plan(capsys):
     assert cli_main(["run", "configs/paper/input_ablation.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "meta-llama/Llama-3.1-8B-Instruct (hub id" in out and '"stage": 3' in out and "8 actors" in out
+    assert cli_main(["run", "configs/paper/activation_patching.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=128" in out and "qwen on llama, reads v through Pi 'lstsq'" in out
+    assert "llama on llama, reads v through Pi 'none'" in out and "activation_patching: 7 rows x 2 targets" in out
+    assert "items not countable here" in out and "counterfact.json" in out  # no CounterFact on this machine
     assert cli_main(["run", "configs/quickstart.yaml", "--dry-run"]) == 0
     quick = load_config("configs/quickstart.yaml")
     n = len(build_items(quick.tasks.input_ablation, quick.seed))

@@ -46,3 +46,32 @@ def test_smollm2_fast_patcher_matches_reference_and_flips_the_capital(smollm2):
     subject = len(x) - 2  # "France" / "Spain": the subject's last token
     flipped = [tok.decode([slow[i]]).strip() for i, iv in enumerate(interventions) if iv.position == subject]
     assert "Madrid" in flipped
+
+
+def test_smollm2_patching_task_labels_are_not_degenerate(smollm2):
+    from groundtruth.patching_task import PatchingConfig, build_items as patch_items, run_patching
+
+    model, tok = smollm2
+    cfg = PatchingConfig(max_facts=4, relations=["capital"])
+    records = run_patching(model, tok, patch_items(cfg, seed=0), cfg, "smollm2", lambda s: "train")
+    changed = [r for r in records if r.changed]
+    assert 0.1 < len(changed) / len(records) < 0.9, "both labels occur"
+    assert {r.token_type for r in records} >= {"subject_final", "relation"}
+    # patching the subject's last token moves the answer towards the counterfactual's somewhere
+    assert any(r.token_type == "subject_final" for r in changed)
+    assert all(r.vector.shape == (576,) and len(r.layers) in (7, 8) for r in records)
+
+
+def test_gemma_fast_patcher_matches_the_reference():
+    import torch
+
+    from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
+
+    model, tok = load_model(ModelSpec("gemma-3-270m"))  # sliding-window and global layers, scaled embeddings
+    x = torch.tensor(tok("The official language of Brazil is")["input_ids"])
+    x_prime = torch.tensor(tok("The official language of Japan is")["input_ids"])
+    blocks = layer_blocks(model.config.num_hidden_layers, 4)
+    interventions = [Intervention(b, t, t) for b in range(4) for t in range(len(x))]
+    clean, slow = patch_slow(model, x, x_prime, blocks, interventions)
+    assert patch_fast(model, x, x_prime, blocks, interventions) == (clean, slow)
+    assert any(token != clean for token in slow), "some patch changes Gemma's answer"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_records
-from groundtruth.models import ModelSpec
+from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import write_split
 from training.batches import IGNORE, collate, encode_example
 from training.export import CheckpointMismatch, export_matches, load_explainer
@@ -84,3 +84,33 @@ def test_export_of_another_config_is_refused(tmp_path):
     assert not export_matches(make_job(tmp_path, max_steps=2, lr=1.0))
     with pytest.raises(CheckpointMismatch, match="not a finished explainer export"):
         load_explainer(tmp_path, {})
+
+
+def test_lora_trains_adapters_only_and_exports_a_merged_model(tmp_path):
+    from training.lora import LoraConfig, LoraLinear, apply_lora, merge_lora_state
+
+    model, _ = load_model(ModelSpec("tiny-llama"))
+    ids = torch.tensor([[5, 9, 60, 7]])
+    reference = model(input_ids=ids).logits
+    n = apply_lora(model, LoraConfig(r=4, alpha=8, train_embeddings=False))
+    assert n == 7 * 2 and isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
+    assert torch.allclose(model(input_ids=ids).logits, reference), "B = 0: adapters start as a no-op"
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.endswith(("lora_a", "lora_b")) for name in trainable)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_b.normal_()
+    adapted = model(input_ids=ids).logits
+    plain, _ = load_model(ModelSpec("tiny-llama"))
+    plain.load_state_dict(merge_lora_state(model.state_dict(), 8 / 4))
+    assert torch.allclose(plain(input_ids=ids).logits, adapted, atol=1e-4), "merged weights = base + adapters"
+    assert not torch.allclose(adapted, reference)
+
+    job = make_job(tmp_path, max_steps=6, lora=LoraConfig(r=8, alpha=16))
+    run_training(job)
+    exported, _, _ = load_explainer(job.export_dir, {"task": "input_ablation"})
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    base, _ = load_model(ModelSpec("tiny-llama"))
+    changed = [n for n, p in exported.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert any("q_proj" in n for n in changed) and not any("norm" in n for n in changed), "only adapted weights moved"

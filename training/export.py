@@ -46,6 +46,11 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     out = job.export_dir
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if job.train.lora is not None:  # a plain model again: adapters merged into the weights they adapt
+        from .lora import merge_lora_state
+
+        state = merge_lora_state(state if state is not None else wrapper.model.state_dict(),
+                                 job.train.lora.alpha / job.train.lora.r)
     wrapper.model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
     meta = {**job_identity(job), "steps": steps}

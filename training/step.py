@@ -26,6 +26,7 @@ from groundtruth.records import iter_records
 from .batches import collate, encode_example
 from .explainer import ProjectionConfig, add_vector_tokens, vector_key
 from .export import export_explainer
+from .lora import LoraConfig, apply_lora
 from .loss import ExplainerLM
 from .projection_fit import fitted_projection, initial_projection
 
@@ -81,6 +82,9 @@ class TrainConfig:
     """Run through Ray Train; false runs the same loop in this process (world size 1)."""
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     """Pi from the target's hidden size to the explainer's, for tasks whose records carry vectors."""
+    lora: Optional[LoraConfig] = None
+    """Low-rank adapters instead of a full fine-tune (the paper: r=128 for activation patching);
+    null: every weight is trained. Exports merge the adapters into the weights."""
 
     def check(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -127,7 +131,9 @@ class TrainJob:
         raw = json.loads(text)
         raw["explainer_spec"] = ModelSpec(**raw["explainer_spec"])
         raw["target_spec"] = ModelSpec(**raw["target_spec"]) if raw.get("target_spec") else None
-        raw["train"] = TrainConfig(**{**raw["train"], "projection": ProjectionConfig(**raw["train"]["projection"])})
+        train = raw["train"]
+        raw["train"] = TrainConfig(**{**train, "projection": ProjectionConfig(**train["projection"]),
+                                      "lora": LoraConfig(**train["lora"]) if train.get("lora") else None})
         return cls(**raw)
 
 
@@ -217,6 +223,10 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     if any(r.vector is not None for r in records):
         wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec,
                         "projection": job_projection(job, records, model.config.hidden_size)}
+    if cfg.lora is not None:
+        adapted = apply_lora(model, cfg.lora)
+        if rank == 0:
+            print(f"[train {job.explainer}<-{job.target}] LoRA r={cfg.lora.r} on {adapted} linear layers", flush=True)
     examples = [encode_example(tokenizer, r, cfg.prompt_format, cfg.max_seq_len) for r in records]
     per_epoch = len(micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, 0))
     steps_per_epoch = per_epoch // cfg.grad_accum

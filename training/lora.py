@@ -1,0 +1,84 @@
+"""Low-rank adapters (LoRA) for explainer fine-tuning: the paper trains task B and a 70B explainer with
+LoRA r=128. The base weights stay frozen; each adapted linear layer adds (alpha / r) * B A x. Exports
+merge the adapters back, so an exported explainer is a plain Hugging Face model like any other.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoraConfig:
+    """Which linear layers get adapters, and their size."""
+
+    r: int = 128
+    """Rank of each adapter (the paper: 128)."""
+    alpha: float = 256.0
+    """Scale numerator: the adapter's output is multiplied by alpha / r."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
+    """Names (last path component) of the linear layers to adapt."""
+    train_embeddings: bool = True
+    """Also train the input embedding matrix (the added [begin][vec][end] tokens start untrained)."""
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r: must be at least 1, got {self.r}")
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one linear layer")
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = W x + (alpha / r) B A x."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / r
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))  # [r, d_in]
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))  # [d_out, r]
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # B = 0: training starts at the base model
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
+    """Freeze the model and wrap every target linear layer in a LoraLinear; returns how many."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, cfg.target_modules))})$")
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
+    if not targets:
+        raise ValueError(f"lora.target_modules {cfg.target_modules} match no linear layer of {type(model).__name__}")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoraLinear(getattr(parent, child), cfg.r, cfg.alpha))
+    if cfg.train_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(True)
+    return len(targets)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A state dict of a LoRA-wrapped model as the plain model's: W + scale * B A under W's own name."""
+    merged = {}
+    for key, value in state.items():
+        if key.endswith((".lora_a", ".lora_b")):
+            continue
+        if ".base." in key:
+            prefix, _, leaf = key.rpartition(".base.")
+            if leaf == "weight":
+                a, b = state[f"{prefix}.lora_a"].float(), state[f"{prefix}.lora_b"].float()
+                value = (value.float() + scale * b @ a).to(value.dtype)
+            key = f"{prefix}.{leaf}"
+        merged[key] = value
+    return merged
