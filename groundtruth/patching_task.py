@@ -53,9 +53,13 @@ class PatchingConfig:
     target_format: PromptFormat = "plain"
     """How the target sees its prompt: chat template, plain text, or auto."""
     system_prompt: Optional[str] = None
-    """System prompt (chat) or preamble (plain)."""
+    """System prompt (chat) or preamble (plain), e.g. a few solved facts: small models then answer
+    with a name instead of continuing "The capital of France is" with "the"."""
     num_blocks: int = 4
     """Contiguous blocks the target's layers are cut into (the paper: 4)."""
+    positions: Literal["all", "text"] = "all"
+    """Positions searched: every token of the target's input, or only the tokens of the prompt text
+    (and the last position), skipping a few-shot preamble or chat-template tokens around it."""
     test_fraction: float = 0.2
     """Fraction of original facts held out for test (by a hash of the fact id)."""
     balance: bool = True
@@ -108,6 +112,7 @@ class PatchPrompt:
     ids: torch.Tensor  # [T]
     token_types: list[str]  # [T]
     subject: tuple[int, int]  # first and last token index of the subject
+    text_positions: list[int]  # tokens inside the prompt text, then the last position
 
 
 def user_text(cfg: PatchingConfig, pair: FactPair, fact) -> str:
@@ -135,9 +140,11 @@ def encode_side(tokenizer, cfg: PatchingConfig, pair: FactPair, fact) -> PatchPr
                         "new_option" if option == pair.x_prime.answer else "other_option")
                 option_spans.append((at, at + len(option), kind))
                 cursor = at + len(option)
-    types, subject_tokens = [], []
+    types, subject_tokens, inside = [], [], []
     for n, (start, end) in enumerate(enc["offset_mapping"]):
         kind = "other"
+        if end > start and base <= start and end <= base + len(text):
+            inside.append(n)
         if end > start:
             if start < sub_end and end > sub_start:
                 subject_tokens.append(n)
@@ -149,7 +156,9 @@ def encode_side(tokenizer, cfg: PatchingConfig, pair: FactPair, fact) -> PatchPr
     if not subject_tokens:
         raise ValueError(f"subject {fact.subject!r} not found among the tokens of {string!r}")
     types[subject_tokens[-1]] = "subject_final"  # non-final subject tokens stay 'other'
-    return PatchPrompt(text, torch.tensor(enc["input_ids"]), types, (subject_tokens[0], subject_tokens[-1]))
+    last = len(enc["input_ids"]) - 1
+    return PatchPrompt(text, torch.tensor(enc["input_ids"]), types, (subject_tokens[0], subject_tokens[-1]),
+                       inside + ([last] if last not in inside else []))
 
 
 def align(t: int, x: PatchPrompt, x_prime: PatchPrompt) -> int:
@@ -178,7 +187,8 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
         pair = item.pair
         x, xp = encode_side(tokenizer, cfg, pair, pair.x), encode_side(tokenizer, cfg, pair, pair.x_prime)
         clean, source = clean_run(model, x.ids), clean_run(model, xp.ids)
-        interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in range(len(x.ids))]
+        positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
+        interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in positions]
         clean_token, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
         before = _answer(tokenizer, clean_token)
         for iv, token in zip(interventions, patched):

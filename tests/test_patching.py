@@ -69,6 +69,16 @@ def test_token_types_and_alignment_follow_the_documented_rule(tiny):
     assert align(first, x, xp) == xp.subject[0], "clipped at the shorter subject's first token"
 
 
+def test_text_positions_skip_a_preamble(tiny):
+    model, tok = tiny
+    cfg = PatchingConfig(system_prompt="The capital of Japan is Tokyo.", positions="text", num_blocks=1)
+    x = encode_side(tok, cfg, PAIR, PAIR.x)
+    preamble = 1 + len("The capital of Japan is Tokyo.\n\n")  # <s>, then one token per preamble byte
+    assert x.text_positions == list(range(preamble, len(x.ids)))
+    records = run_patching(model, tok, [type("Item", (), {"source_id": "s", "pair": PAIR})()], cfg, "t", lambda s: "train")
+    assert [r.query["position"] for r in records] == x.text_positions
+
+
 def test_forced_choice_prompts_type_the_options(tiny):
     _, tok = tiny
     cfg = PatchingConfig(prompt_format="forced_choice")

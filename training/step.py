@@ -24,7 +24,7 @@ from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import iter_records
 
 from .batches import collate, encode_example
-from .explainer import ProjectionConfig, add_vector_tokens, vector_key
+from .explainer import ProjectionConfig, add_vector_tokens, key_layers, vector_key
 from .export import export_explainer
 from .lora import LoraConfig, apply_lora
 from .loss import ExplainerLM
@@ -293,7 +293,7 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
 
 def vector_keys(records: list) -> list[str]:
     """The target layers (as vector keys) the records' vectors come from."""
-    return sorted({vector_key(r.layers) for r in records if r.vector is not None})
+    return sorted({vector_key(r.layers) for r in records if r.vector is not None}, key=lambda k: key_layers(k)[0])
 
 
 def job_projection(job: TrainJob, records: list, d_explainer: int):
