@@ -58,9 +58,9 @@ def test_gradients_reach_a_trainable_projection_only(explainer):
         projection = Projection("random", ["0", "4-7"], 48, 32, trainable=trainable)
         embeds = projected_inputs(model, projection, batch, ids.vec, torch.randn(1, 48), ["4-7"])
         model(inputs_embeds=embeds).logits.sum().backward()
-        grad = projection.maps["4-7"].grad
+        grad = projection.weight("4-7").grad
         assert (grad is not None and grad.abs().sum() > 0) if trainable else grad is None
-        assert projection.maps["0"].grad is None, "an unused layer's map gets no gradient"
+        assert projection.weight("0").grad is None, "an unused layer's map gets no gradient"
         model.zero_grad()
 
 
@@ -76,7 +76,7 @@ def test_lstsq_recovers_a_linear_map():
     projection = Projection("lstsq", ["2"], 48, 32)
     error = projection.fit("2", h_target.float(), h_explainer.float())
     assert error < 1e-2 and projection.fit_error["2"]["fit"] == error
-    assert torch.allclose(projection.maps["2"].double(), true, atol=1e-2)
+    assert torch.allclose(projection.weight("2").double(), true, atol=1e-2)
 
 
 def test_projection_round_trips_through_its_file(tmp_path):

@@ -97,12 +97,17 @@ class Projection(nn.Module):
             )
         self.kind, self.keys = kind, [str(k) for k in keys]
         self.d_target, self.d_explainer = d_target, d_explainer
-        self.maps = nn.ParameterDict()
+        # Linear modules, not bare parameters: calling a module's forward is what makes ZeRO-3 gather
+        # its partitioned weight (an 8B model's 4096 x 4096 map is far above the persistence threshold).
+        self.maps = nn.ModuleDict()
         if kind != "none":
             gen = torch.Generator().manual_seed(seed)
             for key in self.keys:
-                weight = torch.randn(d_explainer, d_target, generator=gen) / d_target ** 0.5  # [d_e, d_t]
-                self.maps[key] = nn.Parameter(weight, requires_grad=trainable)
+                linear = nn.Linear(d_target, d_explainer, bias=False)
+                with torch.no_grad():
+                    linear.weight.copy_(torch.randn(d_explainer, d_target, generator=gen) / d_target ** 0.5)  # [d_e, d_t]
+                linear.weight.requires_grad_(trainable)
+                self.maps[key] = linear
         self.fit_error: dict[str, dict[str, float]] = {}
 
     def forward(self, vectors: torch.Tensor, keys: list[str]) -> torch.Tensor:
@@ -112,8 +117,16 @@ class Projection(nn.Module):
         missing = sorted(set(keys) - set(self.maps.keys()))
         if missing:
             raise KeyError(f"no projection for target layers {missing} (have {self.keys})")
-        out = [self.maps[key] @ vector.to(self.maps[key].dtype) for vector, key in zip(vectors, keys)]
-        return torch.stack(out)
+        out = vectors.new_zeros(len(keys), self.d_explainer)
+        for key in sorted(set(keys)):
+            rows = [i for i, k in enumerate(keys) if k == key]
+            mapped = self.maps[key](vectors[rows].to(self.maps[key].weight.dtype))
+            out = out.to(mapped.dtype).index_put((torch.tensor(rows),), mapped)
+        return out
+
+    def weight(self, key: str) -> torch.Tensor:
+        """Pi for one key: [d_explainer, d_target]."""
+        return self.maps[key].weight
 
     @torch.no_grad()
     def fit(self, key: str, h_target: torch.Tensor, h_explainer: torch.Tensor) -> float:
@@ -123,7 +136,7 @@ class Projection(nn.Module):
         relative fit error ||h_E - Pi h_M|| / ||h_E||, also kept in fit_error[key]['fit'].
         """
         solution = torch.linalg.lstsq(h_target.double(), h_explainer.double()).solution  # [d_t, d_e]
-        weight = self.maps[key]
+        weight = self.weight(key)
         weight.copy_(solution.T.to(weight.dtype))
         error = self.error(key, h_target, h_explainer)
         self.fit_error.setdefault(key, {})["fit"] = error
@@ -132,13 +145,13 @@ class Projection(nn.Module):
     @torch.no_grad()
     def error(self, key: str, h_target: torch.Tensor, h_explainer: torch.Tensor) -> float:
         """Relative error ||h_E - Pi h_M|| / ||h_E|| of Pi_key on paired states (e.g. held-out text)."""
-        predicted = h_target.double() @ self.maps[key].double().T
+        predicted = h_target.double() @ self.weight(key).double().T
         return ((h_explainer.double() - predicted).norm() / h_explainer.double().norm()).item()
 
     def save(self, path: Path) -> None:
         """Weights and settings in one file (torch.load(weights_only=True) reads it back)."""
         torch.save({"kind": self.kind, "keys": self.keys, "d_target": self.d_target, "d_explainer": self.d_explainer,
-                    "maps": {k: v.detach().float().cpu() for k, v in self.maps.items()},
+                    "maps": {k: self.weight(k).detach().float().cpu() for k in self.maps},
                     "fit_error": self.fit_error}, path)
 
     @classmethod
@@ -147,7 +160,7 @@ class Projection(nn.Module):
         projection = cls(saved["kind"], saved["keys"], saved["d_target"], saved["d_explainer"], trainable=trainable)
         with torch.no_grad():
             for key, weight in saved["maps"].items():
-                projection.maps[key].copy_(weight)
+                projection.weight(key).copy_(weight)
         projection.fit_error = saved["fit_error"]
         return projection
 
