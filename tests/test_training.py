@@ -92,7 +92,7 @@ def test_lora_trains_adapters_only_and_exports_a_merged_model(tmp_path):
     model, _ = load_model(ModelSpec("tiny-llama"))
     ids = torch.tensor([[5, 9, 60, 7]])
     reference = model(input_ids=ids).logits
-    n = apply_lora(model, LoraConfig(r=4, alpha=8, train_embeddings=False))
+    n = apply_lora(model, LoraConfig(r=4, alpha=8))
     assert n == 7 * 2 and isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
     assert torch.allclose(model(input_ids=ids).logits, reference), "B = 0: adapters start as a no-op"
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -107,10 +107,11 @@ def test_lora_trains_adapters_only_and_exports_a_merged_model(tmp_path):
     assert torch.allclose(plain(input_ids=ids).logits, adapted, atol=1e-4), "merged weights = base + adapters"
     assert not torch.allclose(adapted, reference)
 
-    job = make_job(tmp_path, max_steps=6, lora=LoraConfig(r=8, alpha=16))
+    job = make_job(tmp_path, max_steps=6, lora=LoraConfig(r=8, alpha=16), train_embeddings=False)
     run_training(job)
     exported, _, _ = load_explainer(job.export_dir, {"task": "input_ablation"})
     assert not any("lora" in name for name, _ in exported.named_parameters())
     base, _ = load_model(ModelSpec("tiny-llama"))
     changed = [n for n, p in exported.named_parameters() if not torch.equal(p, base.get_parameter(n))]
-    assert any("q_proj" in n for n in changed) and not any("norm" in n for n in changed), "only adapted weights moved"
+    assert any("q_proj" in n for n in changed), "adapted weights moved"
+    assert not any("norm" in n or "embed" in n for n in changed), "frozen weights (embeddings included) did not"

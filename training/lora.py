@@ -23,8 +23,6 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj"])
     """Names (last path component) of the linear layers to adapt."""
-    train_embeddings: bool = True
-    """Also train the input embedding matrix (the added [begin][vec][end] tokens start untrained)."""
 
     def check(self) -> None:
         if self.r < 1:
@@ -52,7 +50,8 @@ class LoraLinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
-    """Freeze the model and wrap every target linear layer in a LoraLinear; returns how many."""
+    """Freeze the model and wrap every target linear layer in a LoraLinear; returns how many.
+    (TrainConfig.train_embeddings decides separately whether the embedding matrix trains.)"""
     for p in model.parameters():
         p.requires_grad_(False)
     pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, cfg.target_modules))})$")
@@ -63,8 +62,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoraLinear(getattr(parent, child), cfg.r, cfg.alpha))
-    if cfg.train_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(True)
     return len(targets)
 
 
