@@ -63,7 +63,7 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
         lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in n.items()), ""]
         for pair, keys in table.get("projection_fit_error", {}).items():
             errors = "; ".join(f"layers {k}: {e['fit']:.3f} fit / {e.get('heldout', float('nan')):.3f} held out"
-                               for k, e in keys.items())
+                               for k, e in sorted(keys.items(), key=lambda item: int(item[0].split("-")[0])))
             lines += [f"- lstsq projection {pair}, relative error ||h_E - Pi h_M|| / ||h_E||: {errors}"]
         if table.get("projection_fit_error"):
             lines.append("")

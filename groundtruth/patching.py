@@ -45,22 +45,37 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def clean_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Residual stream of one prompt [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and the
-    greedy next token. Read with forward hooks (output_hidden_states ends after the final norm)."""
+def clean_runs(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Per prompt: its residual stream [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and
+    its greedy next token, all prompts in one right-padded forward (on short prompts a forward costs
+    about the same for one row as for several: reading the weights dominates). Read with forward hooks
+    (output_hidden_states ends after the final norm)."""
+    lengths = [len(ids) for ids in prompts]
+    width = max(lengths)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, :len(ids)] = ids
+        mask[row, :len(ids)] = 1
     captured: list[torch.Tensor] = []
 
     def keep(module, args, output):
-        captured.append((output[0] if isinstance(output, tuple) else output)[0].clone())
+        captured.append((output[0] if isinstance(output, tuple) else output).clone())
 
-    modules = [model.get_input_embeddings(), *decoder_layers(model)]
-    hooks = [m.register_forward_hook(keep) for m in modules]
+    hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
     try:
-        logits = model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits
+        # no mask for one prompt: the model's plain causal path, exactly what patch_slow runs
+        logits = model(input_ids=input_ids, attention_mask=mask if len(set(lengths)) > 1 else None).logits
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.stack(captured), int(logits[0, -1].argmax())
+    states = torch.stack(captured)  # [L + 1, B, width, d]
+    return [(states[:, row, :n], int(logits[row, n - 1].argmax())) for row, n in enumerate(lengths)]
+
+
+def clean_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """clean_runs for one prompt."""
+    return clean_runs(model, [ids])[0]
 
 
 def layer_states(model, ids: torch.Tensor) -> torch.Tensor:
@@ -123,8 +138,10 @@ def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
 
     clean / source: clean_run results of x and x' when the caller already has them (they are also
     where the vectors come from)."""
-    clean_states, clean_token = clean if clean is not None else clean_run(model, x)
-    source_states = source[0] if source is not None else clean_run(model, x_prime)[0]
+    if clean is None or source is None:
+        clean, source = clean_runs(model, [x, x_prime])
+    clean_states, clean_token = clean
+    source_states = source[0]
     layers = decoder_layers(model)
     patched = [0] * len(interventions)
     for b, block in enumerate(blocks):

@@ -21,7 +21,7 @@ import torch
 
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
-from .patching import Intervention, block_vector, clean_run, decoder_layers, layer_blocks, patch_fast
+from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
 from .records import Record, safe_key
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
 
@@ -186,7 +186,7 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
     for item in items:
         pair = item.pair
         x, xp = encode_side(tokenizer, cfg, pair, pair.x), encode_side(tokenizer, cfg, pair, pair.x_prime)
-        clean, source = clean_run(model, x.ids), clean_run(model, xp.ids)
+        clean, source = clean_runs(model, [x.ids, xp.ids])
         positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
         interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in positions]
         clean_token, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
