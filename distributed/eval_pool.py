@@ -21,13 +21,13 @@ from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
 from groundtruth.tasks import TASKS
 from training.export import load_explainer
+from training.step import TrainJob
 
 from .actor_pool import run_pool
 from .config import RunConfig
 from .gt_pool import gt_dir
 from .ray_session import torch_threads
 from .train_job import train_jobs
-from training.step import TrainJob
 from .typed_yaml import stable_hash
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Literal, Optional
 
 from .explanations import format_explanation
 from .generation import PromptFormat, greedy_generate, render_prompt
+from .dataset import SplitConfig
 from .records import Record, safe_key
 from .sources.countries import load_countries
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
@@ -52,7 +53,7 @@ class SpanSourceConfig:
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(SplitConfig):
     """Ground truth for input ablation."""
 
     source: str = "span_facts"
@@ -67,18 +68,9 @@ class AblationConfig:
     """System prompt (chat) or preamble (plain) before every target input."""
     max_new_tokens: int = 4
     """Greedy tokens generated per input; the answer is extracted from them."""
-    test_fraction: float = 0.2
-    """Fraction of source prompts held out for test (by a hash of the source id)."""
-    balance: bool = True
-    """Subsample so changed and unchanged records are in the ratio changed_fraction, per split."""
-    changed_fraction: float = 0.5
-    """Target share of 'changed' records after balancing."""
-    max_train_records: Optional[int] = None
-    """Cap on train records after balancing."""
-    max_test_records: Optional[int] = None
-    """Cap on test records after balancing."""
 
     def check(self) -> None:
+        super().check()
         if self.source not in ABLATION_SOURCES:
             raise ValueError(f"source: unknown item source {self.source!r} (known: {', '.join(ABLATION_SOURCES)})")
         unknown = set(self.span.kinds) - set(SPAN_KINDS)
@@ -87,10 +79,6 @@ class AblationConfig:
         unknown = set(self.span.relations) - set(RELATIONS)
         if unknown:
             raise ValueError(f"span.relations: unknown {sorted(unknown)} (known: {', '.join(RELATIONS)})")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
-        if not 0.0 < self.changed_fraction < 1.0:
-            raise ValueError(f"changed_fraction: must be in (0, 1), got {self.changed_fraction}")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,34 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .records import Record
+
+
+@dataclass
+class SplitConfig:
+    """How a task's raw records become its train and test sets (every task's config extends this)."""
+
+    test_fraction: float = 0.2
+    """Fraction of source prompts (original facts, for patching) held out for test, by a hash of the
+    source id."""
+    balance: bool = True
+    """Subsample each split so changed and unchanged records are in the ratio changed_fraction; tasks
+    with balancing cells (patching: token type x block) spread each class over them so no cell dominates."""
+    changed_fraction: float = 0.5
+    """Target share of 'changed' records after balancing."""
+    max_train_records: Optional[int] = None
+    """Cap on train records after balancing."""
+    max_test_records: Optional[int] = None
+    """Cap on test records after balancing."""
+
+    def check(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 < self.changed_fraction < 1.0:
+            raise ValueError(f"changed_fraction: must be in (0, 1), got {self.changed_fraction}")
 
 
 def split_of(source_id: str, test_fraction: float, seed: int) -> str:

@@ -63,14 +63,16 @@ def clean_runs(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tensor, i
         captured.append((output[0] if isinstance(output, tuple) else output).clone())
 
     hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
+    ends = sorted({n - 1 for n in lengths})  # the LM head runs only where some prompt ends
     try:
-        # no mask for one prompt: the model's plain causal path, exactly what patch_slow runs
-        logits = model(input_ids=input_ids, attention_mask=mask if len(set(lengths)) > 1 else None).logits
+        # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
+        logits = model(input_ids=input_ids, attention_mask=mask if len(ends) > 1 else None,
+                       logits_to_keep=torch.tensor(ends)).logits  # [B, len(ends), V]
     finally:
         for hook in hooks:
             hook.remove()
     states = torch.stack(captured)  # [L + 1, B, width, d]
-    return [(states[:, row, :n], int(logits[row, n - 1].argmax())) for row, n in enumerate(lengths)]
+    return [(states[:, row, :n], int(logits[row, ends.index(n - 1)].argmax())) for row, n in enumerate(lengths)]
 
 
 def clean_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:

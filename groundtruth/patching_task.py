@@ -22,6 +22,7 @@ import torch
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
 from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
+from .dataset import SplitConfig
 from .records import Record, safe_key
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
 
@@ -30,7 +31,7 @@ TOKEN_TYPES = ("subject_final", "relation", "original_option", "new_option", "ot
 
 
 @dataclass
-class PatchingConfig:
+class PatchingConfig(SplitConfig):
     """Ground truth for activation patching."""
 
     source: Literal["countries", "counterfact"] = "countries"
@@ -60,19 +61,9 @@ class PatchingConfig:
     positions: Literal["all", "text"] = "all"
     """Positions searched: every token of the target's input, or only the tokens of the prompt text
     (and the last position), skipping a few-shot preamble or chat-template tokens around it."""
-    test_fraction: float = 0.2
-    """Fraction of original facts held out for test (by a hash of the fact id)."""
-    balance: bool = True
-    """Subsample to changed_fraction changed records, spreading each class evenly over the
-    (token type, block) cells so that no cell dominates."""
-    changed_fraction: float = 0.5
-    """Target share of 'changed' records after balancing."""
-    max_train_records: Optional[int] = None
-    """Cap on train records after balancing."""
-    max_test_records: Optional[int] = None
-    """Cap on test records after balancing."""
 
     def check(self) -> None:
+        super().check()
         if self.source == "counterfact" and not self.counterfact_path:
             raise ValueError("counterfact_path: required when source is 'counterfact'")
         if self.num_blocks < 1:
@@ -81,10 +72,6 @@ class PatchingConfig:
             raise ValueError(f"pairs_per_fact: must be at least 1, got {self.pairs_per_fact}")
         if self.n_options < 2:
             raise ValueError(f"n_options: must be at least 2 (both answers), got {self.n_options}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
-        if not 0.0 < self.changed_fraction < 1.0:
-            raise ValueError(f"changed_fraction: must be in (0, 1), got {self.changed_fraction}")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def test_fast_patcher_gives_the_reference_labels(arch):
 import json  # noqa: E402
 
 from groundtruth.dataset import balance  # noqa: E402
-from groundtruth.patching_task import PatchingConfig, align, encode_side, run_patching  # noqa: E402
+from groundtruth.patching_task import PatchItem, PatchingConfig, align, encode_side, run_patching  # noqa: E402
 from groundtruth.records import Record  # noqa: E402
 from groundtruth.sources.facts import Fact, FactPair, load_counterfact, make_pairs  # noqa: E402
 
@@ -75,7 +75,7 @@ def test_text_positions_skip_a_preamble(tiny):
     x = encode_side(tok, cfg, PAIR, PAIR.x)
     preamble = 1 + len("The capital of Japan is Tokyo.\n\n")  # <s>, then one token per preamble byte
     assert x.text_positions == list(range(preamble, len(x.ids)))
-    records = run_patching(model, tok, [type("Item", (), {"source_id": "s", "pair": PAIR})()], cfg, "t", lambda s: "train")
+    records = run_patching(model, tok, [PatchItem("s", PAIR)], cfg, "t", lambda s: "train")
     assert [r.query["position"] for r in records] == x.text_positions
 
 
@@ -94,7 +94,7 @@ def test_patching_records_match_the_hooked_reference(tiny):
     model, tok = tiny
     cfg = PatchingConfig(num_blocks=2)
     pair = make_pairs([PAIR.x, PAIR.x_prime], 1, 2, seed=0)[0]
-    records = run_patching(model, tok, [type("Item", (), {"source_id": "s", "pair": pair})()], cfg, "t",
+    records = run_patching(model, tok, [PatchItem("s", pair)], cfg, "t",
                            lambda s: "train")
     x, xp = encode_side(tok, cfg, pair, pair.x), encode_side(tok, cfg, pair, pair.x_prime)
     assert len(records) == 2 * len(x.ids)

@@ -30,18 +30,24 @@ def test_smollm2_ablation_labels_are_not_degenerate(smollm2):
     assert len({r.output_after for r in records}) >= 5, "answers vary with the prompt"
 
 
-def test_smollm2_fast_patcher_matches_reference_and_flips_the_capital(smollm2):
+def fast_equals_slow(model, tok, text: str, counterfactual: str):
+    """Every (block, position) of a same-length pair through both patchers; asserts they agree and
+    returns (x, interventions, clean token, patched tokens)."""
     import torch
 
     from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
 
-    model, tok = smollm2
-    x = torch.tensor(tok("The capital of France is")["input_ids"])
-    x_prime = torch.tensor(tok("The capital of Spain is")["input_ids"])
+    x, x_prime = (torch.tensor(tok(t)["input_ids"]) for t in (text, counterfactual))
     blocks = layer_blocks(model.config.num_hidden_layers, 4)
     interventions = [Intervention(b, t, t) for b in range(4) for t in range(len(x))]
     clean, slow = patch_slow(model, x, x_prime, blocks, interventions)
     assert patch_fast(model, x, x_prime, blocks, interventions) == (clean, slow)
+    return x, interventions, clean, slow
+
+
+def test_smollm2_fast_patcher_matches_reference_and_flips_the_capital(smollm2):
+    model, tok = smollm2
+    x, interventions, clean, slow = fast_equals_slow(model, tok, "The capital of France is", "The capital of Spain is")
     assert tok.decode([clean]).strip() == "Paris"
     subject = len(x) - 2  # "France" / "Spain": the subject's last token
     flipped = [tok.decode([slow[i]]).strip() for i, iv in enumerate(interventions) if iv.position == subject]
@@ -63,15 +69,7 @@ def test_smollm2_patching_task_labels_are_not_degenerate(smollm2):
 
 
 def test_gemma_fast_patcher_matches_the_reference():
-    import torch
-
-    from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
-
     model, tok = load_model(ModelSpec("gemma-3-270m"))  # sliding-window and global layers, scaled embeddings
-    x = torch.tensor(tok("The official language of Brazil is")["input_ids"])
-    x_prime = torch.tensor(tok("The official language of Japan is")["input_ids"])
-    blocks = layer_blocks(model.config.num_hidden_layers, 4)
-    interventions = [Intervention(b, t, t) for b in range(4) for t in range(len(x))]
-    clean, slow = patch_slow(model, x, x_prime, blocks, interventions)
-    assert patch_fast(model, x, x_prime, blocks, interventions) == (clean, slow)
+    _, _, clean, slow = fast_equals_slow(model, tok, "The official language of Brazil is",
+                                         "The official language of Japan is")
     assert any(token != clean for token in slow), "some patch changes Gemma's answer"

@@ -11,7 +11,7 @@ import torch
 from groundtruth.generation import PromptFormat, render_prompt
 from groundtruth.records import Record
 
-from .explainer import SPECIAL_TOKENS, vector_key
+from .explainer import SPECIAL_TOKENS, VECTOR_TEXT, vector_key
 
 IGNORE = -100  # label value cross-entropy skips
 
@@ -39,10 +39,9 @@ def explainer_text(record: Record, with_vector: bool = True) -> str:
     if not templates:
         raise KeyError(f"no explainer templates for task {record.task!r} (known: {', '.join(TEMPLATES)})")
     pick = int(hashlib.sha256(record.record_id.encode()).hexdigest(), 16) % len(templates)
-    layers = f"{record.layers[0]}-{record.layers[-1]}" if record.layers else ""
     return templates[pick].format(prompt=record.prompt, question=record.question,
-                                  vec="".join(SPECIAL_TOKENS) if with_vector and record.vector is not None else "",
-                                  layers=layers, token=record.query.get("token", ""),
+                                  vec=VECTOR_TEXT if with_vector and record.vector is not None else "",
+                                  layers=f"{record.layers[0]}-{record.layers[-1]}" if record.layers else "", token=record.query.get("token", ""),
                                   position=record.query.get("position", ""))
 
 

@@ -16,6 +16,8 @@ from torch import nn
 
 SPECIAL_TOKENS = ("<|se_begin|>", "<|se_vec|>", "<|se_end|>")
 """The [begin] [vec] [end] triple, added to any tokenizer (the paper reused reserved tokens)."""
+VECTOR_TEXT = "".join(SPECIAL_TOKENS)
+"""The triple as prompt text."""
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,7 @@ class VectorTokens:
     vec: int
     end: int
 
-    @property
-    def text(self) -> str:
-        """The triple as prompt text."""
-        return "".join(SPECIAL_TOKENS)
+    text = VECTOR_TEXT
 
 
 def add_vector_tokens(model, tokenizer) -> VectorTokens:

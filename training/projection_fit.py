@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import decoder_layers
+from groundtruth.patching import clean_runs, decoder_layers
 from groundtruth.sources.corpus import load_passages
 
 from .explainer import Projection, ProjectionConfig, ProjectionKind, key_layers
@@ -39,30 +39,6 @@ def _token_ends(tokenizer, text: str) -> tuple[list[int], dict[int, int]]:
 
 
 @torch.no_grad()
-def batch_states(model, batch: list[list[int]]) -> torch.Tensor:
-    """Residual streams of right-padded prompts: [L + 1, B, T, d] (index 0: the embeddings). Right
-    padding keeps every real token at its own position; causal attention keeps pads out of it."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        mask[row, :len(ids)] = 1
-    captured: list[torch.Tensor] = []
-
-    def keep(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
-    try:
-        model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(captured)
-
-
-@torch.no_grad()
 def paired_states(target, target_tok, explainer, explainer_tok, passages: list[str], keys: list[str],
                   batch_size: int = 32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per key: (h_target [N, d_t], h_explainer [N, d_e]) at the paired positions of all passages."""
@@ -73,14 +49,14 @@ def paired_states(target, target_tok, explainer, explainer_tok, passages: list[s
     for start in range(0, len(passages), batch_size):
         chunk = passages[start:start + batch_size]
         sides = [[_token_ends(tok, text) for text in chunk] for tok in (target_tok, explainer_tok)]
-        states_t = batch_states(target, [ids for ids, _ in sides[0]])  # [L_t + 1, B, T, d_t]
-        states_e = batch_states(explainer, [ids for ids, _ in sides[1]])
-        for row, ((_, ends_t), (_, ends_e)) in enumerate(zip(*sides)):
+        runs_t = clean_runs(target, [torch.tensor(ids) for ids, _ in sides[0]])  # per passage: [L_t + 1, T, d_t]
+        runs_e = clean_runs(explainer, [torch.tensor(ids) for ids, _ in sides[1]])
+        for (states_t, _), (states_e, _), (_, ends_t), (_, ends_e) in zip(runs_t, runs_e, *sides):
             shared = sorted(set(ends_t) & set(ends_e))
             pos_t, pos_e = [ends_t[c] for c in shared], [ends_e[c] for c in shared]
             for k in keys:
-                out[k][0].append(states_t[rows_t[k], row][:, pos_t].mean(0))
-                out[k][1].append(states_e[rows_e[k], row][:, pos_e].mean(0))
+                out[k][0].append(states_t[rows_t[k]][:, pos_t].mean(0))
+                out[k][1].append(states_e[rows_e[k]][:, pos_e].mean(0))
     return {k: (torch.cat(a), torch.cat(b)) for k, (a, b) in out.items()}
 
 
