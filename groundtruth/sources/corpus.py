@@ -1,11 +1,21 @@
-"""Plain text passages for fitting projections (and, later, SAEs): offline, from installed packages or
-a user's file."""
+"""Plain text passages for fitting projections and training SAEs: offline, from installed packages or
+a user's file.
+
+Named corpora: 'countries' (sentences about countryinfo facts), 'wordnet' (WordNet's example
+sentences and definitions, Debian wordnet-base), 'fortunes' (Debian fortunes-min: quotations,
+literature, riddles). Anything else is read as a text file, one passage per line.
+"""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
+from typing import Callable, Union
 
 from .countries import load_countries
+from .wordnet import wordnet_sentences
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 _COUNTRY_SENTENCES = (
     # each uses facts countryinfo has; several phrasings so the fit sees varied syntax
@@ -24,15 +34,35 @@ def country_sentences() -> list[str]:
     return [s for c in load_countries() for make in _COUNTRY_SENTENCES if (s := make(c))]
 
 
-def load_passages(corpus: str, n: int, seed: int) -> list[str]:
-    """n passages of a corpus, in a seeded random order: 'countries', or a .txt file (one per line)."""
-    if corpus == "countries":
-        passages = country_sentences()
-    else:
-        path = Path(corpus)
+def fortunes(folder: Path = FORTUNES_DIR) -> list[str]:
+    """The fortune cookies of Debian's fortunes-min, one passage each (whitespace collapsed)."""
+    files = [f for f in sorted(folder.glob("*")) if f.is_file() and not f.suffix] if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no fortune files in {folder}: install Debian's fortunes-min (`make install` does)")
+    texts = [re.sub(r"\s+", " ", t).strip() for f in files for t in f.read_text(errors="replace").split("\n%\n")]
+    return [t for t in texts if len(t) > 20]
+
+
+CORPORA: dict[str, Callable[[], list[str]]] = {
+    "countries": country_sentences,
+    "wordnet": wordnet_sentences,
+    "fortunes": fortunes,
+}
+"""Named corpora -> their passages."""
+
+
+def load_passages(corpus: Union[str, list[str]], n: int, seed: int) -> list[str]:
+    """n passages of a corpus (or of several, pooled), in a seeded random order: a name of CORPORA, or
+    a .txt file (one passage per line)."""
+    passages: list[str] = []
+    for name in [corpus] if isinstance(corpus, str) else corpus:
+        if name in CORPORA:
+            passages += CORPORA[name]()
+            continue
+        path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"corpus {corpus!r} is neither 'countries' nor a text file")
-        passages = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise FileNotFoundError(f"corpus {name!r} is neither one of {', '.join(CORPORA)} nor a text file")
+        passages += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not passages:
         raise ValueError(f"corpus {corpus!r} holds no text")
     rng = random.Random(seed)

@@ -1,0 +1,75 @@
+"""A client for any OpenAI-compatible chat-completions endpoint (a local vLLM or llama.cpp server, or a
+hosted API): what the `llm` describer, simulator and judge talk to.
+
+Plain urllib, no SDK: POST {url}/chat/completions with {model, messages, temperature, max_tokens}
+and read choices[0].message.content. Rate limits (429) and server errors (5xx) are retried with
+backoff; anything else fails at once, naming the URL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat endpoint."""
+
+    url: str
+    """Base URL of the API, e.g. http://localhost:8000/v1 (the client appends /chat/completions)."""
+    model: str
+    """Model name the server expects."""
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    """Environment variable holding the API key (sent as a Bearer token if set; local servers need none)."""
+    temperature: float = 0.0
+    max_tokens: int = 256
+    timeout: float = 120.0
+    """Seconds per request."""
+    retries: int = 4
+    """Attempts after a 429 / 5xx / connection error before giving up."""
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+class ChatEndpoint:
+    def __init__(self, cfg: EndpointConfig):
+        self.cfg = cfg
+        self.calls = 0
+
+    def complete(self, messages: list[dict], max_tokens: Optional[int] = None) -> str:
+        """The assistant's reply to a list of {'role', 'content'} messages."""
+        cfg = self.cfg
+        body = json.dumps({"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
+                           "max_tokens": max_tokens or cfg.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = cfg.url.rstrip("/") + "/chat/completions"
+        last: Exception = EndpointError("no attempt made")
+        for attempt in range(cfg.retries + 1):
+            if attempt:
+                time.sleep(min(30.0, 0.5 * 2 ** attempt))
+            try:
+                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
+                    reply = json.loads(response.read())
+                self.calls += 1
+                return reply["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as err:
+                if err.code != 429 and err.code < 500:
+                    detail = err.read().decode(errors="replace")[:300]
+                    raise EndpointError(f"{url}: HTTP {err.code}: {detail}") from None
+                last = err
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                last = err
+            except (KeyError, IndexError, json.JSONDecodeError) as err:
+                raise EndpointError(f"{url}: not an OpenAI chat-completions reply ({err!r})") from None
+        raise EndpointError(f"{url}: gave up after {cfg.retries + 1} attempts: {last}")

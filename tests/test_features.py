@@ -1,0 +1,223 @@
+"""Feature descriptions: WordNet reading, activations, SAE, exemplars, describers, simulators, judges,
+the endpoint client against a local fake server, Neuronpedia import."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from groundtruth.features.activations import ActivationBatch, corpus_activations
+from groundtruth.features.describers import DESCRIBERS, DescriberSettings, best_description, top_tokens, wordnet_describer
+from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, EndpointError
+from groundtruth.features.exemplars import FeatureExemplars, Window, merge_exemplars, mine_exemplars
+from groundtruth.features.neuronpedia import load_neuronpedia
+from groundtruth.features.simulators import LexicalSimulator, LLMSimulator, simulation_score
+from groundtruth.sources.wordnet import category_members, load_synsets, parse_data_line
+
+MEMBERS = {"noun.animal": frozenset({"dog", "cat", "horse", "mule", "ox"}), "noun.location": frozenset({"paris", "rome", "city"})}
+lexical = LexicalSimulator(members=lambda c: MEMBERS.get(c, frozenset()))
+
+
+def animal_feature() -> FeatureExemplars:
+    """A feature that fires on animal words (strongest on 'dog'), silent elsewhere."""
+    def window(words, acts):
+        return Window([" " + w for w in words], acts)
+    top = [window(["the", "dog", "ran"], [0, 5.0, 0]), window(["a", "cat", "sat"], [0, 4.0, 0]),
+           window(["my", "dog", "barked"], [0, 4.5, 0]), window(["one", "horse", "ate"], [0, 3.0, 0.2]),
+           window(["the", "mule", "slept"], [0, 2.8, 0]), window(["an", "ox", "pulled"], [0, 2.7, 0])]
+    negatives = [window(["in", "paris", "today"], [0, 0, 0]), window(["rome", "is", "old"], [0, 0, 0.1])]
+    return FeatureExemplars(layer=3, feature=7, top=top, negatives=negatives, active_tokens=6, tokens=24)
+
+
+def test_wordnet_data_lines_parse_into_categories_words_and_examples():
+    line = ('02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 000 | a member of the genus Canis; '
+            '"the dog barked all night"  ')
+    s = parse_data_line(line)
+    assert s.category == "noun.animal" and s.words == ("dog", "domestic dog", "canis familiaris")
+    assert s.examples == ("the dog barked all night",) and s.gloss == "a member of the genus Canis"
+
+
+def test_installed_wordnet_has_its_45_categories():
+    synsets = load_synsets()
+    assert len(synsets) > 100_000
+    members = category_members()
+    assert len(members) == 45 and "dog" in members["noun.animal"] and "run" in members["verb.motion"]
+
+
+def test_lexical_simulation_ranks_a_matching_description_above_wrong_ones():
+    ex = animal_feature()
+    right = simulation_score(lexical, 'words for animals (noun.animal), such as "dog"', ex)
+    tokens = simulation_score(lexical, 'the tokens "dog" and "cat"', ex)
+    wrong = simulation_score(lexical, 'words for places (noun.location), such as "paris"', ex)
+    nothing = simulation_score(lexical, "nothing quoted here", ex)
+    assert right > 0.9 and tokens > 0.7 and right > tokens > wrong and nothing == 0.0
+
+
+def test_describers_find_the_feature_and_the_best_candidate_wins():
+    ex = animal_feature()
+    assert top_tokens(ex)[:2] == ['the token "dog"', 'the tokens "dog" and "cat"']
+    described = wordnet_describer(MEMBERS)(ex)
+    assert described[0].startswith("words for animals (noun.animal), such as") and '"dog"' in described[0]
+    best = best_description(ex, {"top_tokens": top_tokens, "wordnet": wordnet_describer(MEMBERS)}, lexical)
+    text, describer, score, candidates = best
+    assert describer == "wordnet" and score == max(c["simulation"] for c in candidates) and len(candidates) >= 4
+
+
+def test_exemplars_mined_per_shard_and_merged_equal_one_pass():
+    rng = np.random.default_rng(0)
+    n_texts, per_text, d_sae = 12, 6, 5
+    tokens = [f" w{i}" for i in range(n_texts * per_text)]
+    text_of = np.repeat(np.arange(n_texts), per_text)
+    acts = np.maximum(rng.normal(size=(len(tokens), d_sae)), 0).astype(np.float32)
+    whole = ActivationBatch(tokens, text_of, {0: acts})
+    one_pass = mine_exemplars(whole, acts, layer=0, top_k=3, negatives=0, before=2, after=1)
+    half = len(tokens) // 2
+    parts = [mine_exemplars(ActivationBatch(tokens[s], text_of[s], {0: acts[s]}), acts[s], 0, 3, 0, 2, 1)
+             for s in (slice(0, half), slice(half, None))]
+    merged = merge_exemplars(parts, top_k=3, negatives=0)
+    assert set(merged) == set(one_pass)
+    for f in one_pass:
+        assert [w.peak for w in merged[f].top] == [w.peak for w in one_pass[f].top]
+        assert merged[f].tokens == len(tokens) and merged[f].active_tokens == int((acts[:, f] > 0).sum())
+        # the slow reference: the 3 largest per-text maxima
+        per_text = sorted((acts[text_of == t, f].max() for t in range(n_texts)), reverse=True)[:3]
+        assert [w.peak for w in one_pass[f].top] == pytest.approx([float(p) for p in per_text], abs=1e-4)
+        assert all(len(w.tokens) <= 4 for w in one_pass[f].top)
+
+
+def test_corpus_activations_drop_the_first_position_and_match_the_residual_stream(tiny):
+    from groundtruth.patching import layer_states
+
+    model, tok = tiny
+    texts = ["the cat sat on the mat", "a dog"]
+    batch = corpus_activations(model, tok, texts, layers=[0, 1], batch_size=2)
+    ids = tok(texts[0])["input_ids"]
+    kept = [i for i in ids[1:] if i not in set(tok.all_special_ids)]
+    assert batch.tokens[:len(kept)] == [tok.decode([i]) for i in kept]
+    states = layer_states(model, torch.tensor(ids))  # [L + 1, T, d]
+    first = batch.acts[1][:len(kept)]
+    assert np.allclose(first, states[2, len(ids) - len(kept):].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        corpus_activations(model, tok, texts, layers=[99])
+
+
+def test_sae_trains_on_activations_with_few_dead_features_and_round_trips(tmp_path):
+    from groundtruth.features.sae import SAEConfig, decoder_directions, encode, load_sae, sae_metrics, save_sae, train_sae
+
+    rng = np.random.default_rng(0)
+    atoms = rng.normal(size=(32, 16)).astype(np.float32)  # sparse codes over 32 directions
+    codes = (rng.random((3000, 32)) < 0.1) * rng.random((3000, 32))
+    acts = (codes @ atoms).astype(np.float32)
+    cfg = SAEConfig(d_sae=64, k=4, steps=300, batch_size=128, lr=3e-3)
+    sae = train_sae(acts, cfg)
+    metrics = sae_metrics(sae, acts)
+    assert metrics["explained_variance"] > 0.6 and metrics["l0"] <= 4.0 and metrics["dead_fraction"] < 0.5
+    save_sae(sae, tmp_path / "sae")
+    loaded = load_sae(str(tmp_path / "{layer}").replace("{layer}", "sae"), layer=3)
+    assert np.allclose(encode(loaded, acts[:50]), encode(sae, acts[:50]), atol=1e-5)
+    directions = decoder_directions(loaded)
+    assert directions.shape == (64, 16) and np.allclose(np.linalg.norm(directions, axis=1), 1, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="cfg.json"):
+        load_sae(str(tmp_path / "missing_{layer}"), 0)
+
+
+class FakeChatServer:
+    """A local server speaking the OpenAI chat-completions API; `answer(prompt)` writes the reply.
+    The first `fail_first` requests get HTTP 503 (retried by the client)."""
+
+    def __init__(self, answer, fail_first: int = 0):
+        self.prompts: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path == "/v1/chat/completions" and body["model"] == "fake"
+                if outer.fail_first > 0:
+                    outer.fail_first -= 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                prompt = body["messages"][-1]["content"]
+                outer.prompts.append(prompt)
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer(prompt)}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.fail_first = fail_first
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> EndpointConfig:
+        self.thread.start()
+        return EndpointConfig(url=f"http://127.0.0.1:{self.server.server_port}/v1", model="fake", retries=2, timeout=10)
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fake_llm(prompt: str) -> str:
+    """Describes 'animals'; simulates 10 on animal tokens when the description mentions animals;
+    grades 5 when both descriptions mention animals, else 1."""
+    if "what does the feature respond to" in prompt:
+        return "names of animals\n"
+    if "index<TAB>value" in prompt:
+        listing = prompt.split("\n\n")[-1].splitlines()
+        animal = "animal" in prompt.split("Its description:")[1].split("\n")[0]
+        return "\n".join(f"{line.split(chr(9))[0]}\t{10 if animal and any(a in line for a in ('dog', 'cat', 'horse')) else 0}"
+                         for line in listing)
+    a, b = prompt.split("Description A:")[1].split("Description B:")
+    return "5" if "animal" in a and "animal" in b else "1"
+
+
+def test_llm_describer_simulator_and_judge_through_a_fake_endpoint():
+    from eval.judges import make_judge
+
+    ex = animal_feature()
+    with FakeChatServer(fake_llm, fail_first=1) as endpoint:
+        describe = DESCRIBERS["llm"](DescriberSettings(endpoint=endpoint))
+        assert describe(ex) == ["names of animals"]
+        simulator = LLMSimulator(ChatEndpoint(endpoint))
+        assert simulation_score(simulator, "names of animals", ex) > simulation_score(simulator, "places", ex)
+        judge = make_judge("llm", endpoint)
+        assert judge.grade(["animal words", "city names"], ["names of animals", "names of animals"]) == [1.0, 0.0]
+    with pytest.raises(EndpointError, match="gave up after 1 attempts"):
+        ChatEndpoint(EndpointConfig(url=endpoint.url, model="fake", retries=0, timeout=2)).complete(
+            [{"role": "user", "content": "hi"}])
+
+
+def test_embedding_judge_prefers_the_matching_description():
+    from eval.judges import make_judge
+
+    judge = make_judge("embedding")
+    gold = ["words for animals, such as dog and horse", 'the tokens "Paris" and "Rome"']
+    right = judge.grade(['words for animals (noun.animal), such as "cat"', 'the tokens "Rome" and "Paris"'], gold)
+    wrong = judge.grade(['the tokens "Rome" and "Paris"', 'words for animals (noun.animal), such as "cat"'], gold)
+    assert all(0 <= g <= 1 for g in right + wrong) and right[0] > wrong[0] and right[1] > wrong[1]
+    assert judge.grade(["same text"], ["same text"])[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_neuronpedia_export_loads_and_bad_rows_are_named(tmp_path):
+    export = [{"modelId": "llama3.1-8b", "layer": "12-llamascope-res-131k", "index": "345", "description": "legal terms"},
+              {"modelId": "llama3.1-8b", "layer": "12-llamascope-res-131k", "index": "345", "description": "law words"},
+              {"modelId": "llama3.1-8b", "layer": "3-llamascope-res-131k", "index": "7", "description": "animals"}]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    table = load_neuronpedia(str(path))
+    assert table == {(12, 345): ["legal terms", "law words"], (3, 7): ["animals"]}
+    describe = DESCRIBERS["neuronpedia"](DescriberSettings(neuronpedia=table))
+    assert describe(animal_feature()) == ["animals"]
+    path.write_text(json.dumps(export + [{"layer": "4-x", "description": "no index"}]))
+    with pytest.raises(ValueError, match="explanation 3"):
+        load_neuronpedia(str(path))
