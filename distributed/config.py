@@ -17,6 +17,7 @@ import yaml
 
 from eval.baselines import BASELINES
 from groundtruth.ablation import AblationConfig
+from groundtruth.features.task import FeatureConfig
 from groundtruth.patching_task import PatchingConfig
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from training.step import TrainConfig
@@ -32,6 +33,8 @@ class TasksConfig:
     """Task C: remove a span of the input; does the output change, and to what?"""
     activation_patching: Optional[PatchingConfig] = None
     """Task B: write a counterfactual prompt's block-mean state over a position; how does the output change?"""
+    feature_descriptions: Optional[FeatureConfig] = None
+    """Task A: what inputs activate an SAE feature direction of the target?"""
 
     def enabled(self) -> dict:
         return {name: cfg for name, cfg in vars(self).items() if cfg is not None}

@@ -16,7 +16,7 @@ from typing import Optional
 
 from eval.baselines import BASELINES
 from eval.matrix import Cell
-from eval.metrics import score
+from eval.metrics import make_scorer
 from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
 from groundtruth.tasks import TASKS
@@ -97,18 +97,20 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     units: list[EvalUnit] = []
     records_of: dict[tuple[str, str], list[Record]] = {}
     exports = {(j.task, j.target, j.explainer): j for j in train_jobs(cfg)}
+    scorers = {task: make_scorer(task, task_cfg) for task, task_cfg in cfg.tasks.enabled().items()}
     for task in cfg.tasks.enabled():
+        score = scorers[task]
         for target in cfg.targets:
             test = records_of[(task, target)] = test_records(cfg, task, target)
             out = cfg.run_dir / "eval" / task / target
-            data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg)])
+            data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks.enabled()[task])])
             train: Optional[list[Record]] = None
-            for name in ec.baselines:
+            for name in (b for b in ec.baselines if BASELINES[b].applies_to(task)):
                 path = out / f"{name}.json"
                 cell = _load_cell(path, data_key)
                 if cell is None:
                     train = train if train is not None else list(iter_records(gt_dir(cfg, task, target) / "train"))
-                    preds = BASELINES[name](train, test)
+                    preds = BASELINES[name].predict(train, test)
                     cell = Cell(task, name, "baseline", name, target, score(preds, test))
                     _save_cell(path, data_key, cell, preds)
                 cells.append(cell)
@@ -136,7 +138,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
 
         def on_result(unit: EvalUnit, predictions: list[str]) -> int:
             test = records_of[(unit.task, unit.target)]
-            cell = Cell(unit.task, unit.row, unit.kind, unit.explainer, unit.target, score(predictions, test))
+            cell = Cell(unit.task, unit.row, unit.kind, unit.explainer, unit.target, scorers[unit.task](predictions, test))
             _save_cell(Path(unit.path), unit.key, cell, predictions)
             cells.append(cell)
             return len(predictions)

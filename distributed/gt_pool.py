@@ -55,6 +55,20 @@ class GroundTruthWorker:
         _maybe_die(unit, Path(out_path), records)
         return write_shard(Path(out_path), records)
 
+    def activations(self, task_cfg, texts: list[str], out_path: str, batch_size: int) -> int:
+        """Feature descriptions, step 1: the residual stream at the task's layers over corpus texts,
+        saved atomically as one .npz; returns the token count."""
+        from groundtruth.features.activations import corpus_activations
+        from groundtruth.features.task import target_layers
+
+        layers = target_layers(task_cfg, self.model.config.num_hidden_layers)
+        batch = corpus_activations(self.model, self.tokenizer, texts, layers, batch_size, task_cfg.max_tokens)
+        path = Path(out_path)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        batch.save(tmp)
+        os.replace(tmp, path)
+        return len(batch.tokens)
+
 
 def _maybe_die(unit: int, out_path: Path, records: list[Record]) -> None:
     """Fault injection for tests: write half a shard under the temporary name, then exit hard."""
@@ -73,10 +87,17 @@ def run_groundtruth(cfg: RunConfig) -> dict:
     """Generate (or finish) ground truth for every enabled task and target; returns label stats."""
     import ray
 
+    from .feature_stage import run_feature_groundtruth
+
     pc = cfg.groundtruth
     stats: dict = {}
     for task, task_cfg in cfg.tasks.enabled().items():
         spec = TASKS[task]
+        if spec.build_items is None:  # a staged task (feature descriptions) with its own steps
+            for target in cfg.targets:
+                stats.setdefault(task, {})[target] = run_feature_groundtruth(
+                    cfg, task, task_cfg, target, gt_dir(cfg, task, target), gt_hash(cfg, task, target))
+            continue
         items = spec.build_items(task_cfg, cfg.seed)
         units = [items[i:i + pc.items_per_shard] for i in range(0, len(items), pc.items_per_shard)]
         for target in cfg.targets:

@@ -84,6 +84,16 @@ def plan(cfg: RunConfig) -> str:
     lines += [f"  {name}: {spec.source} ({describe(spec.source)}, {spec.dtype})" for name, spec in cfg.models.items()]
     lines.append(f"targets: {', '.join(cfg.targets)}; explainers: {', '.join(cfg.explainers)}")
     for task, task_cfg in cfg.tasks.enabled().items():
+        if TASKS[task].build_items is None:  # feature descriptions
+            n_shards = -(-task_cfg.corpus_texts // task_cfg.texts_per_shard)
+            sae = f"pretrained {task_cfg.sae.pretrained}" if task_cfg.sae.pretrained else \
+                f"TopK SAEs trained here (d_sae {task_cfg.sae.d_sae}, k {task_cfg.sae.k}, {task_cfg.sae.steps} steps)"
+            lines += [f"task {task}: {task_cfg.corpus_texts} texts of {', '.join(task_cfg.corpus)} -> {n_shards} "
+                      f"activation shards per target; layers {task_cfg.layers if task_cfg.layers is not None else f'at depths {task_cfg.depths}'}; {sae}",
+                      f"  describers {', '.join(task_cfg.describers)}, simulator {task_cfg.simulator}, judge {task_cfg.judge}; "
+                      f"{task_cfg.test_features_per_layer} held-out features per layer",
+                      f"  groundtruth: {gp.actors} actors x ({gp.actor_cpus} CPU, {gp.actor_gpus} GPU), batch {gp.batch_size}"]
+            continue
         try:
             n_items = len(TASKS[task].build_items(task_cfg, cfg.seed))
             n_units = -(-n_items // gp.items_per_shard)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from eval.matrix import HEADLINE, cells_of
+from eval.matrix import cells_of, headline
 
 from .config import RunConfig
 from .typed_yaml import to_dict
@@ -31,10 +31,11 @@ def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[P
     for c in cells:
         for metric, value in c.metrics.items():
             run.summary[f"{c.task}/{metric}/{c.row}/{c.target}"] = value
-    for task in matrix["tasks"]:
-        rows = [[f"{c.row} -> {c.target}", c.metrics.get(HEADLINE, 0.0)] for c in cells if c.task == task]
-        bar_table = wandb.Table(data=rows, columns=["cell", HEADLINE])
-        run.log({f"{task}/{HEADLINE}_bar": wandb.plot.bar(bar_table, "cell", HEADLINE, title=f"{task}: {HEADLINE}")})
+    for task, task_table in matrix["tasks"].items():
+        metric = headline(task_table)
+        rows = [[f"{c.row} -> {c.target}", c.metrics.get(metric, 0.0)] for c in cells if c.task == task]
+        bar_table = wandb.Table(data=rows, columns=["cell", metric])
+        run.log({f"{task}/{metric}_bar": wandb.plot.bar(bar_table, "cell", metric, title=f"{task}: {metric}")})
     for image in images:
         run.log({f"heatmap/{image.stem}": wandb.Image(str(image))})
     for log in sorted(cfg.run_dir.glob("explainers/*/*/train_log.jsonl")):

@@ -1,8 +1,11 @@
-"""Baselines that need no explainer model (a registry: name -> predictor)."""
+"""Baselines that need no explainer model (a registry: name -> predictor(train, test) -> predictions)."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
 
 from groundtruth.records import Record
 
@@ -15,5 +18,42 @@ def majority_class(train: list[Record], test: list[Record]) -> list[str]:
     return [best] * len(test)
 
 
-BASELINES: dict[str, Callable[[list[Record], list[Record]], list[str]]] = {"majority": majority_class}
-"""Baseline name -> predictor(train records, test records) -> predictions."""
+def nearest_neighbour(train: list[Record], test: list[Record]) -> list[str]:
+    """Vector tasks: the explanation of the train record (same layers) whose vector has the largest dot
+    product with the test vector (the paper's nearest-neighbour baseline for task A)."""
+    if any(r.vector is None for r in train + test):
+        raise ValueError("nearest_neighbour baseline: every record needs a vector (a vector task)")
+    by_layers: dict[tuple, list[Record]] = {}
+    for r in train:
+        by_layers.setdefault(tuple(r.layers or ()), []).append(r)
+    out = []
+    for r in test:
+        pool = by_layers.get(tuple(r.layers or ()))
+        if not pool:
+            raise ValueError(f"nearest_neighbour baseline: no train record at layers {r.layers}")
+        scores = np.stack([p.vector for p in pool]) @ r.vector
+        out.append(pool[int(scores.argmax())].explanation)
+    return out
+
+
+def gold(train: list[Record], test: list[Record]) -> list[str]:
+    """The gold explanations themselves: the ceiling (task A: the gold labels' own simulation score)."""
+    return [r.explanation for r in test]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    predict: Callable[[list[Record], list[Record]], list[str]]
+    tasks: Optional[tuple[str, ...]] = None
+    """Tasks the baseline means something for (None: all); it is skipped for the others."""
+
+    def applies_to(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
+
+
+BASELINES: dict[str, Baseline] = {
+    "majority": Baseline(majority_class),
+    "nearest_neighbour": Baseline(nearest_neighbour, ("activation_patching", "feature_descriptions")),
+    "gold": Baseline(gold, ("feature_descriptions",)),  # the ceiling of the simulation score
+}
+"""Baseline name -> predictor(train records, test records) -> predictions, and the tasks it applies to."""

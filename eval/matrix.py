@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-HEADLINE = "exact_match"  # the metric the heatmap and summary scalars show
+from .metrics import metrics_of
 
 
 @dataclass
@@ -28,14 +28,20 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
     """matrix.json content: per task, its targets, rows (cells by target) and label statistics."""
     tasks: dict = {}
     for cell in cells:  # targets in the order cells first name them
-        task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "label_stats": label_stats.get(cell.task, {})})
+        task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "metrics": list(metrics_of(cell.task)),
+                                            "label_stats": label_stats.get(cell.task, {})})
         if cell.target not in task["targets"]:
             task["targets"].append(cell.target)
     kind_order = {"trained": 0, "no_vector": 1, "untrained": 2, "baseline": 3}  # row order
     for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, 3), c.row)):
         row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
-    return {"headline_metric": HEADLINE, "tasks": tasks}
+    return {"tasks": tasks}
+
+
+def headline(table: dict) -> str:
+    """The metric a task's heatmap and bar chart show (its first)."""
+    return table["metrics"][0]
 
 
 def add_projection_errors(matrix: dict, errors: dict) -> dict:

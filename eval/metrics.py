@@ -38,3 +38,44 @@ def score(predictions: list[str], records: list[Record]) -> dict:
         "content_match": content / n,
         "parse_rate": parsed / n,
     }
+
+
+CAUSAL_METRICS = ("exact_match", "changed_macro_f1", "content_match", "parse_rate")
+DESCRIPTION_METRICS = ("judge", "simulation")
+
+
+def score_descriptions(predictions: list[str], records: list[Record], judge, simulator) -> dict:
+    """Task A: the judge's 0..1 similarity to the gold description and the simulation score of the
+    generated description on the feature's exemplars (carried in each record's query), averaged."""
+    from groundtruth.features.exemplars import FeatureExemplars
+    from groundtruth.features.simulators import simulation_score
+
+    if len(predictions) != len(records):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
+    if not records:
+        return {"n": 0}
+    grades = judge.grade([p.strip() for p in predictions], [r.explanation for r in records])
+    sims = [simulation_score(simulator, p.strip(), FeatureExemplars.from_json(r.query["exemplars"]))
+            for p, r in zip(predictions, records)]
+    return {"n": len(records), "judge": sum(grades) / len(grades), "simulation": sum(sims) / len(sims)}
+
+
+def metrics_of(task: str) -> tuple[str, ...]:
+    """The metrics a task's cells carry, headline first."""
+    from groundtruth.features.task import TASK as FEATURES
+
+    return DESCRIPTION_METRICS if task == FEATURES else CAUSAL_METRICS
+
+
+def make_scorer(task: str, task_cfg):
+    """score(predictions, records) -> metrics for a task; task A's judge and simulator are built once."""
+    from groundtruth.features.task import TASK as FEATURES
+
+    if task != FEATURES:
+        return score
+    from groundtruth.features.task import simulator_of
+
+    from .judges import make_judge
+
+    judge, simulator = make_judge(task_cfg.judge, task_cfg.endpoint), simulator_of(task_cfg)
+    return lambda predictions, records: score_descriptions(predictions, records, judge, simulator)

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .matrix import HEADLINE
-
-METRICS = ("exact_match", "changed_macro_f1", "content_match", "parse_rate")
+from .matrix import headline
 
 
-def heatmap(task: str, table: dict, path: Path, metric: str = HEADLINE) -> Path:
+def heatmap(task: str, table: dict, path: Path, metric: str) -> Path:
     """Rows x targets heatmap of one metric; self cells outlined."""
     import matplotlib
 
@@ -48,15 +46,30 @@ def _table(table: dict, metric: str) -> list[str]:
     return lines
 
 
+def _feature_stats(stats: dict) -> list[str]:
+    lines = []
+    for layer, m in stats["sae"].items():
+        lines.append(f"- SAE layer {layer} ({m['source']}): {m['d_sae']} features, L0 {m['l0']:.1f}, explained variance "
+                     f"{m['explained_variance']:.3f}, dead fraction {m['dead_fraction']:.3f} over {m['tokens']} tokens")
+    for split in ("raw", "train", "test"):
+        s = stats.get(split, {})
+        if s.get("count"):
+            top = ", ".join(f"{t!r} x{c}" for t, c in s["top_labels"][:3])
+            lines.append(f"- {split}: {s['count']} features, describers chosen {s['describers']}, mean simulation "
+                         f"score of the gold labels {s['mean_simulation']:.3f}, {s['distinct_labels']} distinct labels; "
+                         f"most repeated: {top}")
+    return lines + [""]
+
+
 def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
     """report.md with per-task metric tables, heatmaps and label statistics; returns its path."""
     lines = [f"# selfexplain report: {config_name}", "",
              "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
              "target models. A self cell is an explainer explaining the model it is a copy of.", ""]
     for task, table in matrix["tasks"].items():
-        png = heatmap(task, table, run_dir / f"heatmap_{task}.png")
+        png = heatmap(task, table, run_dir / f"heatmap_{task}.png", headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
-        for metric in METRICS:
+        for metric in table["metrics"]:
             lines += [f"### {metric}", "", *_table(table, metric), ""]
         n = {t: next(iter(r["cells"].get(t, {"n": 0})["n"] for r in table["rows"].values() if t in r["cells"]), 0)
              for t in table["targets"]}
@@ -69,6 +82,9 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
             lines.append("")
         for target, stats in table.get("label_stats", {}).items():
             lines += [f"### labels of target {target}", ""]
+            if "sae" in stats:  # feature descriptions
+                lines += _feature_stats(stats)
+                continue
             for split, s in stats.items():
                 if not s.get("count"):
                     continue

@@ -221,3 +221,46 @@ def test_neuronpedia_export_loads_and_bad_rows_are_named(tmp_path):
     path.write_text(json.dumps(export + [{"layer": "4-x", "description": "no index"}]))
     with pytest.raises(ValueError, match="explanation 3"):
         load_neuronpedia(str(path))
+
+
+def feature_record(layer: int, feature: int, vector, description: str):
+    from groundtruth.records import Record
+
+    ex = animal_feature()
+    return Record(record_id=f"L{layer}-F{feature}", task="feature_descriptions", target="t", split="raw",
+                  source_id=f"L{layer}-F{feature}", prompt="", question="", explanation=description, changed=False,
+                  output_before="", output_after="", layers=[layer], vector=np.asarray(vector, dtype=np.float32),
+                  query={"simulation": 0.5, "describer": "top_tokens", "exemplars": ex.to_json()})
+
+
+def test_features_are_held_out_whole_per_layer():
+    from groundtruth.features.task import FeatureConfig, split_features
+
+    records = [feature_record(layer, f, [1.0, 0.0], f"d{f}") for layer in (2, 5) for f in range(20)]
+    train, test = split_features(records, FeatureConfig(test_features_per_layer=4, max_train_features_per_layer=10), seed=0)
+    assert [sum(r.layers[0] == l for r in test) for l in (2, 5)] == [4, 4]
+    assert [sum(r.layers[0] == l for r in train) for l in (2, 5)] == [10, 10]
+    assert not {r.source_id for r in train} & {r.source_id for r in test}
+    assert {r.split for r in train} == {"train"} and {r.split for r in test} == {"test"}
+
+
+def test_nearest_neighbour_takes_the_label_of_the_largest_dot_product_in_the_same_layer():
+    from eval.baselines import BASELINES
+
+    train = [feature_record(1, 0, [1, 0], "one-x"), feature_record(1, 1, [0, 1], "one-y"), feature_record(2, 2, [5, 5], "two")]
+    test = [feature_record(1, 9, [0.2, 0.9], "?"), feature_record(1, 8, [3, -1], "?"), feature_record(2, 7, [-1, 0], "?")]
+    assert BASELINES["nearest_neighbour"].predict(train, test) == ["one-y", "one-x", "two"]
+    assert not BASELINES["nearest_neighbour"].applies_to("input_ablation")
+
+
+def test_description_scores_rank_the_right_description_first():
+    from eval.metrics import score_descriptions
+
+    class WordJudge:  # 1 when the two texts share a word, else 0
+        def grade(self, predictions, golds):
+            return [float(bool(set(p.split()) & set(g.split()))) for p, g in zip(predictions, golds)]
+
+    records = [feature_record(1, 0, [1, 0], 'words for animals (noun.animal), such as "dog"')]
+    right = score_descriptions(['the tokens "dog" and "cat"'], records, WordJudge(), lexical)
+    wrong = score_descriptions(['the token "paris"'], records, WordJudge(), lexical)
+    assert right["simulation"] > 0.5 > wrong["simulation"] and right["n"] == 1

@@ -1,4 +1,4 @@
-"""The whole pipeline on tiny models through the real machinery, both causal tasks: Ray actor pool
+"""The whole pipeline on tiny models through the real machinery, all three tasks: Ray actor pool
 (2 actors, one killed mid-shard), Ray Train + DeepSpeed ZeRO-2 (2 workers), Ray evaluators, report and
 offline W&B. Explainer b is wider than target a, so its patching explainer reads vectors through Pi."""
 import json
@@ -22,11 +22,15 @@ CONFIG = {
     "explainers": ["a", "b"],
     "tasks": {"input_ablation": {"max_sources": 12, "test_fraction": 0.3, "max_new_tokens": 3, "span": {"answer_pattern": "\\S+"}},
               "activation_patching": {"max_facts": 8, "relations": ["capital"], "num_blocks": 2, "test_fraction": 0.3,
-                                      "max_train_records": 24, "max_test_records": 8}},
+                                      "max_train_records": 24, "max_test_records": 8},
+              "feature_descriptions": {"layers": [1], "corpus": ["wordnet"], "corpus_texts": 120, "texts_per_shard": 40,
+                                       "max_tokens": 24, "sae": {"d_sae": 64, "k": 4, "steps": 80, "batch_size": 64},
+                                       "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6}},
     "groundtruth": {"actors": 2, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
     "train": {"num_workers": 2, "worker_cpus": 0.5, "zero_stage": 2, "max_steps": 4, "micro_batch_size": 2,
               "checkpoint_every": 2, "log_every": 2, "projection": {"fit_texts": 40}},
-    "eval": {"max_examples": 6, "max_new_tokens": 8, "actors": 2, "actor_cpus": 0.5},
+    "eval": {"max_examples": 6, "max_new_tokens": 8, "actors": 2, "actor_cpus": 0.5,
+             "baselines": ["majority", "nearest_neighbour", "gold"]},
     "ray": {"num_cpus": 4},
 }
 
@@ -61,7 +65,8 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     assert json.loads((gt / "label_stats.json").read_text())["raw"]["count"] == len(expected)
 
     # two explainers trained through Ray Train with 2 workers each, exported
-    for name in ("input_ablation/a_on_a", "input_ablation/b_on_a", "activation_patching/a_on_a", "activation_patching/b_on_a"):
+    for name in ("input_ablation/a_on_a", "input_ablation/b_on_a", "activation_patching/a_on_a", "activation_patching/b_on_a",
+                 "feature_descriptions/a_on_a", "feature_descriptions/b_on_a"):
         export = cfg.run_dir / "explainers" / name / "export"
         meta = json.loads((export / "selfexplain.json").read_text())
         assert meta["steps"] == 4
@@ -78,7 +83,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     # activation patching: vectors in the shards, no-vector rows, the cross explainer through a fitted Pi
     patching = matrix["tasks"]["activation_patching"]
     assert set(patching["rows"]) == {"a trained", "a trained, no vector", "a untrained", "b trained",
-                                     "b trained, no vector", "b untrained", "majority"}
+                                     "b trained, no vector", "b untrained", "majority", "nearest_neighbour"}
     test = list(iter_records(cfg.run_dir / "groundtruth" / "activation_patching" / "a" / "test"))
     assert test and all(r.vector.shape == (32,) and r.layers and r.token_type for r in test)
     assert list(patching["projection_fit_error"]) == ["b<-a"]
@@ -87,11 +92,27 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     assert json.loads((cross / "selfexplain.json").read_text())["projection"]["kind"] == "lstsq"
     assert "lstsq projection b<-a" in (cfg.run_dir / "report.md").read_text()
     assert list((cfg.run_dir / "wandb").glob("offline-run-*"))
+
+    # feature descriptions: an SAE trained here, whole features held out, judge and simulation scores
+    features = matrix["tasks"]["feature_descriptions"]
+    assert features["metrics"] == ["judge", "simulation"]
+    assert set(features["rows"]) == {"a trained", "a trained, no vector", "a untrained", "b trained",
+                                     "b trained, no vector", "b untrained", "majority", "nearest_neighbour", "gold"}
+    stats = features["label_stats"]["a"]
+    assert stats["sae"]["1"]["d_sae"] == 64 and 0 < stats["sae"]["1"]["explained_variance"] <= 1
+    fgt = cfg.run_dir / "groundtruth" / "feature_descriptions" / "a"
+    train_f = {r.source_id for r in iter_records(fgt / "train")}
+    test_f = list(iter_records(fgt / "test"))
+    assert len(test_f) == 6 and train_f and not train_f & {r.source_id for r in test_f}
+    assert all(r.vector.shape == (32,) and r.layers == [1] and r.query["exemplars"]["top"] for r in test_f)
+    gold = features["rows"]["gold"]["cells"]["a"]
+    assert gold["judge"] == pytest.approx(1.0, abs=1e-3) and gold["simulation"] > 0.3
+    assert "SAE layer 1 (trained here): 64 features" in (cfg.run_dir / "report.md").read_text()
     assert (cfg.run_dir / "config.resolved.yaml").exists()
 
     # a rerun of finished stages is a no-op: no shard, export or eval cell is rewritten
     watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/model.safetensors")) \
-        + list(cfg.run_dir.glob("eval/*/*/*.json"))
+        + list(cfg.run_dir.glob("eval/*/*/*.json")) + list(fgt.rglob("*.tar")) + list(fgt.rglob("*.npz"))
     before = {p: p.stat().st_mtime_ns for p in watched}
     monkeypatch.delenv(FAULT_ENV)
     run(cfg, ("groundtruth", "train", "eval"))

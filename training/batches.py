@@ -27,10 +27,22 @@ TEMPLATES: dict[str, list[str]] = {
         "{vec} is written over the residual stream of {token!r}, position {position}, in layers {layers} "
         "while the model reads: {prompt}\nWhat does the model output now?",
     ],
+    # the paper's task A prompts: the decoder direction as the soft token and its layer
+    "feature_descriptions": [
+        "At layer {layers}, {vec} encodes ",
+        "What does {vec} encode at layer {layers}? ",
+        "Describe the inputs that activate {vec} in layer {layers}: ",
+    ],
 }
 """Explainer prompt templates per task, one picked per record. Fields: {prompt} (the target's input),
 {question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
 left out of the prompt), {layers}, {token}, {position}."""
+
+
+def _layer_text(layers: Optional[list[int]]) -> str:
+    if not layers:
+        return ""
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
 
 def explainer_text(record: Record, with_vector: bool = True) -> str:
@@ -41,7 +53,7 @@ def explainer_text(record: Record, with_vector: bool = True) -> str:
     pick = int(hashlib.sha256(record.record_id.encode()).hexdigest(), 16) % len(templates)
     return templates[pick].format(prompt=record.prompt, question=record.question,
                                   vec=VECTOR_TEXT if with_vector and record.vector is not None else "",
-                                  layers=f"{record.layers[0]}-{record.layers[-1]}" if record.layers else "", token=record.query.get("token", ""),
+                                  layers=_layer_text(record.layers), token=record.query.get("token", ""),
                                   position=record.query.get("position", ""))
 
 
