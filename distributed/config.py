@@ -94,7 +94,10 @@ class EvalConfig(ActorPoolConfig):
     no_vector: bool = True
     """For vector tasks, also score each trained explainer with the vector left out of its prompt."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
-    """Baselines to score (see eval/baselines.py)."""
+    """Baselines to score (see eval/baselines.py); each is scored on the tasks it applies to."""
+    selfie_scales: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0])
+    """Feature descriptions: SelfIE reads v unit-normalised times each scale with the untrained
+    explainer; the best scale's scores are reported (the paper's scales). Empty: no SelfIE row."""
 
     def check(self) -> None:
         unknown = set(self.baselines) - set(BASELINES)

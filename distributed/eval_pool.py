@@ -2,8 +2,11 @@
 
 Rows per task and target: each explainer fine-tuned on that target ("trained"), each explainer before
 fine-tuning ("untrained"), for vector tasks the trained explainer with the vector left out of its
-prompt ("no_vector", the paper's check of how much v matters), and the configured baselines. Each scored cell is saved under
-eval/<task>/<target>/<row>.json with a hash of what it depends on, so a rerun skips finished cells.
+prompt ("no_vector", the paper's check of how much v matters), for feature descriptions SelfIE (the
+untrained explainer reading v unit-normalised and scaled, best of eval.selfie_scales), and the
+configured baselines. Tasks with out-of-distribution sets (feature descriptions: ACT, dACT) score
+the trained rows and baselines on those too, as matrix tasks '<task>:<set>'. Each scored cell is saved
+under eval/<task>/<target>/<row>.json with a hash of what it depends on, so a rerun skips finished cells.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Optional
 
 from eval.baselines import BASELINES
 from eval.matrix import Cell
-from eval.metrics import make_scorer
+from eval.metrics import make_scorer, metrics_of
 from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
 from groundtruth.tasks import TASKS
@@ -34,9 +37,10 @@ from .typed_yaml import stable_hash
 @dataclass(frozen=True)
 class EvalUnit:
     task: str
+    cell_task: str  # the matrix task: task, or '<task>:<set>' for an out-of-distribution set
     target: str
     row: str
-    kind: str  # trained | no_vector | untrained
+    kind: str  # trained | no_vector | untrained | selfie | subset (trained on n records per layer)
     explainer: str
     job: TrainJob  # the training job of this (task, target, explainer): base model, export, projection
     path: str  # where the scored cell goes
@@ -51,13 +55,15 @@ class Evaluator:
 
         torch.set_num_threads(threads)
 
-    def explain(self, unit: EvalUnit, records: list[Record], fmt: str, max_new_tokens: int, batch_size: int) -> list[str]:
+    def explain(self, unit: EvalUnit, records: list[Record], fmt: str, max_new_tokens: int, batch_size: int,
+                scales: tuple[float, ...] = ()):
+        """Predictions for the unit's records; for SelfIE a dict scale -> predictions."""
         from eval.generate import explain
         from groundtruth.models import load_model
         from training.step import job_projection
 
         job = unit.job
-        if unit.kind == "untrained":
+        if unit.kind in ("untrained", "selfie"):
             model, tok = load_model(job.explainer_spec)
             projection = None
             if any(r.vector is not None for r in records):  # start from the same Pi training started from
@@ -65,13 +71,26 @@ class Evaluator:
         else:
             model, tok, projection = load_explainer(job.export_dir, {
                 "task": unit.task, "target": unit.target, "explainer_spec": dataclasses.asdict(job.explainer_spec)})
+        if unit.kind == "selfie":
+            return {scale: explain(model, tok, records, fmt, max_new_tokens, batch_size, projection, vector_scale=scale)
+                    for scale in scales}
         return explain(model, tok, records, fmt, max_new_tokens, batch_size, projection,
                        with_vector=unit.kind != "no_vector")
 
 
-def test_records(cfg: RunConfig, task: str, target: str) -> list[Record]:
-    records = list(iter_records(gt_dir(cfg, task, target) / "test"))
+def test_records(cfg: RunConfig, task: str, target: str, split: str = "test") -> list[Record]:
+    """The records a split is scored on (at most eval.max_examples); [] for a set a run did not make."""
+    folder = gt_dir(cfg, task, target) / split
+    if split != "test" and not (folder / "manifest.json").exists():
+        return []
+    records = list(iter_records(folder))
     return records[: cfg.eval.max_examples] if cfg.eval.max_examples else records
+
+
+def best_scale(scored: dict[float, dict], metric: str) -> tuple[float, dict]:
+    """SelfIE: the scale whose metrics are best on `metric` (the paper reports the best scale)."""
+    scale = max(scored, key=lambda s: (scored[s].get(metric, 0.0), -s))
+    return scale, {**scored[scale], "scale": scale, f"{metric}_by_scale": {str(s): m.get(metric) for s, m in scored.items()}}
 
 
 def _save_cell(path: Path, key: str, cell: Cell, predictions: list[str]) -> None:
@@ -96,49 +115,69 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     cells: list[Cell] = []
     units: list[EvalUnit] = []
     records_of: dict[tuple[str, str], list[Record]] = {}
-    exports = {(j.task, j.target, j.explainer): j for j in train_jobs(cfg)}
+    jobs = train_jobs(cfg)
+    exports = {(j.task, j.target, j.explainer): j for j in jobs if j.max_records_per_layer is None}
+    subsets = [j for j in jobs if j.max_records_per_layer is not None]  # the data-efficiency curve
     scorers = {task: make_scorer(task, task_cfg) for task, task_cfg in cfg.tasks.enabled().items()}
     for task in cfg.tasks.enabled():
-        score = scorers[task]
-        for target in cfg.targets:
-            test = records_of[(task, target)] = test_records(cfg, task, target)
-            out = cfg.run_dir / "eval" / task / target
-            data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks.enabled()[task])])
-            train: Optional[list[Record]] = None
-            for name in (b for b in ec.baselines if BASELINES[b].applies_to(task)):
-                path = out / f"{name}.json"
-                cell = _load_cell(path, data_key)
-                if cell is None:
-                    train = train if train is not None else list(iter_records(gt_dir(cfg, task, target) / "train"))
-                    preds = BASELINES[name].predict(train, test)
-                    cell = Cell(task, name, "baseline", name, target, score(preds, test))
-                    _save_cell(path, data_key, cell, preds)
-                cells.append(cell)
-            for explainer in cfg.explainers:
-                job = exports[(task, target, explainer)]
-                rows = [("trained", f"{explainer} trained")]
-                if TASKS[task].has_vectors and ec.no_vector:
-                    rows.append(("no_vector", f"{explainer} trained, no vector"))
-                if ec.untrained:
-                    rows.append(("untrained", f"{explainer} untrained"))
-                for kind, row in rows:
-                    stamp = (job.export_dir / "selfexplain.json").read_text() if kind != "untrained" else ""
-                    key = stable_hash([data_key, kind, dataclasses.asdict(cfg.models[explainer]), stamp,
-                                       cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection)])
-                    path = out / f"{row.replace(' ', '_').replace(',', '')}.json"
-                    done = _load_cell(path, key)
-                    if done:
-                        cells.append(done)
-                    else:
-                        units.append(EvalUnit(task, target, row, kind, explainer, job, str(path), key))
+        score, spec = scorers[task], TASKS[task]
+        for split in spec.eval_splits:
+            cell_task = task if split == "test" else f"{task}:{split}"
+            for target in cfg.targets:
+                test = records_of[(cell_task, target)] = test_records(cfg, task, target, split)
+                if not test:
+                    continue
+                out = cfg.run_dir / "eval" / cell_task.replace(":", "_") / target
+                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks.enabled()[task])])
+                train: Optional[list[Record]] = None
+                for name in (b for b in ec.baselines if BASELINES[b].applies_to(task)):
+                    path = out / f"{name}.json"
+                    cell = _load_cell(path, data_key)
+                    if cell is None:
+                        train = train if train is not None else list(iter_records(gt_dir(cfg, task, target) / "train"))
+                        preds = BASELINES[name].predict(train, test)
+                        cell = Cell(cell_task, name, "baseline", name, target, score(preds, test))
+                        _save_cell(path, data_key, cell, preds)
+                    cells.append(cell)
+                for explainer in cfg.explainers:
+                    main = exports[(task, target, explainer)]
+                    rows = [("trained", f"{explainer} trained", main)]
+                    if split == "test":
+                        if spec.has_vectors and ec.no_vector:
+                            rows.append(("no_vector", f"{explainer} trained, no vector", main))
+                        if ec.untrained:
+                            rows.append(("untrained", f"{explainer} untrained", main))
+                        if spec.selfie and ec.selfie_scales:
+                            rows.append(("selfie", f"{explainer} SelfIE", main))
+                        rows += [("subset", f"{explainer} trained, {j.max_records_per_layer} per layer", j) for j in subsets
+                                 if (j.task, j.target, j.explainer) == (task, target, explainer)]
+                    for kind, row, job in rows:
+                        stamp = (job.export_dir / "selfexplain.json").read_text() if kind in ("trained", "no_vector", "subset") else ""
+                        key = stable_hash([data_key, kind, dataclasses.asdict(cfg.models[explainer]), stamp,
+                                           cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection),
+                                           ec.selfie_scales if kind == "selfie" else None])
+                        path = out / f"{row.replace(' ', '_').replace(',', '')}.json"
+                        done = _load_cell(path, key)
+                        if done:
+                            cells.append(done)
+                        else:
+                            units.append(EvalUnit(task, cell_task, target, row, kind, explainer, job, str(path), key))
     if units:
         for spec in {u.job.explainer_spec.source: u.job.explainer_spec for u in units}.values():
             prepare(spec)
         actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(Evaluator)
 
-        def on_result(unit: EvalUnit, predictions: list[str]) -> int:
-            test = records_of[(unit.task, unit.target)]
-            cell = Cell(unit.task, unit.row, unit.kind, unit.explainer, unit.target, scorers[unit.task](predictions, test))
+        def on_result(unit: EvalUnit, predictions) -> int:
+            test = records_of[(unit.cell_task, unit.target)]
+            score = scorers[unit.task]
+            if unit.kind == "selfie":
+                scale, metrics = best_scale({s: score(p, test) for s, p in predictions.items()}, metrics_of(unit.task)[0])
+                predictions = predictions[scale]
+            else:
+                metrics = score(predictions, test)
+            if unit.kind in ("trained", "subset") and getattr(cfg.tasks.enabled()[unit.task], "data_efficiency", None):
+                metrics["examples_per_layer"] = unit.job.records_per_layer()
+            cell = Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics)
             _save_cell(Path(unit.path), unit.key, cell, predictions)
             cells.append(cell)
             return len(predictions)
@@ -147,8 +186,8 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
             make_actor=lambda: actor_cls.remote(torch_threads(ec.actor_cpus)),
             n_actors=ec.actors, units=units,
             call=lambda actor, u: actor.explain.remote(
-                u, records_of[(u.task, u.target)], cfg.train.prompt_format,
-                ec.max_new_tokens or TASKS[u.task].explanation_tokens, ec.batch_size),
+                u, records_of[(u.cell_task, u.target)], cfg.train.prompt_format,
+                ec.max_new_tokens or TASKS[u.task].explanation_tokens, ec.batch_size, tuple(ec.selfie_scales)),
             on_result=on_result, max_retries=ec.max_retries, desc="eval",
         )
     return cells

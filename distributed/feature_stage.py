@@ -7,7 +7,9 @@
 3. exemplars: one Ray task per activation shard mines every feature's top contexts
    (`exemplars/shard-*.json`);
 4. the driver merges the exemplars, describes every feature (best candidate by simulation score),
-   holds out whole features per layer for test and writes the train/test shards.
+   holds out whole features per layer for test and writes the train/test shards;
+5. the out-of-distribution sets ACT (raw activations read back from the activation shards) and dACT
+   (activation differences of prompt pairs, from one target actor) for the test features.
 
 Every step skips what a previous run finished; the work folder is keyed by a hash of the task config,
 target and seed, so a changed config never reads stale intermediate files.
@@ -70,7 +72,8 @@ def train_layer_sae(shards: list[str], layer: int, sae_cfg, seed: int, out: str,
     return metrics
 
 
-def mine_shard(shard: str, sae_dirs: dict[int, str], top_k: int, negatives: int, seed: int, out: str, threads: int) -> int:
+def mine_shard(shard: str, index: int, sae_dirs: dict[int, str], top_k: int, negatives: int, seed: int, out: str,
+               threads: int) -> int:
     """Step 3 for one activation shard: every feature's exemplars in it, per layer."""
     import torch
 
@@ -81,7 +84,8 @@ def mine_shard(shard: str, sae_dirs: dict[int, str], top_k: int, negatives: int,
     batch = ActivationBatch.load(shard)
     result = {}
     for layer, folder in sae_dirs.items():
-        mined = mine_exemplars(batch, encode(load_sae(folder, layer), batch.acts[layer]), layer, top_k, negatives, seed=seed)
+        mined = mine_exemplars(batch, encode(load_sae(folder, layer), batch.acts[layer]), layer, top_k, negatives,
+                               seed=seed, shard=index)
         result[str(layer)] = {str(f): ex.to_json() for f, ex in mined.items()}
     _write_json(Path(out), result)
     return len(batch.tokens)
@@ -133,7 +137,7 @@ def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, fo
     todo = [i for i, p in enumerate(ex_paths) if not p.exists()]
     if todo:
         _run_tasks(ray.remote(**options)(mine_shard),
-                   [(str(shard_paths[i]), sae_dirs, task_cfg.top_k, task_cfg.negatives, cfg.seed + i, str(ex_paths[i]),
+                   [(str(shard_paths[i]), i, sae_dirs, task_cfg.top_k, task_cfg.negatives, cfg.seed + i, str(ex_paths[i]),
                      torch_threads(pc.actor_cpus)) for i in todo], desc=f"exemplars {target}")
 
     # 4. describe, hold out features, write the splits
@@ -153,9 +157,35 @@ def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, fo
     if not train or not test:
         raise ValueError(f"{task}/{target}: {len(records)} describable features are too few for a train and a test "
                          f"split; use more corpus_texts, a larger sae.d_sae or a lower min_exemplars")
+    ood = ood_sets(cfg, target, test, shard_paths)
     stats = {"sae": sae_metrics, "raw": description_stats(records)}
-    for split, chosen in (("train", train), ("test", test)):
+    for split, chosen in (("train", train), ("test", test), *ood.items()):
         write_split(folder / split, chosen, config_hash, pc.shard_size)
         stats[split] = description_stats(chosen)
     _write_json(stats_path, stats)
     return stats
+
+
+def ood_sets(cfg: RunConfig, target: str, test: list, shard_paths: list[Path]) -> dict[str, list]:
+    """Step 5: the ACT and dACT records of the test features."""
+    import ray
+
+    from groundtruth.features.ood import act_records, dact_records
+
+    from .gt_pool import GroundTruthWorker
+
+    loaded: dict[int, ActivationBatch] = {}
+
+    def activation_at(shard: int, index: int, layer: int) -> np.ndarray:
+        if shard not in loaded:
+            loaded[shard] = ActivationBatch.load(shard_paths[shard])
+        return loaded[shard].acts[layer][index]
+
+    pc = cfg.groundtruth
+    actor = ray.remote(num_cpus=pc.actor_cpus, num_gpus=pc.actor_gpus)(GroundTruthWorker).remote(
+        cfg.models[target], torch_threads(pc.actor_cpus))
+    try:
+        dact = dact_records(test, lambda texts, layer: ray.get(actor.last_token_states.remote(texts, layer, pc.batch_size)))
+    finally:
+        ray.kill(actor, no_restart=True)
+    return {"act": act_records(test, activation_at), "dact": dact}

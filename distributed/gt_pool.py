@@ -24,6 +24,7 @@ from .config import RunConfig
 from .ray_session import torch_threads
 from .typed_yaml import stable_hash
 
+EVAL_ONLY_FIELDS = ("judge", "data_efficiency")  # task fields that do not change the ground truth
 FAULT_ENV = "SELFEXPLAIN_FAULT_KILL_UNIT"  # "<unit>:<marker file>": die once mid-shard (fault tests)
 
 
@@ -33,7 +34,10 @@ def gt_dir(cfg: RunConfig, task: str, target: str) -> Path:
 
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     """What the shards of (task, target) depend on; a change makes existing shards unusable."""
-    return stable_hash({"task": asdict(cfg.tasks.enabled()[task]), "target": asdict(cfg.models[target]),
+    task_cfg = asdict(cfg.tasks.enabled()[task])
+    for name in EVAL_ONLY_FIELDS:  # settings read after ground truth is made
+        task_cfg.pop(name, None)
+    return stable_hash({"task": task_cfg, "target": asdict(cfg.models[target]),
                         "seed": cfg.seed, "items_per_shard": cfg.groundtruth.items_per_shard})
 
 
@@ -68,6 +72,19 @@ class GroundTruthWorker:
         batch.save(tmp)
         os.replace(tmp, path)
         return len(batch.tokens)
+
+    def last_token_states(self, texts: list[str], layer: int, batch_size: int):
+        """The residual stream after `layer` at each text's last token: [n, d] (the dACT set)."""
+        import numpy as np
+        import torch
+
+        from groundtruth.patching import clean_runs
+
+        states = []
+        for start in range(0, len(texts), batch_size):
+            ids = [torch.tensor(self.tokenizer(t)["input_ids"]) for t in texts[start:start + batch_size]]
+            states += [run[layer + 1, -1].float().numpy() for run, _ in clean_runs(self.model, ids)]
+        return np.stack(states)
 
 
 def _maybe_die(unit: int, out_path: Path, records: list[Record]) -> None:

@@ -5,6 +5,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from eval.baselines import BASELINES
 from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
 from groundtruth.models import describe
@@ -57,7 +58,7 @@ def report(cfg: RunConfig) -> Path:
         raise FileNotFoundError(f"{path} does not exist: run the eval stage first")
     matrix = json.loads(path.read_text())
     md = write_report(cfg.run_dir, matrix, cfg.name)
-    wandb_dir = log_to_wandb(cfg, matrix, sorted(cfg.run_dir.glob("heatmap_*.png")))
+    wandb_dir = log_to_wandb(cfg, matrix, sorted(cfg.run_dir.glob("heatmap_*.png")) + sorted(cfg.run_dir.glob("efficiency_*.png")))
     print(f"[report] {md}" + (f"; W&B run in {wandb_dir}" if wandb_dir else ""), flush=True)
     return md
 
@@ -113,9 +114,13 @@ def plan(cfg: RunConfig) -> str:
     lines.append("  deepspeed config: " + json.dumps(deepspeed_config(tc, tc.num_workers)))
     lines.append(f"eval: {ec.actors} actors x ({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
     for task in cfg.tasks.enabled():
-        per_explainer = 1 + ec.untrained + (ec.no_vector and TASKS[task].has_vectors)
-        rows = len(cfg.explainers) * per_explainer + len(ec.baselines)
+        spec = TASKS[task]
+        per_explainer = 1 + ec.untrained + (ec.no_vector and spec.has_vectors) + bool(spec.selfie and ec.selfie_scales)
+        baselines = sum(BASELINES[b].applies_to(task) for b in ec.baselines)
+        rows = len(cfg.explainers) * per_explainer + baselines
         lines.append(f"  {task}: {rows} rows x {len(cfg.targets)} targets")
+        for split in spec.eval_splits[1:]:
+            lines.append(f"  {task}:{split}: {len(cfg.explainers) + baselines} rows x {len(cfg.targets)} targets")
     lines.append(f"wandb: {'off' if not cfg.wandb.enabled else cfg.wandb.mode} (project {cfg.wandb.project})")
     lines.append("resolved config:\n" + json.dumps(to_dict(cfg), indent=1))
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from eval.matrix import cells_of, headline
+from eval.matrix import cells_of, data_efficiency, headline
 
 from .config import RunConfig
 from .typed_yaml import to_dict
@@ -36,6 +36,10 @@ def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[P
         rows = [[f"{c.row} -> {c.target}", c.metrics.get(metric, 0.0)] for c in cells if c.task == task]
         bar_table = wandb.Table(data=rows, columns=["cell", metric])
         run.log({f"{task}/{metric}_bar": wandb.plot.bar(bar_table, "cell", metric, title=f"{task}: {metric}")})
+        for name, points in data_efficiency(task_table).items():
+            curve = wandb.Table(data=[[n, v] for n, v in points], columns=["examples_per_layer", metric])
+            run.log({f"{task}/data_efficiency/{name}": wandb.plot.line(
+                curve, "examples_per_layer", metric, title=f"{task}: {metric} vs train examples per layer ({name})")})
     for image in images:
         run.log({f"heatmap/{image.stem}": wandb.Image(str(image))})
     for log in sorted(cfg.run_dir.glob("explainers/*/*/train_log.jsonl")):

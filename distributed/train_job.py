@@ -18,14 +18,21 @@ def explainer_dir(cfg: RunConfig, task: str, target: str, explainer: str) -> Pat
 
 
 def train_jobs(cfg: RunConfig) -> list[TrainJob]:
-    """One job per enabled task, target and explainer."""
-    return [
-        TrainJob(task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
-                 data_dir=str(gt_dir(cfg, task, target) / "train"),
-                 out_dir=str(explainer_dir(cfg, task, target, explainer)), train=cfg.train, seed=cfg.seed,
-                 target_spec=cfg.models[target])
-        for task in cfg.tasks.enabled() for target in cfg.targets for explainer in cfg.explainers
-    ]
+    """One job per enabled task, target and explainer; plus, for a task with a data-efficiency curve,
+    one per size for each self-explainer (trained on the first n records of each layer)."""
+    jobs = []
+    for task, task_cfg in cfg.tasks.enabled().items():
+        for target in cfg.targets:
+            for explainer in cfg.explainers:
+                sizes = getattr(task_cfg, "data_efficiency", []) if explainer == target else []
+                for n in [None, *sizes]:
+                    folder = explainer_dir(cfg, task, target, explainer)
+                    jobs.append(TrainJob(
+                        task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
+                        data_dir=str(gt_dir(cfg, task, target) / "train"),
+                        out_dir=str(folder if n is None else folder.with_name(f"{folder.name}_{n}_per_layer")),
+                        train=cfg.train, seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n))
+    return jobs
 
 
 def _ray_worker_loop(config: dict) -> None:

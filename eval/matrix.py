@@ -32,8 +32,8 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
                                             "label_stats": label_stats.get(cell.task, {})})
         if cell.target not in task["targets"]:
             task["targets"].append(cell.target)
-    kind_order = {"trained": 0, "no_vector": 1, "untrained": 2, "baseline": 3}  # row order
-    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, 3), c.row)):
+    kind_order = {"trained": 0, "subset": 1, "no_vector": 2, "untrained": 3, "selfie": 4, "baseline": 5}  # row order
+    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, 5), c.metrics.get("examples_per_layer", 0), c.row)):
         row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
     return {"tasks": tasks}
@@ -42,6 +42,20 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
 def headline(table: dict) -> str:
     """The metric a task's heatmap and bar chart show (its first)."""
     return table["metrics"][0]
+
+
+def data_efficiency(table: dict) -> dict[str, list[tuple[int, float]]]:
+    """'explainer<-target' -> [(train examples per layer, headline metric)] from the trained and
+    subset rows of a task table (the self-explainers' curve), sorted by size; only curves of 2+ points."""
+    metric = headline(table)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in table["rows"].values():
+        if row["kind"] not in ("trained", "subset"):
+            continue
+        for target, cell in row["cells"].items():
+            if "examples_per_layer" in cell and row["explainer"] == target:
+                curves.setdefault(f"{row['explainer']}<-{target}", []).append((cell["examples_per_layer"], cell[metric]))
+    return {k: sorted(v) for k, v in curves.items() if len(v) > 1}
 
 
 def add_projection_errors(matrix: dict, errors: dict) -> dict:

@@ -61,10 +61,10 @@ def score_descriptions(predictions: list[str], records: list[Record], judge, sim
 
 
 def metrics_of(task: str) -> tuple[str, ...]:
-    """The metrics a task's cells carry, headline first."""
+    """The metrics a task's cells carry, headline first ('<task>:<set>' as its task)."""
     from groundtruth.features.task import TASK as FEATURES
 
-    return DESCRIPTION_METRICS if task == FEATURES else CAUSAL_METRICS
+    return DESCRIPTION_METRICS if task.split(":")[0] == FEATURES else CAUSAL_METRICS
 
 
 def make_scorer(task: str, task_cfg):

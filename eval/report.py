@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .matrix import headline
+from .matrix import data_efficiency, headline
 
 
 def heatmap(task: str, table: dict, path: Path, metric: str) -> Path:
@@ -34,6 +34,27 @@ def heatmap(task: str, table: dict, path: Path, metric: str) -> Path:
     return path
 
 
+def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
+    """The data-efficiency curve: metric against train examples per layer, one line per self-explainer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, points in curves.items():
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("train examples per layer")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{task}: data efficiency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(table: dict, metric: str) -> list[str]:
     targets = table["targets"]
     lines = [f"| explainer | {' | '.join(targets)} |", "|---|" + "---|" * len(targets)]
@@ -51,7 +72,7 @@ def _feature_stats(stats: dict) -> list[str]:
     for layer, m in stats["sae"].items():
         lines.append(f"- SAE layer {layer} ({m['source']}): {m['d_sae']} features, L0 {m['l0']:.1f}, explained variance "
                      f"{m['explained_variance']:.3f}, dead fraction {m['dead_fraction']:.3f} over {m['tokens']} tokens")
-    for split in ("raw", "train", "test"):
+    for split in ("raw", "train", "test", "act", "dact"):
         s = stats.get(split, {})
         if s.get("count"):
             top = ", ".join(f"{t!r} x{c}" for t, c in s["top_labels"][:3])
@@ -67,10 +88,16 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
              "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
              "target models. A self cell is an explainer explaining the model it is a copy of.", ""]
     for task, table in matrix["tasks"].items():
-        png = heatmap(task, table, run_dir / f"heatmap_{task}.png", headline(table))
+        png = heatmap(task, table, run_dir / f"heatmap_{task.replace(':', '_')}.png", headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
         for metric in table["metrics"]:
             lines += [f"### {metric}", "", *_table(table, metric), ""]
+        curves = data_efficiency(table)
+        if curves:
+            plot = efficiency_plot(task, curves, headline(table), run_dir / f"efficiency_{task.replace(':', '_')}.png")
+            lines += ["### data efficiency", "", f"![data efficiency]({plot.name})", ""]
+            lines += [f"- {name}: " + ", ".join(f"{n} per layer -> {v:.3f}" for n, v in points) for name, points in curves.items()]
+            lines.append("")
         n = {t: next(iter(r["cells"].get(t, {"n": 0})["n"] for r in table["rows"].values() if t in r["cells"]), 0)
              for t in table["targets"]}
         lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in n.items()), ""]

@@ -22,11 +22,14 @@ class TaskSpec:
     explanation_tokens: int  # max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for A)
     has_vectors: bool = False  # records carry a vector the explainer reads through [vec]
     balance_cell: Optional[Callable[[Record], str]] = None  # cells balancing spreads records over
+    eval_splits: tuple[str, ...] = ("test",)  # splits eval scores: test, then out-of-distribution sets
+    selfie: bool = False  # eval adds the SelfIE row (untrained explainer, scaled v)
 
 
 TASKS: dict[str, TaskSpec] = {
     ablation.TASK: TaskSpec(ablation.TASK, ablation.build_items, ablation.run_ablation, explanation_tokens=50),
     patching_task.TASK: TaskSpec(patching_task.TASK, patching_task.build_items, patching_task.run_patching,
                                  explanation_tokens=50, has_vectors=True, balance_cell=patching_task.balance_cell),
-    feature_task.TASK: TaskSpec(feature_task.TASK, None, None, explanation_tokens=20, has_vectors=True),
+    feature_task.TASK: TaskSpec(feature_task.TASK, None, None, explanation_tokens=20, has_vectors=True,
+                                eval_splits=("test",) + feature_task.OOD_SPLITS, selfie=True),
 }

@@ -264,3 +264,46 @@ def test_description_scores_rank_the_right_description_first():
     right = score_descriptions(['the tokens "dog" and "cat"'], records, WordJudge(), lexical)
     wrong = score_descriptions(['the token "paris"'], records, WordJudge(), lexical)
     assert right["simulation"] > 0.5 > wrong["simulation"] and right["n"] == 1
+
+
+def test_ood_sets_read_the_peak_activation_and_swap_the_peak_token():
+    from groundtruth.features.ood import act_records, dact_pair, dact_records
+
+    record = feature_record(1, 0, [1.0, 0.0], "animals")
+    ex = animal_feature()
+    ex.top[0].origin = [2, 17]
+    record.query["exemplars"] = ex.to_json()
+    seen = []
+
+    def activation_at(shard, index, layer):
+        seen.append((shard, index, layer))
+        return np.array([3.0, 4.0])
+
+    act = act_records([record], activation_at)
+    assert seen == [(2, 17, 1)] and act[0].split == "act" and np.allclose(act[0].vector, [0.6, 0.8])
+    assert act[0].explanation == "animals" and act[0].record_id.endswith("-act")
+    assert dact_pair(ex) == (" the dog", " the in")  # the peak token swapped for a silent one
+    dact = dact_records([record], lambda texts, layer: np.array([[1.0, 2.0], [1.0, 0.0]]))
+    assert np.allclose(dact[0].vector, [0.0, 1.0]) and dact[0].query["dact_prompts"] == [" the dog", " the in"]
+
+
+def test_selfie_reports_the_best_scale():
+    from distributed.eval_pool import best_scale
+
+    scale, metrics = best_scale({1.0: {"judge": 0.4}, 10.0: {"judge": 0.7}, 50.0: {"judge": 0.7}}, "judge")
+    assert scale == 10.0 and metrics["judge"] == 0.7 and metrics["judge_by_scale"] == {"1.0": 0.4, "10.0": 0.7, "50.0": 0.7}
+
+
+def test_data_efficiency_subsets_are_the_first_records_of_each_layer(tmp_path):
+    from groundtruth.records import write_split
+    from training.step import TrainJob
+    from groundtruth.models import ModelSpec
+
+    records = [feature_record(layer, f, [1.0, 0.0], f"d{f}") for layer in (1, 2) for f in range(5)]
+    write_split(tmp_path / "train", records, "h", 100)
+    job = TrainJob("feature_descriptions", "t", "t", ModelSpec("tiny-llama"), str(tmp_path / "train"), str(tmp_path / "out"),
+                   max_records_per_layer=2)
+    assert [r.record_id for r in job.records()] == ["L1-F0", "L1-F1", "L2-F0", "L2-F1"]
+    assert job.records_per_layer() == 2
+    full = TrainJob("feature_descriptions", "t", "t", ModelSpec("tiny-llama"), str(tmp_path / "train"), str(tmp_path / "o2"))
+    assert len(full.records()) == 10 and full.records_per_layer() == 5

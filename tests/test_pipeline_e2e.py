@@ -25,12 +25,13 @@ CONFIG = {
                                       "max_train_records": 24, "max_test_records": 8},
               "feature_descriptions": {"layers": [1], "corpus": ["wordnet"], "corpus_texts": 120, "texts_per_shard": 40,
                                        "max_tokens": 24, "sae": {"d_sae": 64, "k": 4, "steps": 80, "batch_size": 64},
-                                       "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6}},
+                                       "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6,
+                                       "data_efficiency": [8]}},
     "groundtruth": {"actors": 2, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
     "train": {"num_workers": 2, "worker_cpus": 0.5, "zero_stage": 2, "max_steps": 4, "micro_batch_size": 2,
               "checkpoint_every": 2, "log_every": 2, "projection": {"fit_texts": 40}},
     "eval": {"max_examples": 6, "max_new_tokens": 8, "actors": 2, "actor_cpus": 0.5,
-             "baselines": ["majority", "nearest_neighbour", "gold"]},
+             "baselines": ["majority", "nearest_neighbour", "gold"], "selfie_scales": [1, 10]},
     "ray": {"num_cpus": 4},
 }
 
@@ -96,8 +97,16 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     # feature descriptions: an SAE trained here, whole features held out, judge and simulation scores
     features = matrix["tasks"]["feature_descriptions"]
     assert features["metrics"] == ["judge", "simulation"]
-    assert set(features["rows"]) == {"a trained", "a trained, no vector", "a untrained", "b trained",
-                                     "b trained, no vector", "b untrained", "majority", "nearest_neighbour", "gold"}
+    assert set(features["rows"]) == {"a trained", "a trained, 8 per layer", "a trained, no vector", "a untrained",
+                                     "a SelfIE", "b trained", "b trained, no vector", "b untrained", "b SelfIE",
+                                     "majority", "nearest_neighbour", "gold"}
+    selfie = features["rows"]["a SelfIE"]["cells"]["a"]
+    assert selfie["scale"] in (1, 10) and set(selfie["judge_by_scale"]) == {"1.0", "10.0"}
+    assert features["rows"]["a trained, 8 per layer"]["cells"]["a"]["examples_per_layer"] == 8
+    assert (cfg.run_dir / "efficiency_feature_descriptions.png").exists()
+    for ood in ("act", "dact"):  # out-of-distribution sets: trained rows and baselines
+        table = matrix["tasks"][f"feature_descriptions:{ood}"]
+        assert {"a trained", "b trained", "gold"} <= set(table["rows"]) and "a untrained" not in table["rows"]
     stats = features["label_stats"]["a"]
     assert stats["sae"]["1"]["d_sae"] == 64 and 0 < stats["sae"]["1"]["explained_variance"] <= 1
     fgt = cfg.run_dir / "groundtruth" / "feature_descriptions" / "a"

@@ -112,6 +112,29 @@ class TrainJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     target_spec: Optional[ModelSpec] = None  # the target, for fitting an lstsq projection
+    max_records_per_layer: Optional[int] = None  # train on the first n records of each layer (data-efficiency curve)
+
+    def records(self) -> list:
+        """The job's train records: all of data_dir, or the first max_records_per_layer of each layer
+        (the split is shuffled within each layer, so these are nested random subsets)."""
+        records = list(iter_records(Path(self.data_dir)))
+        if self.max_records_per_layer is None:
+            return records
+        taken: dict[tuple, int] = {}
+        subset = []
+        for r in records:
+            key = tuple(r.layers or ())
+            if taken.get(key, 0) < self.max_records_per_layer:
+                taken[key] = taken.get(key, 0) + 1
+                subset.append(r)
+        return subset
+
+    def records_per_layer(self) -> int:
+        """Train records of the most populated layer (what the data-efficiency curve plots against)."""
+        counts: dict[tuple, int] = {}
+        for r in self.records():
+            counts[tuple(r.layers or ())] = counts.get(tuple(r.layers or ()), 0) + 1
+        return max(counts.values(), default=0)
 
     @property
     def projection_init_path(self) -> Path:
@@ -221,7 +244,7 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must outlive model construction)
     model, tokenizer = load_model(job.explainer_spec)
     model.train()
-    records = list(iter_records(Path(job.data_dir)))
+    records = job.records()
     wrapper_args: dict = {}
     if any(r.vector is not None for r in records):
         wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec,

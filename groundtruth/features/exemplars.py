@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from .activations import ActivationBatch
 class Window:
     tokens: list[str]
     acts: list[float]  # the feature's activation at each token of the window
+    origin: Optional[list[int]] = None  # [activation shard, token index] of a top exemplar's peak
 
     @property
     def peak(self) -> float:
@@ -56,17 +58,18 @@ class FeatureExemplars:
 
 
 def _window(batch: ActivationBatch, feature_acts: np.ndarray, start: int, end: int, peak: int,
-            before: int, after: int) -> Window:
+            before: int, after: int, origin: Optional[list[int]] = None) -> Window:
     lo, hi = max(start, peak - before), min(end, peak + after + 1)
-    return Window(batch.tokens[lo:hi], [round(float(a), 4) for a in feature_acts[lo:hi]])
+    return Window(batch.tokens[lo:hi], [round(float(a), 4) for a in feature_acts[lo:hi]], origin)
 
 
 def mine_exemplars(batch: ActivationBatch, feature_acts: np.ndarray, layer: int, top_k: int, negatives: int,
-                   before: int = 12, after: int = 3, seed: int = 0) -> dict[int, FeatureExemplars]:
+                   before: int = 12, after: int = 3, seed: int = 0, shard: int = 0) -> dict[int, FeatureExemplars]:
     """Per feature that fires in the batch: its top_k texts' windows (peaks centred, `before`
     tokens of context, `after` tokens after) and windows of `negatives` random texts.
 
-    feature_acts: [N_tokens, d_sae], rows aligned with batch.tokens."""
+    feature_acts: [N_tokens, d_sae], rows aligned with batch.tokens. Top windows remember where their
+    peak is ([shard, token index]) so the raw activation there can be read back (the ACT set)."""
     text_of = batch.text_of
     if len(text_of) == 0:
         return {}
@@ -83,8 +86,8 @@ def mine_exemplars(batch: ActivationBatch, feature_acts: np.ndarray, layer: int,
         order = np.argsort(-per_text_max[:, f], kind="stable")[:top_k]
         ex = FeatureExemplars(layer, f, active_tokens=int(active[f]), tokens=len(text_of))
         col = feature_acts[:, f]
-        ex.top = [_window(batch, col, starts[i], ends[i], per_text_arg[i, f], before, after)
-                  for i in order if per_text_max[i, f] > 0]
+        ex.top = [_window(batch, col, starts[i], ends[i], per_text_arg[i, f], before, after,
+                          [shard, int(per_text_arg[i, f])]) for i in order if per_text_max[i, f] > 0]
         # a negative window is the start of a random text, of the same length as an exemplar's
         ex.negatives = [_window(batch, col, starts[i], ends[i], starts[i] + before, before, after)
                         for i in negative_texts]
