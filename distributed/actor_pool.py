@@ -22,6 +22,7 @@ def run_pool(
     on_result: Callable[[Any, Any], int],
     max_retries: int,
     desc: str,
+    unit_name: str = "shard",
 ) -> None:
     """Run call(actor, unit) for every unit on up to n_actors actors; on_result(unit, result) returns
     the number of records the unit produced (for the records/s shown on the progress bar)."""
@@ -35,7 +36,7 @@ def run_pool(
     idle = [make_actor() for _ in range(min(n_actors, len(units)))]
     running: dict = {}
     records, started = 0, time.time()
-    bar = tqdm(total=len(units), desc=desc, unit="shard", dynamic_ncols=True)
+    bar = tqdm(total=len(units), desc=desc, unit=unit_name, dynamic_ncols=True)
     try:
         while queue or running:
             while idle and queue:

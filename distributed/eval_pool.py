@@ -48,34 +48,51 @@ class EvalUnit:
 
 
 class Evaluator:
-    """Loads one explainer per unit and generates explanations for the unit's records."""
+    """Generates explanations for groups of units that read the same weights: the model is loaded once
+    per group (a trained export serves its trained, no-vector and out-of-distribution rows; the base
+    model its untrained and SelfIE rows)."""
 
     def __init__(self, threads: int):
         import torch
 
         torch.set_num_threads(threads)
 
-    def explain(self, unit: EvalUnit, records: list[Record], fmt: str, max_new_tokens: int, batch_size: int,
-                scales: tuple[float, ...] = ()):
-        """Predictions for the unit's records; for SelfIE a dict scale -> predictions."""
+    def explain(self, group: list[EvalUnit], records: list[list[Record]], fmt: str, max_new_tokens: list[int],
+                batch_size: int, scales: tuple[float, ...] = ()) -> list:
+        """Per unit, its predictions; for SelfIE a dict scale -> predictions."""
         from eval.generate import explain
         from groundtruth.models import load_model
         from training.step import job_projection
 
-        job = unit.job
-        if unit.kind in ("untrained", "selfie"):
+        job, first = group[0].job, group[0]
+        if first.kind in BASE_KINDS:
             model, tok = load_model(job.explainer_spec)
-            projection = None
-            if any(r.vector is not None for r in records):  # start from the same Pi training started from
-                projection = job_projection(job, records, model.config.hidden_size)
+            trained_projection = None
         else:
-            model, tok, projection = load_explainer(job.export_dir, {
-                "task": unit.task, "target": unit.target, "explainer_spec": dataclasses.asdict(job.explainer_spec)})
-        if unit.kind == "selfie":
-            return {scale: explain(model, tok, records, fmt, max_new_tokens, batch_size, projection, vector_scale=scale)
-                    for scale in scales}
-        return explain(model, tok, records, fmt, max_new_tokens, batch_size, projection,
-                       with_vector=unit.kind != "no_vector")
+            model, tok, trained_projection = load_explainer(job.export_dir, {
+                "task": first.task, "target": first.target, "explainer_spec": dataclasses.asdict(job.explainer_spec)})
+        out = []
+        for unit, recs, tokens in zip(group, records, max_new_tokens):
+            projection = trained_projection
+            if unit.kind in BASE_KINDS and any(r.vector is not None for r in recs):
+                projection = job_projection(job, recs, model.config.hidden_size)  # the Pi training started from
+            if unit.kind == "selfie":
+                out.append({scale: explain(model, tok, recs, fmt, tokens, batch_size, projection, vector_scale=scale)
+                            for scale in scales})
+            else:
+                out.append(explain(model, tok, recs, fmt, tokens, batch_size, projection, with_vector=unit.kind != "no_vector"))
+        return out
+
+
+BASE_KINDS = ("untrained", "selfie")  # rows that read the explainer's base weights, not its export
+
+
+def group_units(units: list[EvalUnit]) -> list[list[EvalUnit]]:
+    """Units sharing the weights they read (same job, export or base), in first-seen order."""
+    groups: dict[tuple, list[EvalUnit]] = {}
+    for u in units:
+        groups.setdefault((u.job.out_dir, u.kind in BASE_KINDS), []).append(u)
+    return list(groups.values())
 
 
 def test_records(cfg: RunConfig, task: str, target: str, split: str = "test") -> list[Record]:
@@ -167,7 +184,10 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
             prepare(spec)
         actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(Evaluator)
 
-        def on_result(unit: EvalUnit, predictions) -> int:
+        def on_result(group: list[EvalUnit], results: list) -> int:
+            return sum(score_unit(unit, predictions) for unit, predictions in zip(group, results))
+
+        def score_unit(unit: EvalUnit, predictions) -> int:
             test = records_of[(unit.cell_task, unit.target)]
             score = scorers[unit.task]
             if unit.kind == "selfie":
@@ -184,11 +204,12 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
 
         run_pool(
             make_actor=lambda: actor_cls.remote(torch_threads(ec.actor_cpus)),
-            n_actors=ec.actors, units=units,
-            call=lambda actor, u: actor.explain.remote(
-                u, records_of[(u.cell_task, u.target)], cfg.train.prompt_format,
-                ec.max_new_tokens or TASKS[u.task].explanation_tokens, ec.batch_size, tuple(ec.selfie_scales)),
-            on_result=on_result, max_retries=ec.max_retries, desc="eval",
+            n_actors=ec.actors, units=group_units(units),
+            call=lambda actor, group: actor.explain.remote(
+                group, [records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
+                [ec.max_new_tokens or TASKS[u.task].explanation_tokens for u in group], ec.batch_size,
+                tuple(ec.selfie_scales)),
+            on_result=on_result, max_retries=ec.max_retries, desc="eval", unit_name="group",
         )
     return cells
 

@@ -35,6 +35,9 @@ from .config import RunConfig
 from .ray_session import torch_threads
 
 
+METRIC_TOKENS = 50_000  # tokens a pretrained SAE's L0 / explained variance / dead fraction are measured on
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
@@ -64,7 +67,13 @@ def train_layer_sae(shards: list[str], layer: int, sae_cfg, seed: int, out: str,
     from groundtruth.features.sae import load_sae, sae_metrics, save_sae, train_sae
 
     torch.set_num_threads(threads)
-    acts = np.concatenate([ActivationBatch.load(s).acts[layer] for s in shards])
+    parts, tokens = [], 0
+    for shard in shards:  # a pretrained SAE is only measured: a sample of the shards is enough
+        if sae_cfg.pretrained and tokens >= METRIC_TOKENS:
+            break
+        parts.append(ActivationBatch.load(shard).acts[layer])
+        tokens += len(parts[-1])
+    acts = np.concatenate(parts)
     sae = load_sae(sae_cfg.pretrained, layer) if sae_cfg.pretrained else train_sae(acts, sae_cfg, seed)
     save_sae(sae, Path(out))
     metrics = {"layer": layer, "source": sae_cfg.pretrained or "trained here", **sae_metrics(sae, acts)}

@@ -32,6 +32,10 @@ def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[P
         for metric, value in c.metrics.items():
             run.summary[f"{c.task}/{metric}/{c.row}/{c.target}"] = value
     for task, task_table in matrix["tasks"].items():
+        for target, stats in task_table.get("label_stats", {}).items():  # SAE quality (feature descriptions)
+            for layer, sae in stats.get("sae", {}).items():
+                for name in ("l0", "explained_variance", "dead_fraction"):
+                    run.summary[f"{task}/sae/{target}/layer_{layer}/{name}"] = sae[name]
         metric = headline(task_table)
         rows = [[f"{c.row} -> {c.target}", c.metrics.get(metric, 0.0)] for c in cells if c.task == task]
         bar_table = wandb.Table(data=rows, columns=["cell", metric])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from groundtruth.models import prepare
 from training.export import export_matches
-from training.step import TrainJob, prefit_projection, run_training
+from training.step import TrainJob, prefit_projections, run_training
 
 from .config import RunConfig
 from .gt_pool import gt_dir
@@ -69,13 +69,17 @@ def fit_with_ray(job: TrainJob) -> None:
 def run_train_stage(cfg: RunConfig) -> list[Path]:
     """Train every explainer whose export is missing or stale; return the export folders."""
     exports = []
-    for job in train_jobs(cfg):
-        if export_matches(job):
-            print(f"[train] {job.task}: {job.explainer} on {job.target} already exported, skipping", flush=True)
+    jobs = train_jobs(cfg)
+    todo = [job for job in jobs if not export_matches(job)]
+    for job in todo:
+        prepare(job.explainer_spec)
+    prefit_projections(todo)  # one lstsq fit per (explainer, target) pair, shared by its tasks
+    for job in jobs:
+        subset = f" ({job.max_records_per_layer} records per layer)" if job.max_records_per_layer else ""
+        if job not in todo:
+            print(f"[train] {job.task}: {job.explainer} on {job.target}{subset} already exported, skipping", flush=True)
         else:
-            prepare(job.explainer_spec)
-            prefit_projection(job)
-            print(f"[train] {job.task}: {job.explainer} on {job.target} "
+            print(f"[train] {job.task}: {job.explainer} on {job.target}{subset} "
                   f"({'Ray Train, ' + str(job.train.num_workers) + ' workers' if job.train.use_ray else 'in-process'}, "
                   f"ZeRO-{job.train.zero_stage})", flush=True)
             if job.train.use_ray:

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig
+from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, build, client_for
 
 
 class Judge(Protocol):
@@ -80,20 +80,12 @@ class LLMJudge:
         return grades
 
 
-def _llm(endpoint: Optional[EndpointConfig]) -> Judge:
-    if endpoint is None:
-        raise ValueError("the llm judge needs an endpoint (url and model)")
-    return LLMJudge(ChatEndpoint(endpoint))
-
-
 JUDGES: dict[str, Callable[[Optional[EndpointConfig]], Judge]] = {
     "embedding": lambda endpoint: EmbeddingJudge(),
-    "llm": _llm,
+    "llm": lambda endpoint: LLMJudge(client_for(endpoint, "the llm judge")),
 }
 """Judge name -> factory(endpoint config or None)."""
 
 
 def make_judge(name: str, endpoint: Optional[EndpointConfig] = None) -> Judge:
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r} (known: {', '.join(JUDGES)})")
-    return JUDGES[name](endpoint)
+    return build(JUDGES, name, "judge", endpoint)

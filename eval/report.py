@@ -79,6 +79,9 @@ def _feature_stats(stats: dict) -> list[str]:
             lines.append(f"- {split}: {s['count']} features, describers chosen {s['describers']}, mean simulation "
                          f"score of the gold labels {s['mean_simulation']:.3f}, {s['distinct_labels']} distinct labels; "
                          f"most repeated: {top}")
+    for ex in stats.get("test", {}).get("examples", []):
+        lines.append(f"- test feature {ex['feature']}: {ex['description']!r} (simulation {ex['simulation']:.2f}); "
+                     f"strongest exemplar: {ex['exemplar']!r}")
     return lines + [""]
 
 

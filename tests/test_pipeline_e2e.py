@@ -146,6 +146,10 @@ def test_dry_runs_print_the_plan(capsys):
     assert "LoRA r=128" in out and "qwen on llama, reads v through Pi 'lstsq'" in out
     assert "llama on llama, reads v through Pi 'none'" in out and "activation_patching: 7 rows x 2 targets" in out
     assert "items not countable here" in out and "counterfact.json" in out  # no CounterFact on this machine
+    assert cli_main(["run", "configs/paper/feature_descriptions.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained release:llama_scope_lxr_32x:l{layer}r_32x" in out and "describers neuronpedia, simulator llm" in out
+    assert "qwen on llama, reads v through Pi 'lstsq'" in out and "feature_descriptions:dact: 4 rows x 1 targets" in out
     assert cli_main(["run", "configs/quickstart.yaml", "--dry-run"]) == 0
     quick = load_config("configs/quickstart.yaml")
     n = len(build_items(quick.tasks.input_ablation, quick.seed))

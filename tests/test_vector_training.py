@@ -86,6 +86,33 @@ def test_an_lstsq_projection_is_fitted_once_and_stays_frozen(tmp_path):
     assert meta["projection"]["fit_error"] == fitted.fit_error
 
 
+def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, monkeypatch):
+    import dataclasses
+
+    import training.projection_fit
+    from training.step import prefit_projections
+
+    patching = vector_job(tmp_path, "lstsq")
+    features_data = tmp_path / "features" / "train"
+    write_split(features_data, [dataclasses.replace(r, layers=[3], record_id=f"f{i}") for i, r in enumerate(vector_records(4))],
+                "h", shard_size=8)
+    features = dataclasses.replace(patching, task="feature_descriptions", data_dir=str(features_data),
+                                   out_dir=str(tmp_path / "job-features"))
+    calls = []
+    original = training.projection_fit.fit_projection
+    monkeypatch.setattr(training.projection_fit, "fit_projection", lambda keys, *a: calls.append(keys) or original(keys, *a))
+    prefit_projections([patching, features])
+    assert calls == [["0-1", "2-3", "3"]], "both models ran over the fit passages once"
+    shared = original(["0-1", "2-3", "3"], patching.target_spec, patching.explainer_spec, patching.train.projection,
+                      patching.seed, False)
+    for job, keys in ((patching, ["0-1", "2-3"]), (features, ["3"])):
+        saved = Projection.load(job.projection_init_path)
+        assert saved.keys == keys and set(saved.fit_error) == set(keys)
+        assert all(torch.allclose(saved.weight(k), shared.weight(k), atol=1e-6) for k in keys)
+    prefit_projections([patching, features])
+    assert len(calls) == 1, "a second call finds the fitted files and fits nothing"
+
+
 def test_self_explainers_with_kind_none_need_equal_sizes(tmp_path):
     job = vector_job(tmp_path, "none", max_steps=2)  # cross_kind none: 48 -> 32 cannot be the identity
     with pytest.raises(ValueError, match="cannot map target hidden size 48 to explainer hidden size 32"):

@@ -147,6 +147,16 @@ class Projection(nn.Module):
         predicted = h_target.double() @ self.weight(key).double().T
         return ((h_explainer.double() - predicted).norm() / h_explainer.double().norm()).item()
 
+    def subset(self, keys: list[str]) -> "Projection":
+        """A projection of only these keys (same weights and fit errors), e.g. one task's of a shared fit."""
+        part = Projection(self.kind, keys, self.d_target, self.d_explainer)
+        with torch.no_grad():
+            for key in part.keys:
+                part.weight(key).copy_(self.weight(key))
+                part.weight(key).requires_grad_(self.weight(key).requires_grad)
+        part.fit_error = {k: dict(self.fit_error[k]) for k in part.keys if k in self.fit_error}
+        return part
+
     def save(self, path: Path) -> None:
         """Weights and settings in one file (torch.load(weights_only=True) reads it back)."""
         torch.save({"kind": self.kind, "keys": self.keys, "d_target": self.d_target, "d_explainer": self.d_explainer,

@@ -91,11 +91,16 @@ def fitted_projection(path: Path, keys: list[str], target_spec: ModelSpec, expla
         if saved.kind == "lstsq" and saved.keys == keys:
             return saved
     projection = fit_projection(keys, target_spec, explainer_spec, cfg, seed, trainable)
+    save_projection(projection, path)
+    return projection
+
+
+def save_projection(projection: Projection, path: Path) -> None:
+    """Write a projection atomically (ranks and eval actors may read the path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     projection.save(tmp)
     os.replace(tmp, path)
-    return projection
 
 
 def initial_projection(path: Path, kind: ProjectionKind, keys: list[str], d_target: int, d_explainer: int,

@@ -24,7 +24,7 @@ from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import iter_records
 
 from .batches import collate, encode_example
-from .explainer import ProjectionConfig, add_vector_tokens, key_layers, vector_key
+from .explainer import Projection, ProjectionConfig, add_vector_tokens, key_layers, vector_key
 from .export import export_explainer
 from .lora import LoraConfig, apply_lora
 from .loss import ExplainerLM
@@ -331,14 +331,32 @@ def job_projection(job: TrainJob, records: list, d_explainer: int):
                               job.target_spec, job.explainer_spec, job.train.projection, job.seed)
 
 
-def prefit_projection(job: TrainJob) -> None:
-    """Fit a job's lstsq projection before its ranks start (they then load it instead of each fitting)."""
-    if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:
-        return
-    records = list(iter_records(Path(job.data_dir)))
-    if any(r.vector is not None for r in records):
-        fitted_projection(job.projection_init_path, vector_keys(records), job.target_spec, job.explainer_spec,
-                          job.train.projection, job.seed)
+def prefit_projections(jobs: list[TrainJob]) -> None:
+    """Fit the lstsq projections of jobs before their ranks start (they then load them instead of each
+    fitting). Jobs of one (explainer, target) pair share one fit over the union of their keys (both
+    models run over the fit passages once for every task), saved per job as its keys' subset."""
+    from .projection_fit import fit_projection, save_projection
+
+    groups: dict[str, list[tuple[TrainJob, list[str]]]] = {}
+    for job in jobs:
+        if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:
+            continue
+        records = list(iter_records(Path(job.data_dir)))
+        if not any(r.vector is not None for r in records):
+            continue
+        keys = vector_keys(records)
+        if job.projection_init_path.exists() and Projection.load(job.projection_init_path).keys == keys:
+            continue
+        pair = json.dumps([asdict(job.explainer_spec), asdict(job.target_spec), asdict(job.train.projection), job.seed],
+                          sort_keys=True)
+        groups.setdefault(pair, []).append((job, keys))
+    for members in groups.values():
+        job = members[0][0]
+        union = sorted({k for _, keys in members for k in keys}, key=lambda k: [int(x) for x in k.split("-")])
+        shared = fit_projection(union, job.target_spec, job.explainer_spec, job.train.projection, job.seed,
+                                job.train.projection.is_trainable("lstsq"))
+        for member, keys in members:
+            save_projection(shared.subset(keys), member.projection_init_path)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .endpoint import ChatEndpoint, EndpointConfig
+from .endpoint import ChatEndpoint, EndpointConfig, client_for
 from .exemplars import FeatureExemplars
 from .simulators import Simulator, simulation_score, word_of
 
@@ -79,9 +79,7 @@ are marked <<like this>> (strongest first).
 In one short phrase (under 15 words), what does the feature respond to? Answer with the phrase only."""
 
 
-def llm_describer(endpoint: EndpointConfig) -> Describer:
-    client = ChatEndpoint(endpoint)
-
+def llm_describer(client: ChatEndpoint) -> Describer:
     def describe(ex: FeatureExemplars) -> list[str]:
         texts = []
         for w in ex.top:
@@ -101,19 +99,17 @@ class DescriberSettings:
     neuronpedia: Optional[dict] = None  # (layer, feature) -> descriptions
 
 
-def _needs(value, what: str):
-    if value is None:
-        raise ValueError(f"the {what} describer needs " + ("an endpoint (url and model)" if what == "llm"
-                                                         else "a neuronpedia export file"))
-    return value
+def neuronpedia_describer(table: Optional[dict]) -> Describer:
+    if table is None:
+        raise ValueError("the neuronpedia describer needs an explanations export (neuronpedia: PATH in the task config)")
+    return lambda ex: list(table.get((ex.layer, ex.feature), []))
 
 
 DESCRIBERS: dict[str, Callable[[DescriberSettings], Describer]] = {
     "top_tokens": lambda s: top_tokens,
     "wordnet": lambda s: wordnet_describer(),
-    "llm": lambda s: llm_describer(_needs(s.endpoint, "llm")),
-    "neuronpedia": lambda s: (lambda table: lambda ex: list(table.get((ex.layer, ex.feature), [])))(
-        _needs(s.neuronpedia, "neuronpedia")),
+    "llm": lambda s: llm_describer(client_for(s.endpoint, "the llm describer")),
+    "neuronpedia": lambda s: neuronpedia_describer(s.neuronpedia),
 }
 """Describer name -> factory(settings) -> describer(exemplars) -> candidate descriptions."""
 

@@ -73,3 +73,17 @@ class ChatEndpoint:
             except (KeyError, IndexError, json.JSONDecodeError) as err:
                 raise EndpointError(f"{url}: not an OpenAI chat-completions reply ({err!r})") from None
         raise EndpointError(f"{url}: gave up after {cfg.retries + 1} attempts: {last}")
+
+
+def client_for(endpoint: Optional[EndpointConfig], what: str) -> ChatEndpoint:
+    """A client for `what` (e.g. 'the llm judge'), failing clearly when no endpoint is configured."""
+    if endpoint is None:
+        raise ValueError(f"{what} needs an endpoint (endpoint.url and endpoint.model in the task config)")
+    return ChatEndpoint(endpoint)
+
+
+def build(registry: dict, name: str, what: str, endpoint: Optional[EndpointConfig]):
+    """registry[name](endpoint), naming the known entries when `name` is not one."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r} (known: {', '.join(registry)})")
+    return registry[name](endpoint)

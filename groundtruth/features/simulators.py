@@ -13,7 +13,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from .endpoint import ChatEndpoint, EndpointConfig
+from .endpoint import ChatEndpoint, EndpointConfig, build, client_for
 from .exemplars import FeatureExemplars, Window
 
 _QUOTED = re.compile(r'"([^"]+)"')
@@ -91,19 +91,11 @@ class LLMSimulator:
 
 
 def make_simulator(name: str, endpoint: Optional[EndpointConfig] = None) -> Simulator:
-    if name not in SIMULATORS:
-        raise ValueError(f"unknown simulator {name!r} (known: {', '.join(SIMULATORS)})")
-    return SIMULATORS[name](endpoint)
-
-
-def _llm(endpoint: Optional[EndpointConfig]) -> Simulator:
-    if endpoint is None:
-        raise ValueError("the llm simulator needs an endpoint (url and model)")
-    return LLMSimulator(ChatEndpoint(endpoint))
+    return build(SIMULATORS, name, "simulator", endpoint)
 
 
 SIMULATORS: dict[str, Callable[[Optional[EndpointConfig]], Simulator]] = {
     "lexical": lambda endpoint: LexicalSimulator(),
-    "llm": _llm,
+    "llm": lambda endpoint: LLMSimulator(client_for(endpoint, "the llm simulator")),
 }
 """Simulator name -> factory(endpoint config or None)."""

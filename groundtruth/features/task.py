@@ -165,7 +165,17 @@ def description_stats(records: list[Record]) -> dict:
     return {"count": len(records), "describers": dict(Counter(r.query["describer"] for r in records)),
             "mean_simulation": round(float(np.mean(sims)), 4), "distinct_labels": len(labels),
             "top_labels": labels.most_common(5),
-            "layers": dict(Counter(str(r.layers[0]) for r in records))}
+            "layers": dict(Counter(str(r.layers[0]) for r in records)),
+            "examples": [feature_example(r) for r in records[:3]]}
+
+
+def feature_example(record: Record) -> dict:
+    """A feature as a person reads it: its label and its strongest exemplar with the peak marked."""
+    top = FeatureExemplars.from_json(record.query["exemplars"]).top[0]
+    at = top.acts.index(top.peak)
+    text = "".join(top.tokens[:at]) + "[[" + top.tokens[at] + "]]" + "".join(top.tokens[at + 1:])
+    return {"feature": record.source_id, "description": record.explanation, "simulation": record.query["simulation"],
+            "exemplar": text.replace("\n", " ")}
 
 
 def simulator_of(cfg: FeatureConfig) -> Simulator:
