@@ -101,7 +101,7 @@ def mine_shard(shard: str, index: int, sae_dirs: dict[int, str], top_k: int, neg
 
 
 def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, folder: Path, config_hash: str) -> dict:
-    """All four steps for one target; returns the label statistics (also in label_stats.json)."""
+    """All five steps for one target; returns the label statistics (also in label_stats.json)."""
     import ray
 
     from .gt_pool import GroundTruthWorker
