@@ -4,6 +4,7 @@ offline W&B. Explainer b is wider than target a, so its patching explainer reads
 import json
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import yaml
@@ -50,8 +51,11 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     marker = tmp_path / "actor-died"
     monkeypatch.setenv(FAULT_ENV, f"1:{marker}")
     cfg = load_config(config)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     run(cfg)
     assert marker.exists(), "the fault was injected: an actor died in the middle of shard 1"
+    # 2-worker DeepSpeed groups on CPU map a 69 MB buffer per rank in /dev/shm; none may be left behind
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
 
     # every work item is present exactly once in the raw shards
     gt = cfg.run_dir / "groundtruth" / "input_ablation" / "a"
