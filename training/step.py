@@ -13,6 +13,7 @@ import shutil
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -28,7 +29,7 @@ from .explainer import Projection, ProjectionConfig, add_vector_tokens, key_laye
 from .export import export_explainer
 from .lora import LoraConfig, apply_lora
 from .loss import ExplainerLM
-from .projection_fit import fitted_projection, initial_projection
+from .projection_fit import initial_projection
 
 
 @dataclass
@@ -120,21 +121,17 @@ class TrainJob:
         records = list(iter_records(Path(self.data_dir)))
         if self.max_records_per_layer is None:
             return records
-        taken: dict[tuple, int] = {}
+        taken: Counter = Counter()
         subset = []
         for r in records:
-            key = tuple(r.layers or ())
-            if taken.get(key, 0) < self.max_records_per_layer:
-                taken[key] = taken.get(key, 0) + 1
+            taken[tuple(r.layers or ())] += 1
+            if taken[tuple(r.layers or ())] <= self.max_records_per_layer:
                 subset.append(r)
         return subset
 
     def records_per_layer(self) -> int:
         """Train records of the most populated layer (what the data-efficiency curve plots against)."""
-        counts: dict[tuple, int] = {}
-        for r in self.records():
-            counts[tuple(r.layers or ())] = counts.get(tuple(r.layers or ()), 0) + 1
-        return max(counts.values(), default=0)
+        return max(Counter(tuple(r.layers or ()) for r in self.records()).values(), default=0)
 
     @property
     def projection_init_path(self) -> Path:
@@ -319,21 +316,15 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     return {"steps": step, "loss": last_loss, "seconds": time.time() - started, "world": world}
 
 
-def shm_buffers(rank: Optional[int] = None) -> list[Path]:
-    """DeepSpeed's CPU allreduce buffers of this process group in /dev/shm (all ranks', or one's)."""
-    port = os.environ.get("MASTER_PORT")
-    if not port:
-        return []
-    suffix = "*" if rank is None else str(rank)
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{suffix}"))
-
-
 def release_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU allreduce keeps a 69 MB buffer per rank in /dev/shm and never unlinks it; on a
-    machine that trains often they pile up in RAM (15 GB seen here, then an OOM kill). Each rank
-    unlinks its own once every rank is past the last collective (the mapping stays valid until exit)."""
-    for path in shm_buffers(rank):
-        path.unlink(missing_ok=True)
+    """DeepSpeed's CPU allreduce keeps a 69 MB buffer per rank in /dev/shm
+    (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) and never unlinks it; on a machine that
+    trains often they pile up in RAM (15 GB seen here, then an OOM kill). Each rank unlinks its own
+    once every rank is past the last collective (the mapping stays valid until exit)."""
+    port = os.environ.get("MASTER_PORT")
+    if port:
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+            path.unlink(missing_ok=True)
 
 
 def vector_keys(records: list) -> list[str]:
