@@ -13,8 +13,15 @@ FORWARDED_PREFIXES = ("SELFEXPLAIN_", "HF_", "TRANSFORMERS_", "WANDB_", "TORCH_E
                       "MALLOC_")
 
 
+# Ray Train sends a worker's print() both to its logger and, since Ray wraps stdout, to stdout: every
+# training line reached the driver twice. Unpatched, print goes to stdout once (and the dashboard's logs).
+RAY_WORKER_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    defaults = {k: os.environ.get(k, v) for k, v in RAY_WORKER_DEFAULTS.items()}  # the user's value wins
+    return {**defaults, **forwarded}
 
 
 @contextmanager

@@ -75,6 +75,28 @@ def test_training_learns_exports_and_resumes(tmp_path, stage):
     assert [json.loads(x)["step"] for x in lines] == [5, 10, 15]
 
 
+def test_a_finished_job_frees_its_model(tmp_path, monkeypatch):
+    """Jobs run one after another in one process (a Ray Train group, the in-process path): a finished
+    job's engine, model and optimizer state must go, or memory grows by a model per job."""
+    import gc
+    import weakref
+
+    import training.step as step
+
+    wrappers = []
+
+    class Tracked(ExplainerLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            wrappers.append(weakref.ref(self))
+
+    monkeypatch.setattr(step, "ExplainerLM", Tracked)
+    run_training(make_job(tmp_path, max_steps=2))
+    gc.collect()
+    assert len(wrappers) == 1 and wrappers[0]() is None
+    assert gc.isenabled(), "DeepSpeed switches cyclic GC off while an engine is live"
+
+
 def test_export_of_another_config_is_refused(tmp_path):
     job = make_job(tmp_path, max_steps=2)
     run_training(job)

@@ -310,6 +310,10 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
                 _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     export_explainer(engine, wrapper, tokenizer, job, rank, steps=step)
     dist.barrier()
+    # Without destroy() the engine outlives this function: DeepSpeed keeps hooks on it and turns Python's
+    # cyclic GC off while any engine is live, so a process training job after job (a Ray Train group, the
+    # in-process path) kept every model and optimizer state and was OOM-killed at the tenth job.
+    engine.destroy()
     release_shm_buffer(rank)
     if rank == 0 and not cfg.keep_checkpoints_after_export:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
