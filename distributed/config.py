@@ -22,6 +22,7 @@ from groundtruth.patching_task import PatchingConfig
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from training.step import TrainConfig
 
+from .scaling import ScalePlanConfig
 from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
@@ -136,6 +137,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    scale: ScalePlanConfig = field(default_factory=ScalePlanConfig)
+    """Hardware and utilisation the dry run's GPU-hour estimates assume (GPU recipes only)."""
 
     def check(self) -> None:
         for key in ("targets", "explainers"):

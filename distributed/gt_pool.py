@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from .ray_session import torch_threads
 from .typed_yaml import stable_hash
 
 EVAL_ONLY_FIELDS = ("judge", "data_efficiency")  # task fields that do not change the ground truth
-FAULT_ENV = "SELFEXPLAIN_FAULT_KILL_UNIT"  # "<unit>:<marker file>": die once mid-shard (fault tests)
+FAULT_ENV = "SELFEXPLAIN_GT_FAULT"
+"""Fault injection for tests: comma-separated "<action>:<unit>:<marker file>", each done once (the marker
+records it, with the node it happened on). kill: write half a shard, then exit hard. hang: stop before
+writing (until the actor's node is removed)."""
 
 
 def gt_dir(cfg: RunConfig, task: str, target: str) -> Path:
@@ -56,7 +60,7 @@ class GroundTruthWorker:
                 test_fraction: float, seed: int, batch_size: int) -> dict:
         records = TASKS[task].run(self.model, self.tokenizer, items, task_cfg, target,
                                   lambda source: split_of(source, test_fraction, seed), batch_size)
-        _maybe_die(unit, Path(out_path), records)
+        _inject_fault(unit, Path(out_path), records)
         return write_shard(Path(out_path), records)
 
     def activations(self, task_cfg, texts: list[str], out_path: str, batch_size: int) -> int:
@@ -87,17 +91,21 @@ class GroundTruthWorker:
         return np.stack(states)
 
 
-def _maybe_die(unit: int, out_path: Path, records: list[Record]) -> None:
-    """Fault injection for tests: write half a shard under the temporary name, then exit hard."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    index, marker = spec.split(":", 1)
-    if int(index) != unit or Path(marker).exists():
-        return
-    Path(marker).write_text("died")
-    write_tar(temporary_name(out_path), records[: len(records) // 2])  # half a shard, never renamed
-    os._exit(1)
+def _inject_fault(unit: int, out_path: Path, records: list[Record]) -> None:
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        action, index, marker = spec.split(":", 2)
+        if int(index) != unit or Path(marker).exists():
+            continue
+        import ray
+
+        Path(marker).write_text(ray.get_runtime_context().get_node_id())
+        if action == "kill":
+            write_tar(temporary_name(out_path), records[: len(records) // 2])  # half a shard, never renamed
+            os._exit(1)
+        if action == "hang":
+            while True:
+                time.sleep(1)
+        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill or hang)")
 
 
 def run_groundtruth(cfg: RunConfig) -> dict:

@@ -16,6 +16,7 @@ from .config import RunConfig, save_resolved
 from .eval_pool import run_eval_stage
 from .gt_pool import gt_dir, run_groundtruth
 from .ray_session import ray_session
+from .scaling import scale_plan
 from .tracking import log_to_wandb
 from .train_job import run_train_stage, train_jobs
 from .typed_yaml import to_dict
@@ -122,5 +123,7 @@ def plan(cfg: RunConfig) -> str:
         for split in spec.eval_splits[1:]:
             lines.append(f"  {task}:{split}: {len(cfg.explainers) + baselines} rows x {len(cfg.targets)} targets")
     lines.append(f"wandb: {'off' if not cfg.wandb.enabled else cfg.wandb.mode} (project {cfg.wandb.project})")
+    if tc.use_gpu or gp.actor_gpus or ec.actor_gpus:  # a GPU-cluster recipe: what it will cost
+        lines += scale_plan(cfg)
     lines.append("resolved config:\n" + json.dumps(to_dict(cfg), indent=1))
     return "\n".join(lines)

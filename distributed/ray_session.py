@@ -39,6 +39,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
                     "namespace": "selfexplain"}
     if cfg.address:
         kwargs["address"] = cfg.address
+        # Inside a submitted Ray job the job's runtime env is already set; without this Ray refuses a
+        # driver runtime env that names any of the same variables (ours are forwarded from this very
+        # environment, so the merged values agree).
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     else:
         kwargs["num_cpus"] = cfg.num_cpus or os.cpu_count()
         kwargs["include_dashboard"] = cfg.include_dashboard

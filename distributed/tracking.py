@@ -12,6 +12,21 @@ from .config import RunConfig
 from .typed_yaml import to_dict
 
 
+def train_key(job: str, what: str) -> str:
+    """History key of a training job's loss or step; job is '<task>/<explainer>_on_<target>'."""
+    return f"train/{job}/{what}"
+
+
+def figure_key(image: Path) -> str:
+    """History key of a report figure (heatmap_<task>.png, efficiency_<task>.png)."""
+    return f"figures/{image.stem}"
+
+
+def train_logs(run_dir: Path) -> dict[str, Path]:
+    """Every training job's loss log, by job name."""
+    return {f"{log.parent.parent.name}/{log.parent.name}": log for log in sorted(run_dir.glob("explainers/*/*/train_log.jsonl"))}
+
+
 def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[Path]:
     """Log the matrix as a table, summary scalars per cell, bar charts and heatmaps; return the run folder."""
     if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
@@ -45,12 +60,11 @@ def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[P
             run.log({f"{task}/data_efficiency/{name}": wandb.plot.line(
                 curve, "examples_per_layer", metric, title=f"{task}: {metric} vs train examples per layer ({name})")})
     for image in images:
-        run.log({f"heatmap/{image.stem}": wandb.Image(str(image))})
-    for log in sorted(cfg.run_dir.glob("explainers/*/*/train_log.jsonl")):
-        name = f"{log.parent.parent.name}/{log.parent.name}"
+        run.log({figure_key(image): wandb.Image(str(image))})
+    for name, log in train_logs(cfg.run_dir).items():
         for line in log.read_text().splitlines():
             entry = json.loads(line)
-            run.log({f"train/{name}/loss": entry["loss"], f"train/{name}/step": entry["step"]})
+            run.log({train_key(name, "loss"): entry["loss"], train_key(name, "step"): entry["step"]})
     folder = Path(run.dir).parent
     run.finish()
     return folder

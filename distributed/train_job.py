@@ -35,6 +35,19 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
     return jobs
 
 
+def write_job_files(cfg: RunConfig) -> list[Path]:
+    """One JOB.json per training job under <run>/jobs/, for `python -m training.step JOB.json` under
+    torchrun (cluster/slurm_torchrun.sbatch: training without Ray)."""
+    folder = cfg.run_dir / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for job in train_jobs(cfg):
+        path = folder / f"{job.task}__{Path(job.out_dir).name}.json"
+        path.write_text(job.to_json())
+        paths.append(path)
+    return paths
+
+
 def _describe(job: TrainJob) -> str:
     subset = f" ({job.max_records_per_layer} records per layer)" if job.max_records_per_layer else ""
     return f"{job.task}: {job.explainer} on {job.target}{subset}"
@@ -76,7 +89,7 @@ def fit_with_ray(jobs: list[TrainJob], storage: Path) -> None:
         train_loop_config={"jobs": [job.to_json() for job in jobs], "threads": torch_threads(tc.worker_cpus)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.worker_cpus}),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=tc.backend or ("nccl" if tc.use_gpu else "gloo")),
         # a crashed worker restarts the group, which resumes from the newest DeepSpeed checkpoint
         run_config=RayRunConfig(name="explainers", storage_path=str(storage),
                                 failure_config=FailureConfig(max_failures=2)),

@@ -55,7 +55,8 @@ def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
     return path
 
 
-def _table(table: dict, metric: str) -> list[str]:
+def matrix_table(table: dict, metric: str) -> list[str]:
+    """One task's matrix as Markdown table lines: a row per explainer or baseline, a column per target."""
     targets = table["targets"]
     lines = [f"| explainer | {' | '.join(targets)} |", "|---|" + "---|" * len(targets)]
     for name, row in table["rows"].items():
@@ -94,7 +95,7 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
         png = heatmap(task, table, run_dir / f"heatmap_{task.replace(':', '_')}.png", headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
         for metric in table["metrics"]:
-            lines += [f"### {metric}", "", *_table(table, metric), ""]
+            lines += [f"### {metric}", "", *matrix_table(table, metric), ""]
         curves = data_efficiency(table)
         if curves:
             plot = efficiency_plot(task, curves, headline(table), run_dir / f"efficiency_{task.replace(':', '_')}.png")

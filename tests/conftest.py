@@ -44,3 +44,17 @@ def tiny():
 os.environ.setdefault("MALLOC_ARENA_MAX", "1")
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
+
+
+def make_train_job(tmp_path: Path, **train):
+    """A tiny-llama input-ablation TrainJob over 16 learnable records (written once under tmp_path)."""
+    from groundtruth.models import ModelSpec
+    from groundtruth.records import write_split
+    from training.step import TrainConfig, TrainJob
+
+    data = tmp_path / "data" / "train"
+    if not data.exists():
+        write_split(data, make_records(16), "h", shard_size=8)
+    settings = {"micro_batch_size": 4, "lr": 3e-3, "use_ray": False, "checkpoint_every": 5, "log_every": 5, **train}
+    return TrainJob("input_ablation", "t", "tiny", ModelSpec("tiny-llama"), str(data), str(tmp_path / "job"),
+                    TrainConfig(**settings))

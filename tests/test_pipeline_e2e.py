@@ -7,12 +7,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import wandb_workspaces.reports.v2 as wr
 import yaml
 
 from distributed.cli import main as cli_main
 from distributed.config import load_config
 from distributed.gt_pool import FAULT_ENV
 from distributed.pipeline import run
+from distributed.tracking import figure_key, train_key, train_logs
+from distributed.wandb_report import build_report
 from groundtruth.ablation import build_items
 from groundtruth.records import iter_records, safe_key
 
@@ -49,12 +52,12 @@ def config(tmp_path):
 
 def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     marker = tmp_path / "actor-died"
-    monkeypatch.setenv(FAULT_ENV, f"1:{marker}")
+    monkeypatch.setenv(FAULT_ENV, f"kill:1:{marker}")
     cfg = load_config(config)
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     run(cfg)
     assert marker.exists(), "the fault was injected: an actor died in the middle of shard 1"
-    # 2-worker DeepSpeed groups on CPU map a 69 MB buffer per rank in /dev/shm; none may be left behind
+    # DeepSpeed's CPU shm allreduce (a 69 MB /dev/shm buffer per rank, never unlinked) is never built
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
 
     # every work item is present exactly once in the raw shards
@@ -122,6 +125,15 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     assert gold["judge"] == pytest.approx(1.0, abs=1e-3) and gold["simulation"] > 0.3
     assert "SAE layer 1 (trained here): 64 features" in (cfg.run_dir / "report.md").read_text()
     assert (cfg.run_dir / "config.resolved.yaml").exists()
+
+    # the W&B report: a section per matrix task, panels on exactly the keys the run logged
+    report = build_report(cfg, matrix, entity="someone")
+    assert [b.text for b in report.blocks if isinstance(b, wr.H1)] == list(matrix["tasks"])
+    grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+    curves = {p.y[0].name for g in grids for p in g.panels if isinstance(p, wr.LinePlot)}
+    assert curves == {train_key(job, "loss") for job in train_logs(cfg.run_dir)} and len(curves) == 7
+    media = {k for g in grids for p in g.panels if isinstance(p, wr.MediaBrowser) for k in p.media_keys}
+    assert media == {figure_key(p) for p in cfg.run_dir.glob("*.png")} and "figures/efficiency_feature_descriptions" in media
 
     # a rerun of finished stages is a no-op: no shard, export or eval cell is rewritten
     watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/model.safetensors")) \

@@ -4,13 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_records
+from conftest import make_records, make_train_job as make_job
 from groundtruth.models import ModelSpec, load_model
-from groundtruth.records import write_split
 from training.batches import IGNORE, collate, encode_example
 from training.export import CheckpointMismatch, export_matches, load_explainer
 from training.loss import ExplainerLM
-from training.step import TrainConfig, TrainJob, micro_batch_order, run_training
+from training.step import micro_batch_order, run_training
 
 
 def test_labels_cover_exactly_the_explanation_and_eos(tiny):
@@ -46,15 +45,6 @@ def test_every_rank_gets_equal_disjoint_batches():
     flat = [i for o in orders for b in o for i in b]
     assert len(flat) == len(set(flat))
     assert orders[0] != micro_batch_order(23, 0, 3, 2, seed=0, epoch=2), "a new order each epoch"
-
-
-def make_job(tmp_path, **train) -> TrainJob:
-    data = tmp_path / "data" / "train"
-    if not data.exists():
-        write_split(data, make_records(16), "h", shard_size=8)
-    settings = {"micro_batch_size": 4, "lr": 3e-3, "use_ray": False, "checkpoint_every": 5, "log_every": 5, **train}
-    cfg = TrainConfig(**settings)
-    return TrainJob("input_ablation", "t", "tiny", ModelSpec("tiny-llama"), str(data), str(tmp_path / "job"), cfg)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -24,11 +24,13 @@ from groundtruth.generation import PromptFormat
 from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import iter_records
 
+from . import checkpoints
 from .batches import collate, encode_example
 from .explainer import Projection, ProjectionConfig, add_vector_tokens, key_layers, vector_key
 from .export import export_explainer
 from .lora import LoraConfig, apply_lora
 from .loss import ExplainerLM
+from .preemption import PreemptionWatch, TrainingPreempted, crash_if_injected
 from .projection_fit import initial_projection
 
 
@@ -79,6 +81,9 @@ class TrainConfig:
     """CPUs reserved per worker; torch threads per worker follow from it."""
     use_gpu: bool = False
     """One GPU per worker (clusters)."""
+    backend: Optional[str] = None
+    """torch.distributed backend of the Ray Train group; null: nccl with GPUs, gloo without (gloo also
+    runs the logical GPUs of a simulated cluster)."""
     use_ray: bool = True
     """Run through Ray Train; false runs the same loop in this process (world size 1)."""
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
@@ -216,21 +221,38 @@ def init_process_group_if_needed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _latest_checkpoint(folder: Path) -> Optional[str]:
-    latest = folder / "latest"
-    return latest.read_text().strip() if latest.exists() else None
-
-
 def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None) -> dict:
     """Fine-tune job.explainer_spec on job.data_dir; resume from the newest checkpoint; export at the end.
 
     Returns a summary (steps, final loss, seconds). Every rank must call it; rank 0 writes the logs and
-    the export.
+    the export. SIGTERM (preemption) writes a checkpoint at the current step and raises TrainingPreempted.
     """
+    with PreemptionWatch() as watch:
+        return _train(job, report, watch)
+
+
+def _universal_tag(folder: Path, point: checkpoints.ResumePoint, rank: int, world: int) -> str:
+    """Rank 0 converts the checkpoint to a universal one; every rank gets its tag, or the error."""
+    import torch.distributed as dist
+
+    outcome: list = [None]
+    if rank == 0:
+        try:
+            outcome = [checkpoints.to_universal(folder, point, world)]
+        except checkpoints.ResumeError as err:
+            outcome = [err]
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: PreemptionWatch) -> dict:
     import deepspeed
     import torch.distributed as dist
 
     cfg = job.train
+    skip_inference_allreduce_op()
     rank, world = init_process_group_if_needed()
     torch.manual_seed(job.seed)
     ds_config = deepspeed_config(cfg, world)
@@ -262,16 +284,21 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     wrapper = ExplainerLM(model, restrict_head=cfg.restrict_lm_head, **wrapper_args)
+    ckpt_dir = job.checkpoint_dir
+    point = checkpoints.resume_point(ckpt_dir, world, cfg.zero_stage)
+    if point is not None and point.universal:
+        ds_config = checkpoints.universal_config(ds_config)
     engine, *_ = deepspeed.initialize(
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=ds_config
     )
     step = 0
-    ckpt_dir = job.checkpoint_dir
-    if _latest_checkpoint(ckpt_dir):
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+    if point is not None:
+        tag = _universal_tag(ckpt_dir, point, rank, world) if point.universal else point.tag
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         step = int(client["step"]) if client else 0
         if rank == 0:
-            print(f"[train {job.explainer}<-{job.target}] resumed at step {step}/{total_steps}", flush=True)
+            how = f" (a {point.tag} of another world size, as a universal checkpoint)" if point.universal else ""
+            print(f"[train {job.explainer}<-{job.target}] resumed at step {step}/{total_steps}{how}", flush=True)
     log_path = Path(job.out_dir) / "train_log.jsonl"
     if rank == 0:
         _truncate_log(log_path, step)  # entries past the resumed step belong to a run that was lost
@@ -304,31 +331,35 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
                 report(entry)
         # The last step is exported instead; its checkpoint is only worth writing if kept afterwards.
         final_kept = step == total_steps and cfg.keep_checkpoints_after_export
-        if (step % cfg.checkpoint_every == 0 and step < total_steps) or final_kept:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state={"step": step})
+        saved = (step % cfg.checkpoint_every == 0 and step < total_steps) or final_kept
+        if saved:
+            checkpoints.save(engine, ckpt_dir, step, world, rank, cfg.keep_checkpoints)
+        if watch.any_rank_signalled(world):
+            if not saved:
+                checkpoints.save(engine, ckpt_dir, step, world, rank, cfg.keep_checkpoints)
             if rank == 0:
-                _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+                print(f"[train {job.explainer}<-{job.target}] SIGTERM: checkpoint at step {step} written, exiting", flush=True)
+            raise TrainingPreempted(step)
+        crash_if_injected(rank, step)
     export_explainer(engine, wrapper, tokenizer, job, rank, steps=step)
     dist.barrier()
     # Without destroy() the engine outlives this function: DeepSpeed keeps hooks on it and turns Python's
     # cyclic GC off while any engine is live, so a process training job after job (a Ray Train group, the
     # in-process path) kept every model and optimizer state and was OOM-killed at the tenth job.
     engine.destroy()
-    release_shm_buffer(rank)
     if rank == 0 and not cfg.keep_checkpoints_after_export:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {"steps": step, "loss": last_loss, "seconds": time.time() - started, "world": world}
 
 
-def release_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU allreduce keeps a 69 MB buffer per rank in /dev/shm
-    (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) and never unlinks it; on a machine that
-    trains often they pile up in RAM (15 GB seen here, then an OOM kill). Each rank unlinks its own
-    once every rank is past the last collective (the mapping stays valid until exit)."""
-    port = os.environ.get("MASTER_PORT")
-    if port:
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-            path.unlink(missing_ok=True)
+def skip_inference_allreduce_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory allreduce op on first use (~70 s) and maps a 69 MB
+    /dev/shm buffer per rank that it never unlinks (15 GB had piled up on this machine, then an OOM kill).
+    Only its tensor-parallel inference allreduce uses them; training's collectives go through
+    torch.distributed. Marked incompatible before DeepSpeed's comm backend starts, the op is never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def vector_keys(records: list) -> list[str]:
@@ -377,12 +408,6 @@ def _truncate_log(path: Path, last_step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
-
-
-def _prune_checkpoints(folder: Path, keep: int) -> None:
-    tags = sorted(p for p in folder.glob("step*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

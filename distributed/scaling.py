@@ -1,0 +1,218 @@
+"""Scale on paper: what each stage of a config needs on a GPU cluster, without loading a model.
+
+For every stage the plan gives GPUs, units of work, the memory per training rank under each ZeRO stage,
+FLOPs and GPU-hours. Model shapes come from config.json (a local folder, or the shapes of the paper's
+hub models below); FLOPs from the standard counts (forward 2 x params per token, training 6 x params per
+token, LoRA ~4 x: no weight gradients for the frozen matrices); GPU-hours = FLOPs / (peak x utilisation).
+The utilisations are assumptions stated in the plan (`ScalePlanConfig`), checked against throughput this
+code measures on the CPU quickstart (docs/SCALING.md).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from groundtruth.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer's sizes (enough for parameter, memory and FLOP counts)."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def params(self) -> int:
+        kv = self.hidden * self.kv_heads // self.heads
+        per_layer = 2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.ffn + 2 * self.hidden
+        return self.layers * per_layer + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def lora_params(self, r: int, modules: tuple[str, ...]) -> int:
+        """Trainable parameters of rank-r adapters on the named projections of every layer."""
+        kv = self.hidden * self.kv_heads // self.heads
+        dims = {"q_proj": (self.hidden, self.hidden), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (self.hidden, self.hidden), "gate_proj": (self.hidden, self.ffn),
+                "up_proj": (self.hidden, self.ffn), "down_proj": (self.ffn, self.hidden)}
+        return self.layers * sum(r * (dims[m][0] + dims[m][1]) for m in modules if m in dims)
+
+
+# config.json sizes of the paper's models (published model cards), so a dry run needs no download.
+KNOWN_SHAPES = {
+    "meta-llama/Llama-3.1-8B": Shape(32, 4096, 14336, 32, 8, 128256),
+    "meta-llama/Llama-3.1-8B-Instruct": Shape(32, 4096, 14336, 32, 8, 128256),
+    "Qwen/Qwen3-8B": Shape(36, 4096, 12288, 32, 8, 151936),
+    "meta-llama/Llama-3.1-70B-Instruct": Shape(80, 8192, 28672, 64, 8, 128256),
+    "meta-llama/Llama-3.3-70B-Instruct": Shape(80, 8192, 28672, 64, 8, 128256),
+}
+
+
+def shape_of(spec: ModelSpec) -> Optional[Shape]:
+    """The shape of a hub model we know or of a local folder's config.json; None otherwise."""
+    if spec.source in KNOWN_SHAPES:
+        return KNOWN_SHAPES[spec.source]
+    config = Path(spec.source) / "config.json"
+    if config.exists():
+        c = json.loads(config.read_text())
+        c = c.get("text_config", c)
+        return Shape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                     c.get("num_key_value_heads", c["num_attention_heads"]), c["vocab_size"],
+                     bool(c.get("tie_word_embeddings", False)))
+    return None
+
+
+@dataclass
+class ScalePlanConfig:
+    """Assumptions of the dry-run's GPU estimates (the hardware and how well each stage uses it). Measure
+    your own: a short run's train_log.jsonl gives seconds per step; utilisation = 6 x params x tokens per
+    second / peak."""
+
+    gpu_peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU (H100 SXM: 989; A100: 312)."""
+    gpu_memory_gb: float = 80.0
+    train_utilisation: float = 0.35
+    """Model FLOPs utilisation of training (ZeRO-3 on 8 GPUs: 0.3-0.45 is typical)."""
+    inference_utilisation: float = 0.10
+    """Of batched greedy generation and patching sweeps (memory-bound decoding)."""
+
+
+def memory_per_rank_gb(params: int, trainable: int, ranks: int, stage: int, bf16: bool) -> float:
+    """Model, gradient and optimizer state per rank (no activations). Mixed precision keeps bf16 weights
+    and grads plus an fp32 master copy and Adam's two moments (16 bytes per trainable parameter); fp32
+    keeps 4 + 4 + 8. Frozen weights (LoRA) cost their 2 or 4 bytes and are partitioned only by ZeRO-3."""
+    w = 2 if bf16 else 4
+    frozen = (params - trainable) * w
+    weights, grads, optim = trainable * w, trainable * w, trainable * (12 if bf16 else 8)
+    if stage == 0:
+        total = frozen + weights + grads + optim
+    elif stage == 1:
+        total = frozen + weights + grads + optim / ranks
+    elif stage == 2:
+        total = frozen + weights + (grads + optim) / ranks
+    else:
+        total = (frozen + weights + grads + optim) / ranks
+    return total / 1e9
+
+
+def activation_gb(shape: Shape, seq_len: int, micro_batch: int, bf16: bool) -> float:
+    """Activations kept for backward without recomputation, flash attention (Korthikanti et al. 2022:
+    34 x s x b x h bytes per layer in 16-bit)."""
+    return 34 * seq_len * micro_batch * shape.hidden * shape.layers * (1 if bf16 else 2) / 1e9
+
+
+def gpu_hours(flops: float, plan: ScalePlanConfig, training: bool) -> float:
+    rate = plan.gpu_peak_tflops * 1e12 * (plan.train_utilisation if training else plan.inference_utilisation)
+    return flops / rate / 3600
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """Per-task token counts the estimate needs (typical paper-format prompts; see docs/SCALING.md)."""
+
+    target_tokens: int
+    """Prompt tokens of one target forward pass while making ground truth."""
+    explainer_tokens: int
+    """Tokens of one explainer training example (template, query, explanation)."""
+    paper_items: int
+    """Work items per target when the source cannot be counted offline (the paper's data set sizes)."""
+
+
+TASK_WORK = {
+    # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with / without the span)
+    "input_ablation": TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042),
+    # CounterFact prompt + forced-choice suffix ~40 tokens; one forward per (position, block) + clean runs
+    "activation_patching": TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919),
+    # one corpus text of max_tokens; explainer example = template + layer + description
+    "feature_descriptions": TaskWork(target_tokens=64, explainer_tokens=60, paper_items=0),
+}
+
+
+def _items(cfg, task: str, task_cfg) -> int:
+    from groundtruth.tasks import TASKS
+
+    if TASKS[task].build_items is None:
+        return task_cfg.corpus_texts
+    try:
+        return len(TASKS[task].build_items(task_cfg, cfg.seed))
+    except (FileNotFoundError, ValueError):
+        return TASK_WORK[task].paper_items
+
+
+def _feature_layers(task_cfg) -> int:
+    return len(task_cfg.layers if task_cfg.layers is not None else task_cfg.depths)
+
+
+def _train_records(task: str, task_cfg, items: int) -> int:
+    if task == "feature_descriptions":  # described features minus the held-out ones, every layer
+        return ((task_cfg.max_features_per_layer or 2000) - task_cfg.test_features_per_layer) * _feature_layers(task_cfg)
+    records = items * (1 - task_cfg.test_fraction)  # before balancing: an upper bound
+    cap = getattr(task_cfg, "max_train_records", None)
+    return int(min(records, cap) if cap else records)
+
+
+def scale_plan(cfg) -> list[str]:
+    """Dry-run lines: per target / explainer and stage, GPUs, FLOPs, GPU-hours and memory per rank."""
+    plan = cfg.scale
+    gp, tc, ec = cfg.groundtruth, cfg.train, cfg.eval
+    shapes = {name: shape_of(spec) for name, spec in cfg.models.items()}
+    unknown = [cfg.models[n].source for n, s in shapes.items() if s is None]
+    lines = [f"scale (assumes {plan.gpu_peak_tflops:g} TFLOP/s bf16 GPUs of {plan.gpu_memory_gb:g} GB, utilisation "
+             f"{plan.train_utilisation:g} training / {plan.inference_utilisation:g} inference):"]
+    if unknown:
+        return lines + [f"  shapes unknown for {', '.join(unknown)}: give a local folder with config.json, "
+                        "or add them to distributed/scaling.py KNOWN_SHAPES"]
+    bf16 = tc.precision == "bf16"
+    total = 0.0
+    for name, s in shapes.items():
+        lines.append(f"  {name}: {s.params / 1e9:.2f}B parameters ({s.layers} layers, d={s.hidden})")
+    for task, task_cfg in cfg.tasks.enabled().items():
+        work = TASK_WORK[task]
+        items = _items(cfg, task, task_cfg)
+        for target in cfg.targets:
+            t = shapes[target]
+            if task == "activation_patching":
+                passes = 2 + work.target_tokens * task_cfg.num_blocks  # clean x, x' + one per (position, block)
+            elif task == "input_ablation":
+                passes = 2
+            else:
+                passes = 1
+            gt_flops = 2 * t.params * work.target_tokens * passes * items
+            hours = gpu_hours(gt_flops, plan, training=False)
+            total += hours
+            lines.append(f"  groundtruth {task} on {target}: {items:,} items -> {-(-items // gp.items_per_shard)} shards; "
+                         f"{gt_flops:.2e} FLOPs, {hours:,.1f} GPU-h on {gp.actors} x {gp.actor_gpus:g} GPU actors")
+            records = _train_records(task, task_cfg, items)
+            for explainer in cfg.explainers:
+                e = shapes[explainer]
+                trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
+                per_token = 4 * e.params + 2 * trainable if tc.lora else 6 * e.params
+                epochs = tc.epochs if tc.max_steps is None else 1
+                flops = per_token * work.explainer_tokens * records * epochs
+                hours = gpu_hours(flops, plan, training=True)
+                total += hours
+                memory = ", ".join(f"ZeRO-{z} {memory_per_rank_gb(e.params, trainable, tc.num_workers, z, bf16):.1f}"
+                                   for z in range(4))
+                act = activation_gb(e, min(tc.max_seq_len, work.explainer_tokens), tc.micro_batch_size, bf16)
+                fits = memory_per_rank_gb(e.params, trainable, tc.num_workers, tc.zero_stage, bf16) + act <= plan.gpu_memory_gb
+                lines.append(f"  train {task}: {explainer} on {target}: ~{records:,} records, "
+                             f"{'LoRA ' + format(trainable / 1e6, '.0f') + 'M' if tc.lora else 'full'} trainable; "
+                             f"{flops:.2e} FLOPs, {hours:,.1f} GPU-h on {tc.num_workers} GPUs; GB per rank "
+                             f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch; "
+                             f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
+                rows = 2 + ec.untrained
+                test = (task_cfg.test_features_per_layer * _feature_layers(task_cfg) if task == "feature_descriptions"
+                        else int(items * task_cfg.test_fraction))
+                eval_flops = 2 * e.params * (work.explainer_tokens + (ec.max_new_tokens or 50)) * test * rows
+                hours = gpu_hours(eval_flops, plan, training=False)
+                total += hours
+                lines.append(f"  eval {task}: {explainer} on {target}: ~{test:,} test records x {rows} rows, "
+                             f"{hours:,.1f} GPU-h")
+    lines.append(f"  total: {total:,.0f} GPU-hours")
+    return lines

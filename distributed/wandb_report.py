@@ -1,0 +1,58 @@
+"""`selfexplain report CONFIG --wandb`: a W&B report laid out from a finished run.
+
+One section per task: the explainer x target matrix (from matrix.json, per metric), its heatmap and
+data-efficiency figure, and the learning curves of the task's explainers; every panel reads the keys
+`tracking.log_to_wandb` logged (the key functions are shared). Publishing needs W&B online (a login
+and wandb.mode: online); building the report object needs neither, and is what the tests check.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from eval.matrix import headline
+from eval.report import matrix_table
+
+from .config import RunConfig
+from .tracking import figure_key, train_key, train_logs
+
+
+def build_report(cfg: RunConfig, matrix: dict, entity: str):
+    """The report object (nothing is sent anywhere until .save())."""
+    import wandb_workspaces.reports.v2 as wr
+
+    runset = wr.Runset(entity=entity, project=cfg.wandb.project, name=cfg.name, query=cfg.name)
+    figures = {p.stem: p for p in sorted(cfg.run_dir.glob("*.png"))}
+    logs = train_logs(cfg.run_dir)
+    blocks: list = [wr.TableOfContents(), wr.P(
+        f"Run {cfg.name}: targets {', '.join(cfg.targets)}; explainers {', '.join(cfg.explainers)}. "
+        "Each table: rows are explainers (trained, untrained, baselines), columns the target they explain; "
+        "(self) marks an explainer explaining itself.")]
+    for task, table in matrix["tasks"].items():
+        metric = headline(table)
+        blocks += [wr.H1(task), wr.P(f"Headline metric: {metric}.")]
+        for name in table.get("metrics", [metric]):
+            blocks += [wr.H3(name), wr.MarkdownBlock("\n".join(matrix_table(table, name)))]
+        panels: list = [wr.MediaBrowser(title=stem, media_keys=[figure_key(path)])
+                        for stem, path in figures.items() if stem in (f"heatmap_{task}", f"efficiency_{task}")]
+        panels += [wr.LinePlot(title=f"loss: {job}", x=wr.Metric(train_key(job, "step")), y=[wr.Metric(train_key(job, "loss"))])
+                   for job in logs if job.split("/")[0] == task.split(":")[0] and ":" not in task]
+        if panels:
+            blocks.append(wr.PanelGrid(runsets=[runset], panels=panels))
+    return wr.Report(project=cfg.wandb.project, entity=entity, title=f"selfexplain: {cfg.name}",
+                     description="Explainer x target matrices, figures and learning curves", blocks=blocks)
+
+
+def publish_report(cfg: RunConfig, matrix: dict) -> str:
+    """Build and save the report; return its URL. Fails with a message when W&B is not online."""
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if mode != "online":
+        raise ValueError(f"W&B is {mode}: a report lives on the W&B server. Sync the offline run "
+                         f"(wandb sync {Path(cfg.run_dir) / 'wandb'}/offline-run-*), then rerun with "
+                         "WANDB_MODE=online (after `wandb login`)")
+    import wandb
+
+    entity = cfg.wandb.entity or wandb.Api().default_entity
+    report = build_report(cfg, matrix, entity)
+    report.save()
+    return report.url

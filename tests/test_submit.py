@@ -1,0 +1,76 @@
+"""`selfexplain submit`: the job it builds, its refusals, and a real submission to a local Ray job server
+that runs the whole pipeline (tiny models) on the cluster side."""
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from distributed.cli import main as cli_main
+from distributed.submit import REPO, runtime_env, submit
+
+TINY = [  # the quickstart config shrunk to tiny models and one task, through --set alone
+    "models.smollm2.source=tiny-llama:hidden=32,layers=2", "models.gemma.source=tiny-llama:hidden=48,layers=2,seed=1",
+    "tasks.activation_patching=null", "tasks.feature_descriptions=null", "tasks.input_ablation.max_sources=12",
+    "tasks.input_ablation.test_fraction=0.3",
+    "tasks.input_ablation.balance=false", "tasks.input_ablation.span.answer_pattern=\\S+",
+    "groundtruth.actors=1", "groundtruth.actor_cpus=0.5", "train.max_steps=2", "train.micro_batch_size=2",
+    "train.worker_cpus=0.5", "eval.actors=1", "eval.actor_cpus=0.5", "eval.baselines=[majority]",
+    "eval.max_new_tokens=4", "wandb.mode=disabled",
+]
+
+
+def test_submit_dry_run_shows_the_job_and_ships_the_repository_without_heavy_folders(capsys):
+    assert cli_main(["submit", "configs/quickstart.yaml", "--address", "http://head:8265",
+                     "--set", "train.lr=2e-4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "address: http://head:8265" in out
+    assert "entrypoint: python -m distributed.cli run configs/quickstart.yaml --set train.lr=2e-4 --set ray.address=auto" in out
+    env = runtime_env()
+    assert env["working_dir"] == str(REPO) and {".venv/", "runs/", ".git/"} <= set(env["excludes"])
+    assert env["env_vars"]["WANDB_MODE"] == "offline", "cluster/runtime_env.yaml is merged in"
+
+
+def test_submit_refuses_what_would_fail_on_the_cluster(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli_main(["submit", "configs/quickstart.yaml"]) == 2
+    assert "no cluster address" in capsys.readouterr().err
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    assert cli_main(["submit", str(outside), "--address", "http://head:8265"]) == 2
+    assert "must live inside the repository" in capsys.readouterr().err
+    assert cli_main(["submit", "configs/quickstart.yaml", "--address", "http://head:8265", "--set", "train.lrr=1"]) == 2
+    assert "train.lrr: unknown key" in capsys.readouterr().err, "a bad config fails before submission"
+
+
+def test_a_submitted_job_runs_the_pipeline_on_the_cluster(tmp_path, monkeypatch):
+    import ray
+
+    # the job's `python` is this interpreter (a cluster image has its own environment on PATH)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, _temp_dir=tempfile.mkdtemp(prefix="se-ray-"))
+    try:
+        out_dir = tmp_path / "run"
+        job_id = submit("configs/quickstart.yaml", [*TINY, f"out_dir={out_dir}"], f"http://127.0.0.1:{port}", follow=True)
+    finally:
+        ray.shutdown()
+    assert job_id.startswith("raysubmit_")
+    matrix = json.loads((out_dir / "matrix.json").read_text())
+    assert set(matrix["tasks"]) == {"input_ablation"}
+    assert {"smollm2 trained", "gemma trained", "majority"} <= set(matrix["tasks"]["input_ablation"]["rows"])
+
+
+def test_runtime_env_file_is_checked_and_never_moves_the_shipped_folder(tmp_path):
+    path = tmp_path / "env.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        runtime_env(path)
+    path.write_text("working_dir: /elsewhere\nexcludes: [data/]\n")
+    env = runtime_env(path)
+    assert env["working_dir"] == str(REPO) and "data/" in env["excludes"] and ".venv/" in env["excludes"]

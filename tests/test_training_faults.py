@@ -1,0 +1,86 @@
+"""Training survives what clusters do to it: SIGTERM (preemption), a crashed Ray Train worker, and a
+resume on a different number of ranks."""
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_train_job
+from distributed.config import RayConfig
+from distributed.ray_session import ray_session
+from distributed.train_job import fit_with_ray
+from training import checkpoints
+from training.preemption import PREEMPTED_EXIT_CODE, TRAIN_FAULT_ENV
+from training.step import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def logged(job) -> list[dict]:
+    return [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def exported_steps(job) -> int:
+    return json.loads((job.export_dir / "selfexplain.json").read_text())["steps"]
+
+
+def test_sigterm_checkpoints_the_current_step_and_a_rerun_resumes_there(tmp_path, capsys):
+    job = make_train_job(tmp_path, max_steps=100_000, checkpoint_every=10**6, log_every=5)
+    spec = tmp_path / "job.json"
+    spec.write_text(job.to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "training.step", str(spec)], cwd=ROOT)
+    log, deadline = Path(job.out_dir) / "train_log.jsonl", time.time() + 180
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # 10 steps done
+        assert proc.poll() is None and time.time() < deadline, "training stopped or stalled before the signal"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE
+    point = checkpoints.resume_point(job.checkpoint_dir, world=1, zero_stage=job.train.zero_stage)
+    assert point is not None and point.step >= 10 and not point.universal, "no periodic checkpoint was due: SIGTERM wrote it"
+    assert not job.export_dir.exists()
+
+    capsys.readouterr()
+    more = make_train_job(tmp_path, max_steps=point.step + 3, checkpoint_every=10**6, log_every=5)
+    assert run_training(more)["steps"] == point.step + 3
+    assert f"resumed at step {point.step}/" in capsys.readouterr().out
+    steps = [e["step"] for e in logged(more)]
+    assert steps == sorted(set(steps)) and steps[-1] == point.step + 3 and steps[0] == 5
+
+
+def test_a_crashed_train_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    """Rank 1 dies after step 3 of the first job; Ray Train restarts the group, which resumes that job from
+    its step-2 checkpoint and then trains the second job. Both end exactly as an uninterrupted run."""
+    settings = {"max_steps": 6, "checkpoint_every": 2, "log_every": 1, "num_workers": 2, "worker_cpus": 0.5,
+                "use_ray": True, "zero_stage": 2, "micro_batch_size": 2}
+    crashed = make_train_job(tmp_path / "crashed", **settings)
+    clean = make_train_job(tmp_path / "clean", **settings)
+    marker = tmp_path / "rank1-crashed"
+    monkeypatch.setenv(TRAIN_FAULT_ENV, f"1:3:{marker}")  # forwarded to the Ray workers (SELFEXPLAIN_*)
+    with ray_session(RayConfig(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="se-ray-"))):
+        fit_with_ray([crashed, clean], tmp_path / "ray_train")
+    assert marker.exists(), "the fault was injected"
+    assert exported_steps(crashed) == exported_steps(clean) == 6
+    resumed, uninterrupted = logged(crashed), logged(clean)
+    assert [e["step"] for e in resumed] == [e["step"] for e in uninterrupted] == [1, 2, 3, 4, 5, 6]
+    assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in uninterrupted], rel=1e-4)
+
+
+def test_resuming_on_another_number_of_ranks_converts_to_a_universal_checkpoint(tmp_path):
+    first = make_train_job(tmp_path, max_steps=4, checkpoint_every=2, micro_batch_size=2,
+                           keep_checkpoints_after_export=True)
+    run_training(first)  # one rank; keeps its step-4 checkpoint
+    more = make_train_job(tmp_path, max_steps=6, checkpoint_every=2, micro_batch_size=2)
+    spec = tmp_path / "more.json"
+    spec.write_text(more.to_json())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.step", str(spec)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step 4/6 (a step0000004 of another world size" in done.stdout
+    assert exported_steps(more) == 6
+    assert [e["step"] for e in logged(more)] == [4, 5, 6]
