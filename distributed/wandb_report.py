@@ -33,8 +33,9 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
         blocks += [wr.H1(task), wr.P(f"Headline metric: {metric}.")]
         for name in table.get("metrics", [metric]):
             blocks += [wr.H3(name), wr.MarkdownBlock("\n".join(matrix_table(table, name)))]
+        stem_task = task.replace(":", "_")  # how report.py names a task's figures
         panels: list = [wr.MediaBrowser(title=stem, media_keys=[figure_key(path)])
-                        for stem, path in figures.items() if stem in (f"heatmap_{task}", f"efficiency_{task}")]
+                        for stem, path in figures.items() if stem in (f"heatmap_{stem_task}", f"efficiency_{stem_task}")]
         panels += [wr.LinePlot(title=f"loss: {job}", x=wr.Metric(train_key(job, "step")), y=[wr.Metric(train_key(job, "loss"))])
                    for job in logs if job.split("/")[0] == task.split(":")[0] and ":" not in task]
         if panels:

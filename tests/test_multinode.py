@@ -85,6 +85,8 @@ def test_ground_truth_and_training_across_nodes_survive_a_lost_node_and_a_killed
     gt = cfg.run_dir / "groundtruth" / "input_ablation" / "a"
     expected = sorted(safe_key("a", "input_ablation", i.item_id) for i in build_items(cfg.tasks.input_ablation, cfg.seed))
     present = Counter(r.record_id for r in iter_records(gt / "raw"))
+    print(f"[faults] ground truth: {len(expected)} records expected, {sum(present.values())} present "
+          f"({len(present)} distinct) after a killed actor and a removed node")
     assert sorted(present) == expected and set(present.values()) == {1}, "every record exactly once"
     assert not list((gt / "raw").glob(".*")), "no partial shard survives"
 

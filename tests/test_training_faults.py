@@ -1,6 +1,7 @@
 """Training survives what clusters do to it: SIGTERM (preemption), a crashed Ray Train worker, and a
 resume on a different number of ranks."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,13 @@ from training.preemption import PREEMPTED_EXIT_CODE, TRAIN_FAULT_ENV
 from training.step import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
+# A child process makes its own process group: it must not inherit this one's rendezvous (an earlier
+# in-process test set MASTER_PORT here, and that port is taken by this process's store).
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
+
+
+def child_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
 
 
 def logged(job) -> list[dict]:
@@ -33,7 +41,7 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_resumes_there(tmp_path
     job = make_train_job(tmp_path, max_steps=100_000, checkpoint_every=10**6, log_every=5)
     spec = tmp_path / "job.json"
     spec.write_text(job.to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "training.step", str(spec)], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "training.step", str(spec)], cwd=ROOT, env=child_env())
     log, deadline = Path(job.out_dir) / "train_log.jsonl", time.time() + 180
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # 10 steps done
         assert proc.poll() is None and time.time() < deadline, "training stopped or stalled before the signal"
@@ -66,6 +74,8 @@ def test_a_crashed_train_worker_is_restarted_and_resumes_from_the_last_checkpoin
     assert marker.exists(), "the fault was injected"
     assert exported_steps(crashed) == exported_steps(clean) == 6
     resumed, uninterrupted = logged(crashed), logged(clean)
+    print(f"[faults] resumed after a crash: {[(e['step'], round(e['loss'], 6)) for e in resumed]}\n"
+          f"[faults] uninterrupted:         {[(e['step'], round(e['loss'], 6)) for e in uninterrupted]}")
     assert [e["step"] for e in resumed] == [e["step"] for e in uninterrupted] == [1, 2, 3, 4, 5, 6]
     assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in uninterrupted], rel=1e-4)
 
@@ -79,7 +89,7 @@ def test_resuming_on_another_number_of_ranks_converts_to_a_universal_checkpoint(
     spec.write_text(more.to_json())
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.step", str(spec)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step 4/6 (a step0000004 of another world size" in done.stdout
     assert exported_steps(more) == 6
