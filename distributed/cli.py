@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--address", help="the cluster's job server, e.g. http://head:8265 (default: $RAY_ADDRESS)")
     cmd.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
     cmd.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
+    cmd.add_argument("--pip", action="store_true",
+                     help="have Ray install this package's requirements for the job (an image without the stack)")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value by dotted key (repeatable), passed to the job")
     cmd.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime env; submit nothing")
@@ -91,7 +93,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     try:
         load_config(args.config, args.overrides)  # a bad config fails here, not minutes later on the cluster
-        out = submit(args.config, args.overrides, args.address, args.runtime_env, args.follow, args.dry_run)
+        out = submit(args.config, args.overrides, args.address, args.runtime_env, args.follow, args.dry_run, args.pip)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

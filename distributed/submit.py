@@ -31,24 +31,35 @@ def entrypoint(config: str, overrides: list[str]) -> str:
     return shlex.join(args)
 
 
-def runtime_env(path: Optional[Path] = None) -> dict:
-    """The job's runtime env: the YAML file's settings plus the working directory and excludes."""
+def requirements() -> list[str]:
+    """This package's install requirements, as installed (for clusters whose image lacks the stack)."""
+    from importlib.metadata import requires
+
+    return [r for r in requires("selfexplain") or [] if "extra ==" not in r]
+
+
+def runtime_env(path: Optional[Path] = None, pip: bool = False) -> dict:
+    """The job's runtime env: the YAML file's settings plus the working directory and excludes; with
+    pip, every worker's environment also gets this package's requirements installed by Ray."""
     path = Path(path) if path else DEFAULT_RUNTIME_ENV
     env = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     if not isinstance(env, dict):
         raise ValueError(f"{path}: a runtime env must be a mapping, got {type(env).__name__}")
-    return {**env, "working_dir": str(REPO), "excludes": sorted(set(env.get("excludes", [])) | set(EXCLUDES))}
+    env = {**env, "working_dir": str(REPO), "excludes": sorted(set(env.get("excludes", [])) | set(EXCLUDES))}
+    if pip:
+        env["pip"] = {"packages": requirements(), "pip_check": False}
+    return env
 
 
 def submit(config: str, overrides: list[str], address: Optional[str], runtime_env_path: Optional[str] = None,
-           follow: bool = False, dry_run: bool = False) -> str:
+           follow: bool = False, dry_run: bool = False, pip: bool = False) -> str:
     """Submit the pipeline; return the submission id (or the plan, for a dry run). With follow, stream
     the job's logs and raise if it does not succeed."""
     config_path = Path(config).resolve()
     if not config_path.is_relative_to(REPO):
         raise ValueError(f"{config}: the config must live inside the repository ({REPO}), which is what the job ships")
     rel = str(config_path.relative_to(REPO))
-    command, env = entrypoint(rel, overrides), runtime_env(Path(runtime_env_path) if runtime_env_path else None)
+    command, env = entrypoint(rel, overrides), runtime_env(Path(runtime_env_path) if runtime_env_path else None, pip)
     if dry_run:
         return f"address: {address or os.environ.get('RAY_ADDRESS') or '(none: set --address or RAY_ADDRESS)'}\n" \
                f"entrypoint: {command}\nruntime_env: {env}"

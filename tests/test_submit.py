@@ -32,6 +32,9 @@ def test_submit_dry_run_shows_the_job_and_ships_the_repository_without_heavy_fol
     env = runtime_env()
     assert env["working_dir"] == str(REPO) and {".venv/", "runs/", ".git/"} <= set(env["excludes"])
     assert env["env_vars"]["WANDB_MODE"] == "offline", "cluster/runtime_env.yaml is merged in"
+    assert "pip" not in env
+    packages = runtime_env(pip=True)["pip"]["packages"]
+    assert any(p.startswith("deepspeed") for p in packages) and not any("pytest" in p for p in packages)
 
 
 def test_submit_refuses_what_would_fail_on_the_cluster(tmp_path, capsys, monkeypatch):
