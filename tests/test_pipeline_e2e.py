@@ -50,7 +50,7 @@ def config(tmp_path):
     return str(path)
 
 
-def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
+def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "actor-died"
     monkeypatch.setenv(FAULT_ENV, f"kill:1:{marker}")
     cfg = load_config(config)
@@ -134,6 +134,9 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch):
     assert curves == {train_key(job, "loss") for job in train_logs(cfg.run_dir)} and len(curves) == 7
     media = {k for g in grids for p in g.panels if isinstance(p, wr.MediaBrowser) for k in p.media_keys}
     assert media == {figure_key(p) for p in cfg.run_dir.glob("*.png")} and "figures/efficiency_feature_descriptions" in media
+    capsys.readouterr()
+    assert cli_main(["report", config, "--wandb"]) == 2, "offline: publishing a report is refused with a message"
+    assert "a report lives on the W&B server" in capsys.readouterr().err
 
     # a rerun of finished stages is a no-op: no shard, export or eval cell is rewritten
     watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/model.safetensors")) \
