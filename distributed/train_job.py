@@ -6,6 +6,7 @@ from pathlib import Path
 
 from groundtruth.models import prepare
 from training.export import export_matches
+from training.preemption import TrainingPreempted, stop_on_sigterm
 from training.step import TrainJob, prefit_projections, run_training
 
 from .config import RunConfig
@@ -71,9 +72,14 @@ def _ray_worker_loop(config: dict) -> None:
         job = TrainJob.from_json(text)
         if export_matches(job):
             continue
+        if job.stop_file.exists():  # SIGTERM reached the driver between two jobs: start no new one
+            return
         if ctx.get_world_rank() == 0:
             print(f"[train] {_describe(job)}", flush=True)
-        run_training(job, report=lambda metrics: ray.train.report(metrics))
+        try:
+            run_training(job, report=lambda metrics: ray.train.report(metrics))
+        except TrainingPreempted:  # the driver got SIGTERM: checkpoint written, end the group cleanly
+            return
         gc.collect()  # the finished engine's weights and optimizer state, before the next model loads
 
 
@@ -112,8 +118,15 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
         print(f"[train] {len(todo)} explainers to train "
               f"({'Ray Train, ' + str(tc.num_workers) + ' workers' if tc.use_ray else 'in-process'}, "
               f"ZeRO-{tc.zero_stage})", flush=True)
+        for job in todo:
+            job.stop_file.unlink(missing_ok=True)  # left by an earlier preempted run
         if tc.use_ray:
-            fit_with_ray(todo, cfg.run_dir / "ray_train")
+            # SIGTERM (preemption) reaches this driver, not the ranks: they checkpoint on its stop files
+            with stop_on_sigterm([job.stop_file for job in todo]) as watch:
+                fit_with_ray(todo, cfg.run_dir / "ray_train")
+            if watch.signalled:
+                print("[train] SIGTERM: every running explainer wrote a checkpoint; rerun to resume", flush=True)
+                raise TrainingPreempted(None)
         else:
             for job in todo:
                 print(f"[train] {_describe(job)}", flush=True)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import make_train_job
 from distributed.config import RayConfig
@@ -94,3 +95,35 @@ def test_resuming_on_another_number_of_ranks_converts_to_a_universal_checkpoint(
     assert "resumed at step 4/6 (a step0000004 of another world size" in done.stdout
     assert exported_steps(more) == 6
     assert [e["step"] for e in logged(more)] == [4, 5, 6]
+
+
+def test_sigterm_to_the_pipeline_checkpoints_its_ray_train_ranks_and_a_rerun_resumes(tmp_path):
+    """Under Ray Train SIGTERM reaches the driver (`selfexplain run`); it writes the running jobs' stop
+    files, both ranks checkpoint the same step and return, and the driver exits 143."""
+    config = {"name": "preempt", "out_dir": str(tmp_path / "run"),
+              "models": {"a": {"source": "tiny-llama:hidden=32,layers=2"}}, "targets": ["a"], "explainers": ["a"],
+              "tasks": {"input_ablation": {"max_sources": 12, "test_fraction": 0.3, "max_new_tokens": 3,
+                                           "span": {"answer_pattern": "\\S+"}}},
+              "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": 32, "batch_size": 8},
+              "train": {"num_workers": 2, "worker_cpus": 0.5, "max_steps": 100_000, "micro_batch_size": 2,
+                        "checkpoint_every": 10**6, "log_every": 5},
+              "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"mode": "disabled"}}
+    path = tmp_path / "preempt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = [sys.executable, "-m", "distributed.cli"]
+    proc = subprocess.Popen([*cli, "run", str(path)], cwd=ROOT, env=child_env())
+    folder = tmp_path / "run" / "explainers" / "input_ablation" / "a_on_a"
+    log, deadline = folder / "train_log.jsonl", time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run stopped or stalled before the signal"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=180) == PREEMPTED_EXIT_CODE
+    point = checkpoints.resume_point(folder / "checkpoints", world=2, zero_stage=2)
+    assert point is not None and point.step >= 10 and not (folder / "export").exists()
+
+    done = subprocess.run([*cli, "train", str(path), "--set", f"train.max_steps={point.step + 2}"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed at step {point.step}/{point.step + 2}" in done.stdout + done.stderr
+    assert json.loads((folder / "export" / "selfexplain.json").read_text())["steps"] == point.step + 2

@@ -4,18 +4,19 @@ SLURM and Kubernetes preempt with SIGTERM (then SIGKILL after a grace period, 30
 `PreemptionWatch` turns SIGTERM into a flag; the training loop asks every step whether any rank has
 it and, if so, every rank writes a checkpoint at the step just finished and the job exits with 143
 (128 + SIGTERM), so a resubmitted job loses no finished step. Signal handlers can only be set from a
-process's main thread: under torchrun, `python -m training.step` or the in-process path they are;
-inside a Ray Train worker (the loop runs in a thread) Ray handles the signal and the group resumes
-from the newest periodic checkpoint instead.
+process's main thread: under torchrun, `python -m training.step` or the in-process path the loop's
+own process catches SIGTERM. Under Ray Train the loop runs in a worker thread, so the driver catches it
+(`stop_on_sigterm`) and writes each running job's stop file, which the ranks read as the same signal.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 TRAIN_FAULT_ENV = "SELFEXPLAIN_TRAIN_FAULT"
 """Fault injection for tests: "RANK:STEP:MARKER" makes that rank exit hard right after optimizer step
@@ -27,21 +28,27 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 class TrainingPreempted(SystemExit):
     """Raised on every rank after the preemption checkpoint is written; exits with 143."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: Optional[int]):
         super().__init__(PREEMPTED_EXIT_CODE)
-        self.step = step
+        self.step = step  # None in a driver whose ranks ran elsewhere
 
 
 class PreemptionWatch:
     """Context manager: while active, SIGTERM sets a flag instead of killing the process (main thread
     only; elsewhere it installs nothing and the flag stays down)."""
 
-    def __init__(self) -> None:
-        self.signalled = False
+    def __init__(self, stop_file: Optional[Path] = None) -> None:
+        self._caught = False
+        self.stop_file = stop_file
         self._previous: Optional[object] = None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.signalled = True
+        self._caught = True
+
+    @property
+    def signalled(self) -> bool:
+        """SIGTERM reached this process, or the driver wrote the stop file."""
+        return self._caught or (self.stop_file is not None and self.stop_file.exists())
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():
@@ -64,6 +71,26 @@ class PreemptionWatch:
         flag = torch.tensor([1.0 if self.signalled else 0.0])
         dist.all_reduce(flag)
         return flag.item() > 0
+
+
+@contextmanager
+def stop_on_sigterm(stop_files: list[Path]) -> Iterator[PreemptionWatch]:
+    """For a driver whose training runs elsewhere (Ray Train): while active, SIGTERM writes every stop
+    file (the ranks then checkpoint and return) and sets the watch's flag for the driver to exit 143."""
+    watch = PreemptionWatch()
+
+    def handle(signum: int, frame: Optional[FrameType]) -> None:
+        watch._caught = True
+        for path in stop_files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("SIGTERM\n")
+
+    previous = signal.signal(signal.SIGTERM, handle) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield watch
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def crash_if_injected(rank: int, step: int) -> None:

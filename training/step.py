@@ -151,6 +151,11 @@ class TrainJob:
     def checkpoint_dir(self) -> Path:
         return Path(self.out_dir) / "checkpoints"
 
+    @property
+    def stop_file(self) -> Path:
+        """Written by a driver on SIGTERM: the ranks checkpoint and stop (see training/preemption.py)."""
+        return Path(self.out_dir) / "STOP"
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -227,7 +232,7 @@ def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None)
     Returns a summary (steps, final loss, seconds). Every rank must call it; rank 0 writes the logs and
     the export. SIGTERM (preemption) writes a checkpoint at the current step and raises TrainingPreempted.
     """
-    with PreemptionWatch() as watch:
+    with PreemptionWatch(job.stop_file) as watch:
         return _train(job, report, watch)
 
 
@@ -416,6 +421,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if len(argv) != 1:
         sys.exit("usage: python -m training.step JOB.json   (run under torchrun for several ranks)")
     job = TrainJob.from_json(Path(argv[0]).read_text())
+    job.stop_file.unlink(missing_ok=True)  # left by a preempted Ray run; every rank clears it before the rendezvous
     summary = run_training(job)
     if summary and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
