@@ -23,14 +23,24 @@ COMMANDS = {
 }
 
 
+def _add_overrides(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value by dotted key (repeatable), e.g. train.lr=1e-4")
+
+
+def _bad_input(err: Exception) -> int:
+    """Bad input (config, model, data, checkpoint): a message to act on, not a traceback; status 2."""
+    print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfexplain", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
-        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config value by dotted key (repeatable), e.g. train.lr=1e-4")
+        _add_overrides(cmd)
         cmd.add_argument("--dry-run", action="store_true", help="print the plan and resolved config; load no model")
         if name == "report":
             cmd.add_argument("--wandb", action="store_true",
@@ -42,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
     cmd.add_argument("--pip", action="store_true",
                      help="have Ray install this package's requirements for the job (an image without the stack)")
-    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value by dotted key (repeatable), passed to the job")
+    _add_overrides(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime env; submit nothing")
     return parser
 
@@ -81,9 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             print(f"[report] W&B report: {publish_report(cfg, json.loads((cfg.run_dir / 'matrix.json').read_text()))}")
     except (ConfigError, ModelSpecError, ShardError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
-        # Bad input (config, model, data, checkpoint): a message to act on, not a traceback.
-        print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        return _bad_input(err)
     return 0
 
 
@@ -95,8 +102,7 @@ def _submit(args: argparse.Namespace) -> int:
         load_config(args.config, args.overrides)  # a bad config fails here, not minutes later on the cluster
         out = submit(args.config, args.overrides, args.address, args.runtime_env, args.follow, args.dry_run, args.pip)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        return _bad_input(err)
     except RuntimeError as err:  # the job ran and failed
         print(f"selfexplain: {err}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from groundtruth.models import prepare
 from training.export import export_matches
-from training.preemption import TrainingPreempted, stop_on_sigterm
+from training.preemption import PreemptionWatch, TrainingPreempted
 from training.step import TrainJob, prefit_projections, run_training
 
 from .config import RunConfig
@@ -122,7 +122,7 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
             job.stop_file.unlink(missing_ok=True)  # left by an earlier preempted run
         if tc.use_ray:
             # SIGTERM (preemption) reaches this driver, not the ranks: they checkpoint on its stop files
-            with stop_on_sigterm([job.stop_file for job in todo]) as watch:
+            with PreemptionWatch(relay_to=[job.stop_file for job in todo]) as watch:
                 fit_with_ray(todo, cfg.run_dir / "ray_train")
             if watch.signalled:
                 print("[train] SIGTERM: every running explainer wrote a checkpoint; rerun to resume", flush=True)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from eval.matrix import headline
-from eval.report import matrix_table
+from eval.report import figure_name, matrix_table
 
 from .config import RunConfig
 from .tracking import figure_key, train_key, train_logs
@@ -22,7 +22,6 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(entity=entity, project=cfg.wandb.project, name=cfg.name, query=cfg.name)
-    figures = {p.stem: p for p in sorted(cfg.run_dir.glob("*.png"))}
     logs = train_logs(cfg.run_dir)
     blocks: list = [wr.TableOfContents(), wr.P(
         f"Run {cfg.name}: targets {', '.join(cfg.targets)}; explainers {', '.join(cfg.explainers)}. "
@@ -33,9 +32,8 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
         blocks += [wr.H1(task), wr.P(f"Headline metric: {metric}.")]
         for name in table.get("metrics", [metric]):
             blocks += [wr.H3(name), wr.MarkdownBlock("\n".join(matrix_table(table, name)))]
-        stem_task = task.replace(":", "_")  # how report.py names a task's figures
-        panels: list = [wr.MediaBrowser(title=stem, media_keys=[figure_key(path)])
-                        for stem, path in figures.items() if stem in (f"heatmap_{stem_task}", f"efficiency_{stem_task}")]
+        figures = [cfg.run_dir / figure_name(kind, task) for kind in ("heatmap", "efficiency")]
+        panels: list = [wr.MediaBrowser(title=path.stem, media_keys=[figure_key(path)]) for path in figures if path.exists()]
         panels += [wr.LinePlot(title=f"loss: {job}", x=wr.Metric(train_key(job, "step")), y=[wr.Metric(train_key(job, "loss"))])
                    for job in logs if job.split("/")[0] == task.split(":")[0] and ":" not in task]
         if panels:

@@ -55,6 +55,11 @@ def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
     return path
 
 
+def figure_name(kind: str, task: str) -> str:
+    """File name of a task's figure (kind: heatmap or efficiency); '<task>:<set>' tasks get '_<set>'."""
+    return f"{kind}_{task.replace(':', '_')}.png"
+
+
 def matrix_table(table: dict, metric: str) -> list[str]:
     """One task's matrix as Markdown table lines: a row per explainer or baseline, a column per target."""
     targets = table["targets"]
@@ -92,13 +97,13 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
              "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
              "target models. A self cell is an explainer explaining the model it is a copy of.", ""]
     for task, table in matrix["tasks"].items():
-        png = heatmap(task, table, run_dir / f"heatmap_{task.replace(':', '_')}.png", headline(table))
+        png = heatmap(task, table, run_dir / figure_name("heatmap", task), headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
         for metric in table["metrics"]:
             lines += [f"### {metric}", "", *matrix_table(table, metric), ""]
         curves = data_efficiency(table)
         if curves:
-            plot = efficiency_plot(task, curves, headline(table), run_dir / f"efficiency_{task.replace(':', '_')}.png")
+            plot = efficiency_plot(task, curves, headline(table), run_dir / figure_name("efficiency", task))
             lines += ["### data efficiency", "", f"![data efficiency]({plot.name})", ""]
             lines += [f"- {name}: " + ", ".join(f"{n} per layer -> {v:.3f}" for n, v in points) for name, points in curves.items()]
             lines.append("")

@@ -23,10 +23,12 @@ class ResumeError(RuntimeError):
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a run restarts: the tag to load, its step, and whether it is a universal checkpoint."""
+    """Where a run restarts: the tag to load, its step, the world size that wrote it, and whether this run
+    must load it as a universal checkpoint."""
 
     tag: str
-    step: int
+    step: Optional[int]  # None for a checkpoint without our metadata (DeepSpeed's client state has it)
+    world: int
     universal: bool = False
 
 
@@ -59,9 +61,7 @@ def resume_point(folder: Path, world: int, zero_stage: int) -> Optional[ResumePo
         return None
     meta_path = folder / tag / META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"step": None, "world": world}
-    if meta["world"] == world or zero_stage == 0:
-        return ResumePoint(tag, meta["step"])
-    return ResumePoint(tag, meta["step"], universal=True)
+    return ResumePoint(tag, meta["step"], meta["world"], universal=meta["world"] != world and zero_stage > 0)
 
 
 def to_universal(folder: Path, point: ResumePoint, world: int) -> str:
@@ -70,7 +70,7 @@ def to_universal(folder: Path, point: ResumePoint, world: int) -> str:
     out = folder / f"{point.tag}_universal"
     if (out / "zero").is_dir():
         return out.name
-    written = json.loads((folder / point.tag / META).read_text())["world"]
+    written = point.world
     import argparse
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal

@@ -6,17 +6,16 @@ it and, if so, every rank writes a checkpoint at the step just finished and the 
 (128 + SIGTERM), so a resubmitted job loses no finished step. Signal handlers can only be set from a
 process's main thread: under torchrun, `python -m training.step` or the in-process path the loop's
 own process catches SIGTERM. Under Ray Train the loop runs in a worker thread, so the driver catches it
-(`stop_on_sigterm`) and writes each running job's stop file, which the ranks read as the same signal.
+and writes each running job's stop file (`relay_to`), which the ranks read as the same signal.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Iterator, Optional
+from typing import Optional, Sequence
 
 TRAIN_FAULT_ENV = "SELFEXPLAIN_TRAIN_FAULT"
 """Fault injection for tests: "RANK:STEP:MARKER" makes that rank exit hard right after optimizer step
@@ -35,15 +34,21 @@ class TrainingPreempted(SystemExit):
 
 class PreemptionWatch:
     """Context manager: while active, SIGTERM sets a flag instead of killing the process (main thread
-    only; elsewhere it installs nothing and the flag stays down)."""
+    only; elsewhere it installs nothing and the flag stays down). A training loop passes its job's
+    `stop_file` (read as the same signal); a driver whose ranks run elsewhere passes their stop files as
+    `relay_to` (written on SIGTERM)."""
 
-    def __init__(self, stop_file: Optional[Path] = None) -> None:
+    def __init__(self, stop_file: Optional[Path] = None, relay_to: Sequence[Path] = ()) -> None:
         self._caught = False
         self.stop_file = stop_file
+        self.relay_to = list(relay_to)
         self._previous: Optional[object] = None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         self._caught = True
+        for path in self.relay_to:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("SIGTERM\n")
 
     @property
     def signalled(self) -> bool:
@@ -71,26 +76,6 @@ class PreemptionWatch:
         flag = torch.tensor([1.0 if self.signalled else 0.0])
         dist.all_reduce(flag)
         return flag.item() > 0
-
-
-@contextmanager
-def stop_on_sigterm(stop_files: list[Path]) -> Iterator[PreemptionWatch]:
-    """For a driver whose training runs elsewhere (Ray Train): while active, SIGTERM writes every stop
-    file (the ranks then checkpoint and return) and sets the watch's flag for the driver to exit 143."""
-    watch = PreemptionWatch()
-
-    def handle(signum: int, frame: Optional[FrameType]) -> None:
-        watch._caught = True
-        for path in stop_files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("SIGTERM\n")
-
-    previous = signal.signal(signal.SIGTERM, handle) if threading.current_thread() is threading.main_thread() else None
-    try:
-        yield watch
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def crash_if_injected(rank: int, step: int) -> None:

@@ -129,8 +129,9 @@ class TrainJob:
         taken: Counter = Counter()
         subset = []
         for r in records:
-            taken[tuple(r.layers or ())] += 1
-            if taken[tuple(r.layers or ())] <= self.max_records_per_layer:
+            layer = tuple(r.layers or ())
+            taken[layer] += 1
+            if taken[layer] <= self.max_records_per_layer:
                 subset.append(r)
         return subset
 
