@@ -21,7 +21,7 @@ export MALLOC_ARENA_MAX := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: install quickstart test test-all bench clean
+.PHONY: install quickstart test test-all bench gpu-check gpu-wheels clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -54,6 +54,14 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# Every domain stage on one GPU (random-init SmolLM2 / Gemma-3 shapes), results in benchmarks/results/gpu/.
+# On a GPU machine without this venv: `make gpu-wheels` here, then see benchmarks/gpu_wheels.sh.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check --out benchmarks/results/gpu/check.json
+
+gpu-wheels:
+	benchmarks/gpu_wheels.sh .whl
 
 clean:
 	rm -rf runs .cache

@@ -179,7 +179,7 @@ def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
 def bench_patching() -> dict:
     """Activation patching on SmolLM2, every (block, position) of 4 prompt pairs: the batched patcher
     from the cached clean run vs one hooked full forward per intervention."""
-    from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
+    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
 
     model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
     pairs = [("France", "Spain"), ("Japan", "Italy"), ("Egypt", "Peru"), ("Canada", "Norway")]
@@ -191,7 +191,7 @@ def bench_patching() -> dict:
     plans = [[Intervention(b, t, t) for b in range(4) for t in range(len(x))] for x, _ in prompts]
 
     def run(patcher):
-        return [patcher(model, x, y, blocks, plan) for (x, y), plan in zip(prompts, plans)]
+        return [decided_tokens(patcher(model, x, y, blocks, plan)) for (x, y), plan in zip(prompts, plans)]
 
     fast, fast_labels = timed(lambda: run(patch_fast), repeats=1)
     naive, naive_labels = timed(lambda: run(patch_slow), repeats=1)

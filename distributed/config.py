@@ -20,7 +20,7 @@ from groundtruth.ablation import AblationConfig
 from groundtruth.features.task import FeatureConfig
 from groundtruth.patching_task import PatchingConfig
 from groundtruth.models import ModelSpec, ModelSpecError, describe
-from training.step import TrainConfig
+from training.step import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
 from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
@@ -155,6 +155,10 @@ class RunConfig:
                 raise ValueError(f"models.{name}.source: {err}") from None
         if not self.tasks.enabled():
             raise ValueError("tasks: enable at least one task")
+        for name in self.explainers:
+            conflict = precision_conflict(self.models[name].dtype, self.train.precision)
+            if conflict:
+                raise ValueError(f"models.{name}.dtype: {conflict}")
 
     @property
     def run_dir(self) -> Path:

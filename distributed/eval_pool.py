@@ -61,7 +61,7 @@ class Evaluator:
                 batch_size: int, scales: tuple[float, ...] = ()) -> list:
         """Per unit, its predictions; for SelfIE a dict scale -> predictions."""
         from eval.generate import explain
-        from groundtruth.models import load_model
+        from groundtruth.models import load_model, model_device
         from training.step import job_projection
 
         job, first = group[0].job, group[0]
@@ -75,7 +75,8 @@ class Evaluator:
         for unit, recs, tokens in zip(group, records, max_new_tokens):
             projection = trained_projection
             if unit.kind in BASE_KINDS and any(r.vector is not None for r in recs):
-                projection = job_projection(job, recs, model.config.hidden_size)  # the Pi training started from
+                # the Pi training started from, beside the model
+                projection = job_projection(job, recs, model.config.hidden_size).to(model_device(model))
             if unit.kind == "selfie":
                 out.append({scale: explain(model, tok, recs, fmt, tokens, batch_size, projection, vector_scale=scale)
                             for scale in scales})

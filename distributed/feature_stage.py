@@ -1,16 +1,18 @@
 """Ground truth for feature descriptions, spread over the cluster in four resumable steps:
 
 1. activations: the ground-truth actor pool (one target copy per actor) turns units of corpus texts
-   into activation shards (`work/<hash>/activations/shard-*.npz`, written atomically);
+   into activation shards (`work/<hash>/activations/shard-*/`, one memory-mapped .npy per layer,
+   written atomically);
 2. SAEs: one Ray task per layer trains an SAE on all shards (or loads the pretrained one) and saves
    it with its L0, explained variance and dead fraction (`sae/layer_<l>/`);
-3. exemplars: one Ray task per activation shard mines every feature's top contexts
-   (`exemplars/shard-*.json`);
-4. the driver merges the exemplars, describes every feature (best candidate by simulation score),
+3. exemplars: one Ray task per activation shard mines every feature's top contexts, streaming the
+   SAE codes in chunks (`exemplars/shard-*/layer_<l>.json`);
+4. the driver merges the exemplars layer by layer, describes every feature (best candidate by simulation score),
    holds out whole features per layer for test and writes the train/test shards;
 5. the out-of-distribution sets ACT (raw activations read back from the activation shards) and dACT
    (activation differences of prompt pairs, from one target actor) for the test features.
 
+Each Ray task computes on the GPU it reserves (groundtruth.actor_gpus), on the CPU without one.
 Every step skips what a previous run finished; the work folder is keyed by a hash of the task config,
 target and seed, so a changed config never reads stale intermediate files.
 """
@@ -68,7 +70,7 @@ def train_layer_sae(shards: list[str], layer: int, sae_cfg, seed: int, out: str,
 
     torch.set_num_threads(threads)
     parts, tokens = [], 0
-    for shard in shards:  # a pretrained SAE is only measured: a sample of the shards is enough
+    for shard in shards:  # this layer's file of each shard; a pretrained SAE is only measured on a sample
         if sae_cfg.pretrained and tokens >= METRIC_TOKENS:
             break
         parts.append(ActivationBatch.load(shard).acts[layer])
@@ -81,22 +83,28 @@ def train_layer_sae(shards: list[str], layer: int, sae_cfg, seed: int, out: str,
     return metrics
 
 
-def mine_shard(shard: str, index: int, sae_dirs: dict[int, str], top_k: int, negatives: int, seed: int, out: str,
-               threads: int) -> int:
-    """Step 3 for one activation shard: every feature's exemplars in it, per layer."""
+def mine_shard(shard: str, index: int, sae_dirs: dict[int, str], task_cfg, seed: int, out: str, threads: int) -> int:
+    """Step 3 for one activation shard: every feature's exemplars in it, one file per layer (written into
+    a temporary folder renamed when every layer is done)."""
+    import shutil
+
     import torch
 
     from groundtruth.features.exemplars import mine_exemplars
-    from groundtruth.features.sae import encode, load_sae
+    from groundtruth.features.sae import encoder, load_sae
+    from groundtruth.models import default_device
 
     torch.set_num_threads(threads)
     batch = ActivationBatch.load(shard)
-    result = {}
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for layer, folder in sae_dirs.items():
-        mined = mine_exemplars(batch, encode(load_sae(folder, layer), batch.acts[layer]), layer, top_k, negatives,
-                               seed=seed, shard=index)
-        result[str(layer)] = {str(f): ex.to_json() for f, ex in mined.items()}
-    _write_json(Path(out), result)
+        mined = mine_exemplars(batch, layer, encoder(load_sae(folder, layer)), task_cfg.top_k, task_cfg.negatives,
+                               seed=seed, shard=index, chunk_tokens=task_cfg.mine_chunk_tokens, device=default_device())
+        _write_json(tmp / f"layer_{layer}.json", {str(f): ex.to_json() for f, ex in mined.items()})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return len(batch.tokens)
 
 
@@ -117,7 +125,7 @@ def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, fo
         d.mkdir(parents=True, exist_ok=True)
     texts = corpus_texts(task_cfg, cfg.seed)
     units = [texts[i:i + task_cfg.texts_per_shard] for i in range(0, len(texts), task_cfg.texts_per_shard)]
-    shard_paths = [acts_dir / (shard_name(i).replace(".tar", ".npz")) for i in range(len(units))]
+    shard_paths = [acts_dir / Path(shard_name(i)).stem for i in range(len(units))]
 
     # 1. activations on the actor pool
     todo = [i for i, p in enumerate(shard_paths) if not p.exists()]
@@ -128,8 +136,7 @@ def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, fo
         run_pool(make_actor=lambda: actor_cls.remote(model_spec, torch_threads(pc.actor_cpus)), n_actors=pc.actors,
                  units=todo, call=lambda actor, i: actor.activations.remote(task_cfg, units[i], str(shard_paths[i]), pc.batch_size),
                  on_result=lambda i, n: n, max_retries=pc.max_retries, desc=f"activations {target}")
-    with np.load(shard_paths[0], allow_pickle=True) as first:
-        layers = [int(l) for l in first["layers"]]
+    layers = ActivationBatch.layers_in(shard_paths[0])
 
     # 2. one SAE per layer
     sae_dirs = {l: str(sae_root / f"layer_{l}") for l in layers}
@@ -142,22 +149,23 @@ def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, fo
     sae_metrics = {str(l): json.loads((Path(sae_dirs[l]) / "metrics.json").read_text()) for l in layers}
 
     # 3. exemplars per activation shard
-    ex_paths = [ex_dir / p.name.replace(".npz", ".json") for p in shard_paths]
+    ex_paths = [ex_dir / p.name for p in shard_paths]
     todo = [i for i, p in enumerate(ex_paths) if not p.exists()]
     if todo:
         _run_tasks(ray.remote(**options)(mine_shard),
-                   [(str(shard_paths[i]), i, sae_dirs, task_cfg.top_k, task_cfg.negatives, cfg.seed + i, str(ex_paths[i]),
+                   [(str(shard_paths[i]), i, sae_dirs, task_cfg, cfg.seed + i, str(ex_paths[i]),
                      torch_threads(pc.actor_cpus)) for i in todo], desc=f"exemplars {target}")
 
     # 4. describe, hold out features, write the splits
     from groundtruth.features.sae import decoder_directions, load_sae
 
     describers, simulator = make_describers(task_cfg), simulator_of(task_cfg)
-    shards = [json.loads(p.read_text()) for p in ex_paths]
     records = []
-    for layer in layers:
-        parts = [{int(f): FeatureExemplars.from_json(ex) for f, ex in s.get(str(layer), {}).items()} for s in shards]
-        merged = merge_exemplars(parts, task_cfg.top_k, task_cfg.negatives)
+    for layer in layers:  # one layer's exemplars in memory at a time, folded in shard by shard
+        merged: dict = {}
+        for p in ex_paths:
+            part = {int(f): FeatureExemplars.from_json(ex) for f, ex in json.loads((p / f"layer_{layer}.json").read_text()).items()}
+            merged = merge_exemplars([merged, part], task_cfg.top_k, task_cfg.negatives)
         directions = decoder_directions(load_sae(sae_dirs[layer], layer))
         described = feature_records(merged, directions, layer, target, task_cfg, describers, simulator)
         tqdm.write(f"[groundtruth] {task}/{target} layer {layer}: {len(merged)} features fired, {len(described)} described")

@@ -12,9 +12,10 @@ import json
 import os
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
-from groundtruth.dataset import balance, label_stats, split_of
+from groundtruth.dataset import balance, check_labels, label_stats, split_of
 from groundtruth.models import prepare
 from groundtruth.records import (Record, complete_shards, iter_records, read_manifest, remove_temporaries, shard_name,
                                  temporary_name, write_manifest, write_shard, write_split, write_tar)
@@ -65,17 +66,13 @@ class GroundTruthWorker:
 
     def activations(self, task_cfg, texts: list[str], out_path: str, batch_size: int) -> int:
         """Feature descriptions, step 1: the residual stream at the task's layers over corpus texts,
-        saved atomically as one .npz; returns the token count."""
-        from groundtruth.features.activations import corpus_activations
+        streamed into a shard folder (one .npy per layer, renamed when complete); returns the token count."""
+        from groundtruth.features.activations import write_activations
         from groundtruth.features.task import target_layers
 
         layers = target_layers(task_cfg, self.model.config.num_hidden_layers)
-        batch = corpus_activations(self.model, self.tokenizer, texts, layers, batch_size, task_cfg.max_tokens)
-        path = Path(out_path)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        batch.save(tmp)
-        os.replace(tmp, path)
-        return len(batch.tokens)
+        return write_activations(self.model, self.tokenizer, texts, layers, Path(out_path), batch_size,
+                                 task_cfg.max_tokens)
 
     def last_token_states(self, texts: list[str], layer: int, batch_size: int):
         """The residual stream after `layer` at each text's last token: [n, d] (the dACT set)."""
@@ -87,7 +84,7 @@ class GroundTruthWorker:
         states = []
         for start in range(0, len(texts), batch_size):
             ids = [torch.tensor(self.tokenizer(t)["input_ids"]) for t in texts[start:start + batch_size]]
-            states += [run[layer + 1, -1].float().numpy() for run, _ in clean_runs(self.model, ids)]
+            states += [run.states[layer + 1, -1].float().cpu().numpy() for run in clean_runs(self.model, ids)]
         return np.stack(states)
 
 
@@ -170,16 +167,22 @@ def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: in
     if finished and stats_path.exists():
         return json.loads(stats_path.read_text())
     records = list(iter_records(folder / "raw"))
-    stats = {"raw": label_stats(records, cell_of=cell_of)}
+    stats_of = partial(label_stats, cell_of=cell_of, near_tie_margin=task_cfg.near_tie_margin)
+    stats = {"raw": stats_of(records)}
+    usable = [r for r in records if task_cfg.usable(r)]  # unanswered (and, if asked, near-tie) records out
+    chosen_by_split = {}
     for split, cap in (("train", task_cfg.max_train_records), ("test", task_cfg.max_test_records)):
-        chosen = [r for r in records if r.split == split]
+        chosen = [r for r in usable if r.split == split]
         if task_cfg.balance:
             chosen = balance(chosen, task_cfg.changed_fraction, seed, cap, cell_of)
         elif cap is not None:
             chosen = chosen[:cap]
+        chosen_by_split[split] = chosen
+        stats[split] = stats_of(chosen)
+    stats_path.write_text(json.dumps(stats, indent=1))  # kept for a refused set too: it is what to look at
+    check_labels(stats, task_cfg, str(folder))
+    for split, chosen in chosen_by_split.items():
         if not chosen:
             raise ValueError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
         write_split(folder / split, chosen, config_hash, shard_size)
-        stats[split] = label_stats(chosen, cell_of=cell_of)
-    stats_path.write_text(json.dumps(stats, indent=1))
     return stats

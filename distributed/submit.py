@@ -13,7 +13,7 @@ import os
 import shlex
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -51,6 +51,24 @@ def runtime_env(path: Optional[Path] = None, pip: bool = False) -> dict:
     return env
 
 
+AGENT_NOT_READY = "No available agent to submit job"
+"""What Ray's job server answers (HTTP 500) while no node's job agent is up: for a moment after a
+cluster starts, and after the head restarts."""
+
+
+def submit_when_agent_ready(submit_job: Callable[[], str], wait_s: float = 120.0, poll_s: float = 2.0) -> str:
+    """submit_job(), retried while the cluster's job agent is not up yet (any other error is raised)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return submit_job()
+        except RuntimeError as err:
+            if AGENT_NOT_READY not in str(err) or time.monotonic() > deadline:
+                raise
+            print(f"[submit] the cluster's job agent is not up yet; retrying for up to {wait_s:.0f} s", flush=True)
+            time.sleep(poll_s)
+
+
 def submit(config: str, overrides: list[str], address: Optional[str], runtime_env_path: Optional[str] = None,
            follow: bool = False, dry_run: bool = False, pip: bool = False) -> str:
     """Submit the pipeline; return the submission id (or the plan, for a dry run). With follow, stream
@@ -69,7 +87,7 @@ def submit(config: str, overrides: list[str], address: Optional[str], runtime_en
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=command, runtime_env=env, metadata={"config": rel})
+    job_id = submit_when_agent_ready(lambda: client.submit_job(entrypoint=command, runtime_env=env, metadata={"config": rel}))
     print(f"[submit] {job_id} on {address}: {command}\n"
           f"[submit] follow with: ray job logs --address {address} -f {job_id}", flush=True)
     if follow:

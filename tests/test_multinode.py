@@ -3,6 +3,7 @@ worker nodes with one logical GPU each. Ground-truth actors and Ray Train worker
 they land on different nodes. Mid-run, one actor is killed and another's node is removed: their
 units are redone elsewhere and every record is present exactly once."""
 import json
+import os
 import tempfile
 import threading
 import time
@@ -36,7 +37,12 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from ray._common.utils import get_default_ray_temp_dir
+
     temp = tempfile.mkdtemp(prefix="se-ray-")  # short: Ray's socket paths have a length limit
+    # The head writes <TMPDIR>/ray/ray_current_cluster whatever temp_dir says, and fails when that folder
+    # does not exist yet: on a fresh machine (or a fresh TMPDIR) no earlier Ray run has made it.
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": temp})
     for _ in range(3):
         cluster.add_node(num_cpus=2, num_gpus=1)

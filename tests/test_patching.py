@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import Intervention, block_vector, layer_blocks, layer_states, patch_fast, patch_slow
+from groundtruth.patching import (Intervention, block_vector, decided_tokens, layer_blocks, layer_states, patch_fast,
+                                  patch_slow)
 
 
 def test_blocks_are_contiguous_and_cover_every_layer():
@@ -33,9 +34,12 @@ def test_fast_patcher_gives_the_reference_labels(arch):
         x = torch.randint(0, 250, (7,), generator=gen)
         x_prime = torch.randint(0, 250, (7,), generator=gen)
         interventions = [Intervention(b, t, t) for b in range(2) for t in range(7)]
-        clean_slow, slow = patch_slow(model, x, x_prime, blocks, interventions)
-        clean_fast, fast = patch_fast(model, x, x_prime, blocks, interventions)
-        assert clean_fast == clean_slow and fast == slow
+        slow_result = patch_slow(model, x, x_prime, blocks, interventions)
+        fast_result = patch_fast(model, x, x_prime, blocks, interventions)
+        clean_slow, slow = decided_tokens(slow_result)
+        assert decided_tokens(fast_result) == (clean_slow, slow)
+        margins = [d.margin for d in [slow_result[0], *slow_result[1]]], [d.margin for d in [fast_result[0], *fast_result[1]]]
+        assert margins[0] == pytest.approx(margins[1], abs=1e-4) and min(margins[0]) >= 0
         changed += sum(token != clean_slow for token in slow)
     assert changed > 0, "the check is only meaningful if some patch changes the output"
 
@@ -102,8 +106,9 @@ def test_patching_records_match_the_hooked_reference(tiny):
     interventions = [Intervention(b, t, align(t, x, xp)) for b in range(2) for t in range(len(x.ids))]
     clean, slow = patch_slow(model, x.ids, xp.ids, blocks, interventions)
     source = layer_states(model, xp.ids)
-    for rec, iv, token in zip(records, interventions, slow):
-        assert rec.output_before == tok.decode([clean]).strip() and rec.output_after == tok.decode([token]).strip()
+    for rec, iv, decision in zip(records, interventions, slow):
+        assert rec.output_before == tok.decode([clean.token]).strip() and rec.output_after == tok.decode([decision.token]).strip()
+        assert rec.query["logit_margin"] == pytest.approx(min(clean.margin, decision.margin), abs=1e-3)
         assert rec.changed == (rec.output_after != rec.output_before)
         assert rec.layers == blocks[iv.block] and rec.query["position"] == iv.position
         assert torch.allclose(torch.from_numpy(rec.vector), block_vector(source, blocks[iv.block], iv.source_position))

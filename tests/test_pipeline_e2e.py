@@ -1,6 +1,7 @@
 """The whole pipeline on tiny models through the real machinery, all three tasks: Ray actor pool
 (2 actors, one killed mid-shard), Ray Train + DeepSpeed ZeRO-2 (2 workers), Ray evaluators, report and
-offline W&B. Explainer b is wider than target a, so its patching explainer reads vectors through Pi."""
+offline W&B. Explainer b is wider than target a, so its patching explainer reads vectors through Pi. (Target a is
+the tiny seed whose patches do change its output: a set of one class is refused.)"""
 import json
 import tempfile
 from collections import Counter
@@ -21,7 +22,7 @@ from groundtruth.records import iter_records, safe_key
 
 CONFIG = {
     "name": "e2e",
-    "models": {"a": {"source": "tiny-llama:hidden=32,layers=2"}, "b": {"source": "tiny-llama:hidden=48,layers=2,seed=1"}},
+    "models": {"a": {"source": "tiny-llama:hidden=32,layers=4,seed=3"}, "b": {"source": "tiny-llama:hidden=48,layers=2,seed=1"}},
     "targets": ["a"],
     "explainers": ["a", "b"],
     "tasks": {"input_ablation": {"max_sources": 12, "test_fraction": 0.3, "max_new_tokens": 3, "span": {"answer_pattern": "\\S+"}},
@@ -94,6 +95,9 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
                                      "b trained, no vector", "b untrained", "majority", "nearest_neighbour"}
     test = list(iter_records(cfg.run_dir / "groundtruth" / "activation_patching" / "a" / "test"))
     assert test and all(r.vector.shape == (32,) and r.layers and r.token_type for r in test)
+    assert all("logit_margin" in r.query for r in test)
+    patch_stats = json.loads((cfg.run_dir / "groundtruth" / "activation_patching" / "a" / "label_stats.json").read_text())
+    assert 0 < patch_stats["train"]["changed_rate"] < 1 and "near_ties" in patch_stats["raw"]
     assert list(patching["projection_fit_error"]) == ["b<-a"]
     cross = cfg.run_dir / "explainers" / "activation_patching" / "b_on_a" / "export"
     assert (cross / "projection.pt").exists()
@@ -140,7 +144,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
 
     # a rerun of finished stages is a no-op: no shard, export or eval cell is rewritten
     watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/model.safetensors")) \
-        + list(cfg.run_dir.glob("eval/*/*/*.json")) + list(fgt.rglob("*.tar")) + list(fgt.rglob("*.npz"))
+        + list(cfg.run_dir.glob("eval/*/*/*.json")) + list(fgt.rglob("*.tar")) + list(fgt.rglob("layer_*.npy"))
     before = {p: p.stat().st_mtime_ns for p in watched}
     monkeypatch.delenv(FAULT_ENV)
     run(cfg, ("groundtruth", "train", "eval"))
@@ -169,6 +173,11 @@ def test_dry_runs_print_the_plan(capsys):
     out = capsys.readouterr().out
     assert "pretrained release:llama_scope_lxr_32x:l{layer}r_32x" in out and "describers neuronpedia, simulator llm" in out
     assert "qwen on llama, reads v through Pi 'lstsq'" in out and "feature_descriptions:dact: 4 rows x 1 targets" in out
+    # memory per stage of the 131,072-feature recipe, each within an 80 GB GPU and a 256 GB node
+    stages = [line for line in out.splitlines() if line.startswith("    ") and ": GPU " in line]
+    assert [line.split(":")[0].strip() for line in stages] == [
+        "activations (per actor)", "SAE (per layer task)", "exemplars (per shard task)", "describe (driver, one layer at a time)"]
+    assert all(line.endswith(": fits") for line in stages) and "d_sae=131072" in out and "100 activation shards" in out
     assert cli_main(["run", "configs/quickstart.yaml", "--dry-run"]) == 0
     quick = load_config("configs/quickstart.yaml")
     n = len(build_items(quick.tasks.input_ablation, quick.seed))

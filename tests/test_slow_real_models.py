@@ -35,13 +35,13 @@ def fast_equals_slow(model, tok, text: str, counterfactual: str):
     returns (x, interventions, clean token, patched tokens)."""
     import torch
 
-    from groundtruth.patching import Intervention, layer_blocks, patch_fast, patch_slow
+    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
 
     x, x_prime = (torch.tensor(tok(t)["input_ids"]) for t in (text, counterfactual))
     blocks = layer_blocks(model.config.num_hidden_layers, 4)
     interventions = [Intervention(b, t, t) for b in range(4) for t in range(len(x))]
-    clean, slow = patch_slow(model, x, x_prime, blocks, interventions)
-    assert patch_fast(model, x, x_prime, blocks, interventions) == (clean, slow)
+    clean, slow = decided_tokens(patch_slow(model, x, x_prime, blocks, interventions))
+    assert decided_tokens(patch_fast(model, x, x_prime, blocks, interventions)) == (clean, slow)
     return x, interventions, clean, slow
 
 

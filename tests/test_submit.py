@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distributed.cli import main as cli_main
-from distributed.submit import REPO, runtime_env, submit
+from distributed.submit import AGENT_NOT_READY, REPO, runtime_env, submit, submit_when_agent_ready
 
 TINY = [  # the quickstart config shrunk to tiny models and one task, through --set alone
     "models.smollm2.source=tiny-llama:hidden=32,layers=2", "models.gemma.source=tiny-llama:hidden=48,layers=2,seed=1",
@@ -77,3 +77,18 @@ def test_runtime_env_file_is_checked_and_never_moves_the_shipped_folder(tmp_path
     path.write_text("working_dir: /elsewhere\nexcludes: [data/]\n")
     env = runtime_env(path)
     assert env["working_dir"] == str(REPO) and "data/" in env["excludes"] and ".venv/" in env["excludes"]
+
+
+def test_submission_waits_for_the_job_agent_and_raises_anything_else():
+    answers = [RuntimeError(f"Request failed with status code 500: {AGENT_NOT_READY}, please try again later.")] * 2
+    calls = []
+
+    def submit_job():
+        calls.append(1)
+        if answers:
+            raise answers.pop()
+        return "raysubmit_1"
+
+    assert submit_when_agent_ready(submit_job, wait_s=5, poll_s=0.01) == "raysubmit_1" and len(calls) == 3
+    with pytest.raises(RuntimeError, match="status code 400"):
+        submit_when_agent_ready(lambda: (_ for _ in ()).throw(RuntimeError("status code 400: bad entrypoint")), poll_s=0.01)

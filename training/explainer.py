@@ -116,11 +116,16 @@ class Projection(nn.Module):
         missing = sorted(set(keys) - set(self.maps.keys()))
         if missing:
             raise KeyError(f"no projection for target layers {missing} (have {self.keys})")
-        out = vectors.new_zeros(len(keys), self.d_explainer)
+        # the vectors come from records (host memory); Pi sits with the explainer (a GPU when it has one)
+        weight = self.maps[keys[0]].weight if keys else None
+        if weight is None:
+            return vectors.new_zeros(0, self.d_explainer)
+        vectors = vectors.to(weight.device)
+        out = vectors.new_zeros(len(keys), self.d_explainer, dtype=weight.dtype)
         for key in sorted(set(keys)):
-            rows = [i for i, k in enumerate(keys) if k == key]
+            rows = torch.tensor([i for i, k in enumerate(keys) if k == key], device=weight.device)
             mapped = self.maps[key](vectors[rows].to(self.maps[key].weight.dtype))
-            out = out.to(mapped.dtype).index_put((torch.tensor(rows),), mapped)
+            out = out.to(mapped.dtype).index_put((rows,), mapped)
         return out
 
     def weight(self, key: str) -> torch.Tensor:
@@ -144,7 +149,7 @@ class Projection(nn.Module):
     @torch.no_grad()
     def error(self, key: str, h_target: torch.Tensor, h_explainer: torch.Tensor) -> float:
         """Relative error ||h_E - Pi h_M|| / ||h_E|| of Pi_key on paired states (e.g. held-out text)."""
-        predicted = h_target.double() @ self.weight(key).double().T
+        predicted = h_target.double() @ self.weight(key).to(h_target.device).double().T
         return ((h_explainer.double() - predicted).norm() / h_explainer.double().norm()).item()
 
     def subset(self, keys: list[str]) -> "Projection":
@@ -198,7 +203,7 @@ def injecting(model, vec_id: int, vectors: Optional[torch.Tensor]) -> Iterator[N
         if found != vectors.shape[0]:
             raise ValueError(f"{found} [vec] tokens in the batch but {vectors.shape[0]} vectors")
         output = output.clone()
-        output[positions] = vectors.to(output.dtype)
+        output[positions] = vectors.to(output.device, output.dtype)
         return output
 
     handle = model.get_input_embeddings().register_forward_hook(replace)

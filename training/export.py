@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
-from groundtruth.models import ModelSpec, load_model
+from groundtruth.models import ModelSpec, load_model, model_device
 
 if TYPE_CHECKING:
     from .step import TrainJob
@@ -82,9 +82,10 @@ def export_matches(job: "TrainJob") -> bool:
     return saved == job_identity(job)
 
 
-def load_explainer(folder: Path, expect: dict):
-    """Load an exported explainer -> (model, tokenizer, projection or None), failing with the differing
-    fields if it was made for something else.
+def load_explainer(folder: Path, expect: dict, device: Optional[str] = None):
+    """Load an exported explainer onto `device` (default: load_model's placement) -> (model, tokenizer,
+    projection or None, beside the model), failing with the differing fields if it was made for
+    something else.
 
     `expect` holds the metadata fields that must agree (e.g. task, target, explainer_spec).
     """
@@ -96,10 +97,11 @@ def load_explainer(folder: Path, expect: dict):
     if wrong:
         detail = "; ".join(f"{k}: checkpoint has {have!r}, config says {want!r}" for k, (have, want) in wrong.items())
         raise CheckpointMismatch(f"explainer {folder} does not match its config ({detail}); retrain or fix the config")
-    model, tokenizer = load_model(ModelSpec(source=str(folder), dtype=meta["explainer_spec"]["dtype"]))
+    base = ModelSpec(**meta["explainer_spec"])  # its dtype and chat template settings, read from the export
+    model, tokenizer = load_model(ModelSpec(str(folder), base.dtype, chat_template_kwargs=base.chat_template_kwargs), device)
     projection = None
     if "projection" in meta:
         from .explainer import Projection
 
-        projection = Projection.load(Path(folder) / PROJECTION)
+        projection = Projection.load(Path(folder) / PROJECTION).to(model_device(model))
     return model, tokenizer, projection

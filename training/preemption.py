@@ -65,15 +65,16 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def any_rank_signalled(self, world: int) -> bool:
+    def any_rank_signalled(self, world: int, device="cpu") -> bool:
         """Whether SIGTERM reached any rank (a collective: every rank calls it every step, so all ranks
-        stop at the same step even when the signal reached only one)."""
+        stop at the same step even when the signal reached only one). `device`: the engine's, since
+        NCCL reduces device tensors only."""
         if world == 1:
             return self.signalled
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.signalled else 0.0])
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=device)
         dist.all_reduce(flag)
         return flag.item() > 0
 

@@ -51,21 +51,23 @@ def paired_states(target, target_tok, explainer, explainer_tok, passages: list[s
         sides = [[_token_ends(tok, text) for text in chunk] for tok in (target_tok, explainer_tok)]
         runs_t = clean_runs(target, [torch.tensor(ids) for ids, _ in sides[0]])  # per passage: [L_t + 1, T, d_t]
         runs_e = clean_runs(explainer, [torch.tensor(ids) for ids, _ in sides[1]])
-        for (states_t, _), (states_e, _), (_, ends_t), (_, ends_e) in zip(runs_t, runs_e, *sides):
+        for run_t, run_e, (_, ends_t), (_, ends_e) in zip(runs_t, runs_e, *sides):
             shared = sorted(set(ends_t) & set(ends_e))
             pos_t, pos_e = [ends_t[c] for c in shared], [ends_e[c] for c in shared]
-            for k in keys:
-                out[k][0].append(states_t[rows_t[k]][:, pos_t].mean(0))
-                out[k][1].append(states_e[rows_e[k]][:, pos_e].mean(0))
+            for k in keys:  # fp32 on the device: a bf16 mean over a block loses the low bits
+                out[k][0].append(run_t.states[rows_t[k]][:, pos_t].float().mean(0))
+                out[k][1].append(run_e.states[rows_e[k]][:, pos_e].float().mean(0))
     return {k: (torch.cat(a), torch.cat(b)) for k, (a, b) in out.items()}
 
 
 def fit_projection(keys: list[str], target_spec: ModelSpec, explainer_spec: ModelSpec, cfg: ProjectionConfig,
-                   seed: int, trainable: bool) -> Projection:
+                   seed: int, trainable: bool, device: Optional[str] = None) -> Projection:
     """An lstsq Pi fitted on cfg.fit_corpus, with its relative error on the fit passages and on held-out
-    ones in fit_error."""
-    target, target_tok = load_model(target_spec)
-    explainer, explainer_tok = (target, target_tok) if explainer_spec == target_spec else load_model(explainer_spec)
+    ones in fit_error. Both models run on `device` (default: load_model's placement); the solve runs
+    in fp64 where the states are. The returned Pi is on the CPU."""
+    target, target_tok = load_model(target_spec, device)
+    explainer, explainer_tok = ((target, target_tok) if explainer_spec == target_spec
+                                else load_model(explainer_spec, device))
     projection = Projection("lstsq", keys, target.config.hidden_size, explainer.config.hidden_size, trainable=trainable)
     passages = load_passages(cfg.fit_corpus, cfg.fit_texts, seed)
     held = max(1, len(passages) // 5)
@@ -83,14 +85,14 @@ def fit_projection(keys: list[str], target_spec: ModelSpec, explainer_spec: Mode
 
 
 def fitted_projection(path: Path, keys: list[str], target_spec: ModelSpec, explainer_spec: ModelSpec,
-                      cfg: ProjectionConfig, seed: int) -> Projection:
+                      cfg: ProjectionConfig, seed: int, device: Optional[str] = None) -> Projection:
     """The lstsq Pi kept at `path`, fitted first if the file is missing or was fitted for other keys."""
     trainable = cfg.is_trainable("lstsq")
     if path.exists():
         saved = Projection.load(path, trainable=trainable)
         if saved.kind == "lstsq" and saved.keys == keys:
             return saved
-    projection = fit_projection(keys, target_spec, explainer_spec, cfg, seed, trainable)
+    projection = fit_projection(keys, target_spec, explainer_spec, cfg, seed, trainable, device)
     save_projection(projection, path)
     return projection
 
@@ -105,14 +107,14 @@ def save_projection(projection: Projection, path: Path) -> None:
 
 def initial_projection(path: Path, kind: ProjectionKind, keys: list[str], d_target: int, d_explainer: int,
                        target_spec: Optional[ModelSpec], explainer_spec: ModelSpec, cfg: ProjectionConfig,
-                       seed: int) -> Projection:
+                       seed: int, device: Optional[str] = None) -> Projection:
     """The projection an explainer starts from. 'none' and 'random' are built at once (seeded); 'lstsq' is
     fitted once and kept at `path`, so that training ranks and the untrained eval row share it."""
     if kind != "lstsq":
         return Projection(kind, keys, d_target, d_explainer, trainable=cfg.is_trainable(kind), seed=seed)
     if target_spec is None:
         raise ValueError("an lstsq projection needs the target model's spec to be fitted")
-    projection = fitted_projection(path, keys, target_spec, explainer_spec, cfg, seed)
+    projection = fitted_projection(path, keys, target_spec, explainer_spec, cfg, seed, device)
     if (projection.d_target, projection.d_explainer) != (d_target, d_explainer):
         raise ValueError(f"{path} maps {projection.d_target} -> {projection.d_explainer}, but the vectors are "
                          f"{d_target}-wide and the explainer {d_explainer}-wide; delete the file to refit")

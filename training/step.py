@@ -21,7 +21,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from groundtruth.generation import PromptFormat
-from groundtruth.models import ModelSpec, load_model
+from groundtruth.models import KEEP, ModelSpec, hidden_size, load_model
 from groundtruth.records import iter_records
 
 from . import checkpoints
@@ -103,6 +103,18 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "epochs", "checkpoint_every", "num_workers", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+
+def precision_conflict(dtype: str, precision: str) -> Optional[str]:
+    """Why an explainer loaded as `dtype` cannot train in `precision`, or None. bf16 training keeps fp32
+    master weights (DeepSpeed casts the model to bf16 and the optimizer holds fp32 copies); fp32 training
+    of 16-bit weights would update them in place, losing every step smaller than their rounding."""
+    if precision == "fp32" and dtype != "float32":
+        return (f"{dtype} weights with train.precision fp32 would be trained without fp32 master weights; "
+                f"set train.precision: bf16 (fp32 master weights, bf16 compute) or the model's dtype: float32")
+    if precision == "bf16" and dtype == "float16":
+        return "float16 weights with train.precision bf16: load the model as bfloat16 or float32"
+    return None
 
 
 @dataclass
@@ -208,15 +220,26 @@ def micro_batch_order(n_examples: int, rank: int, world: int, micro: int, seed: 
     return [mine[i:i + micro] for i in range(0, per_rank - micro + 1, micro)]
 
 
+def rank_device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK where GPUs are visible (torchrun and Ray Train both set
+    LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_process_group_if_needed() -> tuple[int, int]:
-    """(rank, world) of the current process group, creating a gloo/nccl group from env if none."""
+    """(rank, world) of the current process group, creating a gloo/nccl group from env if none. The
+    rank's GPU becomes the current device first: NCCL collectives and broadcast_object_list use it."""
     import deepspeed
     import torch.distributed as dist
 
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank_device())
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             with socket.socket() as sock:
@@ -225,6 +248,12 @@ def init_process_group_if_needed() -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def on_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on the engine's device (DeepSpeed moves the model, not the
+    batch); lists such as vector_keys stay as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None) -> dict:
@@ -258,22 +287,29 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
     import torch.distributed as dist
 
     cfg = job.train
+    conflict = precision_conflict(job.explainer_spec.dtype, cfg.precision)
+    if conflict:
+        raise ValueError(f"{job.explainer}: {conflict}")
     skip_inference_allreduce_op()
     rank, world = init_process_group_if_needed()
     torch.manual_seed(job.seed)
     ds_config = deepspeed_config(cfg, world)
+    device = rank_device()
+    records = job.records()
+    # Pi first: an lstsq fit loads both models plainly, which it could not once zero.Init is active
+    projection = (job_projection(job, records, hidden_size(job.explainer_spec), str(device))
+                  if any(r.vector is not None for r in records) else None)
     keep_alive = None
     if cfg.zero_stage == 3:  # from_pretrained then builds the model partitioned (zero.Init)
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must outlive model construction)
-    model, tokenizer = load_model(job.explainer_spec)
+    # ZeRO 0-2: straight onto the rank's GPU (no full host copy per rank); ZeRO-3: where zero.Init put it
+    model, tokenizer = load_model(job.explainer_spec, KEEP if cfg.zero_stage == 3 else str(device))
     model.train()
-    records = job.records()
     wrapper_args: dict = {}
-    if any(r.vector is not None for r in records):
-        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec,
-                        "projection": job_projection(job, records, model.config.hidden_size)}
+    if projection is not None:
+        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec, "projection": projection}
     if cfg.lora is not None:
         adapted = apply_lora(model, cfg.lora)
         if rank == 0:
@@ -318,7 +354,7 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
                 order_epoch = epoch
                 order = micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, epoch)
             rows = order[within]
-            batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
+            batch = on_device(collate([examples[i] for i in rows], tokenizer.pad_token_id), engine.device)
             loss = engine(**batch)
             engine.backward(loss)
             engine.step()
@@ -326,7 +362,7 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
         step += 1
         last_loss = sum(losses) / len(losses)
         if step % cfg.log_every == 0 or step == total_steps:
-            mean = torch.tensor([last_loss])
+            mean = torch.tensor([last_loss], device=engine.device)  # NCCL reduces device tensors only
             dist.all_reduce(mean)
             entry = {"step": step, "loss": mean.item() / world, "seconds": round(time.time() - started, 2)}
             if rank == 0:
@@ -340,7 +376,7 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
         saved = (step % cfg.checkpoint_every == 0 and step < total_steps) or final_kept
         if saved:
             checkpoints.save(engine, ckpt_dir, step, world, rank, cfg.keep_checkpoints)
-        if watch.any_rank_signalled(world):
+        if watch.any_rank_signalled(world, engine.device):
             if not saved:
                 checkpoints.save(engine, ckpt_dir, step, world, rank, cfg.keep_checkpoints)
             if rank == 0:
@@ -373,19 +409,29 @@ def vector_keys(records: list) -> list[str]:
     return sorted({vector_key(r.layers) for r in records if r.vector is not None}, key=lambda k: key_layers(k)[0])
 
 
-def job_projection(job: TrainJob, records: list, d_explainer: int):
-    """The projection a job's explainer starts from, for the vector keys and size its records have."""
+def job_projection(job: TrainJob, records: list, d_explainer: int, device: Optional[str] = None):
+    """The projection a job's explainer starts from, for the vector keys and size its records have (an
+    lstsq fit, if it must happen here, runs its models on `device`)."""
     d_target = next(r.vector.shape[0] for r in records if r.vector is not None)
     kind = job.train.projection.kind_for(job.explainer, job.target)
     return initial_projection(job.projection_init_path, kind, vector_keys(records), d_target, d_explainer,
-                              job.target_spec, job.explainer_spec, job.train.projection, job.seed)
+                              job.target_spec, job.explainer_spec, job.train.projection, job.seed, device)
 
 
-def prefit_projections(jobs: list[TrainJob]) -> None:
+def fit_for_job(job: TrainJob, keys: list[str], device: Optional[str] = None) -> Projection:
+    """The lstsq Pi of a job's (explainer, target) pair over `keys`, its models on `device`."""
+    from .projection_fit import fit_projection
+
+    return fit_projection(keys, job.target_spec, job.explainer_spec, job.train.projection, job.seed,
+                          job.train.projection.is_trainable("lstsq"), device)
+
+
+def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]], Projection] = fit_for_job) -> None:
     """Fit the lstsq projections of jobs before their ranks start (they then load them instead of each
     fitting). Jobs of one (explainer, target) pair share one fit over the union of their keys (both
-    models run over the fit passages once for every task), saved per job as its keys' subset."""
-    from .projection_fit import fit_projection, save_projection
+    models run over the fit passages once for every task), saved per job as its keys' subset. `fit`
+    runs one fit (distributed/ makes it a Ray task holding a GPU)."""
+    from .projection_fit import save_projection
 
     groups: dict[str, list[tuple[TrainJob, list[str]]]] = {}
     for job in jobs:
@@ -403,8 +449,7 @@ def prefit_projections(jobs: list[TrainJob]) -> None:
     for members in groups.values():
         job = members[0][0]
         union = sorted({k for _, keys in members for k in keys}, key=lambda k: [int(x) for x in k.split("-")])
-        shared = fit_projection(union, job.target_spec, job.explainer_spec, job.train.projection, job.seed,
-                                job.train.projection.is_trainable("lstsq"))
+        shared = fit(job, union)
         for member, keys in members:
             save_projection(shared.subset(keys), member.projection_init_path)
 

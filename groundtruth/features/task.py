@@ -50,6 +50,9 @@ class FeatureConfig:
     """Top-activating texts kept per feature (the paper simulates on the top 20)."""
     negatives: int = 10
     """Random texts per feature the simulation is also scored on."""
+    mine_chunk_tokens: int = 4096
+    """Tokens whose SAE codes exist at once while mining exemplars: [chunk, d_sae] fp32 on the device
+    (4,096 x 131,072 features = 2 GB)."""
     min_exemplars: int = 5
     """Features firing in fewer texts are not described (too rare to say anything about)."""
     describers: list[str] = field(default_factory=lambda: ["top_tokens", "wordnet"])
