@@ -38,8 +38,9 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / r
-        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))  # [r, d_in]
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))  # [d_out, r]
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}  # beside the weight (a GPU, for ZeRO 0-2)
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, **like))  # [r, d_in]
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, **like))  # [d_out, r]
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # B = 0: training starts at the base model
         base.weight.requires_grad_(False)
         if base.bias is not None:
