@@ -207,6 +207,8 @@ def _train(c: Check, stage: int) -> Outcome:
     path = c.work / f"zero{stage}.json"
     path.write_text(job.to_json())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if c.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the rank picks its device by what it sees
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "training.step", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -214,7 +216,7 @@ def _train(c: Check, stage: int) -> Outcome:
     if done.returncode != 0:
         raise RuntimeError(f"python -m training.step exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
-    model, tok, projection = _load_export(job.export_dir)
+    model, tok, projection = _load_export(job.export_dir, c.device)
     from training.batches import encode_example
 
     per_step = 8 * sum(len(encode_example(tok, r, "plain", 256).ids) for r in job.records()) / len(job.records())
@@ -227,17 +229,17 @@ def _train(c: Check, stage: int) -> Outcome:
         "process_seconds": round(seconds, 1), "export_loads": True, "projection": projection is not None})
 
 
-def _load_export(folder: Path):
+def _load_export(folder: Path, device: str):
     from training.export import load_explainer
 
-    return load_explainer(folder, {"task": "activation_patching", "target": "t"})
+    return load_explainer(folder, {"task": "activation_patching", "target": "t"}, device)
 
 
 def stage_generation(c: Check) -> Outcome:
     from eval.generate import explain
     from groundtruth.models import model_device
 
-    model, tok, projection = _load_export(c.export)
+    model, tok, projection = _load_export(c.export, c.device)
     held = [r for r in c.records if r.split == "test"][:c.size.explain]
     c.sync()
     start = time.perf_counter()
@@ -348,8 +350,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every stage, the training subprocess too, sees no GPU
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -44,10 +44,10 @@ def cluster():
     # does not exist yet: on a fresh machine (or a fresh TMPDIR) no earlier Ray run has made it.
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": temp})
-    for _ in range(3):
-        cluster.add_node(num_cpus=2, num_gpus=1)
-    cluster.wait_for_nodes()
-    try:
+    try:  # a node that fails to start must not leave the head running for the tests after this one
+        for _ in range(3):
+            cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
         yield cluster
     finally:
         ray.shutdown()
