@@ -126,7 +126,7 @@ def block_vector(source_states: torch.Tensor, block: list[int], position: int) -
 
 def _overwrite_hook(positions: torch.Tensor, vectors: torch.Tensor):
     """A forward hook writing vectors[n] over row n's hidden state at positions[n] (rows in order)."""
-    rows = torch.arange(len(positions))
+    rows = torch.arange(len(positions), device=positions.device)  # .to() below is then free on one device
 
     def overwrite(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -147,7 +147,8 @@ def patch_slow(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
     patched = []
     layers = decoder_layers(model)
     for iv in interventions:
-        hook = _overwrite_hook(torch.tensor([iv.position]), block_vector(source, blocks[iv.block], iv.source_position)[None])
+        hook = _overwrite_hook(torch.tensor([iv.position], device=device),
+                               block_vector(source, blocks[iv.block], iv.source_position)[None])
         handles = [layers[layer].register_forward_hook(hook) for layer in blocks[iv.block]]
         try:
             patched += decide(model(input_ids=x.unsqueeze(0)).logits[:, -1])
