@@ -11,34 +11,29 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from eval.baselines import BASELINES
-from groundtruth.ablation import AblationConfig
-from groundtruth.features.task import FeatureConfig
-from groundtruth.patching_task import PatchingConfig
 from groundtruth.models import ModelSpec, ModelSpecError, describe
+from groundtruth.tasks import TASKS
 from training.step import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
 from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
-@dataclass
-class TasksConfig:
-    """Which tasks run, each with its ground-truth config (absent: the task is skipped)."""
-
-    input_ablation: Optional[AblationConfig] = None
-    """Task C: remove a span of the input; does the output change, and to what?"""
-    activation_patching: Optional[PatchingConfig] = None
-    """Task B: write a counterfactual prompt's block-mean state over a position; how does the output change?"""
-    feature_descriptions: Optional[FeatureConfig] = None
-    """Task A: what inputs activate an SAE feature direction of the target?"""
-
-    def enabled(self) -> dict:
-        return {name: cfg for name, cfg in vars(self).items() if cfg is not None}
+def task_configs(raw: dict) -> dict:
+    """The enabled tasks' configs, each built by its registered config class (null: off), in the order
+    given. Already-built configs pass through (check() may run again)."""
+    out = {}
+    for name, value in raw.items():
+        if name not in TASKS:
+            raise ConfigError(f"tasks.{name}: unknown task (known: {', '.join(sorted(TASKS))})")
+        if value is not None:
+            out[name] = value if isinstance(value, TASKS[name].config) else from_dict(TASKS[name].config, value, f"tasks.{name}")
+    return out
 
 
 @dataclass
@@ -129,7 +124,9 @@ class RunConfig:
     """Models whose behaviour is explained (frozen)."""
     explainers: list[str]
     """Models fine-tuned to explain each target (self when explainer == target)."""
-    tasks: TasksConfig
+    tasks: dict[str, Any]
+    """Task name -> its config (see each task's module; groundtruth/tasks.py lists them); a task that is
+    absent or null does not run. Tasks run in the order listed."""
     out_dir: Optional[str] = None
     seed: int = 0
     ray: RayConfig = field(default_factory=RayConfig)
@@ -153,7 +150,8 @@ class RunConfig:
                 describe(spec.source)
             except ModelSpecError as err:
                 raise ValueError(f"models.{name}.source: {err}") from None
-        if not self.tasks.enabled():
+        self.tasks = task_configs(self.tasks)
+        if not self.tasks:
             raise ValueError("tasks: enable at least one task")
         for name in self.explainers:
             conflict = precision_conflict(self.models[name].dtype, self.train.precision)

@@ -136,8 +136,8 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     jobs = train_jobs(cfg)
     exports = {(j.task, j.target, j.explainer): j for j in jobs if j.max_records_per_layer is None}
     subsets = [j for j in jobs if j.max_records_per_layer is not None]  # the data-efficiency curve
-    scorers = {task: make_scorer(task, task_cfg) for task, task_cfg in cfg.tasks.enabled().items()}
-    for task in cfg.tasks.enabled():
+    scorers = {task: make_scorer(task, task_cfg) for task, task_cfg in cfg.tasks.items()}
+    for task in cfg.tasks:
         score, spec = scorers[task], TASKS[task]
         for split in spec.eval_splits:
             cell_task = task if split == "test" else f"{task}:{split}"
@@ -146,7 +146,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
                 if not test:
                     continue
                 out = cfg.run_dir / "eval" / cell_task.replace(":", "_") / target
-                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks.enabled()[task])])
+                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks[task])])
                 train: Optional[list[Record]] = None
                 for name in (b for b in ec.baselines if BASELINES[b].applies_to(task)):
                     path = out / f"{name}.json"
@@ -196,7 +196,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
                 predictions = predictions[scale]
             else:
                 metrics = score(predictions, test)
-            if unit.kind in ("trained", "subset") and getattr(cfg.tasks.enabled()[unit.task], "data_efficiency", None):
+            if unit.kind in ("trained", "subset") and getattr(cfg.tasks[unit.task], "data_efficiency", None):
                 metrics["examples_per_layer"] = unit.job.records_per_layer()
             cell = Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics)
             _save_cell(Path(unit.path), unit.key, cell, predictions)

@@ -12,13 +12,12 @@ import json
 import os
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
-from groundtruth.dataset import balance, check_labels, label_stats, split_of
+from groundtruth.dataset import finalize, split_of
 from groundtruth.models import prepare
-from groundtruth.records import (Record, complete_shards, iter_records, read_manifest, remove_temporaries, shard_name,
-                                 temporary_name, write_manifest, write_shard, write_split, write_tar)
+from groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
+                                 write_shard, write_tar)
 from groundtruth.tasks import TASKS
 
 from .actor_pool import run_pool
@@ -39,7 +38,7 @@ def gt_dir(cfg: RunConfig, task: str, target: str) -> Path:
 
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     """What the shards of (task, target) depend on; a change makes existing shards unusable."""
-    task_cfg = asdict(cfg.tasks.enabled()[task])
+    task_cfg = asdict(cfg.tasks[task])
     for name in EVAL_ONLY_FIELDS:  # settings read after ground truth is made
         task_cfg.pop(name, None)
     return stable_hash({"task": task_cfg, "target": asdict(cfg.models[target]),
@@ -113,7 +112,7 @@ def run_groundtruth(cfg: RunConfig) -> dict:
 
     pc = cfg.groundtruth
     stats: dict = {}
-    for task, task_cfg in cfg.tasks.enabled().items():
+    for task, task_cfg in cfg.tasks.items():
         spec = TASKS[task]
         if spec.build_items is None:  # a staged task (feature descriptions) with its own steps
             for target in cfg.targets:
@@ -152,37 +151,5 @@ def run_groundtruth(cfg: RunConfig) -> dict:
             manifest["complete"] = True
             manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
             write_manifest(raw, manifest)
-            stats.setdefault(task, {})[target] = finalize(folder, task_cfg, config_hash, cfg.seed, pc.shard_size,
-                                                          spec.balance_cell)
-    return stats
-
-
-def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int, cell_of=None) -> dict:
-    """Balance the raw records of each split into train/ and test/ shards; write label_stats.json.
-
-    cell_of: the task's balancing cells (e.g. token type x block), also counted in the stats."""
-    stats_path = folder / "label_stats.json"
-    manifests = [read_manifest(folder / split) for split in ("train", "test")]
-    finished = all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests)
-    if finished and stats_path.exists():
-        return json.loads(stats_path.read_text())
-    records = list(iter_records(folder / "raw"))
-    stats_of = partial(label_stats, cell_of=cell_of, near_tie_margin=task_cfg.near_tie_margin)
-    stats = {"raw": stats_of(records)}
-    usable = [r for r in records if task_cfg.usable(r)]  # unanswered (and, if asked, near-tie) records out
-    chosen_by_split = {}
-    for split, cap in (("train", task_cfg.max_train_records), ("test", task_cfg.max_test_records)):
-        chosen = [r for r in usable if r.split == split]
-        if task_cfg.balance:
-            chosen = balance(chosen, task_cfg.changed_fraction, seed, cap, cell_of)
-        elif cap is not None:
-            chosen = chosen[:cap]
-        chosen_by_split[split] = chosen
-        stats[split] = stats_of(chosen)
-    stats_path.write_text(json.dumps(stats, indent=1))  # kept for a refused set too: it is what to look at
-    check_labels(stats, task_cfg, str(folder))
-    for split, chosen in chosen_by_split.items():
-        if not chosen:
-            raise ValueError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
-        write_split(folder / split, chosen, config_hash, shard_size)
+            stats.setdefault(task, {})[target] = finalize(folder, task_cfg, config_hash, cfg.seed, pc.shard_size)
     return stats

@@ -26,7 +26,7 @@ STAGES = ("groundtruth", "train", "eval", "report")
 
 def collect_label_stats(cfg: RunConfig) -> dict:
     stats: dict = {}
-    for task in cfg.tasks.enabled():
+    for task in cfg.tasks:
         for target in cfg.targets:
             path = gt_dir(cfg, task, target) / "label_stats.json"
             if path.exists():
@@ -85,7 +85,7 @@ def plan(cfg: RunConfig) -> str:
     lines = [f"run {cfg.name} -> {cfg.run_dir}", f"ray: {cfg.ray.address or 'local (started here)'}", "models:"]
     lines += [f"  {name}: {spec.source} ({describe(spec.source)}, {spec.dtype})" for name, spec in cfg.models.items()]
     lines.append(f"targets: {', '.join(cfg.targets)}; explainers: {', '.join(cfg.explainers)}")
-    for task, task_cfg in cfg.tasks.enabled().items():
+    for task, task_cfg in cfg.tasks.items():
         if TASKS[task].build_items is None:  # feature descriptions
             n_shards = -(-task_cfg.corpus_texts // task_cfg.texts_per_shard)
             sae = f"pretrained {task_cfg.sae.pretrained}" if task_cfg.sae.pretrained else \
@@ -114,7 +114,7 @@ def plan(cfg: RunConfig) -> str:
         lines.append(f"  {j.task}: {j.explainer} on {j.target}{reads} -> {j.export_dir}")
     lines.append("  deepspeed config: " + json.dumps(deepspeed_config(tc, tc.num_workers)))
     lines.append(f"eval: {ec.actors} actors x ({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
-    for task in cfg.tasks.enabled():
+    for task in cfg.tasks:
         spec = TASKS[task]
         per_explainer = 1 + ec.untrained + (ec.no_vector and spec.has_vectors) + bool(spec.selfie and ec.selfie_scales)
         baselines = sum(BASELINES[b].applies_to(task) for b in ec.baselines)

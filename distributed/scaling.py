@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from groundtruth.models import ModelSpec
+from groundtruth.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -114,49 +115,18 @@ def gpu_hours(flops: float, plan: ScalePlanConfig, training: bool) -> float:
     return flops / rate / 3600
 
 
-@dataclass(frozen=True)
-class TaskWork:
-    """Per-task token counts the estimate needs (typical paper-format prompts; see docs/SCALING.md)."""
-
-    target_tokens: int
-    """Prompt tokens of one target forward pass while making ground truth."""
-    explainer_tokens: int
-    """Tokens of one explainer training example (template, query, explanation)."""
-    paper_items: int
-    """Work items per target when the source cannot be counted offline (the paper's data set sizes)."""
-
-
-TASK_WORK = {
-    # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with / without the span)
-    "input_ablation": TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042),
-    # CounterFact prompt + forced-choice suffix ~40 tokens; one forward per (position, block) + clean runs
-    "activation_patching": TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919),
-    # one corpus text of max_tokens; explainer example = template + layer + description
-    "feature_descriptions": TaskWork(target_tokens=64, explainer_tokens=60, paper_items=0),
-}
-
-
-def _items(cfg, task: str, task_cfg) -> int:
-    from groundtruth.tasks import TASKS
-
-    if TASKS[task].build_items is None:
-        return task_cfg.corpus_texts
+def _items(cfg, spec, task_cfg) -> int:
+    """Work items per target: counted by the task, built, or (a source not on this machine) the paper's."""
+    if spec.work.count_items is not None:
+        return spec.work.count_items(task_cfg)
     try:
-        return len(TASKS[task].build_items(task_cfg, cfg.seed))
+        return len(spec.build_items(task_cfg, cfg.seed))
     except (FileNotFoundError, ValueError):
-        return TASK_WORK[task].paper_items
+        return spec.work.paper_items
 
 
 def _feature_layers(task_cfg) -> int:
     return len(task_cfg.layers if task_cfg.layers is not None else task_cfg.depths)
-
-
-def _train_records(task: str, task_cfg, items: int) -> int:
-    if task == "feature_descriptions":  # described features minus the held-out ones, every layer
-        return ((task_cfg.max_features_per_layer or 2000) - task_cfg.test_features_per_layer) * _feature_layers(task_cfg)
-    records = items * (1 - task_cfg.test_fraction)  # before balancing: an upper bound
-    cap = getattr(task_cfg, "max_train_records", None)
-    return int(min(records, cap) if cap else records)
 
 
 WINDOW_TOKENS = 16  # an exemplar window: 12 tokens before the peak, the peak, 3 after
@@ -167,7 +137,7 @@ def _gb(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:,.1f} GB"
 
 
-def feature_memory_plan(cfg, task_cfg, t: Shape, dtype_bytes: int) -> list[str]:
+def feature_memory_plan(cfg, task: str, task_cfg, t: Shape, dtype_bytes: int) -> list[str]:
     """Memory per stage of the feature-description recipe on one target: GPU per actor or task, host
     per process, disk; each checked against scale.gpu_memory_gb and scale.node_memory_gb."""
     from .feature_stage import METRIC_TOKENS
@@ -192,7 +162,7 @@ def feature_memory_plan(cfg, task_cfg, t: Shape, dtype_bytes: int) -> list[str]:
         ("exemplars (per shard task)", sae_bytes + codes_chunk, tokens_per_shard * 60 + codes_chunk / 3 + windows),
         ("describe (driver, one layer at a time)", 0, 2 * windows),
     ]
-    lines = [f"  memory per stage, feature_descriptions ({n_layers} layers, d={d}, d_sae={d_sae}; "
+    lines = [f"  memory per stage, {task} ({n_layers} layers, d={d}, d_sae={d_sae}; "
              f"{plan.gpu_memory_gb:g} GB GPUs, {plan.node_memory_gb:g} GB nodes):"]
     for name, gpu, host in stages:
         fits = gpu <= plan.gpu_memory_gb * 1e9 and host <= plan.node_memory_gb * 1e9
@@ -217,26 +187,21 @@ def scale_plan(cfg) -> list[str]:
     total = 0.0
     for name, s in shapes.items():
         lines.append(f"  {name}: {s.params / 1e9:.2f}B parameters ({s.layers} layers, d={s.hidden})")
-    for task, task_cfg in cfg.tasks.enabled().items():
-        work = TASK_WORK[task]
-        items = _items(cfg, task, task_cfg)
+    for task, task_cfg in cfg.tasks.items():
+        spec = TASKS[task]
+        work = spec.work
+        items = _items(cfg, spec, task_cfg)
+        records, test = work.records(task_cfg, items)
         for target in cfg.targets:
             t = shapes[target]
-            if task == "activation_patching":
-                passes = 2 + work.target_tokens * task_cfg.num_blocks  # clean x, x' + one per (position, block)
-            elif task == "input_ablation":
-                passes = 2
-            else:
-                passes = 1
-            gt_flops = 2 * t.params * work.target_tokens * passes * items
+            gt_flops = 2 * t.params * work.target_tokens * work.passes(task_cfg) * items
             hours = gpu_hours(gt_flops, plan, training=False)
             total += hours
             per_shard = getattr(task_cfg, "texts_per_shard", gp.items_per_shard)
             lines.append(f"  groundtruth {task} on {target}: {items:,} items -> {-(-items // per_shard)} shards; "
                          f"{gt_flops:.2e} FLOPs, {hours:,.1f} GPU-h on {gp.actors} x {gp.actor_gpus:g} GPU actors")
             if hasattr(task_cfg, "sae"):  # a task that mines SAE features: its memory per stage
-                lines += feature_memory_plan(cfg, task_cfg, t, 2 if cfg.models[target].dtype != "float32" else 4)
-            records = _train_records(task, task_cfg, items)
+                lines += feature_memory_plan(cfg, task, task_cfg, t, 2 if cfg.models[target].dtype != "float32" else 4)
             for explainer in cfg.explainers:
                 e = shapes[explainer]
                 trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
@@ -255,8 +220,6 @@ def scale_plan(cfg) -> list[str]:
                              f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch; "
                              f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
                 rows = 2 + ec.untrained
-                test = (task_cfg.test_features_per_layer * _feature_layers(task_cfg) if task == "feature_descriptions"
-                        else int(items * task_cfg.test_fraction))
                 eval_flops = 2 * e.params * (work.explainer_tokens + (ec.max_new_tokens or 50)) * test * rows
                 hours = gpu_hours(eval_flops, plan, training=False)
                 total += hours

@@ -23,7 +23,7 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
     """One job per enabled task, target and explainer; plus, for a task with a data-efficiency curve,
     one per size for each self-explainer (trained on the first n records of each layer)."""
     jobs = []
-    for task, task_cfg in cfg.tasks.enabled().items():
+    for task, task_cfg in cfg.tasks.items():
         for target in cfg.targets:
             for explainer in cfg.explainers:
                 sizes = getattr(task_cfg, "data_efficiency", []) if explainer == target else []

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
 from groundtruth.records import Record
+from groundtruth.tasks import TaskSpec, task_spec
 
 
 def majority_class(train: list[Record], test: list[Record]) -> list[str]:
@@ -44,16 +45,16 @@ def gold(train: list[Record], test: list[Record]) -> list[str]:
 @dataclass(frozen=True)
 class Baseline:
     predict: Callable[[list[Record], list[Record]], list[str]]
-    tasks: Optional[tuple[str, ...]] = None
-    """Tasks the baseline means something for (None: all); it is skipped for the others."""
+    applies: Callable[[TaskSpec], bool] = lambda spec: True
+    """Whether the baseline means something for a task, by its capabilities; skipped for the others."""
 
     def applies_to(self, task: str) -> bool:
-        return self.tasks is None or task in self.tasks
+        return self.applies(task_spec(task))
 
 
 BASELINES: dict[str, Baseline] = {
     "majority": Baseline(majority_class),
-    "nearest_neighbour": Baseline(nearest_neighbour, ("activation_patching", "feature_descriptions")),
-    "gold": Baseline(gold, ("feature_descriptions",)),  # the ceiling of the simulation score
+    "nearest_neighbour": Baseline(nearest_neighbour, lambda spec: spec.has_vectors),
+    "gold": Baseline(gold, lambda spec: spec.explanation == "description"),  # the ceiling of the simulation score
 }
-"""Baseline name -> predictor(train records, test records) -> predictions, and the tasks it applies to."""
+"""Baseline name -> predictor(train records, test records) -> predictions, and which tasks it applies to."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from groundtruth.explanations import parse_explanation
 from groundtruth.records import Record
+from groundtruth.tasks import task_spec
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:
@@ -60,22 +61,28 @@ def score_descriptions(predictions: list[str], records: list[Record], judge, sim
     return {"n": len(records), "judge": sum(grades) / len(grades), "simulation": sum(sims) / len(sims)}
 
 
-def metrics_of(task: str) -> tuple[str, ...]:
-    """The metrics a task's cells carry, headline first ('<task>:<set>' as its task)."""
-    from groundtruth.features.task import TASK as FEATURES
-
-    return DESCRIPTION_METRICS if task.split(":")[0] == FEATURES else CAUSAL_METRICS
-
-
-def make_scorer(task: str, task_cfg):
-    """score(predictions, records) -> metrics for a task; task A's judge and simulator are built once."""
-    from groundtruth.features.task import TASK as FEATURES
-
-    if task != FEATURES:
-        return score
+def _description_scorer(task_cfg):
     from groundtruth.features.task import simulator_of
 
     from .judges import make_judge
 
     judge, simulator = make_judge(task_cfg.judge, task_cfg.endpoint), simulator_of(task_cfg)
     return lambda predictions, records: score_descriptions(predictions, records, judge, simulator)
+
+
+FORMS = {
+    # explanation form -> (metrics, headline first; scorer factory(task config) -> score(predictions, records))
+    "causal": (CAUSAL_METRICS, lambda task_cfg: score),
+    "description": (DESCRIPTION_METRICS, _description_scorer),  # judge and simulator built once per task
+}
+"""What each explanation form (TaskSpec.explanation) is scored by."""
+
+
+def metrics_of(task: str) -> tuple[str, ...]:
+    """The metrics a task's cells carry, headline first ('<task>:<set>' as its task)."""
+    return FORMS[task_spec(task).explanation][0]
+
+
+def make_scorer(task: str, task_cfg):
+    """score(predictions, records) -> metrics for a task, by the form of its explanations."""
+    return FORMS[task_spec(task).explanation][1](task_cfg)

@@ -17,6 +17,7 @@ from .explanations import format_explanation
 from .generation import PromptFormat, greedy_generate, render_prompt
 from .dataset import UNANSWERED, SplitConfig
 from .records import Record, safe_key
+from .tasks import TaskSpec, TaskWork, register_task
 from .sources.countries import load_countries
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
 
@@ -242,3 +243,11 @@ def run_ablation(
                    "raw_before": continuations[2 * n], "raw_after": continuations[2 * n + 1], **flag},
         ))
     return records
+
+
+register_task(TaskSpec(
+    TASK, AblationConfig, "if this part of the input were removed, how would the output change?", "causal",
+    templates=("{prompt}\n\n{question}",), explanation_tokens=50,
+    # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with and without the span)
+    work=TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042, passes=lambda cfg: 2),
+    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input")))

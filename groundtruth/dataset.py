@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Callable, Optional
 
-from .records import Record
+from .records import Record, iter_records, read_manifest, write_split
 
 
 @dataclass
@@ -134,17 +137,14 @@ def balance(records: list[Record], changed_fraction: float, seed: int, cap: Opti
     return sorted(chosen, key=lambda r: r.record_id)
 
 
-NOT_RULES = ("span", "ablated_input", "subject", "counterfactual_subject", "counterfactual_prompt")
-"""Query fields that identify an input rather than describe it: a 'rule' on them only memorises."""
-
-
 def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable[[Record], str]] = None,
-                near_tie_margin: Optional[float] = None) -> dict:
+                near_tie_margin: Optional[float] = None, identity_fields: tuple[str, ...] = ()) -> dict:
     """Label distribution and how well trivial rules predict the label.
 
     `trivial_rules` gives, for each categorical query field (kind, hint letter, relation, ...), the
     accuracy of predicting `changed` from that field alone (majority per value), next to the overall
-    majority rate. A rule far above the majority rate means the labels are explained by it.
+    majority rate. A rule far above the majority rate means the labels are explained by it. Fields that
+    identify an input (`identity_fields`: a subject, the removed span) get no rule: one only memorises.
     """
     n = len(records)
     if n == 0:
@@ -159,7 +159,7 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     majority = max(changed, n - changed) / n
     rules = {}
     fields = sorted({k for r in records for k, v in r.query.items() if isinstance(v, str) and not k.startswith("raw_")
-                     and k not in NOT_RULES})
+                     and k not in identity_fields})
     for key in fields:
         by_value: dict[str, Counter] = defaultdict(Counter)
         for r in records:
@@ -180,3 +180,39 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
         **({"cells": dict(sorted(cells.items())), "largest_cell_share": round(max(cells.values()) / n, 4)}
            if cells else {}),
     }
+
+
+def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
+    """Balance the raw records of a per-item task (folder/raw) into train/ and test/ shards; write
+    label_stats.json; refuse a degenerate set (check_labels). The task's balancing cells (e.g. token
+    type x block) and identity fields come from its spec; a finished set is read back, not redone."""
+    from .tasks import spec_for_config  # the registry imports the task modules, which import this one
+
+    spec = spec_for_config(task_cfg)
+    cell_of = spec.balance_cell
+    stats_path = folder / "label_stats.json"
+    manifests = [read_manifest(folder / split) for split in ("train", "test")]
+    finished = all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests)
+    if finished and stats_path.exists():
+        return json.loads(stats_path.read_text())
+    records = list(iter_records(folder / "raw"))
+    stats_of = partial(label_stats, cell_of=cell_of, near_tie_margin=task_cfg.near_tie_margin,
+                       identity_fields=spec.identity_fields)
+    stats = {"raw": stats_of(records)}
+    usable = [r for r in records if task_cfg.usable(r)]  # unanswered (and, if asked, near-tie) records out
+    chosen_by_split = {}
+    for split, cap in (("train", task_cfg.max_train_records), ("test", task_cfg.max_test_records)):
+        chosen = [r for r in usable if r.split == split]
+        if task_cfg.balance:
+            chosen = balance(chosen, task_cfg.changed_fraction, seed, cap, cell_of)
+        elif cap is not None:
+            chosen = chosen[:cap]
+        chosen_by_split[split] = chosen
+        stats[split] = stats_of(chosen)
+    stats_path.write_text(json.dumps(stats, indent=1))  # kept for a refused set too: it is what to look at
+    check_labels(stats, task_cfg, str(folder))
+    for split, chosen in chosen_by_split.items():
+        if not chosen:
+            raise ValueError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
+        write_split(folder / split, chosen, config_hash, shard_size)
+    return stats

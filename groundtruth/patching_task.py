@@ -23,6 +23,7 @@ from .generation import PromptFormat, prompt_string
 from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
 from .dataset import MARGIN, SplitConfig
 from .records import Record, safe_key
+from .tasks import TaskSpec, TaskWork, register_task
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
 
 TASK = "activation_patching"
@@ -211,3 +212,22 @@ def balance_cell(record: Record) -> str:
     """The (token type, block) cell a record counts in when balancing."""
     return f"{record.token_type}/block{record.query.get('block')}"
 
+
+
+register_task(TaskSpec(
+    TASK, PatchingConfig, "if this activation were patched in, how would the output change?", "causal",
+    # the paper's inputs for task B: v as the soft token, the block's layers, the patched token, the text
+    templates=(
+        "At layers {layers}, the hidden state of token {position} ({token!r}) of the input below is replaced "
+        "by {vec}.\nInput: {prompt}\nHow would the output change?",
+        "Input: {prompt}\nIf {vec} were patched into {token!r} (token {position}) at layers {layers}, how would "
+        "the model's next word change?",
+        "{vec} is written over the residual stream of {token!r}, position {position}, in layers {layers} "
+        "while the model reads: {prompt}\nWhat does the model output now?",
+    ), explanation_tokens=50,
+    # CounterFact prompt + forced-choice suffix ~40 tokens; the clean runs of x and x', then one forward per
+    # (position, block)
+    work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919,
+                  passes=lambda cfg: 2 + 40 * cfg.num_blocks),
+    build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell,
+    identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt")))

@@ -1,35 +1,110 @@
-"""Registry of ground-truth tasks: how to build a task's work items and run its technique on a batch.
+"""The task registry: a task is one module that declares a TaskSpec and calls `register_task` once.
 
-A task plugs into the pipeline by adding a TaskSpec here and a config field in distributed/config.py's
-TasksConfig of the same name. Per-item tasks (ablation, patching) give build_items and run; the
-feature-description task runs its own steps (distributed/feature_stage.py) and gives neither.
+Everything that differs between tasks is a field of its spec, so nothing else in the tree names a task:
+its config class, how its ground truth is made (per-item `build_items` + `run`, or a staged recipe),
+the explainer's prompt templates, the form of its explanations (which selects parsers and metrics),
+the query fields that identify an input, the work a dry run estimates, and capabilities such as
+`has_vectors` that decide which eval rows and baselines apply. Registering a name twice raises.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
-from . import ablation, patching_task
-from .features import task as feature_task
 from .records import Record
+
+ExplanationForm = Literal["causal", "description"]
+"""causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
+changed-F1, content match); description: free text (judge and simulation scores)."""
+
+
+def split_records(task_cfg: Any, items: int) -> tuple[int, int]:
+    """(train, test) records of n items for a per-item task with SplitConfig fields (an upper bound:
+    before balancing)."""
+    train = items * (1 - task_cfg.test_fraction)
+    cap = task_cfg.max_train_records
+    return int(min(train, cap) if cap else train), int(items * task_cfg.test_fraction)
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """What a dry run estimates for a task (typical paper-format prompts; see docs/SCALING.md)."""
+
+    target_tokens: int
+    """Prompt tokens of one target forward pass while making ground truth."""
+    explainer_tokens: int
+    """Tokens of one explainer training example (template, query, explanation)."""
+    paper_items: int = 0
+    """Work items per target when the source cannot be counted offline (the paper's data set sizes)."""
+    passes: Callable[[Any], int] = lambda task_cfg: 1
+    """Target forward passes of target_tokens per item, from the task config."""
+    count_items: Optional[Callable[[Any], int]] = None
+    """Items without building them (a staged task); None: len(build_items(...))."""
+    records: Callable[[Any, int], tuple[int, int]] = split_records
+    """(train, test) records a target yields from n items."""
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    build_items: Optional[Callable[[Any, int], list]]  # (task config, seed) -> items; each has .source_id
-    run: Optional[Callable[..., list]]  # (model, tokenizer, items, task config, target, split_of, batch_size) -> records
-    explanation_tokens: int  # max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for A)
-    has_vectors: bool = False  # records carry a vector the explainer reads through [vec]
-    balance_cell: Optional[Callable[[Record], str]] = None  # cells balancing spreads records over
-    eval_splits: tuple[str, ...] = ("test",)  # splits eval scores: test, then out-of-distribution sets
-    selfie: bool = False  # eval adds the SelfIE row (untrained explainer, scaled v)
+    config: type
+    """The task's config dataclass (the run config's `tasks.<name>` section)."""
+    summary: str
+    """One line: what the explainer is asked."""
+    explanation: ExplanationForm
+    templates: tuple[str, ...]
+    """Explainer prompt templates, one picked per record (by a hash of its id). Fields: {prompt},
+    {question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
+    left out), {layers}, {token}, {position}."""
+    explanation_tokens: int
+    """Max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for descriptions)."""
+    work: TaskWork
+    build_items: Optional[Callable[[Any, int], list]] = None
+    """(task config, seed) -> items, each with .source_id; None for a staged task."""
+    run: Optional[Callable[..., list]] = None
+    """(model, tokenizer, items, task config, target, split_of, batch_size) -> records."""
+    has_vectors: bool = False
+    """Records carry a vector the explainer reads through [vec]."""
+    balance_cell: Optional[Callable[[Record], str]] = None
+    """Cells balancing spreads records over."""
+    identity_fields: tuple[str, ...] = ()
+    """Query fields that identify an input rather than describe it: label_stats tries no rule on them."""
+    eval_splits: tuple[str, ...] = ("test",)
+    """Splits eval scores: test, then out-of-distribution sets."""
+    selfie: bool = False
+    """Eval adds the SelfIE row (untrained explainer, scaled v)."""
 
 
-TASKS: dict[str, TaskSpec] = {
-    ablation.TASK: TaskSpec(ablation.TASK, ablation.build_items, ablation.run_ablation, explanation_tokens=50),
-    patching_task.TASK: TaskSpec(patching_task.TASK, patching_task.build_items, patching_task.run_patching,
-                                 explanation_tokens=50, has_vectors=True, balance_cell=patching_task.balance_cell),
-    feature_task.TASK: TaskSpec(feature_task.TASK, None, None, explanation_tokens=20, has_vectors=True,
-                                eval_splits=("test",) + feature_task.OOD_SPLITS, selfie=True),
-}
+TASKS: dict[str, TaskSpec] = {}
+"""Task name -> spec, in registration order."""
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task; its module calls this once at import."""
+    if spec.name in TASKS:
+        raise ValueError(f"task {spec.name!r} is registered twice")
+    if (spec.build_items is None) != (spec.run is None):
+        raise ValueError(f"task {spec.name!r}: give both build_items and run (a per-item task), or neither")
+    TASKS[spec.name] = spec
+    return spec
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of a task, or a message naming the known ones ('<task>:<set>' names its task)."""
+    base = name.split(":")[0]
+    if base not in TASKS:
+        raise KeyError(f"unknown task {base!r} (known: {', '.join(TASKS)})")
+    return TASKS[base]
+
+
+def spec_for_config(task_cfg: Any) -> TaskSpec:
+    """The spec whose config class a task config is."""
+    for spec in TASKS.values():
+        if type(task_cfg) is spec.config:
+            return spec
+    raise KeyError(f"no registered task has config class {type(task_cfg).__name__}")
+
+
+# The built-in tasks register themselves (after the definitions above, which they import).
+from . import ablation, patching_task  # noqa: E402,F401
+from .features import task as _features  # noqa: E402,F401

@@ -21,7 +21,7 @@ def write(tmp_path, data) -> str:
 
 def test_recipes_validate():
     quick = load_config("configs/quickstart.yaml")
-    assert quick.targets == ["smollm2", "gemma"] and quick.tasks.input_ablation.source == "span_facts"
+    assert quick.targets == ["smollm2", "gemma"] and quick.tasks["input_ablation"].source == "span_facts"
     paper = load_config("configs/paper/input_ablation.yaml")
     assert paper.models["llama"].source == "meta-llama/Llama-3.1-8B-Instruct"
     assert paper.train.lr == 1e-5 and paper.train.precision == "bf16" and paper.train.use_gpu
@@ -31,7 +31,7 @@ def test_overrides_apply_with_types(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["train.lr=1e-3", "train.zero_stage=3", "eval.max_examples=7",
                                               "tasks.input_ablation.span.kinds=[word]"])
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.zero_stage == 3 and cfg.eval.max_examples == 7
-    assert cfg.tasks.input_ablation.span.kinds == ["word"]
+    assert cfg.tasks["input_ablation"].span.kinds == ["word"]
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -9,9 +9,8 @@ import torch
 
 from conftest import make_records
 from distributed.config import load_config
-from distributed.gt_pool import finalize
 from groundtruth.ablation import AblationConfig, build_items, run_ablation
-from groundtruth.dataset import DegenerateSetError, label_stats
+from groundtruth.dataset import DegenerateSetError, finalize, label_stats
 from groundtruth.generation import prompt_string
 from groundtruth.models import ModelSpec, load_model
 from groundtruth.patching import block_vector

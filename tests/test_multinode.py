@@ -89,7 +89,7 @@ def test_ground_truth_and_training_across_nodes_survive_a_lost_node_and_a_killed
     assert len(_actor_nodes("GroundTruthWorker")) >= 2, "one GPU per node: the two actors ran on two nodes"
 
     gt = cfg.run_dir / "groundtruth" / "input_ablation" / "a"
-    expected = sorted(safe_key("a", "input_ablation", i.item_id) for i in build_items(cfg.tasks.input_ablation, cfg.seed))
+    expected = sorted(safe_key("a", "input_ablation", i.item_id) for i in build_items(cfg.tasks["input_ablation"], cfg.seed))
     present = Counter(r.record_id for r in iter_records(gt / "raw"))
     print(f"[faults] ground truth: {len(expected)} records expected, {sum(present.values())} present "
           f"({len(present)} distinct) after a killed actor and a removed node")

@@ -63,7 +63,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
 
     # every work item is present exactly once in the raw shards
     gt = cfg.run_dir / "groundtruth" / "input_ablation" / "a"
-    expected = sorted(safe_key("a", "input_ablation", i.item_id) for i in build_items(cfg.tasks.input_ablation, cfg.seed))
+    expected = sorted(safe_key("a", "input_ablation", i.item_id) for i in build_items(cfg.tasks["input_ablation"], cfg.seed))
     present = Counter(r.record_id for r in iter_records(gt / "raw"))
     assert sorted(present) == expected
     assert set(present.values()) == {1}
@@ -180,7 +180,7 @@ def test_dry_runs_print_the_plan(capsys):
     assert all(line.endswith(": fits") for line in stages) and "d_sae=131072" in out and "100 activation shards" in out
     assert cli_main(["run", "configs/quickstart.yaml", "--dry-run"]) == 0
     quick = load_config("configs/quickstart.yaml")
-    n = len(build_items(quick.tasks.input_ablation, quick.seed))
+    n = len(build_items(quick.tasks["input_ablation"], quick.seed))
     assert f"task input_ablation: {n} items" in capsys.readouterr().out
 
 

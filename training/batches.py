@@ -10,33 +10,11 @@ import torch
 
 from groundtruth.generation import PromptFormat, render_prompt
 from groundtruth.records import Record
+from groundtruth.tasks import task_spec
 
 from .explainer import SPECIAL_TOKENS, VECTOR_TEXT, vector_key
 
 IGNORE = -100  # label value cross-entropy skips
-
-TEMPLATES: dict[str, list[str]] = {
-    # task -> templates; one is picked per record (by a hash of its id, so the choice is stable)
-    "input_ablation": ["{prompt}\n\n{question}"],
-    # the paper's inputs for task B: v as the soft token, the block's layers, the patched token, the text
-    "activation_patching": [
-        "At layers {layers}, the hidden state of token {position} ({token!r}) of the input below is replaced "
-        "by {vec}.\nInput: {prompt}\nHow would the output change?",
-        "Input: {prompt}\nIf {vec} were patched into {token!r} (token {position}) at layers {layers}, how would "
-        "the model's next word change?",
-        "{vec} is written over the residual stream of {token!r}, position {position}, in layers {layers} "
-        "while the model reads: {prompt}\nWhat does the model output now?",
-    ],
-    # the paper's task A prompts: the decoder direction as the soft token and its layer
-    "feature_descriptions": [
-        "At layer {layers}, {vec} encodes ",
-        "What does {vec} encode at layer {layers}? ",
-        "Describe the inputs that activate {vec} in layer {layers}: ",
-    ],
-}
-"""Explainer prompt templates per task, one picked per record. Fields: {prompt} (the target's input),
-{question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
-left out of the prompt), {layers}, {token}, {position}."""
 
 
 def _layer_text(layers: Optional[list[int]]) -> str:
@@ -47,9 +25,7 @@ def _layer_text(layers: Optional[list[int]]) -> str:
 
 def explainer_text(record: Record, with_vector: bool = True) -> str:
     """The explainer's question about a record, as plain text."""
-    templates = TEMPLATES.get(record.task)
-    if not templates:
-        raise KeyError(f"no explainer templates for task {record.task!r} (known: {', '.join(TEMPLATES)})")
+    templates = task_spec(record.task).templates  # the task's own (groundtruth/tasks.py TaskSpec)
     pick = int(hashlib.sha256(record.record_id.encode()).hexdigest(), 16) % len(templates)
     return templates[pick].format(prompt=record.prompt, question=record.question,
                                   vec=VECTOR_TEXT if with_vector and record.vector is not None else "",

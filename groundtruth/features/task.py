@@ -17,6 +17,7 @@ import numpy as np
 
 from ..records import Record, safe_key
 from ..sources.corpus import load_passages
+from ..tasks import TaskSpec, TaskWork, register_task
 from .describers import DESCRIBERS, Describer, DescriberSettings, best_description
 from .endpoint import EndpointConfig
 from .exemplars import FeatureExemplars
@@ -183,3 +184,21 @@ def feature_example(record: Record) -> dict:
 
 def simulator_of(cfg: FeatureConfig) -> Simulator:
     return make_simulator(cfg.simulator, cfg.endpoint)
+
+
+def _planned_records(cfg: FeatureConfig, items: int) -> tuple[int, int]:
+    """Described features minus the held-out ones, and the held-out ones, every layer."""
+    layers = len(cfg.layers if cfg.layers is not None else cfg.depths)
+    return ((cfg.max_features_per_layer or 2000) - cfg.test_features_per_layer) * layers, \
+        cfg.test_features_per_layer * layers
+
+
+register_task(TaskSpec(
+    TASK, FeatureConfig, "what inputs activate this SAE feature direction of the target?", "description",
+    # the paper's task A prompts: the decoder direction as the soft token and its layer
+    templates=("At layer {layers}, {vec} encodes ", "What does {vec} encode at layer {layers}? ",
+               "Describe the inputs that activate {vec} in layer {layers}: "), explanation_tokens=20,
+    # one corpus text of max_tokens; an explainer example is template + layer + description
+    work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
+                  records=_planned_records),
+    has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True))
