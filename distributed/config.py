@@ -17,7 +17,7 @@ import yaml
 
 from eval.baselines import BASELINES
 from groundtruth.models import ModelSpec, ModelSpecError, describe
-from groundtruth.tasks import TASKS
+from groundtruth.tasks import TASKS, import_task_modules
 from training.step import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
@@ -127,6 +127,9 @@ class RunConfig:
     tasks: dict[str, Any]
     """Task name -> its config (see each task's module; groundtruth/tasks.py lists them); a task that is
     absent or null does not run. Tasks run in the order listed."""
+    task_modules: list[str] = field(default_factory=list)
+    """Modules of your own that register tasks (groundtruth/tasks.py register_task), imported before the
+    tasks are read, here and in every worker, e.g. [mylab.attribution_patching]."""
     out_dir: Optional[str] = None
     seed: int = 0
     ray: RayConfig = field(default_factory=RayConfig)
@@ -150,6 +153,11 @@ class RunConfig:
                 describe(spec.source)
             except ModelSpecError as err:
                 raise ValueError(f"models.{name}.source: {err}") from None
+        for i, module in enumerate(self.task_modules):
+            try:
+                import_task_modules([module])
+            except ImportError as err:
+                raise ValueError(f"task_modules[{i}]: cannot import {module!r} ({err})") from None
         self.tasks = task_configs(self.tasks)
         if not self.tasks:
             raise ValueError("tasks: enable at least one task")

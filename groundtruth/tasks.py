@@ -8,6 +8,8 @@ the query fields that identify an input, the work a dry run estimates, and capab
 """
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
@@ -105,6 +107,24 @@ def spec_for_config(task_cfg: Any) -> TaskSpec:
     raise KeyError(f"no registered task has config class {type(task_cfg).__name__}")
 
 
-# The built-in tasks register themselves (after the definitions above, which they import).
+TASK_MODULES_ENV = "SELFEXPLAIN_TASK_MODULES"
+"""Comma-separated modules of tasks defined outside the project (the run config's task_modules). The
+variable reaches every Ray worker (ray_session forwards SELFEXPLAIN_*), whose registry imports them too."""
+
+
+def import_task_modules(names: list[str]) -> None:
+    """Import modules that register tasks, and note them for worker processes; an unimportable one
+    raises ImportError naming it."""
+    for name in names:
+        importlib.import_module(name)
+    known = [m for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m]
+    os.environ[TASK_MODULES_ENV] = ",".join(dict.fromkeys(known + list(names)))
+
+
+# The built-in tasks register themselves (after the definitions above, which they import), then any
+# a run config named (in a worker process: from the environment).
 from . import ablation, patching_task  # noqa: E402,F401
 from .features import task as _features  # noqa: E402,F401
+
+for _module in filter(None, os.environ.get(TASK_MODULES_ENV, "").split(",")):
+    importlib.import_module(_module)

@@ -1,0 +1,91 @@
+"""A fourth task defined entirely in this file: its config, items, technique and one register_task call.
+The run config names this module in task_modules; ground truth (Ray actors), training and eval (Ray
+evaluators) then run it on tiny models, and no file of the project knows its name."""
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from groundtruth.dataset import UNANSWERED, SplitConfig
+from groundtruth.explanations import format_explanation
+from groundtruth.generation import greedy_generate, render_prompt
+from groundtruth.records import Record, safe_key
+from groundtruth.tasks import TaskSpec, TaskWork, register_task
+
+TASK = "toy_last_word"
+
+
+@dataclass
+class ToyConfig(SplitConfig):
+    """Drop the last word of a short text: does the target's next token change?"""
+
+    texts: int = 40
+    max_new_tokens: int = 1
+
+
+@dataclass(frozen=True)
+class ToyItem:
+    source_id: str
+    text: str
+
+
+def build_items(cfg: ToyConfig, seed: int) -> list[ToyItem]:
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
+    return [ToyItem(f"t{i}", " ".join(words[(i * k + seed) % len(words)] for k in range(1, 2 + i % 4)))
+            for i in range(cfg.texts)]
+
+
+def run(model, tokenizer, items: list[ToyItem], cfg: ToyConfig, target: str, split_of, batch_size: int = 16):
+    prompts = [render_prompt(tokenizer, t, "plain") for it in items for t in (it.text, it.text.rsplit(" ", 1)[0] + " ")]
+    outs = [o.strip() for o in greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size)]
+    records = []
+    for n, item in enumerate(items):
+        before, after = outs[2 * n], outs[2 * n + 1]
+        records.append(Record(
+            safe_key(target, TASK, item.source_id), TASK, target, split_of(item.source_id), item.source_id, item.text,
+            "If the last word were removed, how would the output change?",
+            format_explanation(before != after, after), before != after, before, after,
+            query={"words": str(len(item.text.split())), **({UNANSWERED: True} if not (before and after) else {})}))
+    return records
+
+
+register_task(TaskSpec(TASK, ToyConfig, "if the last word were removed, how would the output change?", "causal",
+                       templates=("{prompt}\n{question}",), explanation_tokens=12,
+                       work=TaskWork(target_tokens=8, explainer_tokens=40, passes=lambda cfg: 2),
+                       build_items=build_items, run=run))
+
+
+def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
+    from distributed.config import load_config
+    from distributed.pipeline import run as run_pipeline
+
+    # Ray workers import this module by name (task_modules): it must be on their path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    config = {
+        "name": "toy", "out_dir": str(tmp_path / "run"), "task_modules": [Path(__file__).stem],
+        "models": {"a": {"source": "tiny-llama:hidden=32,layers=2,seed=4"}}, "targets": ["a"], "explainers": ["a"],
+        "tasks": {TASK: {"texts": 40, "test_fraction": 0.3, "max_unanswered_fraction": 0.5}},
+        "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": 20, "batch_size": 8},
+        "train": {"use_ray": False, "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
+        "eval": {"actors": 1, "actor_cpus": 0.5, "max_new_tokens": 6, "baselines": ["majority", "nearest_neighbour"]},
+        "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"enabled": False},
+    }
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(str(tmp_path / "toy.yaml"))
+    run_pipeline(cfg)
+
+    stats = json.loads((cfg.run_dir / "groundtruth" / TASK / "a" / "label_stats.json").read_text())
+    assert stats["train"]["count"] > 0 and 0 < stats["train"]["changed_rate"] < 1
+    rows = json.loads((cfg.run_dir / "matrix.json").read_text())["tasks"][TASK]["rows"]
+    # rows by capability: no vectors, so no no-vector row and no nearest neighbour
+    assert set(rows) == {"a trained", "a untrained", "majority"}
+    assert 0 <= rows["a trained"]["cells"]["a"]["exact_match"] <= 1
+    assert TASK in (cfg.run_dir / "report.md").read_text()
+
+    repo = Path(__file__).resolve().parents[1]
+    naming = [p for p in repo.rglob("*.py") if ".venv" not in p.parts and p != Path(__file__).resolve()
+              and TASK in p.read_text()]
+    assert naming == [], "only this file knows the task"
