@@ -126,8 +126,6 @@ def facts_pairs(n: int):
 # ---------------------------------------------------------------- stages
 def stage_patching(c: Check) -> Outcome:
     """Fast vs hooked patcher in fp32 (decisions compared in fp32, as ground truth makes them)."""
-    import torch
-
     from groundtruth.models import ModelSpec, load_model
     from groundtruth.patching import Intervention, decided_tokens, decoder_layers, layer_blocks, patch_fast, patch_slow
     from groundtruth.patching_task import PatchingConfig, align, encode_side, run_patching
@@ -175,7 +173,7 @@ def stage_lstsq(c: Check) -> Outcome:
     from groundtruth.models import ModelSpec
     from training.explainer import ProjectionConfig
     from training.projection_fit import fit_projection
-    from training.step import vector_keys
+    from training.vectors import vector_keys
 
     corpus = c.work / "fit_corpus.txt"
     corpus.write_text("\n".join(f"{s} is a country; its capital and its language are known to many people {i}."
@@ -199,7 +197,7 @@ def stage_lstsq(c: Check) -> Outcome:
 def _train(c: Check, stage: int) -> Outcome:
     from groundtruth.models import ModelSpec
     from groundtruth.records import write_split
-    from training.step import TrainConfig, TrainJob
+    from training.job import TrainConfig, TrainJob
 
     data = c.work / "records" / "train"
     if not data.exists():

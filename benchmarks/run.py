@@ -110,7 +110,8 @@ def bench_train_step() -> dict:
     import deepspeed
 
     from training.loss import ExplainerLM
-    from training.step import TrainConfig, deepspeed_config, init_process_group_if_needed
+    from training.job import TrainConfig, deepspeed_config
+    from training.step import init_process_group_if_needed
 
     init_process_group_if_needed()
     model, tok = load_model(ModelSpec("smollm2-135m-instruct"))

@@ -18,7 +18,7 @@ import yaml
 from eval.baselines import BASELINES
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from groundtruth.tasks import TASKS, import_task_modules
-from training.step import TrainConfig, precision_conflict
+from training.job import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
 from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict

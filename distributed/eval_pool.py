@@ -24,7 +24,7 @@ from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
 from groundtruth.tasks import TASKS
 from training.export import load_explainer
-from training.step import TrainJob
+from training.job import TrainJob
 
 from .actor_pool import run_pool
 from .config import RunConfig
@@ -62,7 +62,7 @@ class Evaluator:
         """Per unit, its predictions; for SelfIE a dict scale -> predictions."""
         from eval.generate import explain
         from groundtruth.models import load_model, model_device
-        from training.step import job_projection
+        from training.vectors import job_projection
 
         job, first = group[0].job, group[0]
         if first.kind in BASE_KINDS:

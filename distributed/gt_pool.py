@@ -8,7 +8,6 @@ the driver balances each split and writes train/ and test/ shards with label sta
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict

@@ -10,7 +10,7 @@ from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
 from groundtruth.models import describe
 from groundtruth.tasks import TASKS
-from training.step import deepspeed_config
+from training.job import deepspeed_config
 
 from .config import RunConfig, save_resolved
 from .eval_pool import run_eval_stage

@@ -8,7 +8,9 @@ from groundtruth.models import prepare
 from training.export import export_matches
 from training.preemption import PreemptionWatch, TrainingPreempted
 from training.explainer import Projection
-from training.step import TrainJob, fit_for_job, prefit_projections, run_training
+from training.job import TrainJob
+from training.step import run_training
+from training.vectors import fit_for_job, prefit_projections
 
 from .config import RunConfig
 from .gt_pool import gt_dir

@@ -50,7 +50,7 @@ def make_train_job(tmp_path: Path, **train):
     """A tiny-llama input-ablation TrainJob over 16 learnable records (written once under tmp_path)."""
     from groundtruth.models import ModelSpec
     from groundtruth.records import write_split
-    from training.step import TrainConfig, TrainJob
+    from training.job import TrainConfig, TrainJob
 
     data = tmp_path / "data" / "train"
     if not data.exists():

@@ -321,7 +321,7 @@ def test_selfie_reports_the_best_scale():
 
 def test_data_efficiency_subsets_are_the_first_records_of_each_layer(tmp_path):
     from groundtruth.records import write_split
-    from training.step import TrainJob
+    from training.job import TrainJob
     from groundtruth.models import ModelSpec
 
     records = [feature_record(layer, f, [1.0, 0.0], f"d{f}") for layer in (1, 2) for f in range(5)]

@@ -13,7 +13,8 @@ from groundtruth.records import Record, write_split
 from training.batches import encode_prompt
 from training.explainer import Projection, ProjectionConfig, add_vector_tokens, inject, vector_key
 from training.export import load_explainer
-from training.step import TrainConfig, TrainJob, run_training
+from training.job import TrainConfig, TrainJob
+from training.step import run_training
 
 D_TARGET = 48
 
@@ -90,7 +91,7 @@ def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, 
     import dataclasses
 
     import training.projection_fit
-    from training.step import prefit_projections
+    from training.vectors import prefit_projections
 
     patching = vector_job(tmp_path, "lstsq")
     features_data = tmp_path / "features" / "train"

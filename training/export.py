@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 from groundtruth.models import ModelSpec, load_model, model_device
 
 if TYPE_CHECKING:
-    from .step import TrainJob
+    from .job import TrainJob
 
 METADATA = "selfexplain.json"
 PROJECTION = "projection.pt"  # Pi, next to the weights, for explainers of vector tasks

@@ -1,0 +1,64 @@
+"""How a job's explainer reads vectors: the target layers its records' vectors come from, the Pi it
+starts from (built, or an lstsq fit loaded or made), and fitting those Pi before the ranks start."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+from groundtruth.records import iter_records
+
+from .explainer import Projection, key_layers, vector_key
+from .job import TrainJob
+from .projection_fit import initial_projection
+
+
+def vector_keys(records: list) -> list[str]:
+    """The target layers (as vector keys) the records' vectors come from."""
+    return sorted({vector_key(r.layers) for r in records if r.vector is not None}, key=lambda k: key_layers(k)[0])
+
+
+def job_projection(job: TrainJob, records: list, d_explainer: int, device: Optional[str] = None):
+    """The projection a job's explainer starts from, for the vector keys and size its records have (an
+    lstsq fit, if it must happen here, runs its models on `device`)."""
+    d_target = next(r.vector.shape[0] for r in records if r.vector is not None)
+    kind = job.train.projection.kind_for(job.explainer, job.target)
+    return initial_projection(job.projection_init_path, kind, vector_keys(records), d_target, d_explainer,
+                              job.target_spec, job.explainer_spec, job.train.projection, job.seed, device)
+
+
+def fit_for_job(job: TrainJob, keys: list[str], device: Optional[str] = None) -> Projection:
+    """The lstsq Pi of a job's (explainer, target) pair over `keys`, its models on `device`."""
+    from .projection_fit import fit_projection
+
+    return fit_projection(keys, job.target_spec, job.explainer_spec, job.train.projection, job.seed,
+                          job.train.projection.is_trainable("lstsq"), device)
+
+
+def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]], Projection] = fit_for_job) -> None:
+    """Fit the lstsq projections of jobs before their ranks start (they then load them instead of each
+    fitting). Jobs of one (explainer, target) pair share one fit over the union of their keys (both
+    models run over the fit passages once for every task), saved per job as its keys' subset. `fit`
+    runs one fit (distributed/ makes it a Ray task holding a GPU)."""
+    from .projection_fit import save_projection
+
+    groups: dict[str, list[tuple[TrainJob, list[str]]]] = {}
+    for job in jobs:
+        if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:
+            continue
+        records = list(iter_records(Path(job.data_dir)))
+        if not any(r.vector is not None for r in records):
+            continue
+        keys = vector_keys(records)
+        if job.projection_init_path.exists() and Projection.load(job.projection_init_path).keys == keys:
+            continue
+        pair = json.dumps([asdict(job.explainer_spec), asdict(job.target_spec), asdict(job.train.projection), job.seed],
+                          sort_keys=True)
+        groups.setdefault(pair, []).append((job, keys))
+    for members in groups.values():
+        job = members[0][0]
+        union = sorted({k for _, keys in members for k in keys}, key=lambda k: [int(x) for x in k.split("-")])
+        shared = fit(job, union)
+        for member, keys in members:
+            save_projection(shared.subset(keys), member.projection_init_path)
