@@ -218,7 +218,7 @@ def _train(c: Check, stage: int) -> Outcome:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"python -m training.step exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in job.train_log.read_text().splitlines()]
     model, tok, projection = _load_export(job.export_dir, c.device)
     from training.batches import encode_example
 

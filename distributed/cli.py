@@ -88,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             from .wandb_report import publish_report
 
-            print(f"[report] W&B report: {publish_report(cfg, json.loads((cfg.run_dir / 'matrix.json').read_text()))}")
+            print(f"[report] W&B report: {publish_report(cfg, json.loads(cfg.layout.matrix.read_text()))}")
     except (ConfigError, ModelSpecError, ShardError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
         return _bad_input(err)
     return 0

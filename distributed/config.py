@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from eval.baselines import BASELINES
+from groundtruth.layout import RunLayout
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from groundtruth.tasks import TASKS, import_task_modules
 from training.job import TrainConfig, precision_conflict
@@ -170,6 +171,11 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir or Path("runs") / self.name).resolve()
 
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of the run folder."""
+        return RunLayout(self.run_dir)
+
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load, override and validate a run config; errors name the dotted key (and the file)."""
@@ -193,8 +199,8 @@ def code_version() -> str:
 def save_resolved(cfg: RunConfig) -> Path:
     """Write config.resolved.yaml (with the code version) into the run folder."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.resolved.yaml"
-    tmp = path.with_name(".config.resolved.yaml.tmp")
+    path = cfg.layout.resolved_config
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump({"code_version": code_version(), "config": to_dict(cfg)}, sort_keys=False))
     os.replace(tmp, path)
     return path

@@ -23,12 +23,11 @@ from eval.metrics import make_scorer, metrics_of
 from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
 from groundtruth.tasks import TASKS
-from training.export import load_explainer
+from training.export import METADATA, load_explainer
 from training.job import TrainJob
 
 from .actor_pool import run_pool
 from .config import RunConfig
-from .gt_pool import gt_dir
 from .ray_session import torch_threads
 from .train_job import train_jobs
 from .typed_yaml import stable_hash
@@ -98,7 +97,7 @@ def group_units(units: list[EvalUnit]) -> list[list[EvalUnit]]:
 
 def test_records(cfg: RunConfig, task: str, target: str, split: str = "test") -> list[Record]:
     """The records a split is scored on (at most eval.max_examples); [] for a set a run did not make."""
-    folder = gt_dir(cfg, task, target) / split
+    folder = cfg.layout.split(task, target, split)
     if split != "test" and not (folder / "manifest.json").exists():
         return []
     records = list(iter_records(folder))
@@ -145,14 +144,13 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
                 test = records_of[(cell_task, target)] = test_records(cfg, task, target, split)
                 if not test:
                     continue
-                out = cfg.run_dir / "eval" / cell_task.replace(":", "_") / target
                 data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks[task])])
                 train: Optional[list[Record]] = None
                 for name in (b for b in ec.baselines if BASELINES[b].applies_to(task)):
-                    path = out / f"{name}.json"
+                    path = cfg.layout.eval_cell(cell_task, target, name)
                     cell = _load_cell(path, data_key)
                     if cell is None:
-                        train = train if train is not None else list(iter_records(gt_dir(cfg, task, target) / "train"))
+                        train = train if train is not None else list(iter_records(cfg.layout.split(task, target, "train")))
                         preds = BASELINES[name].predict(train, test)
                         cell = Cell(cell_task, name, "baseline", name, target, score(preds, test))
                         _save_cell(path, data_key, cell, preds)
@@ -170,11 +168,11 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
                         rows += [("subset", f"{explainer} trained, {j.max_records_per_layer} per layer", j) for j in subsets
                                  if (j.task, j.target, j.explainer) == (task, target, explainer)]
                     for kind, row, job in rows:
-                        stamp = (job.export_dir / "selfexplain.json").read_text() if kind in ("trained", "no_vector", "subset") else ""
+                        stamp = (job.export_dir / METADATA).read_text() if kind in ("trained", "no_vector", "subset") else ""
                         key = stable_hash([data_key, kind, dataclasses.asdict(cfg.models[explainer]), stamp,
                                            cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection),
                                            ec.selfie_scales if kind == "selfie" else None])
-                        path = out / f"{row.replace(' ', '_').replace(',', '')}.json"
+                        path = cfg.layout.eval_cell(cell_task, target, row)
                         done = _load_cell(path, key)
                         if done:
                             cells.append(done)

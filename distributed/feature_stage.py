@@ -29,6 +29,7 @@ from groundtruth.features.activations import ActivationBatch
 from groundtruth.features.exemplars import FeatureExemplars, merge_exemplars
 from groundtruth.features.task import (corpus_texts, description_stats, feature_records, make_describers,
                                        simulator_of, split_features)
+from groundtruth.layout import LABEL_STATS
 from groundtruth.models import prepare
 from groundtruth.records import read_manifest, shard_name, write_split
 
@@ -114,7 +115,7 @@ def run_feature_groundtruth(cfg: RunConfig, task: str, task_cfg, target: str, fo
 
     from .gt_pool import GroundTruthWorker
 
-    stats_path = folder / "label_stats.json"
+    stats_path = folder / LABEL_STATS
     manifests = [read_manifest(folder / split) for split in ("train", "test")]
     if stats_path.exists() and all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests):
         return json.loads(stats_path.read_text())

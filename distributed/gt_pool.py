@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from groundtruth.dataset import finalize, split_of
+from groundtruth.layout import RAW
 from groundtruth.models import prepare
 from groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
                                  write_shard, write_tar)
@@ -29,10 +30,6 @@ FAULT_ENV = "SELFEXPLAIN_GT_FAULT"
 """Fault injection for tests: comma-separated "<action>:<unit>:<marker file>", each done once (the marker
 records it, with the node it happened on). kill: write half a shard, then exit hard. hang: stop before
 writing (until the actor's node is removed)."""
-
-
-def gt_dir(cfg: RunConfig, task: str, target: str) -> Path:
-    return cfg.run_dir / "groundtruth" / task / target
 
 
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
@@ -116,13 +113,13 @@ def run_groundtruth(cfg: RunConfig) -> dict:
         if spec.build_items is None:  # a staged task (feature descriptions) with its own steps
             for target in cfg.targets:
                 stats.setdefault(task, {})[target] = run_feature_groundtruth(
-                    cfg, task, task_cfg, target, gt_dir(cfg, task, target), gt_hash(cfg, task, target))
+                    cfg, task, task_cfg, target, cfg.layout.groundtruth(task, target), gt_hash(cfg, task, target))
             continue
         items = spec.build_items(task_cfg, cfg.seed)
         units = [items[i:i + pc.items_per_shard] for i in range(0, len(items), pc.items_per_shard)]
         for target in cfg.targets:
-            folder, config_hash = gt_dir(cfg, task, target), gt_hash(cfg, task, target)
-            raw = folder / "raw"
+            folder, config_hash = cfg.layout.groundtruth(task, target), gt_hash(cfg, task, target)
+            raw = folder / RAW
             done = complete_shards(raw, config_hash)
             todo = [i for i in range(len(units)) if shard_name(i) not in done]
             manifest = {"config_hash": config_hash, "shards": dict(done), "complete": False}

@@ -10,11 +10,12 @@ from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
 from groundtruth.models import describe
 from groundtruth.tasks import TASKS
+from training.export import METADATA
 from training.job import deepspeed_config
 
 from .config import RunConfig, save_resolved
 from .eval_pool import run_eval_stage
-from .gt_pool import gt_dir, run_groundtruth
+from .gt_pool import run_groundtruth
 from .ray_session import ray_session
 from .scaling import scale_plan
 from .tracking import log_to_wandb
@@ -28,7 +29,7 @@ def collect_label_stats(cfg: RunConfig) -> dict:
     stats: dict = {}
     for task in cfg.tasks:
         for target in cfg.targets:
-            path = gt_dir(cfg, task, target) / "label_stats.json"
+            path = cfg.layout.label_stats(task, target)
             if path.exists():
                 stats.setdefault(task, {})[target] = json.loads(path.read_text())
     return stats
@@ -38,7 +39,7 @@ def collect_projection_errors(cfg: RunConfig) -> dict:
     """lstsq fit errors of the exported explainers: task -> 'explainer<-target' -> key -> errors."""
     errors: dict = {}
     for job in train_jobs(cfg):
-        meta = job.export_dir / "selfexplain.json"
+        meta = job.export_dir / METADATA
         if meta.exists():
             projection = json.loads(meta.read_text()).get("projection") or {}
             if projection.get("fit_error"):
@@ -49,17 +50,17 @@ def collect_projection_errors(cfg: RunConfig) -> dict:
 def eval_and_matrix(cfg: RunConfig) -> dict:
     cells = run_eval_stage(cfg)
     matrix = add_projection_errors(build_matrix(cells, collect_label_stats(cfg)), collect_projection_errors(cfg))
-    write_matrix(cfg.run_dir / "matrix.json", matrix)
+    write_matrix(cfg.layout.matrix, matrix)
     return matrix
 
 
 def report(cfg: RunConfig) -> Path:
-    path = cfg.run_dir / "matrix.json"
+    path = cfg.layout.matrix
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the eval stage first")
     matrix = json.loads(path.read_text())
-    md = write_report(cfg.run_dir, matrix, cfg.name)
-    wandb_dir = log_to_wandb(cfg, matrix, sorted(cfg.run_dir.glob("heatmap_*.png")) + sorted(cfg.run_dir.glob("efficiency_*.png")))
+    md = write_report(cfg.layout, matrix, cfg.name)
+    wandb_dir = log_to_wandb(cfg, matrix, cfg.layout.figures())
     print(f"[report] {md}" + (f"; W&B run in {wandb_dir}" if wandb_dir else ""), flush=True)
     return md
 

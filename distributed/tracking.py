@@ -8,6 +8,8 @@ from typing import Optional
 
 from eval.matrix import cells_of, data_efficiency, headline
 
+from groundtruth.layout import RunLayout
+
 from .config import RunConfig
 from .typed_yaml import to_dict
 
@@ -22,9 +24,9 @@ def figure_key(image: Path) -> str:
     return f"figures/{image.stem}"
 
 
-def train_logs(run_dir: Path) -> dict[str, Path]:
+def train_logs(layout: RunLayout) -> dict[str, Path]:
     """Every training job's loss log, by job name."""
-    return {f"{log.parent.parent.name}/{log.parent.name}": log for log in sorted(run_dir.glob("explainers/*/*/train_log.jsonl"))}
+    return {f"{log.parent.parent.name}/{log.parent.name}": log for log in layout.train_logs()}
 
 
 def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[Path]:
@@ -61,7 +63,7 @@ def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[P
                 curve, "examples_per_layer", metric, title=f"{task}: {metric} vs train examples per layer ({name})")})
     for image in images:
         run.log({figure_key(image): wandb.Image(str(image))})
-    for name, log in train_logs(cfg.run_dir).items():
+    for name, log in train_logs(cfg.layout).items():
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             run.log({train_key(name, "loss"): entry["loss"], train_key(name, "step"): entry["step"]})

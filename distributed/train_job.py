@@ -13,12 +13,7 @@ from training.step import run_training
 from training.vectors import fit_for_job, prefit_projections
 
 from .config import RunConfig
-from .gt_pool import gt_dir
 from .ray_session import torch_threads
-
-
-def explainer_dir(cfg: RunConfig, task: str, target: str, explainer: str) -> Path:
-    return cfg.run_dir / "explainers" / task / f"{explainer}_on_{target}"
 
 
 def train_jobs(cfg: RunConfig) -> list[TrainJob]:
@@ -30,11 +25,10 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
             for explainer in cfg.explainers:
                 sizes = getattr(task_cfg, "data_efficiency", []) if explainer == target else []
                 for n in [None, *sizes]:
-                    folder = explainer_dir(cfg, task, target, explainer)
                     jobs.append(TrainJob(
                         task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
-                        data_dir=str(gt_dir(cfg, task, target) / "train"),
-                        out_dir=str(folder if n is None else folder.with_name(f"{folder.name}_{n}_per_layer")),
+                        data_dir=str(cfg.layout.split(task, target, "train")),
+                        out_dir=str(cfg.layout.explainer(task, target, explainer, n)),
                         train=cfg.train, seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n))
     return jobs
 
@@ -42,7 +36,7 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
 def write_job_files(cfg: RunConfig) -> list[Path]:
     """One JOB.json per training job under <run>/jobs/, for `python -m training.step JOB.json` under
     torchrun (cluster/slurm_torchrun.sbatch: training without Ray)."""
-    folder = cfg.run_dir / "jobs"
+    folder = cfg.layout.jobs
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for job in train_jobs(cfg):
@@ -146,7 +140,7 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
         if tc.use_ray:
             # SIGTERM (preemption) reaches this driver, not the ranks: they checkpoint on its stop files
             with PreemptionWatch(relay_to=[job.stop_file for job in todo]) as watch:
-                fit_with_ray(todo, cfg.run_dir / "ray_train")
+                fit_with_ray(todo, cfg.layout.ray_train)
             if watch.signalled:
                 print("[train] SIGTERM: every running explainer wrote a checkpoint; rerun to resume", flush=True)
                 raise TrainingPreempted(None)

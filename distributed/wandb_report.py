@@ -8,10 +8,9 @@ and wandb.mode: online); building the report object needs neither, and is what t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from eval.matrix import headline
-from eval.report import figure_name, matrix_table
+from eval.report import matrix_table
 
 from .config import RunConfig
 from .tracking import figure_key, train_key, train_logs
@@ -22,7 +21,7 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(entity=entity, project=cfg.wandb.project, name=cfg.name, query=cfg.name)
-    logs = train_logs(cfg.run_dir)
+    logs = train_logs(cfg.layout)
     blocks: list = [wr.TableOfContents(), wr.P(
         f"Run {cfg.name}: targets {', '.join(cfg.targets)}; explainers {', '.join(cfg.explainers)}. "
         "Each table: rows are explainers (trained, untrained, baselines), columns the target they explain; "
@@ -32,7 +31,7 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
         blocks += [wr.H1(task), wr.P(f"Headline metric: {metric}.")]
         for name in table.get("metrics", [metric]):
             blocks += [wr.H3(name), wr.MarkdownBlock("\n".join(matrix_table(table, name)))]
-        figures = [cfg.run_dir / figure_name(kind, task) for kind in ("heatmap", "efficiency")]
+        figures = [cfg.layout.figure(kind, task) for kind in ("heatmap", "efficiency")]
         panels: list = [wr.MediaBrowser(title=path.stem, media_keys=[figure_key(path)]) for path in figures if path.exists()]
         panels += [wr.LinePlot(title=f"loss: {job}", x=wr.Metric(train_key(job, "step")), y=[wr.Metric(train_key(job, "loss"))])
                    for job in logs if job.split("/")[0] == task.split(":")[0] and ":" not in task]
@@ -47,7 +46,7 @@ def publish_report(cfg: RunConfig, matrix: dict) -> str:
     mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
     if mode != "online":
         raise ValueError(f"W&B is {mode}: a report lives on the W&B server. Sync the offline run "
-                         f"(wandb sync {Path(cfg.run_dir) / 'wandb'}/offline-run-*), then rerun with "
+                         f"(wandb sync {cfg.layout.wandb}/offline-run-*), then rerun with "
                          "WANDB_MODE=online (after `wandb login`)")
     import wandb
 

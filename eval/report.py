@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from groundtruth.layout import RunLayout
+
 from .matrix import data_efficiency, headline
 
 
@@ -55,11 +57,6 @@ def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
     return path
 
 
-def figure_name(kind: str, task: str) -> str:
-    """File name of a task's figure (kind: heatmap or efficiency); '<task>:<set>' tasks get '_<set>'."""
-    return f"{kind}_{task.replace(':', '_')}.png"
-
-
 def matrix_table(table: dict, metric: str) -> list[str]:
     """One task's matrix as Markdown table lines: a row per explainer or baseline, a column per target."""
     targets = table["targets"]
@@ -91,19 +88,19 @@ def _feature_stats(stats: dict) -> list[str]:
     return lines + [""]
 
 
-def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
+def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
     """report.md with per-task metric tables, heatmaps and label statistics; returns its path."""
     lines = [f"# selfexplain report: {config_name}", "",
              "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
              "target models. A self cell is an explainer explaining the model it is a copy of.", ""]
     for task, table in matrix["tasks"].items():
-        png = heatmap(task, table, run_dir / figure_name("heatmap", task), headline(table))
+        png = heatmap(task, table, layout.figure("heatmap", task), headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
         for metric in table["metrics"]:
             lines += [f"### {metric}", "", *matrix_table(table, metric), ""]
         curves = data_efficiency(table)
         if curves:
-            plot = efficiency_plot(task, curves, headline(table), run_dir / figure_name("efficiency", task))
+            plot = efficiency_plot(task, curves, headline(table), layout.figure("efficiency", task))
             lines += ["### data efficiency", "", f"![data efficiency]({plot.name})", ""]
             lines += [f"- {name}: " + ", ".join(f"{n} per layer -> {v:.3f}" for n, v in points) for name, points in curves.items()]
             lines.append("")
@@ -129,8 +126,10 @@ def write_report(run_dir: Path, matrix: dict, config_name: str) -> Path:
                 lines += [f"- {split}: {s['count']} records, changed rate {s['changed_rate']:.2f}, majority "
                           f"{s['majority_rate']:.2f}; accuracy of predicting 'changed' from one field alone: "
                           f"{rules}; top outputs after the intervention: {top}"
-                          + (f"; largest (token type, block) cell {s['largest_cell_share']:.2f}" if "cells" in s else "")]
+                          + (f"; largest (token type, block) cell {s['largest_cell_share']:.2f}" if "cells" in s else "")
+                          + (f"; {s['unanswered']} unanswered (dropped)" if s.get("unanswered") else "")
+                          + (f"; {s['near_ties']} near-ties (logit margin < {s['near_tie_margin']})" if s.get("near_ties") else "")]
             lines.append("")
-    path = run_dir / "report.md"
+    path = layout.report
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+from .layout import LABEL_STATS, RAW
 from .records import Record, iter_records, read_manifest, write_split
 
 
@@ -190,12 +191,12 @@ def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: in
 
     spec = spec_for_config(task_cfg)
     cell_of = spec.balance_cell
-    stats_path = folder / "label_stats.json"
+    stats_path = folder / LABEL_STATS
     manifests = [read_manifest(folder / split) for split in ("train", "test")]
     finished = all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests)
     if finished and stats_path.exists():
         return json.loads(stats_path.read_text())
-    records = list(iter_records(folder / "raw"))
+    records = list(iter_records(folder / RAW))
     stats_of = partial(label_stats, cell_of=cell_of, near_tie_margin=task_cfg.near_tie_margin,
                        identity_fields=spec.identity_fields)
     stats = {"raw": stats_of(records)}

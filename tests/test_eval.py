@@ -7,6 +7,7 @@ from eval.baselines import majority_class
 from eval.matrix import Cell, build_matrix, cells_of
 from eval.metrics import score
 from eval.report import write_report
+from groundtruth.layout import RunLayout
 from groundtruth.explanations import format_explanation, parse_explanation
 
 
@@ -48,7 +49,7 @@ def test_matrix_and_report(tmp_path):
     table = matrix["tasks"]["input_ablation"]
     assert table["rows"]["a trained"]["cells"]["a"]["self"] and not table["rows"]["b trained"]["cells"]["a"]["self"]
     assert {(c.row, c.target) for c in cells_of(json.loads(json.dumps(matrix)))} == {("a trained", "a"), ("b trained", "a")}
-    report = write_report(tmp_path, matrix, "unit")
+    report = write_report(RunLayout(tmp_path), matrix, "unit")
     text = report.read_text()
     assert "| a trained | 0.500 (self) |" in text and "| b trained | 0.250 |" in text
     png = tmp_path / "heatmap_input_ablation.png"

@@ -135,7 +135,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert [b.text for b in report.blocks if isinstance(b, wr.H1)] == list(matrix["tasks"])
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
     curves = {p.y[0].name for g in grids for p in g.panels if isinstance(p, wr.LinePlot)}
-    assert curves == {train_key(job, "loss") for job in train_logs(cfg.run_dir)} and len(curves) == 7
+    assert curves == {train_key(job, "loss") for job in train_logs(cfg.layout)} and len(curves) == 7
     media = {k for g in grids for p in g.panels if isinstance(p, wr.MediaBrowser) for k in p.media_keys}
     assert media == {figure_key(p) for p in cfg.run_dir.glob("*.png")} and "figures/efficiency_feature_descriptions" in media
     capsys.readouterr()

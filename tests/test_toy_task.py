@@ -13,7 +13,7 @@ from groundtruth.dataset import UNANSWERED, SplitConfig
 from groundtruth.explanations import format_explanation
 from groundtruth.generation import greedy_generate, render_prompt
 from groundtruth.records import Record, safe_key
-from groundtruth.tasks import TaskSpec, TaskWork, register_task
+from groundtruth.tasks import TASK_MODULES_ENV, TaskSpec, TaskWork, register_task
 
 TASK = "toy_last_word"
 
@@ -62,8 +62,10 @@ def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, mo
     from distributed.config import load_config
     from distributed.pipeline import run as run_pipeline
 
-    # Ray workers import this module by name (task_modules): it must be on their path
+    # Ray workers import this module by name (task_modules): it must be on their path. Loading the config
+    # notes the module in the environment for worker processes: restored after the test, like PYTHONPATH.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv(TASK_MODULES_ENV, os.environ.get(TASK_MODULES_ENV, ""))
     config = {
         "name": "toy", "out_dir": str(tmp_path / "run"), "task_modules": [Path(__file__).stem],
         "models": {"a": {"source": "tiny-llama:hidden=32,layers=2,seed=4"}}, "targets": ["a"], "explainers": ["a"],

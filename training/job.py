@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from groundtruth.generation import PromptFormat
+from groundtruth.layout import CHECKPOINTS, EXPORT, PROJECTION_INIT, STOP, TRAIN_LOG
 from groundtruth.models import ModelSpec
 from groundtruth.records import iter_records
 
@@ -136,20 +137,24 @@ class TrainJob:
     @property
     def projection_init_path(self) -> Path:
         """Where the projection an explainer starts from is kept (fitted once, reused by eval)."""
-        return Path(self.out_dir) / "projection_init.pt"
+        return Path(self.out_dir) / PROJECTION_INIT
 
     @property
     def export_dir(self) -> Path:
-        return Path(self.out_dir) / "export"
+        return Path(self.out_dir) / EXPORT
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.out_dir) / "checkpoints"
+        return Path(self.out_dir) / CHECKPOINTS
+
+    @property
+    def train_log(self) -> Path:
+        return Path(self.out_dir) / TRAIN_LOG
 
     @property
     def stop_file(self) -> Path:
         """Written by a driver on SIGTERM: the ranks checkpoint and stop (see training/preemption.py)."""
-        return Path(self.out_dir) / "STOP"
+        return Path(self.out_dir) / STOP
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

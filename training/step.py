@@ -205,7 +205,7 @@ def _log(job: TrainJob, run: Prepared, step: int, loss: float, seconds: float, r
     dist.all_reduce(mean)
     entry = {"step": step, "loss": mean.item() / world, "seconds": round(seconds, 2)}
     if rank == 0:
-        with open(Path(job.out_dir) / "train_log.jsonl", "a") as fh:
+        with open(job.train_log, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
         print(f"[train {job.explainer}<-{job.target}] step {step}/{run.total_steps} loss {entry['loss']:.4f}", flush=True)
     if report is not None:
@@ -224,7 +224,7 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
     torch.manual_seed(job.seed)
     run, step = _prepare(job, rank, world)
     if rank == 0:
-        _truncate_log(Path(job.out_dir) / "train_log.jsonl", step)  # entries past the resumed step were lost
+        _truncate_log(job.train_log, step)  # entries past the resumed step were lost
     orders: dict[int, list] = {}  # one permutation per epoch, not one per micro-batch
 
     def order_of(epoch: int) -> list:
