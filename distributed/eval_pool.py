@@ -1,10 +1,7 @@
 """Eval stage: Ray evaluator actors run every explainer on every target's test split; the driver scores.
 
-Rows per task and target: each explainer fine-tuned on that target ("trained"), each explainer before
-fine-tuning ("untrained"), for vector tasks the trained explainer with the vector left out of its
-prompt ("no_vector", the paper's check of how much v matters), for feature descriptions SelfIE (the
-untrained explainer reading v unit-normalised and scaled, best of eval.selfie_scales), and the
-configured baselines. Tasks with out-of-distribution sets (feature descriptions: ACT, dACT) score
+Rows per task and target: each explainer's row kinds (eval/rows.py: trained, trained without v,
+untrained, SelfIE, trained on n records per layer, as each applies) and the configured baselines. Tasks with out-of-distribution sets (feature descriptions: ACT, dACT) score
 the trained rows and baselines on those too, as matrix tasks '<task>:<set>'. Each scored cell is saved
 under eval/<task>/<target>/<row>.json with a hash of what it depends on, so a rerun skips finished cells.
 """
@@ -13,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from eval.baselines import BASELINES
 from eval.matrix import Cell
+from eval.rows import ROW_KINDS, plan_rows
 from eval.metrics import make_scorer, metrics_of
 from groundtruth.models import prepare
 from groundtruth.records import Record, iter_records
@@ -39,7 +37,7 @@ class EvalUnit:
     cell_task: str  # the matrix task: task, or '<task>:<set>' for an out-of-distribution set
     target: str
     row: str
-    kind: str  # trained | no_vector | untrained | selfie | subset (trained on n records per layer)
+    kind: str  # a key of eval.rows.ROW_KINDS
     explainer: str
     job: TrainJob  # the training job of this (task, target, explainer): base model, export, projection
     path: str  # where the scored cell goes
@@ -64,7 +62,7 @@ class Evaluator:
         from training.vectors import job_projection
 
         job, first = group[0].job, group[0]
-        if first.kind in BASE_KINDS:
+        if ROW_KINDS[first.kind].reads_base:
             model, tok = load_model(job.explainer_spec)
             trained_projection = None
         else:
@@ -72,26 +70,24 @@ class Evaluator:
                 "task": first.task, "target": first.target, "explainer_spec": dataclasses.asdict(job.explainer_spec)})
         out = []
         for unit, recs, tokens in zip(group, records, max_new_tokens):
+            kind = ROW_KINDS[unit.kind]
             projection = trained_projection
-            if unit.kind in BASE_KINDS and any(r.vector is not None for r in recs):
+            if kind.reads_base and any(r.vector is not None for r in recs):
                 # the Pi training started from, beside the model
                 projection = job_projection(job, recs, model.config.hidden_size).to(model_device(model))
-            if unit.kind == "selfie":
+            if kind.scaled:
                 out.append({scale: explain(model, tok, recs, fmt, tokens, batch_size, projection, vector_scale=scale)
                             for scale in scales})
             else:
-                out.append(explain(model, tok, recs, fmt, tokens, batch_size, projection, with_vector=unit.kind != "no_vector"))
+                out.append(explain(model, tok, recs, fmt, tokens, batch_size, projection, with_vector=kind.with_vector))
         return out
-
-
-BASE_KINDS = ("untrained", "selfie")  # rows that read the explainer's base weights, not its export
 
 
 def group_units(units: list[EvalUnit]) -> list[list[EvalUnit]]:
     """Units sharing the weights they read (same job, export or base), in first-seen order."""
     groups: dict[tuple, list[EvalUnit]] = {}
     for u in units:
-        groups.setdefault((u.job.out_dir, u.kind in BASE_KINDS), []).append(u)
+        groups.setdefault((u.job.out_dir, ROW_KINDS[u.kind].reads_base), []).append(u)
     return list(groups.values())
 
 
@@ -124,93 +120,115 @@ def _load_cell(path: Path, key: str) -> Optional[Cell]:
     return Cell(**saved["cell"]) if saved.get("key") == key else None
 
 
+@dataclass
+class EvalPlan:
+    """What the eval stage has to do: cells already scored, units to generate, the records of each set."""
+
+    cells: list[Cell] = field(default_factory=list)
+    units: list[EvalUnit] = field(default_factory=list)
+    records_of: dict[tuple[str, str], list[Record]] = field(default_factory=dict)  # (cell task, target) -> records
+
+
+def _baseline_cells(cfg: RunConfig, task: str, cell_task: str, target: str, test: list[Record], data_key: str,
+                    score) -> list[Cell]:
+    """The configured baselines that apply to the task, scored (or read back when already scored)."""
+    cells, train = [], None
+    for name in (b for b in cfg.eval.baselines if BASELINES[b].applies_to(task)):
+        path = cfg.layout.eval_cell(cell_task, target, name)
+        cell = _load_cell(path, data_key)
+        if cell is None:
+            train = train if train is not None else list(iter_records(cfg.layout.split(task, target, "train")))
+            preds = BASELINES[name].predict(train, test)
+            cell = Cell(cell_task, name, "baseline", name, target, score(preds, test))
+            _save_cell(path, data_key, cell, preds)
+        cells.append(cell)
+    return cells
+
+
+def _explainer_rows(cfg: RunConfig, plan: EvalPlan, task: str, split: str, target: str, data_key: str,
+                    jobs: list[TrainJob]) -> None:
+    """Each explainer's rows of one (task, split, target) (eval/rows.py): read back, or planned as units."""
+    cell_task = task if split == "test" else f"{task}:{split}"
+    for explainer in cfg.explainers:
+        mine = [j for j in jobs if (j.task, j.target, j.explainer) == (task, target, explainer)]
+        main = next(j for j in mine if j.max_records_per_layer is None)
+        subsets = [j for j in mine if j.max_records_per_layer is not None]  # the data-efficiency curve
+        for row in plan_rows(TASKS[task], split, cfg.eval, explainer, main, subsets):
+            kind = row.kind
+            stamp = "" if kind.reads_base else (row.job.export_dir / METADATA).read_text()
+            key = stable_hash([data_key, kind.name, dataclasses.asdict(cfg.models[explainer]), stamp,
+                               cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection),
+                               cfg.eval.selfie_scales if kind.scaled else None])
+            path = cfg.layout.eval_cell(cell_task, target, row.label)
+            done = _load_cell(path, key)
+            if done:
+                plan.cells.append(done)
+            else:
+                plan.units.append(EvalUnit(task, cell_task, target, row.label, kind.name, explainer, row.job, str(path), key))
+
+
+def plan_eval(cfg: RunConfig, scorers: dict) -> EvalPlan:
+    """Every cell of every task's matrix: baselines scored here, explainer rows read back or to generate."""
+    plan, jobs = EvalPlan(), train_jobs(cfg)
+    for task in cfg.tasks:
+        for split in TASKS[task].eval_splits:
+            cell_task = task if split == "test" else f"{task}:{split}"
+            for target in cfg.targets:
+                test = plan.records_of[(cell_task, target)] = test_records(cfg, task, target, split)
+                if not test:
+                    continue
+                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks[task])])
+                plan.cells += _baseline_cells(cfg, task, cell_task, target, test, data_key, scorers[task])
+                _explainer_rows(cfg, plan, task, split, target, data_key, jobs)
+    return plan
+
+
+def _scored_cell(cfg: RunConfig, unit: EvalUnit, predictions, test: list[Record], score) -> tuple[Cell, list[str]]:
+    """A unit's cell from its predictions (SelfIE: the best scale's) and the predictions kept with it."""
+    kind = ROW_KINDS[unit.kind]
+    if kind.scaled:
+        scale, metrics = best_scale({s: score(p, test) for s, p in predictions.items()}, metrics_of(unit.task)[0])
+        predictions = predictions[scale]
+    else:
+        metrics = score(predictions, test)
+    if kind.curve and getattr(cfg.tasks[unit.task], "data_efficiency", None):
+        metrics["examples_per_layer"] = unit.job.records_per_layer()
+    return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics), predictions
+
+
 def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     """Score every row on every target; returns all cells (loaded from disk where already done)."""
     import ray
 
     ec = cfg.eval
-    cells: list[Cell] = []
-    units: list[EvalUnit] = []
-    records_of: dict[tuple[str, str], list[Record]] = {}
-    jobs = train_jobs(cfg)
-    exports = {(j.task, j.target, j.explainer): j for j in jobs if j.max_records_per_layer is None}
-    subsets = [j for j in jobs if j.max_records_per_layer is not None]  # the data-efficiency curve
     scorers = {task: make_scorer(task, task_cfg) for task, task_cfg in cfg.tasks.items()}
-    for task in cfg.tasks:
-        score, spec = scorers[task], TASKS[task]
-        for split in spec.eval_splits:
-            cell_task = task if split == "test" else f"{task}:{split}"
-            for target in cfg.targets:
-                test = records_of[(cell_task, target)] = test_records(cfg, task, target, split)
-                if not test:
-                    continue
-                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks[task])])
-                train: Optional[list[Record]] = None
-                for name in (b for b in ec.baselines if BASELINES[b].applies_to(task)):
-                    path = cfg.layout.eval_cell(cell_task, target, name)
-                    cell = _load_cell(path, data_key)
-                    if cell is None:
-                        train = train if train is not None else list(iter_records(cfg.layout.split(task, target, "train")))
-                        preds = BASELINES[name].predict(train, test)
-                        cell = Cell(cell_task, name, "baseline", name, target, score(preds, test))
-                        _save_cell(path, data_key, cell, preds)
-                    cells.append(cell)
-                for explainer in cfg.explainers:
-                    main = exports[(task, target, explainer)]
-                    rows = [("trained", f"{explainer} trained", main)]
-                    if split == "test":
-                        if spec.has_vectors and ec.no_vector:
-                            rows.append(("no_vector", f"{explainer} trained, no vector", main))
-                        if ec.untrained:
-                            rows.append(("untrained", f"{explainer} untrained", main))
-                        if spec.selfie and ec.selfie_scales:
-                            rows.append(("selfie", f"{explainer} SelfIE", main))
-                        rows += [("subset", f"{explainer} trained, {j.max_records_per_layer} per layer", j) for j in subsets
-                                 if (j.task, j.target, j.explainer) == (task, target, explainer)]
-                    for kind, row, job in rows:
-                        stamp = (job.export_dir / METADATA).read_text() if kind in ("trained", "no_vector", "subset") else ""
-                        key = stable_hash([data_key, kind, dataclasses.asdict(cfg.models[explainer]), stamp,
-                                           cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection),
-                                           ec.selfie_scales if kind == "selfie" else None])
-                        path = cfg.layout.eval_cell(cell_task, target, row)
-                        done = _load_cell(path, key)
-                        if done:
-                            cells.append(done)
-                        else:
-                            units.append(EvalUnit(task, cell_task, target, row, kind, explainer, job, str(path), key))
-    if units:
-        for spec in {u.job.explainer_spec.source: u.job.explainer_spec for u in units}.values():
-            prepare(spec)
-        actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(Evaluator)
+    plan = plan_eval(cfg, scorers)
+    if not plan.units:
+        return plan.cells
+    for spec in {u.job.explainer_spec.source: u.job.explainer_spec for u in plan.units}.values():
+        prepare(spec)
+    actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(Evaluator)
 
-        def on_result(group: list[EvalUnit], results: list) -> int:
-            return sum(score_unit(unit, predictions) for unit, predictions in zip(group, results))
+    def on_result(group: list[EvalUnit], results: list) -> int:
+        explained = 0
+        for unit, predictions in zip(group, results):
+            cell, kept = _scored_cell(cfg, unit, predictions, plan.records_of[(unit.cell_task, unit.target)],
+                                      scorers[unit.task])
+            _save_cell(Path(unit.path), unit.key, cell, kept)
+            plan.cells.append(cell)
+            explained += len(kept)
+        return explained
 
-        def score_unit(unit: EvalUnit, predictions) -> int:
-            test = records_of[(unit.cell_task, unit.target)]
-            score = scorers[unit.task]
-            if unit.kind == "selfie":
-                scale, metrics = best_scale({s: score(p, test) for s, p in predictions.items()}, metrics_of(unit.task)[0])
-                predictions = predictions[scale]
-            else:
-                metrics = score(predictions, test)
-            if unit.kind in ("trained", "subset") and getattr(cfg.tasks[unit.task], "data_efficiency", None):
-                metrics["examples_per_layer"] = unit.job.records_per_layer()
-            cell = Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics)
-            _save_cell(Path(unit.path), unit.key, cell, predictions)
-            cells.append(cell)
-            return len(predictions)
-
-        run_pool(
-            make_actor=lambda: actor_cls.remote(torch_threads(ec.actor_cpus)),
-            n_actors=ec.actors, units=group_units(units),
-            call=lambda actor, group: actor.explain.remote(
-                group, [records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
-                [ec.max_new_tokens or TASKS[u.task].explanation_tokens for u in group], ec.batch_size,
-                tuple(ec.selfie_scales)),
-            on_result=on_result, max_retries=ec.max_retries, desc="eval", unit_name="group",
-        )
-    return cells
+    run_pool(
+        make_actor=lambda: actor_cls.remote(torch_threads(ec.actor_cpus)),
+        n_actors=ec.actors, units=group_units(plan.units),
+        call=lambda actor, group: actor.explain.remote(
+            group, [plan.records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
+            [ec.max_new_tokens or TASKS[u.task].explanation_tokens for u in group], ec.batch_size,
+            tuple(ec.selfie_scales)),
+        on_result=on_result, max_retries=ec.max_retries, desc="eval", unit_name="group",
+    )
+    return plan.cells
 
 
 def eval_settings(cfg: RunConfig) -> dict:

@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from eval.baselines import BASELINES
+from eval.rows import plan_rows
 from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
 from groundtruth.models import describe
@@ -117,12 +118,13 @@ def plan(cfg: RunConfig) -> str:
     lines.append(f"eval: {ec.actors} actors x ({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
     for task in cfg.tasks:
         spec = TASKS[task]
-        per_explainer = 1 + ec.untrained + (ec.no_vector and spec.has_vectors) + bool(spec.selfie and ec.selfie_scales)
+        per_explainer = len(plan_rows(spec, "test", ec, "", None))  # without the data-efficiency rows
         baselines = sum(BASELINES[b].applies_to(task) for b in ec.baselines)
         rows = len(cfg.explainers) * per_explainer + baselines
         lines.append(f"  {task}: {rows} rows x {len(cfg.targets)} targets")
         for split in spec.eval_splits[1:]:
-            lines.append(f"  {task}:{split}: {len(cfg.explainers) + baselines} rows x {len(cfg.targets)} targets")
+            rows = len(cfg.explainers) * len(plan_rows(spec, split, ec, "", None)) + baselines
+            lines.append(f"  {task}:{split}: {rows} rows x {len(cfg.targets)} targets")
     lines.append(f"wandb: {'off' if not cfg.wandb.enabled else cfg.wandb.mode} (project {cfg.wandb.project})")
     if tc.use_gpu or gp.actor_gpus or ec.actor_gpus:  # a GPU-cluster recipe: what it will cost
         lines += scale_plan(cfg)

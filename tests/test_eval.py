@@ -54,3 +54,23 @@ def test_matrix_and_report(tmp_path):
     assert "| a trained | 0.500 (self) |" in text and "| b trained | 0.250 |" in text
     png = tmp_path / "heatmap_input_ablation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_are_planned_from_the_row_registry_by_capability(monkeypatch):
+    from types import SimpleNamespace
+
+    from eval.rows import ROW_KINDS, RowKind, plan_rows
+    from groundtruth.tasks import TASKS
+
+    settings = SimpleNamespace(no_vector=True, untrained=True, selfie_scales=[1.0])
+    vectors = next(s for s in TASKS.values() if s.has_vectors and not s.selfie)
+    text_only = next(s for s in TASKS.values() if not s.has_vectors)
+    subsets = [SimpleNamespace(max_records_per_layer=8)]
+    assert [r.label for r in plan_rows(vectors, "test", settings, "e", "job", subsets)] == \
+        ["e trained", "e trained, no vector", "e untrained", "e trained, 8 per layer"]
+    assert [r.label for r in plan_rows(text_only, "test", settings, "e", "job")] == ["e trained", "e untrained"]
+    assert [r.label for r in plan_rows(vectors, "act", settings, "e", "job", subsets)] == ["e trained"]
+    # a new control row is one entry, and applies where its capability says
+    monkeypatch.setitem(ROW_KINDS, "probe", RowKind("probe", "{explainer} probe", lambda spec, split, ec: spec.has_vectors))
+    assert "e probe" in [r.label for r in plan_rows(vectors, "act", settings, "e", "job")]
+    assert "e probe" not in [r.label for r in plan_rows(text_only, "test", settings, "e", "job")]

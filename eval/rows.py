@@ -1,0 +1,82 @@
+"""Eval rows as data: each kind of explainer row, what it reads and where it applies.
+
+The eval stage and the dry run both plan a matrix's rows from ROW_KINDS; adding a control row (a zero or
+shuffled vector, an explainer trained without v, ...) is one `register_row_kind` call. A row applies by
+the task's capabilities (`TaskSpec.has_vectors`, `selfie`) and the eval settings, never by task name.
+Baselines, which need no explainer, are the other registry (eval/baselines.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from groundtruth.tasks import TaskSpec
+
+
+@dataclass(frozen=True)
+class RowKind:
+    name: str
+    label: str
+    """Row name; {explainer} and, for per-subset rows, {n} (records per layer) are filled in."""
+    applies: Callable[[TaskSpec, str, Any], bool]
+    """(task spec, split, eval settings) -> whether the row is in that split's matrix."""
+    reads_base: bool = False
+    """Reads the explainer's base weights (and the Pi training started from) instead of its export."""
+    with_vector: bool = True
+    """The [vec] triple and v are in the prompt (for tasks with vectors)."""
+    scaled: bool = False
+    """SelfIE: one generation per eval.selfie_scales with v unit-normalised and scaled; the best is reported."""
+    per_subset: bool = False
+    """One row per data-efficiency job (trained on n records per layer) instead of the full-data job."""
+    curve: bool = False
+    """A point of the data-efficiency curve (its cell records the job's records per layer)."""
+
+
+ROW_KINDS: dict[str, RowKind] = {}
+
+
+def register_row_kind(kind: RowKind) -> RowKind:
+    if kind.name in ROW_KINDS:
+        raise ValueError(f"row kind {kind.name!r} is registered twice")
+    ROW_KINDS[kind.name] = kind
+    return kind
+
+
+def _test_only(split: str) -> bool:
+    return split == "test"
+
+
+register_row_kind(RowKind("trained", "{explainer} trained", lambda spec, split, ec: True, curve=True))
+register_row_kind(RowKind(  # the paper's check of how much v matters
+    "no_vector", "{explainer} trained, no vector",
+    lambda spec, split, ec: _test_only(split) and spec.has_vectors and ec.no_vector, with_vector=False))
+register_row_kind(RowKind("untrained", "{explainer} untrained", lambda spec, split, ec: _test_only(split) and ec.untrained,
+                          reads_base=True))
+register_row_kind(RowKind("selfie", "{explainer} SelfIE",
+                          lambda spec, split, ec: _test_only(split) and spec.selfie and bool(ec.selfie_scales),
+                          reads_base=True, scaled=True))
+register_row_kind(RowKind("subset", "{explainer} trained, {n} per layer", lambda spec, split, ec: _test_only(split),
+                          per_subset=True, curve=True))
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    kind: RowKind
+    label: str
+    job: Any  # the training job whose export (or base model) the row reads
+
+
+def plan_rows(spec: TaskSpec, split: str, settings: Any, explainer: str, job: Any,
+              subsets: Optional[list] = None) -> list[PlannedRow]:
+    """One explainer's rows of a (task, split): `job` is its full-data training job, `subsets` its
+    data-efficiency jobs (each with max_records_per_layer)."""
+    rows = []
+    for kind in ROW_KINDS.values():
+        if not kind.applies(spec, split, settings):
+            continue
+        if kind.per_subset:
+            rows += [PlannedRow(kind, kind.label.format(explainer=explainer, n=j.max_records_per_layer), j)
+                     for j in subsets or []]
+        else:
+            rows.append(PlannedRow(kind, kind.label.format(explainer=explainer), job))
+    return rows
