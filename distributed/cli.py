@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .typed_yaml import ConfigError
+from groundtruth.errors import BadInput, bad_input_in
 
 COMMANDS = {
     "run": "every stage in order: groundtruth, train, eval, report",
@@ -28,8 +28,8 @@ def _add_overrides(cmd: argparse.ArgumentParser) -> None:
                      help="override a config value by dotted key (repeatable), e.g. train.lr=1e-4")
 
 
-def _bad_input(err: Exception) -> int:
-    """Bad input (config, model, data, checkpoint): a message to act on, not a traceback; status 2."""
+def _bad_input(err: BadInput) -> int:
+    """Bad input (config, model, data, shard, checkpoint): one line to act on, not a traceback; status 2."""
     print(f"selfexplain: error: {type(err).__name__}: {err}", file=sys.stderr)
     return 2
 
@@ -64,33 +64,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "submit":
         return _submit(args)
-    from groundtruth.models import ModelSpecError
-    from groundtruth.records import ShardError
-    from training.export import CheckpointMismatch
-
     from .config import load_config
     from .pipeline import STAGES, plan, run
+    from .preflight import input_problems
 
+    stages = STAGES if args.command == "run" else (args.command,)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             print(plan(cfg))
-            return 0
+            problems = input_problems(cfg, stages)
+            for problem in problems:
+                print(f"selfexplain: error: {type(problem).__name__}: {problem}", file=sys.stderr)
+            return 2 if problems else 0
         if args.command == "jobs":
             from .train_job import write_job_files
 
             for path in write_job_files(cfg):
                 print(path)
             return 0
-        run(cfg, STAGES if args.command == "run" else (args.command,))
+        run(cfg, stages)
         if getattr(args, "wandb", False):
             import json
 
             from .wandb_report import publish_report
 
             print(f"[report] W&B report: {publish_report(cfg, json.loads(cfg.layout.matrix.read_text()))}")
-    except (ConfigError, ModelSpecError, ShardError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
-        return _bad_input(err)
+    except Exception as err:  # noqa: BLE001  (bad input is reported; anything else is a bug: re-raised)
+        bad = bad_input_in(err)
+        if bad is None:
+            raise
+        return _bad_input(bad)
     return 0
 
 
@@ -101,7 +105,7 @@ def _submit(args: argparse.Namespace) -> int:
     try:
         load_config(args.config, args.overrides)  # a bad config fails here, not minutes later on the cluster
         out = submit(args.config, args.overrides, args.address, args.runtime_env, args.follow, args.dry_run, args.pip)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except BadInput as err:
         return _bad_input(err)
     except RuntimeError as err:  # the job ran and failed
         print(f"selfexplain: {err}", file=sys.stderr)

@@ -16,16 +16,17 @@ from typing import Optional
 
 from eval.baselines import BASELINES
 from eval.matrix import Cell
-from eval.rows import ROW_KINDS, plan_rows
 from eval.metrics import make_scorer, metrics_of
+from eval.rows import ROW_KINDS, plan_rows
 from groundtruth.models import prepare
-from groundtruth.records import Record, iter_records
+from groundtruth.records import Record, ShardError, iter_records, read_manifest
 from groundtruth.tasks import TASKS
 from training.export import METADATA, load_explainer
 from training.job import TrainJob
 
 from .actor_pool import run_pool
 from .config import RunConfig
+from .gt_pool import gt_hash
 from .ray_session import torch_threads
 from .train_job import train_jobs
 from .typed_yaml import stable_hash
@@ -71,6 +72,7 @@ class Evaluator:
         out = []
         for unit, recs, tokens in zip(group, records, max_new_tokens):
             kind = ROW_KINDS[unit.kind]
+            recs = kind.rewrite(recs) if kind.rewrite else recs
             projection = trained_projection
             if kind.reads_base and any(r.vector is not None for r in recs):
                 # the Pi training started from, beside the model
@@ -96,6 +98,10 @@ def test_records(cfg: RunConfig, task: str, target: str, split: str = "test") ->
     folder = cfg.layout.split(task, target, split)
     if split != "test" and not (folder / "manifest.json").exists():
         return []
+    made, now = read_manifest(folder).get("config_hash"), gt_hash(cfg, task, target)
+    if made is not None and made != now:
+        raise ShardError(f"{folder} was made for another target model or {task} settings than the config gives "
+                         f"(hash {made}, now {now}); rerun the groundtruth stage or fix the config")
     records = list(iter_records(folder))
     return records[: cfg.eval.max_examples] if cfg.eval.max_examples else records
 

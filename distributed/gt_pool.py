@@ -1,10 +1,15 @@
-"""Ground-truth stage: a Ray actor pool runs a task's technique on the target and writes shards.
+"""Ground-truth stage: fans a task's ground truth out over Ray, by the strategy its spec declares
+(groundtruth/stages.py); the method itself lives in groundtruth/.
 
-Per (task, target): work items are cut into units of `items_per_shard`; each unit becomes one raw
-shard, written atomically by the actor that processed it and listed in the raw manifest by the driver
-as it completes. A rerun skips listed shards; a unit whose actor died is redone on a new actor and
-its shard (same name) replaces any partial one, so every record ends up present exactly once. Then
-the driver balances each split and writes train/ and test/ shards with label statistics.
+Per-item task, per target: work items are cut into units of `items_per_shard`; each unit becomes one raw
+shard, written atomically by the target actor that processed it and listed in the raw manifest by the
+driver as it completes. A rerun skips listed shards; a unit whose actor died is redone on a new actor and
+its shard (same name) replaces any partial one, so every record ends up present exactly once. Then the
+driver balances each split and writes train/ and test/ shards with label statistics (`finalize`).
+
+Staged task, per target: each step's units still to do go to target actors (`target` steps), to Ray
+tasks with an actor's resources (`task` steps: each computes on the GPU it reserves) or run here
+(`driver` steps); then the recipe's `finish` writes the label statistics.
 """
 from __future__ import annotations
 
@@ -12,17 +17,30 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
 
 from groundtruth.dataset import finalize, split_of
 from groundtruth.layout import RAW
 from groundtruth.models import prepare
-from groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
-                                 write_shard, write_tar)
+from groundtruth.records import (
+    Record,
+    complete_shards,
+    remove_temporaries,
+    shard_name,
+    temporary_name,
+    write_manifest,
+    write_shard,
+    write_tar,
+)
+from groundtruth.stages import StageContext, StagedRecipe
 from groundtruth.tasks import TASKS
 
 from .actor_pool import run_pool
 from .config import RunConfig
 from .ray_session import torch_threads
+from .target_actor import target_actor_class
 from .typed_yaml import stable_hash
 
 EVAL_ONLY_FIELDS = ("judge", "data_efficiency")  # task fields that do not change the ground truth
@@ -41,46 +59,21 @@ def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
                         "seed": cfg.seed, "items_per_shard": cfg.groundtruth.items_per_shard})
 
 
-class GroundTruthWorker:
-    """One copy of the target model; turns units of work items into raw shards."""
+def stage_context(cfg: RunConfig, task: str, target: str) -> StageContext:
+    gp = cfg.groundtruth
+    return StageContext(task=task, task_cfg=cfg.tasks[task], target=target, model=cfg.models[target],
+                        folder=cfg.layout.groundtruth(task, target), config_hash=gt_hash(cfg, task, target),
+                        seed=cfg.seed, batch_size=gp.batch_size, shard_size=gp.shard_size)
 
-    def __init__(self, spec, threads: int):
-        import torch
 
-        from groundtruth.models import load_model
-
-        torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_model(spec)
-
-    def process(self, task: str, task_cfg, target: str, unit: int, items: list, out_path: str,
-                test_fraction: float, seed: int, batch_size: int) -> dict:
-        records = TASKS[task].run(self.model, self.tokenizer, items, task_cfg, target,
-                                  lambda source: split_of(source, test_fraction, seed), batch_size)
-        _inject_fault(unit, Path(out_path), records)
-        return write_shard(Path(out_path), records)
-
-    def activations(self, task_cfg, texts: list[str], out_path: str, batch_size: int) -> int:
-        """Feature descriptions, step 1: the residual stream at the task's layers over corpus texts,
-        streamed into a shard folder (one .npy per layer, renamed when complete); returns the token count."""
-        from groundtruth.features.activations import write_activations
-        from groundtruth.features.task import target_layers
-
-        layers = target_layers(task_cfg, self.model.config.num_hidden_layers)
-        return write_activations(self.model, self.tokenizer, texts, layers, Path(out_path), batch_size,
-                                 task_cfg.max_tokens)
-
-    def last_token_states(self, texts: list[str], layer: int, batch_size: int):
-        """The residual stream after `layer` at each text's last token: [n, d] (the dACT set)."""
-        import numpy as np
-        import torch
-
-        from groundtruth.patching import clean_runs
-
-        states = []
-        for start in range(0, len(texts), batch_size):
-            ids = [torch.tensor(self.tokenizer(t)["input_ids"]) for t in texts[start:start + batch_size]]
-            states += [run.states[layer + 1, -1].float().cpu().numpy() for run in clean_runs(self.model, ids)]
-        return np.stack(states)
+def on_target_actors(cfg: RunConfig, model_spec, units: list, call: Callable[[Any, Any], Any],
+                     on_result: Callable[[Any, Any], int], desc: str) -> None:
+    """call(actor, unit) for every unit on the stage's pool of target actors."""
+    gp = cfg.groundtruth
+    prepare(model_spec)  # dequantise packaged weights once, before actors race to it
+    actor_cls = target_actor_class(cfg)
+    run_pool(make_actor=lambda: actor_cls.remote(model_spec, torch_threads(gp.actor_cpus)), n_actors=gp.actors,
+             units=units, call=call, on_result=on_result, max_retries=gp.max_retries, desc=desc)
 
 
 def _inject_fault(unit: int, out_path: Path, records: list[Record]) -> None:
@@ -100,52 +93,93 @@ def _inject_fault(unit: int, out_path: Path, records: list[Record]) -> None:
         raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill or hang)")
 
 
-def run_groundtruth(cfg: RunConfig) -> dict:
-    """Generate (or finish) ground truth for every enabled task and target; returns label stats."""
+def process_unit(ctx: StageContext, unit: int, items: list, out_path: str, model, tokenizer) -> dict:
+    """One unit of a per-item task on a target actor: its records as one raw shard."""
+    task_cfg = ctx.task_cfg
+    records = TASKS[ctx.task].run(model, tokenizer, items, task_cfg, ctx.target,
+                                  lambda source: split_of(source, task_cfg.test_fraction, ctx.seed), ctx.batch_size)
+    _inject_fault(unit, Path(out_path), records)
+    return write_shard(Path(out_path), records)
+
+
+def run_items(cfg: RunConfig, ctx: StageContext, units: list[list]) -> dict:
+    """A per-item task on one target: the raw shards not made yet, then balance and split."""
+    raw = ctx.folder / RAW
+    done = complete_shards(raw, ctx.config_hash)
+    todo = [i for i in range(len(units)) if shard_name(i) not in done]
+    manifest = {"config_hash": ctx.config_hash, "shards": dict(done), "complete": False}
+
+    def on_result(unit: int, entry: dict) -> int:
+        manifest["shards"][shard_name(unit)] = entry
+        write_manifest(raw, manifest)
+        return entry["count"]
+
+    on_target_actors(cfg, ctx.model, todo, on_result=on_result, desc=f"groundtruth {ctx.task}/{ctx.target}",
+                     call=lambda actor, unit: actor.call.remote(process_unit, ctx, unit, units[unit],
+                                                                str(raw / shard_name(unit))))
+    removed = remove_temporaries(raw)
+    if removed:
+        print(f"[groundtruth] {ctx.task}/{ctx.target}: removed {removed} half-written shard(s) of dead actors", flush=True)
+    manifest["complete"] = True
+    manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
+    write_manifest(raw, manifest)
+    return finalize(ctx.folder, ctx.task_cfg, ctx.config_hash, ctx.seed, ctx.shard_size)
+
+
+def _call_step(fn: Callable, ctx: StageContext, unit: Any, threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(ctx, unit)
+
+
+def _run_tasks(fn, args: list[tuple], desc: str) -> None:
+    """fn.remote(*a) for every a, with a progress bar (Ray retries lost tasks; an error raises)."""
     import ray
 
-    from .feature_stage import run_feature_groundtruth
+    pending = [fn.remote(*a) for a in args]
+    with tqdm(total=len(pending), desc=desc, dynamic_ncols=True) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready[0])
+            bar.update(1)
 
-    pc = cfg.groundtruth
+
+def run_staged(cfg: RunConfig, recipe: StagedRecipe, ctx: StageContext) -> dict:
+    """A staged task on one target: each step's remaining units where the step says, then finish."""
+    import ray
+
+    stats = recipe.done(ctx)
+    if stats is not None:
+        return stats
+    gp = cfg.groundtruth
+    as_task = ray.remote(num_cpus=gp.actor_cpus, num_gpus=gp.actor_gpus, max_retries=gp.max_retries)(_call_step)
+    for step in recipe.steps:
+        units, desc = step.todo(ctx), f"{step.name} {ctx.task}/{ctx.target}"
+        if not units:
+            continue
+        if step.where == "target":
+            on_target_actors(cfg, ctx.model, units, call=lambda actor, unit: actor.call.remote(step.run, ctx, unit),
+                             on_result=lambda unit, produced: produced if isinstance(produced, int) else 0, desc=desc)
+        elif step.where == "task":
+            _run_tasks(as_task, [(step.run, ctx, unit, torch_threads(gp.actor_cpus)) for unit in units], desc)
+        else:
+            for unit in units:
+                step.run(ctx, unit)
+    return recipe.finish(ctx)
+
+
+def run_groundtruth(cfg: RunConfig) -> dict:
+    """Generate (or finish) ground truth for every enabled task and target; returns label stats."""
     stats: dict = {}
     for task, task_cfg in cfg.tasks.items():
         spec = TASKS[task]
-        if spec.build_items is None:  # a staged task (feature descriptions) with its own steps
-            for target in cfg.targets:
-                stats.setdefault(task, {})[target] = run_feature_groundtruth(
-                    cfg, task, task_cfg, target, cfg.layout.groundtruth(task, target), gt_hash(cfg, task, target))
-            continue
-        items = spec.build_items(task_cfg, cfg.seed)
-        units = [items[i:i + pc.items_per_shard] for i in range(0, len(items), pc.items_per_shard)]
+        if spec.staged is None:
+            items = spec.build_items(task_cfg, cfg.seed)
+            per = cfg.groundtruth.items_per_shard
+            units = [items[i:i + per] for i in range(0, len(items), per)]
         for target in cfg.targets:
-            folder, config_hash = cfg.layout.groundtruth(task, target), gt_hash(cfg, task, target)
-            raw = folder / RAW
-            done = complete_shards(raw, config_hash)
-            todo = [i for i in range(len(units)) if shard_name(i) not in done]
-            manifest = {"config_hash": config_hash, "shards": dict(done), "complete": False}
-            if todo:
-                model_spec = cfg.models[target]
-                prepare(model_spec)  # dequantise packaged weights once, before actors race to it
-                actor_cls = ray.remote(num_cpus=pc.actor_cpus, num_gpus=pc.actor_gpus, max_restarts=0)(GroundTruthWorker)
-
-                def on_result(unit: int, entry: dict) -> int:
-                    manifest["shards"][shard_name(unit)] = entry
-                    write_manifest(raw, manifest)
-                    return entry["count"]
-
-                run_pool(
-                    make_actor=lambda: actor_cls.remote(model_spec, torch_threads(pc.actor_cpus)),
-                    n_actors=pc.actors, units=todo,
-                    call=lambda actor, unit: actor.process.remote(
-                        task, task_cfg, target, unit, units[unit], str(raw / shard_name(unit)),
-                        task_cfg.test_fraction, cfg.seed, pc.batch_size),
-                    on_result=on_result, max_retries=pc.max_retries, desc=f"groundtruth {task}/{target}",
-                )
-            removed = remove_temporaries(raw)
-            if removed:
-                print(f"[groundtruth] {task}/{target}: removed {removed} half-written shard(s) of dead actors", flush=True)
-            manifest["complete"] = True
-            manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
-            write_manifest(raw, manifest)
-            stats.setdefault(task, {})[target] = finalize(folder, task_cfg, config_hash, cfg.seed, pc.shard_size)
+            ctx = stage_context(cfg, task, target)
+            stats.setdefault(task, {})[target] = (run_staged(cfg, spec.staged, ctx) if spec.staged else
+                                                  run_items(cfg, ctx, units))
     return stats

@@ -6,15 +6,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from eval.baselines import BASELINES
-from eval.rows import plan_rows
 from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
+from eval.rows import plan_rows
+from groundtruth.errors import BadInput
 from groundtruth.models import describe
 from groundtruth.tasks import TASKS
 from training.export import METADATA
 from training.job import deepspeed_config
 
 from .config import RunConfig, save_resolved
+from .preflight import check_inputs
 from .eval_pool import run_eval_stage
 from .gt_pool import run_groundtruth
 from .ray_session import ray_session
@@ -58,7 +60,7 @@ def eval_and_matrix(cfg: RunConfig) -> dict:
 def report(cfg: RunConfig) -> Path:
     path = cfg.layout.matrix
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the eval stage first")
+        raise BadInput(f"{path} does not exist: run the eval stage first")
     matrix = json.loads(path.read_text())
     md = write_report(cfg.layout, matrix, cfg.name)
     wandb_dir = log_to_wandb(cfg, matrix, cfg.layout.figures())
@@ -67,8 +69,9 @@ def report(cfg: RunConfig) -> Path:
 
 
 def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """Run the given stages in order inside one Ray session (report needs none)."""
-    save_resolved(cfg)
+    """Run the given stages in order inside one Ray session (report needs none), after checking their
+    inputs; config.resolved.yaml is written when they succeed, so it describes what the folder holds."""
+    check_inputs(cfg, stages)
     needs_ray = any(s in stages for s in ("groundtruth", "eval")) or ("train" in stages and cfg.train.use_ray)
     with ray_session(cfg.ray) if needs_ray else nullcontext():
         if "groundtruth" in stages:
@@ -79,6 +82,18 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
             eval_and_matrix(cfg)
     if "report" in stages:
         report(cfg)
+    save_resolved(cfg)
+
+
+def _items_plan(cfg: RunConfig, spec, task_cfg) -> list[str]:
+    """A task's ground-truth work in words: its recipe's own lines, or its items and raw shards."""
+    if spec.staged is not None:
+        return spec.staged.plan(task_cfg)
+    try:
+        n_items = len(spec.build_items(task_cfg, cfg.seed))
+    except (FileNotFoundError, ValueError) as err:
+        return [f"items not countable here ({err})"]
+    return [f"{n_items} items -> {-(-n_items // cfg.groundtruth.items_per_shard)} raw shards per target"]
 
 
 def plan(cfg: RunConfig) -> str:
@@ -88,23 +103,7 @@ def plan(cfg: RunConfig) -> str:
     lines += [f"  {name}: {spec.source} ({describe(spec.source)}, {spec.dtype})" for name, spec in cfg.models.items()]
     lines.append(f"targets: {', '.join(cfg.targets)}; explainers: {', '.join(cfg.explainers)}")
     for task, task_cfg in cfg.tasks.items():
-        if TASKS[task].build_items is None:  # feature descriptions
-            n_shards = -(-task_cfg.corpus_texts // task_cfg.texts_per_shard)
-            sae = f"pretrained {task_cfg.sae.pretrained}" if task_cfg.sae.pretrained else \
-                f"TopK SAEs trained here (d_sae {task_cfg.sae.d_sae}, k {task_cfg.sae.k}, {task_cfg.sae.steps} steps)"
-            lines += [f"task {task}: {task_cfg.corpus_texts} texts of {', '.join(task_cfg.corpus)} -> {n_shards} "
-                      f"activation shards per target; layers {task_cfg.layers if task_cfg.layers is not None else f'at depths {task_cfg.depths}'}; {sae}",
-                      f"  describers {', '.join(task_cfg.describers)}, simulator {task_cfg.simulator}, judge {task_cfg.judge}; "
-                      f"{task_cfg.test_features_per_layer} held-out features per layer",
-                      f"  groundtruth: {gp.actors} actors x ({gp.actor_cpus} CPU, {gp.actor_gpus} GPU), batch {gp.batch_size}"]
-            continue
-        try:
-            n_items = len(TASKS[task].build_items(task_cfg, cfg.seed))
-            n_units = -(-n_items // gp.items_per_shard)
-            items = f"{n_items} items -> {n_units} raw shards per target"
-        except (FileNotFoundError, ValueError) as err:
-            items = f"items not countable here ({err})"
-        lines += [f"task {task}: {items}",
+        lines += [f"task {task}: " + "\n".join(_items_plan(cfg, TASKS[task], task_cfg)),
                   f"  groundtruth: {gp.actors} actors x ({gp.actor_cpus} CPU, {gp.actor_gpus} GPU), batch {gp.batch_size}"]
     jobs = train_jobs(cfg)
     lines.append(f"train: {len(jobs)} explainer jobs, {'Ray Train' if tc.use_ray else 'in-process'} with "

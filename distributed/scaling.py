@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from groundtruth.models import ModelSpec
 from groundtruth.tasks import TASKS
@@ -125,51 +125,21 @@ def _items(cfg, spec, task_cfg) -> int:
         return spec.work.paper_items
 
 
-def _feature_layers(task_cfg) -> int:
-    return len(task_cfg.layers if task_cfg.layers is not None else task_cfg.depths)
-
-
-WINDOW_TOKENS = 16  # an exemplar window: 12 tokens before the peak, the peak, 3 after
-PY_VALUE_BYTES = 40  # one window value held in Python: a float object, its list slot, its token's slot
-
-
 def _gb(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:,.1f} GB"
 
 
-def feature_memory_plan(cfg, task: str, task_cfg, t: Shape, dtype_bytes: int) -> list[str]:
-    """Memory per stage of the feature-description recipe on one target: GPU per actor or task, host
-    per process, disk; each checked against scale.gpu_memory_gb and scale.node_memory_gb."""
-    from .feature_stage import METRIC_TOKENS
-
-    plan, gp = cfg.scale, cfg.groundtruth
-    n_layers, d, d_sae = _feature_layers(task_cfg), t.hidden, task_cfg.sae.d_sae
-    tokens_per_shard = task_cfg.texts_per_shard * task_cfg.max_tokens
-    shards = -(-task_cfg.corpus_texts // task_cfg.texts_per_shard)
-    batch_tokens = gp.batch_size * task_cfg.max_tokens
-    sae_bytes = (2 * d * d_sae + d_sae + d) * 4
-    codes_chunk = 3 * task_cfg.mine_chunk_tokens * d_sae * 4  # the codes and the encoder's temporaries
-    windows = d_sae * (task_cfg.top_k + task_cfg.negatives) * WINDOW_TOKENS * PY_VALUE_BYTES  # one layer, all features
-    if task_cfg.sae.pretrained:
-        sae_gpu, sae_host = sae_bytes + codes_chunk + METRIC_TOKENS * d * 4, METRIC_TOKENS * d * 4
-    else:  # trained here: every corpus token of the layer, on the host and on the device, plus Adam
-        corpus = task_cfg.corpus_texts * task_cfg.max_tokens * d * 4
-        sae_gpu, sae_host = 4 * sae_bytes + corpus, corpus
-    stages = [  # (stage, GPU bytes, host bytes)
-        ("activations (per actor)", t.params * dtype_bytes + batch_tokens * (t.layers + 1) * d * dtype_bytes,
-         batch_tokens * n_layers * d * 4),
-        ("SAE (per layer task)", sae_gpu, sae_host),
-        ("exemplars (per shard task)", sae_bytes + codes_chunk, tokens_per_shard * 60 + codes_chunk / 3 + windows),
-        ("describe (driver, one layer at a time)", 0, 2 * windows),
-    ]
-    lines = [f"  memory per stage, {task} ({n_layers} layers, d={d}, d_sae={d_sae}; "
+def memory_lines(cfg, task: str, plan_of_task: Callable, t: Shape, dtype_bytes: int) -> list[str]:
+    """A task's memory per step on one target (its TaskWork.memory), each checked against
+    scale.gpu_memory_gb and scale.node_memory_gb."""
+    plan = cfg.scale
+    memory = plan_of_task(cfg.tasks[task], t, dtype_bytes, cfg.groundtruth.batch_size)
+    lines = [f"  memory per stage, {task} ({memory.summary}; "
              f"{plan.gpu_memory_gb:g} GB GPUs, {plan.node_memory_gb:g} GB nodes):"]
-    for name, gpu, host in stages:
+    for name, gpu, host in memory.steps:
         fits = gpu <= plan.gpu_memory_gb * 1e9 and host <= plan.node_memory_gb * 1e9
         lines.append(f"    {name}: GPU {_gb(gpu)}, host {_gb(host)}: {'fits' if fits else 'does NOT fit'}")
-    disk = tokens_per_shard * n_layers * d * 4
-    lines.append(f"    disk: activation shards {_gb(disk)} each, {_gb(disk * shards)} for {shards} shards (fp32, per layer)")
-    return lines
+    return lines + [f"    disk: {memory.disk}"]
 
 
 def scale_plan(cfg) -> list[str]:
@@ -200,8 +170,8 @@ def scale_plan(cfg) -> list[str]:
             per_shard = getattr(task_cfg, "texts_per_shard", gp.items_per_shard)
             lines.append(f"  groundtruth {task} on {target}: {items:,} items -> {-(-items // per_shard)} shards; "
                          f"{gt_flops:.2e} FLOPs, {hours:,.1f} GPU-h on {gp.actors} x {gp.actor_gpus:g} GPU actors")
-            if hasattr(task_cfg, "sae"):  # a task that mines SAE features: its memory per stage
-                lines += feature_memory_plan(cfg, task, task_cfg, t, 2 if cfg.models[target].dtype != "float32" else 4)
+            if work.memory is not None:
+                lines += memory_lines(cfg, task, work.memory, t, 2 if cfg.models[target].dtype != "float32" else 4)
             for explainer in cfg.explainers:
                 e = shapes[explainer]
                 trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params

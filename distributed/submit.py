@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import yaml
 
+from groundtruth.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 # Never uploaded: Ray caps a working directory at 500 MB and the venv alone is over 2 GB.
@@ -44,7 +46,7 @@ def runtime_env(path: Optional[Path] = None, pip: bool = False) -> dict:
     path = Path(path) if path else DEFAULT_RUNTIME_ENV
     env = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     if not isinstance(env, dict):
-        raise ValueError(f"{path}: a runtime env must be a mapping, got {type(env).__name__}")
+        raise ConfigError(f"{path}: a runtime env must be a mapping, got {type(env).__name__}")
     env = {**env, "working_dir": str(REPO), "excludes": sorted(set(env.get("excludes", [])) | set(EXCLUDES))}
     if pip:
         env["pip"] = {"packages": requirements(), "pip_check": False}
@@ -75,7 +77,7 @@ def submit(config: str, overrides: list[str], address: Optional[str], runtime_en
     the job's logs and raise if it does not succeed."""
     config_path = Path(config).resolve()
     if not config_path.is_relative_to(REPO):
-        raise ValueError(f"{config}: the config must live inside the repository ({REPO}), which is what the job ships")
+        raise ConfigError(f"{config}: the config must live inside the repository ({REPO}), which is what the job ships")
     rel = str(config_path.relative_to(REPO))
     command, env = entrypoint(rel, overrides), runtime_env(Path(runtime_env_path) if runtime_env_path else None, pip)
     if dry_run:
@@ -83,7 +85,7 @@ def submit(config: str, overrides: list[str], address: Optional[str], runtime_en
                f"entrypoint: {command}\nruntime_env: {env}"
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        raise ConfigError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from groundtruth.models import prepare
-from training.export import export_matches
+from training.export import export_differences, export_matches
 from training.preemption import PreemptionWatch, TrainingPreempted
 from training.explainer import Projection
 from training.job import TrainJob
@@ -123,10 +123,15 @@ def projection_fitter(cfg: RunConfig):
 def run_train_stage(cfg: RunConfig) -> list[Path]:
     """Train every explainer whose export is missing or stale; return the export folders."""
     jobs = train_jobs(cfg)
-    todo = [job for job in jobs if not export_matches(job)]
+    todo = []
     for job in jobs:
-        if job not in todo:
+        differs = export_differences(job)
+        if differs == []:
             print(f"[train] {_describe(job)} already exported, skipping", flush=True)
+            continue
+        if differs:
+            print(f"[train] {_describe(job)}: the export differs in {', '.join(differs)}; training again", flush=True)
+        todo.append(job)
     for job in todo:
         prepare(job.explainer_spec)
     prefit_projections(todo, projection_fitter(cfg))  # one lstsq fit per (explainer, target) pair, shared by its tasks

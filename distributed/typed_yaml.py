@@ -14,9 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message starts with the dotted path of the key."""
+from groundtruth.errors import ConfigError
 
 
 def _join(path: str, key: str) -> str:
@@ -122,7 +120,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({problem})") from None
     return data
 
 

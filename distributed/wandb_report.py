@@ -11,6 +11,7 @@ import os
 
 from eval.matrix import headline
 from eval.report import matrix_table
+from groundtruth.errors import BadInput
 
 from .config import RunConfig
 from .tracking import figure_key, train_key, train_logs
@@ -45,7 +46,7 @@ def publish_report(cfg: RunConfig, matrix: dict) -> str:
     """Build and save the report; return its URL. Fails with a message when W&B is not online."""
     mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
     if mode != "online":
-        raise ValueError(f"W&B is {mode}: a report lives on the W&B server. Sync the offline run "
+        raise BadInput(f"W&B is {mode}: a report lives on the W&B server. Sync the offline run "
                          f"(wandb sync {cfg.layout.wandb}/offline-run-*), then rerun with "
                          "WANDB_MODE=online (after `wandb login`)")
     import wandb

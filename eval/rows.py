@@ -30,6 +30,9 @@ class RowKind:
     """One row per data-efficiency job (trained on n records per layer) instead of the full-data job."""
     curve: bool = False
     """A point of the data-efficiency curve (its cell records the job's records per layer)."""
+    rewrite: Optional[Callable[[list], list]] = None
+    """The test records as this row's explainer sees them, e.g. with v zeroed or shuffled across records
+    (a control row); None: as they are. Scores are always against the records' own labels."""
 
 
 ROW_KINDS: dict[str, RowKind] = {}

@@ -13,13 +13,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
+from .dataset import UNANSWERED, SplitConfig
+from .errors import DataSourceError
 from .explanations import format_explanation
 from .generation import PromptFormat, greedy_generate, render_prompt
-from .dataset import UNANSWERED, SplitConfig
 from .records import Record, safe_key
-from .tasks import TaskSpec, TaskWork, register_task
 from .sources.countries import load_countries
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
+from .tasks import TaskSpec, TaskWork, register_task
 
 TASK = "input_ablation"
 
@@ -38,6 +39,10 @@ class HintSourceConfig:
     """The removed span; {letter} is a random option letter."""
     answer_prefix: str = "Answer:"
     """Text after which the target's answer letter is read."""
+
+    def check(self) -> None:
+        if self.questions == "mmlu" and not (self.mmlu_path or "").strip():
+            raise ValueError("mmlu_path: required when questions is 'mmlu'")
 
 
 @dataclass
@@ -114,8 +119,6 @@ def render_mcq(q: MultipleChoice, hint: Optional[str], answer_prefix: str) -> st
 def hint_mcq_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
     hc = cfg.hint
     if hc.questions == "mmlu":
-        if not hc.mmlu_path:
-            raise ValueError("hint.mmlu_path: required when hint.questions is 'mmlu'")
         questions = load_mmlu(hc.mmlu_path, hc.mmlu_subjects or None)
     else:
         questions = country_questions(seed)
@@ -133,7 +136,7 @@ def hint_mcq_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
                       ("hint_correct", str(letter == LETTERS[q.answer])), ("subject", q.subject)),
         ))
     if not items:
-        raise ValueError("hint_mcq: the question source gave no questions")
+        raise DataSourceError("hint_mcq: the question source gave no questions")
     return items
 
 
@@ -207,7 +210,7 @@ def build_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
         keep = set(random.Random(seed).sample(sources, min(cfg.max_sources, len(sources))))
         items = [i for i in items if i.source_id in keep]
     if not items:
-        raise ValueError(f"input_ablation: source {cfg.source!r} produced no items")
+        raise DataSourceError(f"input_ablation: source {cfg.source!r} produced no items")
     return items
 
 

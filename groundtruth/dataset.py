@@ -10,8 +10,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import BadInput
 from .layout import LABEL_STATS, RAW
-from .records import Record, iter_records, read_manifest, write_split
+from .records import Record, iter_records, split_complete, write_split
 
 
 @dataclass
@@ -65,7 +66,7 @@ MARGIN = "logit_margin"
 """Query field: the smaller top-two logit gap of the record's decisions (before and after)."""
 
 
-class DegenerateSetError(ValueError):
+class DegenerateSetError(BadInput, ValueError):
     """A generated set whose labels cannot train or test anything (answers not extracted, one class)."""
 
 
@@ -192,9 +193,7 @@ def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: in
     spec = spec_for_config(task_cfg)
     cell_of = spec.balance_cell
     stats_path = folder / LABEL_STATS
-    manifests = [read_manifest(folder / split) for split in ("train", "test")]
-    finished = all(m.get("config_hash") == config_hash and m.get("complete") for m in manifests)
-    if finished and stats_path.exists():
+    if stats_path.exists() and all(split_complete(folder / split, config_hash) for split in ("train", "test")):
         return json.loads(stats_path.read_text())
     records = list(iter_records(folder / RAW))
     stats_of = partial(label_stats, cell_of=cell_of, near_tie_margin=task_cfg.near_tie_margin,
@@ -214,6 +213,6 @@ def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: in
     check_labels(stats, task_cfg, str(folder))
     for split, chosen in chosen_by_split.items():
         if not chosen:
-            raise ValueError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
+            raise DegenerateSetError(f"{folder}: the {split} split is empty; use more sources or another test_fraction")
         write_split(folder / split, chosen, config_hash, shard_size)
     return stats

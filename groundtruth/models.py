@@ -25,6 +25,8 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
+from .errors import BadInput
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_ARCHS = ("tiny-llama", "tiny-gemma")
 RANDOM_INIT_PREFIX = "random:"
@@ -71,7 +73,7 @@ PACKAGED: dict[str, Callable[[], Path]] = {
 """Packaged model name -> function returning the path of its GGUF file."""
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(BadInput, ValueError):
     """A model spec that names no usable model."""
 
 
@@ -91,6 +93,7 @@ def accepted_forms() -> str:
 def describe(source: str) -> str:
     """Which form a source string takes, without loading anything (for dry runs)."""
     if source.split(":")[0] in TINY_ARCHS:
+        parse_tiny_options(source)  # an unknown option fails here, not in an actor
         return "tiny random model"
     if source.startswith(RANDOM_INIT_PREFIX):
         if source[len(RANDOM_INIT_PREFIX):] not in REAL_CONFIGS:
@@ -104,6 +107,40 @@ def describe(source: str) -> str:
     if _HUB_ID.match(source):
         return "hub id"
     raise ModelSpecError(f"unknown model source {source!r}; {accepted_forms()}")
+
+
+HUB_TIMEOUT_S = 10  # a hub id that is not cached must answer within this, or the check names it
+
+
+def check_source(spec: ModelSpec) -> None:
+    """Fail fast on a spec that cannot load, without loading weights: its form, a local folder's
+    config.json, a hub id that is neither in the local cache nor found on the hub."""
+    kind = describe(spec.source)
+    if kind == "local folder" and not (Path(spec.source) / "config.json").exists():
+        raise ModelSpecError(f"model folder {spec.source} has no config.json; {accepted_forms()}")
+    if kind == "hub id":
+        _check_hub_id(spec.source, spec.revision)
+
+
+def _check_hub_id(repo: str, revision: Optional[str]) -> None:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelSpecError(f"hub model {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                             "download it first or give a local folder")
+    try:
+        HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; access is checked when the weights download
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ModelSpecError(f"hub model {repo!r}{f' at revision {revision!r}' if revision else ''} does not exist "
+                             "(or is private: log in with `hf auth login`)") from None
+    except Exception as err:  # noqa: BLE001  (no network, a proxy, a timeout: all mean "cannot load it")
+        raise ModelSpecError(f"hub model {repo!r} is not in the local Hugging Face cache and the hub could not be "
+                             f"reached within {HUB_TIMEOUT_S} s ({type(err).__name__})") from None
 
 
 def prepare(spec: ModelSpec) -> str:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .models import model_device
 
 
@@ -59,7 +60,7 @@ class CleanRun(NamedTuple):
 def layer_blocks(num_layers: int, num_blocks: int) -> list[list[int]]:
     """Contiguous, near-equal blocks of layer indices (earlier blocks take the remainder)."""
     if not 1 <= num_blocks <= num_layers:
-        raise ValueError(f"num_blocks must be between 1 and {num_layers}, got {num_blocks}")
+        raise ConfigError(f"num_blocks must be between 1 and {num_layers}, got {num_blocks}")
     size, extra = divmod(num_layers, num_blocks)
     blocks, start = [], 0
     for b in range(num_blocks):

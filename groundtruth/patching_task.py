@@ -18,13 +18,14 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from .dataset import MARGIN, SplitConfig
+from .errors import DataSourceError
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
 from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
-from .dataset import MARGIN, SplitConfig
 from .records import Record, safe_key
-from .tasks import TaskSpec, TaskWork, register_task
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
+from .tasks import TaskSpec, TaskWork, register_task
 
 TASK = "activation_patching"
 TOKEN_TYPES = ("subject_final", "relation", "original_option", "new_option", "other_option", "other")
@@ -46,7 +47,7 @@ class PatchingConfig(SplitConfig):
     """Counterfactuals x' per original fact."""
     prompt_format: Literal["plain", "forced_choice"] = "plain"
     """plain completion ("The capital of France is"), or the paper's forced-choice suffix. On SmolLM2
-    the forced-choice chat prompt answers "The" to everything (DESIGN.md section 7)."""
+    the forced-choice chat prompt answers "The" to everything (docs/METHOD.md section 5)."""
     forced_choice_suffix: str = "\nRespond with one of {options} or unknown and nothing else."
     """Appended in forced_choice format; {options} is the options joined by ' or '."""
     n_options: int = 5
@@ -90,7 +91,7 @@ def build_items(cfg: PatchingConfig, seed: int) -> list[PatchItem]:
     facts = load_counterfact(cfg.counterfact_path) if cfg.source == "counterfact" else country_facts(cfg.relations)
     pairs = make_pairs(facts, cfg.pairs_per_fact, cfg.n_options, seed, cfg.max_facts)
     if not pairs:
-        raise ValueError(f"activation_patching: source {cfg.source!r} gave no counterfactual pairs")
+        raise DataSourceError(f"activation_patching: source {cfg.source!r} gave no counterfactual pairs")
     return [PatchItem(p.x.fact_id, p) for p in pairs]
 
 

@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .errors import BadInput
+
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -82,7 +84,7 @@ def sample_to_record(meta: dict, vec_bytes: Optional[bytes]) -> Record:
     return Record(**meta, vector=vector)
 
 
-class ShardError(RuntimeError):
+class ShardError(BadInput, RuntimeError):
     """A shard that is missing, truncated or corrupt; the message names the file."""
 
 
@@ -108,7 +110,7 @@ def write_tar(path: Path, records: list[Record]) -> None:
     import webdataset as wds
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path)) as sink:
+    with wds.TarWriter(str(path), mtime=0) as sink:  # fixed times: the same records give the same bytes
         for rec in records:
             sink.write(record_to_sample(rec))
 
@@ -138,9 +140,10 @@ def _whole(urls):
 def read_shard(path: Path, expected_sha256: Optional[str] = None) -> list[Record]:
     """All records of one shard; a missing, corrupt or truncated file raises ShardError naming it."""
     if not path.exists():
-        raise ShardError(f"shard {path} is listed in its manifest but missing")
+        raise ShardError(f"shard {path} is listed in its manifest but missing; rerun the groundtruth stage to make it again")
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
-        raise ShardError(f"shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); delete it and rerun the stage")
+        raise ShardError(f"shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); delete it and rerun "
+                         "the groundtruth stage")
     import webdataset as wds
 
     try:
@@ -190,6 +193,21 @@ def complete_shards(folder: Path, config_hash: str) -> dict[str, dict]:
             "use another run name or delete that folder"
         )
     return {name: entry for name, entry in manifest["shards"].items() if (folder / name).exists()}
+
+
+def split_complete(folder: Path, config_hash: str) -> bool:
+    """A finished split of this config: complete manifest, same config hash, every listed shard present
+    (a deleted shard makes the stage that wrote it run again)."""
+    manifest = read_manifest(folder)
+    return bool(manifest.get("complete")) and manifest.get("config_hash") == config_hash and \
+        all((folder / name).exists() for name in manifest["shards"])
+
+
+def data_fingerprint(folder: Path) -> str:
+    """What a split holds, independent of where it lies: a hash of its shards' sha256 and counts."""
+    shards = read_manifest(folder)["shards"]
+    blob = json.dumps({name: [e["sha256"], e["count"]] for name, e in sorted(shards.items())})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def iter_records(folder: Path) -> Iterator[Record]:

@@ -1,7 +1,7 @@
 """The task registry: a task is one module that declares a TaskSpec and calls `register_task` once.
 
 Everything that differs between tasks is a field of its spec, so nothing else in the tree names a task:
-its config class, how its ground truth is made (per-item `build_items` + `run`, or a staged recipe),
+its config class, how its ground truth is made (per-item `build_items` + `run`, or a `staged` recipe),
 the explainer's prompt templates, the form of its explanations (which selects parsers and metrics),
 the query fields that identify an input, the work a dry run estimates, and capabilities such as
 `has_vectors` that decide which eval rows and baselines apply. Registering a name twice raises.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 from .records import Record
+from .stages import StagedRecipe
 
 ExplanationForm = Literal["causal", "description"]
 """causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
@@ -26,6 +27,17 @@ def split_records(task_cfg: Any, items: int) -> tuple[int, int]:
     train = items * (1 - task_cfg.test_fraction)
     cap = task_cfg.max_train_records
     return int(min(train, cap) if cap else train), int(items * task_cfg.test_fraction)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A task's memory per step on one target, for the dry run's scale plan."""
+
+    summary: str
+    """The sizes it depends on, in words."""
+    steps: list[tuple[str, float, float]]
+    """(step, GPU bytes per actor or task, host bytes per process)."""
+    disk: str
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,9 @@ class TaskWork:
     """Items without building them (a staged task); None: len(build_items(...))."""
     records: Callable[[Any, int], tuple[int, int]] = split_records
     """(train, test) records a target yields from n items."""
+    memory: Optional[Callable[[Any, Any, int, int], MemoryPlan]] = None
+    """(task config, target shape, weight bytes, batch size) -> memory per step, for a task whose steps
+    hold more than the target (None: the target's weights bound it)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,11 @@ class TaskSpec:
     """(task config, seed) -> items, each with .source_id; None for a staged task."""
     run: Optional[Callable[..., list]] = None
     """(model, tokenizer, items, task config, target, split_of, batch_size) -> records."""
+    staged: Optional[StagedRecipe] = None
+    """The steps of a staged task (see groundtruth/stages.py), instead of build_items and run."""
+    check_inputs: Optional[Callable[[Any, int], None]] = None
+    """(task config, seed): read the task's data sources, raising DataSourceError for a missing, empty or
+    malformed one (for the dry run and before a run starts). None: building the items does it."""
     has_vectors: bool = False
     """Records carry a vector the explainer reads through [vec]."""
     balance_cell: Optional[Callable[[Record], str]] = None
@@ -85,8 +105,9 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     """Add a task; its module calls this once at import."""
     if spec.name in TASKS:
         raise ValueError(f"task {spec.name!r} is registered twice")
-    if (spec.build_items is None) != (spec.run is None):
-        raise ValueError(f"task {spec.name!r}: give both build_items and run (a per-item task), or neither")
+    per_item = spec.build_items is not None and spec.run is not None
+    if per_item == (spec.staged is not None) or (spec.build_items is None) != (spec.run is None):
+        raise ValueError(f"task {spec.name!r}: give build_items and run (a per-item task), or staged (a staged one)")
     TASKS[spec.name] = spec
     return spec
 
@@ -124,7 +145,7 @@ def import_task_modules(names: list[str]) -> None:
 # The built-in tasks register themselves (after the definitions above, which they import), then any
 # a run config named (in a worker process: from the environment).
 from . import ablation, patching_task  # noqa: E402,F401
-from .features import task as _features  # noqa: E402,F401
+from .features import spec as _features  # noqa: E402,F401
 
 for _module in filter(None, os.environ.get(TASK_MODULES_ENV, "").split(",")):
     importlib.import_module(_module)

@@ -4,10 +4,11 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_records
+
 from groundtruth.ablation import AblationConfig, HintSourceConfig, build_items, extract_answer, run_ablation
 from groundtruth.dataset import balance, label_stats, split_of
+from groundtruth.errors import DataSourceError
 from groundtruth.generation import greedy_generate, render_prompt
 from groundtruth.sources.multiple_choice import load_mmlu
 
@@ -57,7 +58,7 @@ def test_empty_or_malformed_question_source_fails(tmp_path):
     write_mmlu_csv(tmp_path / "bad", [["q", "a", "b", "c"]])
     with pytest.raises(ValueError, match="astronomy_test.csv:1: expected 6 columns"):
         load_mmlu(str(tmp_path / "bad"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataSourceError, match="does not exist"):
         load_mmlu(str(tmp_path / "missing"))
 
 

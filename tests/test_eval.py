@@ -74,3 +74,25 @@ def test_rows_are_planned_from_the_row_registry_by_capability(monkeypatch):
     monkeypatch.setitem(ROW_KINDS, "probe", RowKind("probe", "{explainer} probe", lambda spec, split, ec: spec.has_vectors))
     assert "e probe" in [r.label for r in plan_rows(vectors, "act", settings, "e", "job")]
     assert "e probe" not in [r.label for r in plan_rows(text_only, "test", settings, "e", "job")]
+
+
+def test_a_control_row_sees_the_records_its_kind_rewrites(tmp_path, monkeypatch):
+    """A control row (e.g. v zeroed or shuffled) is one RowKind whose `rewrite` the evaluator applies
+    before generating; the cell is still scored against the records' own labels."""
+    import dataclasses
+
+    import eval.generate
+    from conftest import make_records, make_train_job
+    from distributed.eval_pool import EvalUnit, Evaluator
+    from eval.rows import ROW_KINDS, RowKind
+
+    reversed_kind = RowKind("reversed", "{explainer} reversed", lambda spec, split, ec: True, reads_base=True,
+                            rewrite=lambda records: [dataclasses.replace(r, prompt=r.prompt[::-1]) for r in records])
+    monkeypatch.setitem(ROW_KINDS, "reversed", reversed_kind)
+    seen = []
+    monkeypatch.setattr(eval.generate, "explain", lambda model, tok, recs, *a, **k: seen.append(recs) or ["x"] * len(recs))
+    job = make_train_job(tmp_path)
+    unit = EvalUnit("input_ablation", "input_ablation", "t", "e reversed", "reversed", "e", job, "", "")
+    records = make_records(3)
+    assert Evaluator(1).explain([unit], [records], "plain", [4], 2) == [["x"] * 3]
+    assert [r.prompt for r in seen[0]] == [r.prompt[::-1] for r in records]

@@ -3,16 +3,23 @@ the endpoint client against a local fake server, Neuronpedia import."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from groundtruth.errors import DataSourceError
 from groundtruth.features.activations import ActivationBatch, corpus_activations
-from groundtruth.features.describers import DESCRIBERS, DescriberSettings, best_description, top_tokens, wordnet_describer
+from groundtruth.features.describers import (
+    DESCRIBERS,
+    DescriberSettings,
+    best_description,
+    top_tokens,
+    wordnet_describer,
+)
 from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, EndpointError
 from groundtruth.features.exemplars import FeatureExemplars, Window, merge_exemplars, mine_exemplars
 from groundtruth.features.neuronpedia import load_neuronpedia
@@ -131,7 +138,15 @@ def test_corpus_activations_drop_the_first_position_and_match_the_residual_strea
 
 
 def test_sae_trains_on_activations_with_few_dead_features_and_round_trips(tmp_path):
-    from groundtruth.features.sae import SAEConfig, decoder_directions, encode, load_sae, sae_metrics, save_sae, train_sae
+    from groundtruth.features.sae import (
+        SAEConfig,
+        decoder_directions,
+        encode,
+        load_sae,
+        sae_metrics,
+        save_sae,
+        train_sae,
+    )
 
     rng = np.random.default_rng(0)
     atoms = rng.normal(size=(32, 16)).astype(np.float32)  # sparse codes over 32 directions
@@ -146,7 +161,7 @@ def test_sae_trains_on_activations_with_few_dead_features_and_round_trips(tmp_pa
     assert np.allclose(encode(loaded, acts[:50]), encode(sae, acts[:50]), atol=1e-5)
     directions = decoder_directions(loaded)
     assert directions.shape == (64, 16) and np.allclose(np.linalg.norm(directions, axis=1), 1, atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="cfg.json"):
+    with pytest.raises(DataSourceError, match="cfg.json"):
         load_sae(str(tmp_path / "missing_{layer}"), 0)
 
 
@@ -320,9 +335,9 @@ def test_selfie_reports_the_best_scale():
 
 
 def test_data_efficiency_subsets_are_the_first_records_of_each_layer(tmp_path):
+    from groundtruth.models import ModelSpec
     from groundtruth.records import write_split
     from training.job import TrainJob
-    from groundtruth.models import ModelSpec
 
     records = [feature_record(layer, f, [1.0, 0.0], f"d{f}") for layer in (1, 2) for f in range(5)]
     write_split(tmp_path / "train", records, "h", 100)
@@ -369,3 +384,48 @@ def test_exemplars_of_a_131k_feature_sae_are_mined_within_bounded_memory():
           f"dense codes would be {measured['dense'] / 1e9:.1f} GB; {measured['features']} features fired")
     assert measured["dense"] > 4e9 and measured["growth"] < 1e9  # chunk codes and the encoder's temporaries
     assert measured["features"] > 500 and measured["windows"] >= measured["features"]
+
+
+def test_the_feature_recipe_runs_in_one_process_and_redoes_only_what_is_missing(tmp_path, monkeypatch):
+    """Task A's staged recipe without Ray: activations -> SAEs -> exemplars -> described splits -> ACT/dACT;
+    a rerun after deleting one exemplar shard and the test split redoes just those and gives the same set."""
+    import dataclasses
+    import shutil
+
+    from groundtruth.features import recipe
+    from groundtruth.features.sae import SAEConfig
+    from groundtruth.features.task import FeatureConfig
+    from groundtruth.models import ModelSpec
+    from groundtruth.records import iter_records
+    from groundtruth.stages import StageContext, run_in_process
+
+    cfg = FeatureConfig(layers=[1], corpus=["wordnet"], corpus_texts=120, texts_per_shard=40, max_tokens=24,
+                        sae=SAEConfig(d_sae=64, k=4, steps=80, batch_size=64), top_k=6, negatives=4, min_exemplars=3,
+                        test_features_per_layer=6)
+    ctx = StageContext(task="feature_descriptions", task_cfg=cfg, target="t", model=ModelSpec("tiny-llama"),
+                       folder=tmp_path / "gt", config_hash="c" * 64, seed=0, batch_size=8, shard_size=16)
+    stats = run_in_process(recipe.FEATURE_RECIPE, ctx)
+    assert len(list((ctx.work / "activations").iterdir())) == 3 and stats["sae"]["1"]["d_sae"] == 64
+    train = {r.source_id: r.explanation for r in iter_records(ctx.folder / "train")}
+    test = [r.source_id for r in iter_records(ctx.folder / "test")]
+    assert len(test) == 6 and train and not set(train) & set(test)
+    act = list(iter_records(ctx.folder / "act"))
+    assert act and {r.split for r in act} == {"act"} and all(abs(np.linalg.norm(r.vector) - 1) < 1e-4 for r in act)
+    assert stats["test"]["count"] == 6 and stats["act"]["count"] == len(act)
+
+    assert run_in_process(recipe.FEATURE_RECIPE, ctx) == stats  # finished: read back, nothing run
+    shutil.rmtree(ctx.folder / "test")
+    shutil.rmtree(ctx.work / "exemplars" / "shard-000001")
+    ran = []
+
+    def counted(step):  # the step, noting each unit it runs
+        def run(ctx, unit, *target):
+            ran.append((step.name, unit))
+            return step.run(ctx, unit, *target)
+        return dataclasses.replace(step, run=run)
+
+    watched = dataclasses.replace(recipe.FEATURE_RECIPE, steps=tuple(map(counted, recipe.FEATURE_RECIPE.steps)))
+    again = run_in_process(watched, ctx)
+    assert ran == [("exemplars", 1), ("describe", 0), ("ood sets", 0)]
+    assert {r.source_id: r.explanation for r in iter_records(ctx.folder / "train")} == train
+    assert [r.source_id for r in iter_records(ctx.folder / "test")] == test and again["test"] == stats["test"]

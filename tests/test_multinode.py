@@ -35,9 +35,8 @@ CONFIG = {
 @pytest.fixture()
 def cluster():
     import ray
-    from ray.cluster_utils import Cluster
-
     from ray._common.utils import get_default_ray_temp_dir
+    from ray.cluster_utils import Cluster
 
     temp = tempfile.mkdtemp(prefix="se-ray-")  # short: Ray's socket paths have a length limit
     # The head writes <TMPDIR>/ray/ray_current_cluster whatever temp_dir says, and fails when that folder
@@ -86,7 +85,7 @@ def test_ground_truth_and_training_across_nodes_survive_a_lost_node_and_a_killed
     run(cfg, ("groundtruth",))
     remover.join(timeout=5)
     assert killed.exists() and removed == [hung.read_text()], "both faults happened during ground truth"
-    assert len(_actor_nodes("GroundTruthWorker")) >= 2, "one GPU per node: the two actors ran on two nodes"
+    assert len(_actor_nodes("TargetWorker")) >= 2, "one GPU per node: the two actors ran on two nodes"
 
     gt = cfg.run_dir / "groundtruth" / "input_ablation" / "a"
     expected = sorted(safe_key("a", "input_ablation", i.item_id) for i in build_items(cfg.tasks["input_ablation"], cfg.seed))

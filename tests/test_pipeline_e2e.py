@@ -3,6 +3,7 @@
 offline W&B. Explainer b is wider than target a, so its patching explainer reads vectors through Pi. (Target a is
 the tiny seed whose patches do change its output: a set of one class is refused.)"""
 import json
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ from distributed.pipeline import run
 from distributed.tracking import figure_key, train_key, train_logs
 from distributed.wandb_report import build_report
 from groundtruth.ablation import build_items
-from groundtruth.records import iter_records, safe_key
+from groundtruth.records import iter_records, read_manifest, safe_key, sha256_file
 
 CONFIG = {
     "name": "e2e",
@@ -150,6 +151,16 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     run(cfg, ("groundtruth", "train", "eval"))
     assert {p: p.stat().st_mtime_ns for p in watched} == before
 
+    # a copied run folder is complete where it lands: rerunning there rewrites nothing either
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(cfg.run_dir, moved, ignore=shutil.ignore_patterns("ray_train", "wandb"))
+    copy = load_config(config, [f"out_dir={moved}"])
+    watched = [moved / p.relative_to(cfg.run_dir) for p in watched]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    run(copy, ("groundtruth", "train", "eval"))
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    assert "already exported, skipping" in capsys.readouterr().out
+
 
 def test_corrupt_shard_fails_with_its_name(config, tmp_path, capsys):
     cfg = load_config(config, ["train.use_ray=false", "eval.untrained=false", "explainers=[a]"])
@@ -157,19 +168,36 @@ def test_corrupt_shard_fails_with_its_name(config, tmp_path, capsys):
     shard = next((cfg.run_dir / "groundtruth" / "input_ablation" / "a" / "train").glob("shard-*.tar"))
     shard.write_bytes(shard.read_bytes()[:700])
     code = cli_main(["train", config, "--set", "train.use_ray=false", "--set", "explainers=[a]"])
-    assert code == 2 and f"{shard}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and f"{shard}" in err and "delete it and rerun the groundtruth stage" in err
+    # the advice works: the groundtruth stage makes the deleted shard again, byte for byte
+    shard.unlink()
+    assert cli_main(["groundtruth", config, "--set", "explainers=[a]"]) == 0
+    entry = read_manifest(shard.parent)["shards"][shard.name]
+    assert shard.exists() and sha256_file(shard) == entry["sha256"] and list(iter_records(shard.parent))
+
+
+def test_eval_refuses_ground_truth_made_for_another_target(config, capsys):
+    cfg = load_config(config, ["explainers=[a]", "tasks.activation_patching=null", "tasks.feature_descriptions=null"])
+    run(cfg, ("groundtruth",))
+    other = ["models.a.source=tiny-llama:seed=5", "explainers=[a]", "tasks.activation_patching=null",
+             "tasks.feature_descriptions=null"]
+    assert cli_main(["eval", config, *[arg for o in other for arg in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert "was made for another target model or input_ablation settings" in err and "rerun the groundtruth" in err
 
 
 def test_dry_runs_print_the_plan(capsys):
-    assert cli_main(["run", "configs/paper/input_ablation.yaml", "--dry-run"]) == 0
+    # the paper recipes need hub weights and published data this machine lacks: the plan, then exit 2
+    assert cli_main(["run", "configs/paper/input_ablation.yaml", "--dry-run"]) == 2
     out = capsys.readouterr().out
     assert "meta-llama/Llama-3.1-8B-Instruct (hub id" in out and '"stage": 3' in out and "8 actors" in out
-    assert cli_main(["run", "configs/paper/activation_patching.yaml", "--dry-run"]) == 0
+    assert cli_main(["run", "configs/paper/activation_patching.yaml", "--dry-run"]) == 2
     out = capsys.readouterr().out
     assert "LoRA r=128" in out and "qwen on llama, reads v through Pi 'lstsq'" in out
     assert "llama on llama, reads v through Pi 'none'" in out and "activation_patching: 7 rows x 2 targets" in out
     assert "items not countable here" in out and "counterfact.json" in out  # no CounterFact on this machine
-    assert cli_main(["run", "configs/paper/feature_descriptions.yaml", "--dry-run"]) == 0
+    assert cli_main(["run", "configs/paper/feature_descriptions.yaml", "--dry-run"]) == 2
     out = capsys.readouterr().out
     assert "pretrained release:llama_scope_lxr_32x:l{layer}r_32x" in out and "describers neuronpedia, simulator llm" in out
     assert "qwen on llama, reads v through Pi 'lstsq'" in out and "feature_descriptions:dact: 4 rows x 1 targets" in out

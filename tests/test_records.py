@@ -29,8 +29,15 @@ def test_truncated_shard_names_the_file(tmp_path):
     (tmp_path / "shard-000000.tar").write_bytes(data[: len(data) // 2])
     with pytest.raises(ShardError, match="shard-000000.tar is corrupt or truncated"):
         read_shard(tmp_path / "shard-000000.tar", entry["sha256"])
+    (tmp_path / "shard-000000.tar").write_bytes(data[:600])  # inside the first member's data
     with pytest.raises(ShardError, match="shard-000000.tar is unreadable"):
         read_shard(tmp_path / "shard-000000.tar")
+
+
+def test_shards_of_the_same_records_are_the_same_bytes(tmp_path):
+    first = write_shard(tmp_path / "a.tar", make_records(5))
+    second = write_shard(tmp_path / "b.tar", make_records(5))
+    assert first == second, "no time stamps in the tar: a shard made again has its manifest's sha256"
 
 
 def test_split_folder_and_manifest_checks(tmp_path):

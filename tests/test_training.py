@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from conftest import make_records, make_train_job as make_job
 from groundtruth.models import ModelSpec, load_model
 from training.batches import IGNORE, collate, encode_example
-from training.export import CheckpointMismatch, export_matches, load_explainer
+from training.export import CheckpointMismatch, export_differences, export_matches, load_explainer
 from training.loss import ExplainerLM
 from training.step import micro_batch_order, run_training
 
@@ -94,6 +95,11 @@ def test_export_of_another_config_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatch, match="target: checkpoint has 't', config says 'other'"):
         load_explainer(job.export_dir, {"target": "other"})
     assert not export_matches(make_job(tmp_path, max_steps=2, lr=1.0))
+    assert export_differences(make_job(tmp_path, max_steps=2, lr=1.0)) == ["train.lr"], "the message names the field"
+    copied = tmp_path / "copy"  # the same data elsewhere: still this job's export
+    shutil.copytree(tmp_path / "data", copied / "data")
+    shutil.copytree(job.export_dir, copied / "job" / "export")
+    assert export_differences(make_job(copied, max_steps=2)) == []
     with pytest.raises(CheckpointMismatch, match="not a finished explainer export"):
         load_explainer(tmp_path, {})
 

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from groundtruth.errors import ConfigError
 from groundtruth.generation import PromptFormat, render_prompt
 from groundtruth.records import Record
 from groundtruth.tasks import task_spec
@@ -57,10 +58,10 @@ def encode_example(tokenizer, record: Record, fmt: PromptFormat, max_len: int) -
     prompt = encode_prompt(tokenizer, record, fmt)
     answer = tokenizer(record.explanation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(answer) >= max_len:
-        raise ValueError(f"record {record.record_id}: explanation alone is {len(answer)} tokens, max_seq_len is {max_len}")
+        raise ConfigError(f"record {record.record_id}: explanation alone is {len(answer)} tokens, max_seq_len is {max_len}")
     cut = max(0, len(prompt) + len(answer) - max_len)
     if record.vector is not None and tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[1]) in prompt[:cut]:
-        raise ValueError(f"record {record.record_id}: max_seq_len {max_len} would cut the [vec] token from the prompt")
+        raise ConfigError(f"record {record.record_id}: max_seq_len {max_len} would cut the [vec] token from the prompt")
     prompt = prompt[cut:]
     key = vector_key(record.layers) if record.vector is not None else None
     return Example(prompt + answer, [IGNORE] * len(prompt) + answer, record.vector, key)

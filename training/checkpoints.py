@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from groundtruth.errors import BadInput
+
 META = "selfexplain.json"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(BadInput, RuntimeError):
     """A checkpoint exists but cannot be resumed by this run (the message says what to do)."""
 
 
@@ -39,8 +41,11 @@ def latest_tag(folder: Path) -> Optional[str]:
 
 def save(engine, folder: Path, step: int, world: int, rank: int, keep: int) -> None:
     """Every rank calls this. Rank 0 records step and world size and prunes all but `keep` tags."""
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, \
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     tag = f"step{step:07d}"
     # universal_checkpoint_info lets ds_to_universal convert the checkpoint later (another world size)

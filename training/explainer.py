@@ -2,7 +2,7 @@
 
 The prompt holds `[begin] [vec] [end]`; after the input embedding layer the embedding at `[vec]` is
 replaced by v (cast to the embedding dtype, no scaling), or by Pi_l v when a per-target-layer
-projection maps the target's hidden size to the explainer's (DESIGN.md section 2.1).
+projection maps the target's hidden size to the explainer's (docs/METHOD.md section 1).
 """
 from __future__ import annotations
 

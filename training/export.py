@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from groundtruth.errors import BadInput
 from groundtruth.models import ModelSpec, load_model, model_device
+from groundtruth.records import data_fingerprint
 
 if TYPE_CHECKING:
     from .job import TrainJob
@@ -17,18 +19,20 @@ METADATA = "selfexplain.json"
 PROJECTION = "projection.pt"  # Pi, next to the weights, for explainers of vector tasks
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(BadInput, ValueError):
     """An exported explainer that was trained for another base model, task or target."""
 
 
 def job_identity(job: "TrainJob") -> dict:
-    """What an export must match to be reused: base model, task, target, data and hyperparameters."""
+    """What an export must match to be reused: base model, task, target, data and hyperparameters. The
+    data is named by its content (a hash of its shards), not its path, so a copied or moved run folder
+    still matches its exports."""
     return {
         "task": job.task,
         "target": job.target,
         "explainer": job.explainer,
         "explainer_spec": dataclasses.asdict(job.explainer_spec),
-        "data_dir": str(Path(job.data_dir).resolve()),
+        "data": data_fingerprint(Path(job.data_dir)),
         "train": dataclasses.asdict(job.train) | {"use_ray": None, "num_workers": None, "worker_cpus": None},
     } | ({"records_per_layer": job.max_records_per_layer} if job.max_records_per_layer else {})
 
@@ -71,15 +75,32 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     return out
 
 
-def export_matches(job: "TrainJob") -> bool:
-    """True when job.export_dir holds a finished export of exactly this job (the stage can be skipped)."""
+def export_differences(job: "TrainJob") -> Optional[list[str]]:
+    """How job.export_dir differs from this job: None when there is no finished export, [] when it is
+    exactly this job's (the stage can skip it), else the differing fields (e.g. 'data', 'train.lr')."""
     meta = job.export_dir / METADATA
     if not meta.exists():
-        return False
+        return None
     saved = json.loads(meta.read_text())
     saved.pop("steps", None)
     saved.pop("projection", None)
-    return saved == job_identity(job)
+    return _differing(saved, job_identity(job))
+
+
+def _differing(have: dict, want: dict, prefix: str = "") -> list[str]:
+    fields = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields += _differing(a, b, f"{prefix}{key}.")
+        elif a != b:
+            fields.append(f"{prefix}{key}")
+    return fields
+
+
+def export_matches(job: "TrainJob") -> bool:
+    """True when job.export_dir holds a finished export of exactly this job (the stage can be skipped)."""
+    return export_differences(job) == []
 
 
 def load_explainer(folder: Path, expect: dict, device: Optional[str] = None):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from groundtruth.errors import ConfigError
+
 
 @dataclass
 class LoraConfig:
@@ -58,7 +60,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, cfg.target_modules))})$")
     targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)]
     if not targets:
-        raise ValueError(f"lora.target_modules {cfg.target_modules} match no linear layer of {type(model).__name__}")
+        raise ConfigError(f"lora.target_modules {cfg.target_modules} match no linear layer of {type(model).__name__}")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

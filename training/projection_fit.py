@@ -1,4 +1,4 @@
-"""Fitting Pi by least squares on paired hidden states of target and explainer (DESIGN.md 2.1).
+"""Fitting Pi by least squares on paired hidden states of target and explainer (docs/METHOD.md section 1).
 
 Pairing across tokenizers: both models read the same passages; a position pairs when a token of each
 ends at the same character of the text (special tokens and each sequence's first token, where hidden
@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from groundtruth.errors import ConfigError
 from groundtruth.models import ModelSpec, load_model
 from groundtruth.patching import clean_runs, decoder_layers
 from groundtruth.sources.corpus import load_passages
@@ -76,7 +77,7 @@ def fit_projection(keys: list[str], target_spec: ModelSpec, explainer_spec: Mode
     for key in keys:
         h_t, h_e = fit[key]
         if h_t.shape[0] < h_t.shape[1]:
-            raise ValueError(f"lstsq projection for layers {key}: {h_t.shape[0]} paired tokens for a {h_t.shape[1]}-wide "
+            raise ConfigError(f"lstsq projection for layers {key}: {h_t.shape[0]} paired tokens for a {h_t.shape[1]}-wide "
                              f"target state; raise projection.fit_texts (now {cfg.fit_texts})")
         projection.fit(key, h_t, h_e)
         projection.fit_error[key]["heldout"] = projection.error(key, *test[key])
@@ -116,6 +117,6 @@ def initial_projection(path: Path, kind: ProjectionKind, keys: list[str], d_targ
         raise ValueError("an lstsq projection needs the target model's spec to be fitted")
     projection = fitted_projection(path, keys, target_spec, explainer_spec, cfg, seed, device)
     if (projection.d_target, projection.d_explainer) != (d_target, d_explainer):
-        raise ValueError(f"{path} maps {projection.d_target} -> {projection.d_explainer}, but the vectors are "
+        raise ConfigError(f"{path} maps {projection.d_target} -> {projection.d_explainer}, but the vectors are "
                          f"{d_target}-wide and the explainer {d_explainer}-wide; delete the file to refit")
     return projection

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from groundtruth.dataset import DegenerateSetError
+from groundtruth.errors import ConfigError
 from groundtruth.models import KEEP, hidden_size, load_model
 
 from . import checkpoints
@@ -160,7 +162,7 @@ def _prepare(job: TrainJob, rank: int, world: int) -> tuple[Prepared, int]:
     per_epoch = len(micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, 0))
     steps_per_epoch = per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise DegenerateSetError(
             f"{job.data_dir}: {len(examples)} train records are too few for {world} ranks x micro batch "
             f"{cfg.micro_batch_size} x grad_accum {cfg.grad_accum}"
         )
@@ -218,7 +220,7 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
     cfg = job.train
     conflict = precision_conflict(job.explainer_spec.dtype, cfg.precision)
     if conflict:
-        raise ValueError(f"{job.explainer}: {conflict}")
+        raise ConfigError(f"{job.explainer}: {conflict}")
     skip_inference_allreduce_op()
     rank, world = init_process_group_if_needed()
     torch.manual_seed(job.seed)

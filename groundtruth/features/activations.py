@@ -21,6 +21,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..patching import clean_runs
 
 TOKENS_FILE = "tokens.json"
@@ -72,7 +73,7 @@ def _check_layers(model, layers: list[int]) -> None:
     n_layers = model.config.num_hidden_layers
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the target has {n_layers} layers (0..{n_layers - 1})")
+        raise ConfigError(f"layers {bad} out of range: the target has {n_layers} layers (0..{n_layers - 1})")
 
 
 def _batches(model, ids: list[torch.Tensor], keeps: list[torch.Tensor], layers: list[int],

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from ..errors import DataSourceError
+
 _LAYER = re.compile(r"^(\d+)")
 
 
@@ -28,16 +30,16 @@ def load_neuronpedia(path: str) -> dict[tuple[int, int], list[str]]:
     """(layer, feature) -> descriptions, in file order. A row missing a field fails with its number."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"Neuronpedia export {path} does not exist")
+        raise DataSourceError(f"Neuronpedia export {path} does not exist")
     table: dict[tuple[int, int], list[str]] = {}
     for i, row in enumerate(_rows(file)):
         try:
             layer_id, index, description = str(row["layer"]), int(row["index"]), str(row["description"]).strip()
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: explanation {i} lacks a usable 'layer', 'index' or 'description' ({err!r})") from None
+            raise DataSourceError(f"{path}: explanation {i} lacks a usable 'layer', 'index' or 'description' ({err!r})") from None
         match = _LAYER.match(layer_id)
         if not match:
-            raise ValueError(f"{path}: explanation {i}: layer {layer_id!r} does not start with a layer number")
+            raise DataSourceError(f"{path}: explanation {i}: layer {layer_id!r} does not start with a layer number")
         if description:
             table.setdefault((int(match.group(1)), index), []).append(description)
     return table

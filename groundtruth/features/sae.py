@@ -15,7 +15,10 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataSourceError
 from ..models import default_device
+
+METRIC_TOKENS = 50_000  # tokens a pretrained SAE's L0 / explained variance / dead fraction are measured on
 
 
 @dataclass
@@ -63,7 +66,7 @@ def train_sae(acts: np.ndarray, cfg: SAEConfig, seed: int = 0, device: Optional[
 
     device = device or default_device()
     if len(acts) < cfg.batch_size:
-        raise ValueError(f"only {len(acts)} activation vectors to train an SAE on; use more corpus texts "
+        raise ConfigError(f"only {len(acts)} activation vectors to train an SAE on; use more corpus texts "
                          f"or a smaller sae.batch_size ({cfg.batch_size})")
     torch.manual_seed(seed)
     data = torch.from_numpy(np.array(acts, dtype=np.float32)).to(device)  # a copy: acts may be a read-only memmap
@@ -150,5 +153,5 @@ def load_sae(source: str, layer: int, device: Optional[str] = None):
     if match:
         return SAE.from_pretrained(match.group(1), match.group(2), device=device)
     if not (Path(source) / "cfg.json").is_file():
-        raise FileNotFoundError(f"no sae-lens SAE in {source} (expected cfg.json there, written by save_inference_model)")
+        raise DataSourceError(f"no sae-lens SAE in {source} (expected cfg.json there, written by save_inference_model)")
     return SAE.load_from_disk(source, device=device)

@@ -1,10 +1,10 @@
 """Task A, feature descriptions: records pairing an SAE feature's decoder direction (the vector the
 explainer reads) with its best description (the label).
 
-The pieces run in this order, spread over machines by distributed/feature_stage.py: corpus texts ->
-residual activations at the configured layers -> one SAE per layer (trained here or pretrained) ->
-exemplars per feature -> candidate descriptions, the best by simulation score -> records, with whole
-features held out per layer for test.
+The pieces run in this order, as the steps of recipe.py (registered in spec.py): corpus texts -> residual activations at the
+configured layers -> one SAE per layer (trained here or pretrained) -> exemplars per feature ->
+candidate descriptions, the best by simulation score -> records, with whole features held out per layer
+for test -> the out-of-distribution sets of the test features.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..records import Record, safe_key
 from ..sources.corpus import load_passages
-from ..tasks import TaskSpec, TaskWork, register_task
 from .describers import DESCRIBERS, Describer, DescriberSettings, best_description
 from .endpoint import EndpointConfig
 from .exemplars import FeatureExemplars
@@ -102,12 +102,19 @@ def target_layers(cfg: FeatureConfig, num_layers: int) -> list[int]:
     layers = cfg.layers if cfg.layers is not None else sorted({int(d * num_layers) for d in cfg.depths})
     bad = [l for l in layers if not 0 <= l < num_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the target has {num_layers} layers")
+        raise ConfigError(f"layers {bad} out of range: the target has {num_layers} layers")
     return list(layers)
 
 
 def corpus_texts(cfg: FeatureConfig, seed: int) -> list[str]:
     return load_passages(cfg.corpus, cfg.corpus_texts, seed)
+
+
+def check_inputs(cfg: FeatureConfig, seed: int) -> None:
+    """The corpus and, where a describer reads it, the Neuronpedia export: each exists and parses."""
+    corpus_texts(cfg, seed)
+    if cfg.neuronpedia:
+        load_neuronpedia(cfg.neuronpedia)
 
 
 def make_describers(cfg: FeatureConfig) -> dict[str, Describer]:
@@ -184,21 +191,3 @@ def feature_example(record: Record) -> dict:
 
 def simulator_of(cfg: FeatureConfig) -> Simulator:
     return make_simulator(cfg.simulator, cfg.endpoint)
-
-
-def _planned_records(cfg: FeatureConfig, items: int) -> tuple[int, int]:
-    """Described features minus the held-out ones, and the held-out ones, every layer."""
-    layers = len(cfg.layers if cfg.layers is not None else cfg.depths)
-    return ((cfg.max_features_per_layer or 2000) - cfg.test_features_per_layer) * layers, \
-        cfg.test_features_per_layer * layers
-
-
-register_task(TaskSpec(
-    TASK, FeatureConfig, "what inputs activate this SAE feature direction of the target?", "description",
-    # the paper's task A prompts: the decoder direction as the soft token and its layer
-    templates=("At layer {layers}, {vec} encodes ", "What does {vec} encode at layer {layers}? ",
-               "Describe the inputs that activate {vec} in layer {layers}: "), explanation_tokens=20,
-    # one corpus text of max_tokens; an explainer example is template + layer + description
-    work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
-                  records=_planned_records),
-    has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True))

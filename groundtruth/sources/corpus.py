@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Callable, Union
 
+from ..errors import DataSourceError
 from .countries import load_countries
 from .wordnet import wordnet_sentences
 
@@ -38,7 +39,7 @@ def fortunes(folder: Path = FORTUNES_DIR) -> list[str]:
     """The fortune cookies of Debian's fortunes-min, one passage each (whitespace collapsed)."""
     files = [f for f in sorted(folder.glob("*")) if f.is_file() and not f.suffix] if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"no fortune files in {folder}: install Debian's fortunes-min (`make install` does)")
+        raise DataSourceError(f"no fortune files in {folder}: install Debian's fortunes-min (`make install` does)")
     texts = [re.sub(r"\s+", " ", t).strip() for f in files for t in f.read_text(errors="replace").split("\n%\n")]
     return [t for t in texts if len(t) > 20]
 
@@ -61,9 +62,9 @@ def load_passages(corpus: Union[str, list[str]], n: int, seed: int) -> list[str]
             continue
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"corpus {name!r} is neither one of {', '.join(CORPORA)} nor a text file")
+            raise DataSourceError(f"corpus {name!r} is neither one of {', '.join(CORPORA)} nor a text file")
         passages += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not passages:
-        raise ValueError(f"corpus {corpus!r} holds no text")
+        raise DataSourceError(f"corpus {corpus!r} holds no text")
     rng = random.Random(seed)
     return rng.sample(passages, min(n, len(passages)))

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import DataSourceError
+
 # ISO 639-1 codes of the languages countryinfo lists most often -> English names.
 LANGUAGE_NAMES = {
     "ar": "Arabic", "bn": "Bengali", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
@@ -36,7 +38,7 @@ class Country:
 def _data_dir() -> Path:
     spec = importlib.util.find_spec("countryinfo")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package countryinfo is not installed (pip install countryinfo)")
+        raise DataSourceError("package countryinfo is not installed (pip install countryinfo)")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
@@ -66,5 +68,5 @@ def load_countries() -> tuple[Country, ...]:
             language=languages[0] if languages else "",
         ))
     if not countries:
-        raise FileNotFoundError(f"no country files found in {_data_dir()}")
+        raise DataSourceError(f"no country files found in {_data_dir()}")
     return tuple(sorted(countries, key=lambda c: c.name))

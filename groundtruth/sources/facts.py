@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ConfigError, DataSourceError
 from .countries import load_countries
 
 
@@ -49,7 +50,7 @@ class FactPair:
 
 
 COUNTRY_RELATIONS = {
-    # relation: (template, attribute). Plain completions the offline models answer (DESIGN.md section 7).
+    # relation: (template, attribute). Plain completions the offline models answer (docs/METHOD.md section 5).
     "capital": ("The capital of {} is", lambda c: c.capital),
     "language": ("The official language of {} is", lambda c: c.language),
     "region": ("{} is a country in", lambda c: c.region),
@@ -60,7 +61,7 @@ def country_facts(relations: list[str]) -> list[Fact]:
     """One fact per country and relation, from countryinfo (countries lacking the attribute skipped)."""
     unknown = set(relations) - set(COUNTRY_RELATIONS)
     if unknown:
-        raise ValueError(f"unknown country relations {sorted(unknown)} (known: {', '.join(COUNTRY_RELATIONS)})")
+        raise ConfigError(f"unknown country relations {sorted(unknown)} (known: {', '.join(COUNTRY_RELATIONS)})")
     facts = []
     for rel in relations:
         template, attr = COUNTRY_RELATIONS[rel]
@@ -72,13 +73,13 @@ def load_counterfact(path: str) -> list[Fact]:
     """Facts from CounterFact's published JSON (a list of records; only `requested_rewrite` is used)."""
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"CounterFact file {file} does not exist (the published counterfact.json)")
+        raise DataSourceError(f"CounterFact file {file} does not exist (the published counterfact.json)")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from None
+        raise DataSourceError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(raw, list):
-        raise ValueError(f"{file}: expected a JSON list of CounterFact records, got {type(raw).__name__}")
+        raise DataSourceError(f"{file}: expected a JSON list of CounterFact records, got {type(raw).__name__}")
     facts = []
     for n, rec in enumerate(raw):
         try:
@@ -86,11 +87,11 @@ def load_counterfact(path: str) -> list[Fact]:
             template, subject = rw["prompt"], rw["subject"]
             facts.append(Fact(subject, rw["relation_id"], template, rw["target_true"]["str"].strip()))
         except (KeyError, TypeError) as err:
-            raise ValueError(f"{file}: record {n} lacks requested_rewrite field {err}") from None
+            raise DataSourceError(f"{file}: record {n} lacks requested_rewrite field {err}") from None
         if "{}" not in template:
-            raise ValueError(f"{file}: record {n} prompt {template!r} has no '{{}}' for the subject")
+            raise DataSourceError(f"{file}: record {n} prompt {template!r} has no '{{}}' for the subject")
     if not facts:
-        raise ValueError(f"{file} holds no CounterFact records")
+        raise DataSourceError(f"{file} holds no CounterFact records")
     return facts
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..errors import DataSourceError
 from .countries import load_countries
 
 LETTERS = "ABCD"
@@ -53,7 +54,7 @@ def load_mmlu(path: str, subjects: Optional[list[str]] = None) -> list[MultipleC
     letter), or parquet files with columns question, subject, choices (4 strings), answer (index)."""
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"MMLU source {root} does not exist (a folder of CSVs or parquet files)")
+        raise DataSourceError(f"MMLU source {root} does not exist (a folder of CSVs or parquet files)")
     files = [root] if root.is_file() else sorted(root.rglob("*.csv")) + sorted(root.rglob("*.parquet"))
     questions: list[MultipleChoice] = []
     for file in files:
@@ -63,7 +64,7 @@ def load_mmlu(path: str, subjects: Optional[list[str]] = None) -> list[MultipleC
                 continue
             questions.append(MultipleChoice(f"mmlu_{subject}_{file.stem}_{i}", question, choices, answer, subject))
     if not questions:
-        raise ValueError(f"no MMLU questions found in {root}" + (f" for subjects {subjects}" if subjects else ""))
+        raise DataSourceError(f"no MMLU questions found in {root}" + (f" for subjects {subjects}" if subjects else ""))
     return questions
 
 
@@ -72,7 +73,7 @@ def _read_csv(file: Path):
     with open(file, newline="", encoding="utf-8") as fh:
         for lineno, row in enumerate(csv.reader(fh), 1):
             if len(row) != 6 or row[5].strip() not in LETTERS:
-                raise ValueError(f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer letter), got {row!r}")
+                raise DataSourceError(f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer letter), got {row!r}")
             yield row[0], tuple(row[1:5]), LETTERS.index(row[5].strip()), subject
 
 
@@ -83,9 +84,9 @@ def _read_parquet(file: Path):
     for rownum, row in enumerate(table):
         missing = {"question", "choices", "answer"} - set(row)
         if missing:
-            raise ValueError(f"{file}: row {rownum} lacks columns {sorted(missing)}")
+            raise DataSourceError(f"{file}: row {rownum} lacks columns {sorted(missing)}")
         answer = row["answer"]
         answer = LETTERS.index(answer) if isinstance(answer, str) else int(answer)
         if len(row["choices"]) != 4:
-            raise ValueError(f"{file}: row {rownum} has {len(row['choices'])} choices, expected 4")
+            raise DataSourceError(f"{file}: row {rownum} has {len(row['choices'])} choices, expected 4")
         yield row["question"], tuple(row["choices"]), answer, row.get("subject") or file.stem

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import DataSourceError
+
 DEFAULT_DIR = "/usr/share/wordnet"
 ENV = "SELFEXPLAIN_WORDNET"
 
@@ -54,7 +56,7 @@ class Synset:
 def wordnet_dir() -> Path:
     root = Path(os.environ.get(ENV, DEFAULT_DIR))
     if not (root / "data.noun").is_file():
-        raise FileNotFoundError(
+        raise DataSourceError(
             f"WordNet data not found in {root} (no data.noun): install Debian's wordnet-base "
             f"(`apt-get install wordnet-base`, which `make install` does) or set {ENV} to a WordNet 3.0 dict folder")
     return root

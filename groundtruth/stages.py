@@ -1,0 +1,104 @@
+"""How a task's ground truth is made, as data: the per-item path or a staged recipe.
+
+A per-item task (patching, ablation) gives `build_items` and `run` in its TaskSpec: items are cut into
+units, each unit becomes one raw shard, and `groundtruth.dataset.finalize` balances and splits them.
+
+A staged task (feature descriptions) gives a `StagedRecipe`: steps, each a list of units still to do and
+a function that does one unit, then `finish`, which writes the label statistics. A step says where its
+units run, not how they are spread: `target` units need the frozen target model (an actor holding it),
+`task` units need only the files earlier steps wrote (a task with an actor's resources), `driver` units
+run where the stage is driven. Every unit writes its result to the work folder itself and is skipped by
+`todo` once written, so a rerun finishes what an interrupted one left. `run_in_process` runs a recipe
+in one process (tests, a GPU check); distributed/gt_pool.py fans the same steps out over Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from .layout import LABEL_STATS
+from .records import split_complete
+
+Where = Literal["target", "task", "driver"]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every step of one (task, target) reads; picklable, so a Ray worker gets it whole."""
+
+    task: str
+    task_cfg: Any
+    target: str
+    model: Any
+    """The target's ModelSpec."""
+    folder: Path
+    """The (task, target) ground-truth folder: its splits are subfolders."""
+    config_hash: str
+    """What the ground truth depends on; also names the work folder, so a changed config never reads
+    another's intermediate files."""
+    seed: int
+    batch_size: int
+    shard_size: int
+
+    @property
+    def work(self) -> Path:
+        return self.folder / "work" / self.config_hash[:16]
+
+    def complete(self, *splits: str) -> bool:
+        """Every split folder is a finished split of this config, every shard present."""
+        return all(split_complete(self.folder / s, self.config_hash) for s in splits)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    where: Where
+    todo: Callable[[StageContext], list]
+    """Units not done yet."""
+    run: Callable[..., Any]
+    """run(ctx, unit), or run(ctx, unit, model, tokenizer) for a `target` step; writes its own output."""
+
+
+@dataclass(frozen=True)
+class StagedRecipe:
+    steps: tuple[Step, ...]
+    finish: Callable[[StageContext], dict]
+    """After every step: writes and returns the label statistics."""
+    splits: tuple[str, ...]
+    """Split folders the recipe writes: a run whose splits are complete and has statistics is done."""
+    plan: Callable[[Any], list[str]]
+    """Dry-run lines about the task config (sizes, sources), without loading anything."""
+
+    def done(self, ctx: StageContext) -> Optional[dict]:
+        """The label statistics of a finished run of this config, or None."""
+        stats = ctx.folder / LABEL_STATS
+        return json.loads(stats.read_text()) if stats.exists() and ctx.complete(*self.splits) else None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def run_in_process(recipe: StagedRecipe, ctx: StageContext) -> dict:
+    """Every step of a recipe here, in order, the target loaded once if a step needs it."""
+    from .models import load_model
+
+    stats = recipe.done(ctx)
+    if stats is not None:
+        return stats
+    target = None
+    for step in recipe.steps:
+        for unit in step.todo(ctx):
+            if step.where == "target":
+                target = target or load_model(ctx.model)
+                step.run(ctx, unit, *target)
+            else:
+                step.run(ctx, unit)
+    return recipe.finish(ctx)
