@@ -24,16 +24,8 @@ from tqdm import tqdm
 from groundtruth.dataset import finalize, split_of
 from groundtruth.layout import RAW
 from groundtruth.models import prepare
-from groundtruth.records import (
-    Record,
-    complete_shards,
-    remove_temporaries,
-    shard_name,
-    temporary_name,
-    write_manifest,
-    write_shard,
-    write_tar,
-)
+from groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
+                                 write_shard, write_tar)
 from groundtruth.stages import StageContext, StagedRecipe
 from groundtruth.tasks import TASKS
 
@@ -123,7 +115,7 @@ def run_items(cfg: RunConfig, ctx: StageContext, units: list[list]) -> dict:
     manifest["complete"] = True
     manifest["count"] = sum(e["count"] for e in manifest["shards"].values())
     write_manifest(raw, manifest)
-    return finalize(ctx.folder, ctx.task_cfg, ctx.config_hash, ctx.seed, ctx.shard_size)
+    return finalize(ctx.folder, TASKS[ctx.task], ctx.task_cfg, ctx.config_hash, ctx.seed, ctx.shard_size)
 
 
 def _call_step(fn: Callable, ctx: StageContext, unit: Any, threads: int) -> Any:

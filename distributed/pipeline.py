@@ -16,9 +16,9 @@ from training.export import METADATA
 from training.job import deepspeed_config
 
 from .config import RunConfig, save_resolved
-from .preflight import check_inputs
 from .eval_pool import run_eval_stage
 from .gt_pool import run_groundtruth
+from .preflight import check_inputs
 from .ray_session import ray_session
 from .scaling import scale_plan
 from .tracking import log_to_wandb

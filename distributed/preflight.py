@@ -5,7 +5,6 @@ Ray or writes anything.
 """
 from __future__ import annotations
 
-
 from groundtruth.errors import BadInput, ConfigError, DataSourceError
 from groundtruth.models import ModelSpecError, check_source
 from groundtruth.tasks import TASKS

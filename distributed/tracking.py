@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 from eval.matrix import cells_of, data_efficiency, headline
-
 from groundtruth.layout import RunLayout
 
 from .config import RunConfig

@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 from groundtruth.models import prepare
-from training.export import export_differences, export_matches
-from training.preemption import PreemptionWatch, TrainingPreempted
 from training.explainer import Projection
+from training.export import export_differences, export_matches
 from training.job import TrainJob
+from training.preemption import PreemptionWatch, TrainingPreempted
 from training.step import run_training
 from training.vectors import fit_for_job, prefit_projections
 

@@ -20,7 +20,7 @@ from .generation import PromptFormat, greedy_generate, render_prompt
 from .records import Record, safe_key
 from .sources.countries import load_countries
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
-from .tasks import TaskSpec, TaskWork, register_task
+from .taskspec import TaskSpec, TaskWork
 
 TASK = "input_ablation"
 
@@ -248,9 +248,9 @@ def run_ablation(
     return records
 
 
-register_task(TaskSpec(
+SPEC = TaskSpec(
     TASK, AblationConfig, "if this part of the input were removed, how would the output change?", "causal",
     templates=("{prompt}\n\n{question}",), explanation_tokens=50,
     # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with and without the span)
     work=TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042, passes=lambda cfg: 2),
-    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input")))
+    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input"))

@@ -8,11 +8,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .errors import BadInput
 from .layout import LABEL_STATS, RAW
 from .records import Record, iter_records, split_complete, write_split
+
+if TYPE_CHECKING:
+    from .taskspec import TaskSpec
 
 
 @dataclass
@@ -184,13 +187,10 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     }
 
 
-def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
+def finalize(folder: Path, spec: "TaskSpec", task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
     """Balance the raw records of a per-item task (folder/raw) into train/ and test/ shards; write
     label_stats.json; refuse a degenerate set (check_labels). The task's balancing cells (e.g. token
     type x block) and identity fields come from its spec; a finished set is read back, not redone."""
-    from .tasks import spec_for_config  # the registry imports the task modules, which import this one
-
-    spec = spec_for_config(task_cfg)
     cell_of = spec.balance_cell
     stats_path = folder / LABEL_STATS
     if stats_path.exists() and all(split_complete(folder / split, config_hash) for split in ("train", "test")):

@@ -25,7 +25,7 @@ from .generation import PromptFormat, prompt_string
 from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
 from .records import Record, safe_key
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
-from .tasks import TaskSpec, TaskWork, register_task
+from .taskspec import TaskSpec, TaskWork
 
 TASK = "activation_patching"
 TOKEN_TYPES = ("subject_final", "relation", "original_option", "new_option", "other_option", "other")
@@ -215,7 +215,7 @@ def balance_cell(record: Record) -> str:
 
 
 
-register_task(TaskSpec(
+SPEC = TaskSpec(
     TASK, PatchingConfig, "if this activation were patched in, how would the output change?", "causal",
     # the paper's inputs for task B: v as the soft token, the block's layers, the patched token, the text
     templates=(
@@ -231,4 +231,4 @@ register_task(TaskSpec(
     work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919,
                   passes=lambda cfg: 2 + 40 * cfg.num_blocks),
     build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell,
-    identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt")))
+    identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"))

@@ -1,108 +1,24 @@
-"""The task registry: a task is one module that declares a TaskSpec and calls `register_task` once.
+"""The task registry: task name -> TaskSpec (groundtruth/taskspec.py), one `register_task` line per task.
 
-Everything that differs between tasks is a field of its spec, so nothing else in the tree names a task:
-its config class, how its ground truth is made (per-item `build_items` + `run`, or a `staged` recipe),
-the explainer's prompt templates, the form of its explanations (which selects parsers and metrics),
-the query fields that identify an input, the work a dry run estimates, and capabilities such as
-`has_vectors` that decide which eval rows and baselines apply. Registering a name twice raises.
+A built-in task is one module that declares its `SPEC`, registered below; a task defined outside the
+project calls `register_task` itself in a module the run config names (`task_modules`), imported here
+and in every Ray worker. Registering a name twice raises.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
 
-from .records import Record
-from .stages import StagedRecipe
-
-ExplanationForm = Literal["causal", "description"]
-"""causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
-changed-F1, content match); description: free text (judge and simulation scores)."""
-
-
-def split_records(task_cfg: Any, items: int) -> tuple[int, int]:
-    """(train, test) records of n items for a per-item task with SplitConfig fields (an upper bound:
-    before balancing)."""
-    train = items * (1 - task_cfg.test_fraction)
-    cap = task_cfg.max_train_records
-    return int(min(train, cap) if cap else train), int(items * task_cfg.test_fraction)
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """A task's memory per step on one target, for the dry run's scale plan."""
-
-    summary: str
-    """The sizes it depends on, in words."""
-    steps: list[tuple[str, float, float]]
-    """(step, GPU bytes per actor or task, host bytes per process)."""
-    disk: str
-
-
-@dataclass(frozen=True)
-class TaskWork:
-    """What a dry run estimates for a task (typical paper-format prompts; see docs/SCALING.md)."""
-
-    target_tokens: int
-    """Prompt tokens of one target forward pass while making ground truth."""
-    explainer_tokens: int
-    """Tokens of one explainer training example (template, query, explanation)."""
-    paper_items: int = 0
-    """Work items per target when the source cannot be counted offline (the paper's data set sizes)."""
-    passes: Callable[[Any], int] = lambda task_cfg: 1
-    """Target forward passes of target_tokens per item, from the task config."""
-    count_items: Optional[Callable[[Any], int]] = None
-    """Items without building them (a staged task); None: len(build_items(...))."""
-    records: Callable[[Any, int], tuple[int, int]] = split_records
-    """(train, test) records a target yields from n items."""
-    memory: Optional[Callable[[Any, Any, int, int], MemoryPlan]] = None
-    """(task config, target shape, weight bytes, batch size) -> memory per step, for a task whose steps
-    hold more than the target (None: the target's weights bound it)."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    config: type
-    """The task's config dataclass (the run config's `tasks.<name>` section)."""
-    summary: str
-    """One line: what the explainer is asked."""
-    explanation: ExplanationForm
-    templates: tuple[str, ...]
-    """Explainer prompt templates, one picked per record (by a hash of its id). Fields: {prompt},
-    {question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
-    left out), {layers}, {token}, {position}."""
-    explanation_tokens: int
-    """Max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for descriptions)."""
-    work: TaskWork
-    build_items: Optional[Callable[[Any, int], list]] = None
-    """(task config, seed) -> items, each with .source_id; None for a staged task."""
-    run: Optional[Callable[..., list]] = None
-    """(model, tokenizer, items, task config, target, split_of, batch_size) -> records."""
-    staged: Optional[StagedRecipe] = None
-    """The steps of a staged task (see groundtruth/stages.py), instead of build_items and run."""
-    check_inputs: Optional[Callable[[Any, int], None]] = None
-    """(task config, seed): read the task's data sources, raising DataSourceError for a missing, empty or
-    malformed one (for the dry run and before a run starts). None: building the items does it."""
-    has_vectors: bool = False
-    """Records carry a vector the explainer reads through [vec]."""
-    balance_cell: Optional[Callable[[Record], str]] = None
-    """Cells balancing spreads records over."""
-    identity_fields: tuple[str, ...] = ()
-    """Query fields that identify an input rather than describe it: label_stats tries no rule on them."""
-    eval_splits: tuple[str, ...] = ("test",)
-    """Splits eval scores: test, then out-of-distribution sets."""
-    selfie: bool = False
-    """Eval adds the SelfIE row (untrained explainer, scaled v)."""
-
+from . import ablation, patching_task
+from .features import spec as features
+from .taskspec import ExplanationForm, MemoryPlan, TaskSpec, TaskWork, split_records  # noqa: F401  (the API)
 
 TASKS: dict[str, TaskSpec] = {}
 """Task name -> spec, in registration order."""
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
-    """Add a task; its module calls this once at import."""
+    """Add a task (a built-in one below; one defined elsewhere from its own module)."""
     if spec.name in TASKS:
         raise ValueError(f"task {spec.name!r} is registered twice")
     per_item = spec.build_items is not None and spec.run is not None
@@ -120,14 +36,6 @@ def task_spec(name: str) -> TaskSpec:
     return TASKS[base]
 
 
-def spec_for_config(task_cfg: Any) -> TaskSpec:
-    """The spec whose config class a task config is."""
-    for spec in TASKS.values():
-        if type(task_cfg) is spec.config:
-            return spec
-    raise KeyError(f"no registered task has config class {type(task_cfg).__name__}")
-
-
 TASK_MODULES_ENV = "SELFEXPLAIN_TASK_MODULES"
 """Comma-separated modules of tasks defined outside the project (the run config's task_modules). The
 variable reaches every Ray worker (ray_session forwards SELFEXPLAIN_*), whose registry imports them too."""
@@ -142,10 +50,9 @@ def import_task_modules(names: list[str]) -> None:
     os.environ[TASK_MODULES_ENV] = ",".join(dict.fromkeys(known + list(names)))
 
 
-# The built-in tasks register themselves (after the definitions above, which they import), then any
-# a run config named (in a worker process: from the environment).
-from . import ablation, patching_task  # noqa: E402,F401
-from .features import spec as _features  # noqa: E402,F401
+register_task(ablation.SPEC)
+register_task(patching_task.SPEC)
+register_task(features.SPEC)
 
-for _module in filter(None, os.environ.get(TASK_MODULES_ENV, "").split(",")):
+for _module in filter(None, os.environ.get(TASK_MODULES_ENV, "").split(",")):  # in a worker: the run's own
     importlib.import_module(_module)

@@ -13,13 +13,7 @@ import torch
 
 from groundtruth.errors import DataSourceError
 from groundtruth.features.activations import ActivationBatch, corpus_activations
-from groundtruth.features.describers import (
-    DESCRIBERS,
-    DescriberSettings,
-    best_description,
-    top_tokens,
-    wordnet_describer,
-)
+from groundtruth.features.describers import DESCRIBERS, DescriberSettings, best_description, top_tokens, wordnet_describer
 from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, EndpointError
 from groundtruth.features.exemplars import FeatureExemplars, Window, merge_exemplars, mine_exemplars
 from groundtruth.features.neuronpedia import load_neuronpedia

@@ -1,11 +1,11 @@
 """The explainer's training loss: next-token cross-entropy on explanation tokens only."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from typing import Optional
 
 from .batches import IGNORE
 from .explainer import Projection, injecting

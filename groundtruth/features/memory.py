@@ -2,7 +2,7 @@
 GPU bytes per actor or task, host bytes per process, and disk."""
 from __future__ import annotations
 
-from ..tasks import MemoryPlan
+from ..taskspec import MemoryPlan
 from .sae import METRIC_TOKENS
 
 WINDOW_TOKENS = 16  # an exemplar window: 12 tokens before the peak, the peak, 3 after

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..dataset import DegenerateSetError
 from ..records import iter_records, shard_name, write_split
 from ..stages import StageContext, StagedRecipe, Step, write_json
 from .activations import ActivationBatch
@@ -27,7 +28,6 @@ from .exemplars import FeatureExemplars, merge_exemplars
 from .sae import METRIC_TOKENS
 from .task import (corpus_texts, description_stats, feature_records, make_describers, simulator_of, split_features,
                    target_layers)
-from ..dataset import DegenerateSetError
 
 DESCRIBED = "described.json"  # in the work folder: SAE metrics and label statistics of train / test
 OOD = "ood.json"  # in the work folder: label statistics of the ACT / dACT sets

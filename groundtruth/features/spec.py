@@ -5,7 +5,7 @@ plan in memory.py.
 """
 from __future__ import annotations
 
-from ..tasks import TaskSpec, TaskWork, register_task
+from ..taskspec import TaskSpec, TaskWork
 from .memory import feature_memory
 from .recipe import FEATURE_RECIPE
 from .task import OOD_SPLITS, TASK, FeatureConfig, check_inputs
@@ -18,7 +18,7 @@ def _planned_records(cfg: FeatureConfig, items: int) -> tuple[int, int]:
         cfg.test_features_per_layer * layers
 
 
-register_task(TaskSpec(
+SPEC = TaskSpec(
     TASK, FeatureConfig, "what inputs activate this SAE feature direction of the target?", "description",
     # the paper's task A prompts: the decoder direction as the soft token and its layer
     templates=("At layer {layers}, {vec} encodes ", "What does {vec} encode at layer {layers}? ",
@@ -26,4 +26,4 @@ register_task(TaskSpec(
     # one corpus text of max_tokens; an explainer example is template + layer + description
     work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
                   records=_planned_records, memory=feature_memory),
-    staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True))
+    staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True)

@@ -1,0 +1,96 @@
+"""What a task is: the TaskSpec a task module declares (and the dry run's TaskWork estimate).
+
+Everything that differs between tasks is a field of its spec, so nothing else in the tree names a task:
+its config class, how its ground truth is made (per-item `build_items` + `run`, or a `staged` recipe),
+the explainer's prompt templates, the form of its explanations (which selects parsers and metrics),
+the query fields that identify an input, the work a dry run estimates, its data check, and
+capabilities such as `has_vectors` that decide which eval rows and baselines apply. The registry
+(groundtruth/tasks.py) holds the specs by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+from .records import Record
+from .stages import StagedRecipe
+
+ExplanationForm = Literal["causal", "description"]
+"""causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
+changed-F1, content match); description: free text (judge and simulation scores)."""
+
+
+def split_records(task_cfg: Any, items: int) -> tuple[int, int]:
+    """(train, test) records of n items for a per-item task with SplitConfig fields (an upper bound:
+    before balancing)."""
+    train = items * (1 - task_cfg.test_fraction)
+    cap = task_cfg.max_train_records
+    return int(min(train, cap) if cap else train), int(items * task_cfg.test_fraction)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A task's memory per step on one target, for the dry run's scale plan."""
+
+    summary: str
+    """The sizes it depends on, in words."""
+    steps: list[tuple[str, float, float]]
+    """(step, GPU bytes per actor or task, host bytes per process)."""
+    disk: str
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """What a dry run estimates for a task (typical paper-format prompts; see docs/SCALING.md)."""
+
+    target_tokens: int
+    """Prompt tokens of one target forward pass while making ground truth."""
+    explainer_tokens: int
+    """Tokens of one explainer training example (template, query, explanation)."""
+    paper_items: int = 0
+    """Work items per target when the source cannot be counted offline (the paper's data set sizes)."""
+    passes: Callable[[Any], int] = lambda task_cfg: 1
+    """Target forward passes of target_tokens per item, from the task config."""
+    count_items: Optional[Callable[[Any], int]] = None
+    """Items without building them (a staged task); None: len(build_items(...))."""
+    records: Callable[[Any, int], tuple[int, int]] = split_records
+    """(train, test) records a target yields from n items."""
+    memory: Optional[Callable[[Any, Any, int, int], MemoryPlan]] = None
+    """(task config, target shape, weight bytes, batch size) -> memory per step, for a task whose steps
+    hold more than the target (None: the target's weights bound it)."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    config: type
+    """The task's config dataclass (the run config's `tasks.<name>` section)."""
+    summary: str
+    """One line: what the explainer is asked."""
+    explanation: ExplanationForm
+    templates: tuple[str, ...]
+    """Explainer prompt templates, one picked per record (by a hash of its id). Fields: {prompt},
+    {question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
+    left out), {layers}, {token}, {position}."""
+    explanation_tokens: int
+    """Max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for descriptions)."""
+    work: TaskWork
+    build_items: Optional[Callable[[Any, int], list]] = None
+    """(task config, seed) -> items, each with .source_id; None for a staged task."""
+    run: Optional[Callable[..., list]] = None
+    """(model, tokenizer, items, task config, target, split_of, batch_size) -> records."""
+    staged: Optional[StagedRecipe] = None
+    """The steps of a staged task (see groundtruth/stages.py), instead of build_items and run."""
+    check_inputs: Optional[Callable[[Any, int], None]] = None
+    """(task config, seed): read the task's data sources, raising DataSourceError for a missing, empty or
+    malformed one (for the dry run and before a run starts). None: building the items does it."""
+    has_vectors: bool = False
+    """Records carry a vector the explainer reads through [vec]."""
+    balance_cell: Optional[Callable[[Record], str]] = None
+    """Cells balancing spreads records over."""
+    identity_fields: tuple[str, ...] = ()
+    """Query fields that identify an input rather than describe it: label_stats tries no rule on them."""
+    eval_splits: tuple[str, ...] = ("test",)
+    """Splits eval scores: test, then out-of-distribution sets."""
+    selfie: bool = False
+    """Eval adds the SelfIE row (untrained explainer, scaled v)."""
