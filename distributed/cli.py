@@ -74,9 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             print(plan(cfg))
             problems = input_problems(cfg, stages)
-            for problem in problems:
-                print(f"selfexplain: error: {type(problem).__name__}: {problem}", file=sys.stderr)
-            return 2 if problems else 0
+            return max([_bad_input(problem) for problem in problems], default=0)
         if args.command == "jobs":
             from .train_job import write_job_files
 
