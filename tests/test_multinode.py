@@ -4,6 +4,7 @@ they land on different nodes. Mid-run, one actor is killed and another's node is
 units are redone elsewhere and every record is present exactly once."""
 import json
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -42,7 +43,11 @@ def cluster():
     # The head writes <TMPDIR>/ray/ray_current_cluster whatever temp_dir says, and fails when that folder
     # does not exist yet: on a fresh machine (or a fresh TMPDIR) no earlier Ray run has made it.
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": temp})
+    with socket.socket() as sock:  # not 8265: a Ray session of the user's may hold it, and the state API needs ours
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": temp,
+                                                            "dashboard_port": dashboard_port})
     try:  # a node that fails to start must not leave the head running for the tests after this one
         for _ in range(3):
             cluster.add_node(num_cpus=2, num_gpus=1)
