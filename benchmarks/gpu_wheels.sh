@@ -2,8 +2,8 @@
 # Wheels the GPU check needs beyond torch and transformers, for a GPU machine that cannot reach a package
 # registry (Python 3.12, x86-64): deepspeed and webdataset for the training stages, sae-lens for the SAE
 # stage, and what they import that such an image usually lacks. About 40 MB. Usage there:
-#   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
-#   PYTHONPATH=/tmp/site python3 -m benchmarks.gpu_check --out benchmarks/results/gpu/check.json
+#   SITE=$(mktemp -d); python3 -m pip install --no-index --no-deps --target "$SITE" .whl/*.whl
+#   PYTHONPATH="$SITE" python3 -m benchmarks.gpu_check --out benchmarks/results/gpu/check.json
 set -euo pipefail
 OUT="${1:-.whl}"
 PY="${PYTHON:-python3}"
