@@ -90,6 +90,9 @@ class EvalConfig(ActorPoolConfig):
     """Also score each explainer before fine-tuning."""
     no_vector: bool = True
     """For vector tasks, also score each trained explainer with the vector left out of its prompt."""
+    vector_controls: bool = True
+    """For vector tasks, also score each trained explainer reading a zero v and a shuffled v (another test
+    record's v from the same layers): an explainer that ignores v scores the same on both."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
     """Baselines to score (see eval/baselines.py); each is scored on the tasks it applies to."""
     selfie_scales: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from eval.rows import plan_rows
 from groundtruth.models import ModelSpec
 from groundtruth.tasks import TASKS
 
@@ -189,7 +190,8 @@ def scale_plan(cfg) -> list[str]:
                              f"{flops:.2e} FLOPs, {hours:,.1f} GPU-h on {tc.num_workers} GPUs; GB per rank "
                              f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch; "
                              f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
-                rows = 2 + ec.untrained
+                rows = sum(len(ec.selfie_scales) if r.kind.scaled else 1  # generations per test record
+                           for r in plan_rows(spec, "test", ec, explainer, None))
                 eval_flops = 2 * e.params * (work.explainer_tokens + (ec.max_new_tokens or 50)) * test * rows
                 hours = gpu_hours(eval_flops, plan, training=False)
                 total += hours

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import metrics_of
+from .rows import ROW_KINDS
 
 
 @dataclass
 class Cell:
     task: str
     row: str  # e.g. "smollm2 trained", "gemma untrained", "majority"
-    kind: str  # trained | no_vector | untrained | baseline
+    kind: str  # a row kind of eval/rows.py (trained, no_vector, untrained, ...) or "baseline"
     explainer: str  # model name, or the baseline's name
     target: str
     metrics: dict
@@ -32,8 +33,9 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
                                             "label_stats": label_stats.get(cell.task, {})})
         if cell.target not in task["targets"]:
             task["targets"].append(cell.target)
-    kind_order = {"trained": 0, "subset": 1, "no_vector": 2, "untrained": 3, "selfie": 4, "baseline": 5}  # row order
-    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, 5), c.metrics.get("examples_per_layer", 0), c.row)):
+    kind_order = {kind: i for i, kind in enumerate(ROW_KINDS)}  # rows in registration order, baselines last
+    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, len(kind_order)), c.metrics.get("examples_per_layer", 0),
+                                             c.row)):
         row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
     return {"tasks": tasks}

@@ -7,10 +7,14 @@ Baselines, which need no explainer, are the other registry (eval/baselines.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from groundtruth.tasks import TaskSpec
+import numpy as np
+
+from groundtruth.taskspec import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -49,17 +53,44 @@ def _test_only(split: str) -> bool:
     return split == "test"
 
 
+def zero_vectors(records: list) -> list:
+    """Every v replaced by zeros: what the explainer says with nothing to read."""
+    return [dataclasses.replace(r, vector=np.zeros_like(r.vector)) for r in records]
+
+
+def shuffled_vectors(records: list) -> list:
+    """Every v replaced by another test record's v from the same layers (a seeded derangement within each
+    layer group; a group of one keeps its own): what the explainer says reading the wrong vector."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(tuple(r.layers), []).append(i)
+    vectors = [r.vector for r in records]
+    for key, members in groups.items():
+        order = sorted(members, key=lambda i: records[i].record_id)
+        random.Random(f"shuffled:{key}").shuffle(order)
+        for at, i in enumerate(order):  # each takes the next one's vector in the shuffled cycle
+            vectors[i] = records[order[(at + 1) % len(order)]].vector
+    return [dataclasses.replace(r, vector=v) for r, v in zip(records, vectors)]
+
+
+def _vector_control(spec: TaskSpec, split: str, ec: Any) -> bool:
+    return _test_only(split) and spec.has_vectors and ec.vector_controls
+
+
 register_row_kind(RowKind("trained", "{explainer} trained", lambda spec, split, ec: True, curve=True))
+register_row_kind(RowKind("subset", "{explainer} trained, {n} per layer", lambda spec, split, ec: _test_only(split),
+                          per_subset=True, curve=True))
 register_row_kind(RowKind(  # the paper's check of how much v matters
     "no_vector", "{explainer} trained, no vector",
     lambda spec, split, ec: _test_only(split) and spec.has_vectors and ec.no_vector, with_vector=False))
+register_row_kind(RowKind("zero_vector", "{explainer} trained, zero v", _vector_control, rewrite=zero_vectors))
+register_row_kind(RowKind("shuffled_vector", "{explainer} trained, shuffled v", _vector_control,
+                          rewrite=shuffled_vectors))
 register_row_kind(RowKind("untrained", "{explainer} untrained", lambda spec, split, ec: _test_only(split) and ec.untrained,
                           reads_base=True))
 register_row_kind(RowKind("selfie", "{explainer} SelfIE",
                           lambda spec, split, ec: _test_only(split) and spec.selfie and bool(ec.selfie_scales),
                           reads_base=True, scaled=True))
-register_row_kind(RowKind("subset", "{explainer} trained, {n} per layer", lambda spec, split, ec: _test_only(split),
-                          per_subset=True, curve=True))
 
 
 @dataclass(frozen=True)

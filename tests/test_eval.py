@@ -62,12 +62,13 @@ def test_rows_are_planned_from_the_row_registry_by_capability(monkeypatch):
     from eval.rows import ROW_KINDS, RowKind, plan_rows
     from groundtruth.tasks import TASKS
 
-    settings = SimpleNamespace(no_vector=True, untrained=True, selfie_scales=[1.0])
+    settings = SimpleNamespace(no_vector=True, vector_controls=True, untrained=True, selfie_scales=[1.0])
     vectors = next(s for s in TASKS.values() if s.has_vectors and not s.selfie)
     text_only = next(s for s in TASKS.values() if not s.has_vectors)
     subsets = [SimpleNamespace(max_records_per_layer=8)]
     assert [r.label for r in plan_rows(vectors, "test", settings, "e", "job", subsets)] == \
-        ["e trained", "e trained, no vector", "e untrained", "e trained, 8 per layer"]
+        ["e trained", "e trained, 8 per layer", "e trained, no vector", "e trained, zero v", "e trained, shuffled v",
+         "e untrained"]
     assert [r.label for r in plan_rows(text_only, "test", settings, "e", "job")] == ["e trained", "e untrained"]
     assert [r.label for r in plan_rows(vectors, "act", settings, "e", "job", subsets)] == ["e trained"]
     # a new control row is one entry, and applies where its capability says
@@ -96,3 +97,25 @@ def test_a_control_row_sees_the_records_its_kind_rewrites(tmp_path, monkeypatch)
     records = make_records(3)
     assert Evaluator(1).explain([unit], [records], "plain", [4], 2) == [["x"] * 3]
     assert [r.prompt for r in seen[0]] == [r.prompt[::-1] for r in records]
+
+
+def test_zero_and_shuffled_vector_controls_rewrite_only_the_vectors():
+    """The control rows' explainers read zeros, or another test record's v from the same layers (never
+    their own where the layer group has another record); prompts and labels are untouched."""
+    import dataclasses
+
+    import numpy as np
+
+    from eval.rows import shuffled_vectors, zero_vectors
+
+    base = make_records(7)
+    records = [dataclasses.replace(r, vector=np.full(4, i, np.float32), layers=[i % 2]) for i, r in enumerate(base)]
+    zeros = zero_vectors(records)
+    assert all(not z.vector.any() and z.vector.shape == (4,) for z in zeros)
+    shuffled = shuffled_vectors(records)
+    assert [r.record_id for r in shuffled] == [r.record_id for r in records]
+    assert [r.explanation for r in shuffled] == [r.explanation for r in records]
+    source = [int(s.vector[0]) for s in shuffled]  # which record's v each now reads
+    assert all(src != i and src % 2 == i % 2 for i, src in enumerate(source)), source
+    assert sorted(source) == list(range(7)), "a permutation: every v is read once"
+    assert [int(s.vector[0]) for s in shuffled_vectors(records)] == source, "seeded"

@@ -92,8 +92,11 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
 
     # activation patching: vectors in the shards, no-vector rows, the cross explainer through a fitted Pi
     patching = matrix["tasks"]["activation_patching"]
-    assert set(patching["rows"]) == {"a trained", "a trained, no vector", "a untrained", "b trained",
-                                     "b trained, no vector", "b untrained", "majority", "nearest_neighbour"}
+    controls = {f"{e} trained, {c}" for e in ("a", "b") for c in ("no vector", "zero v", "shuffled v")}
+    assert set(patching["rows"]) == {"a trained", "a untrained", "b trained", "b untrained", "majority",
+                                     "nearest_neighbour"} | controls
+    assert list(patching["rows"])[:5] == ["a trained", "b trained", "a trained, no vector", "b trained, no vector",
+                                          "a trained, zero v"], "rows in the row registry's order"
     test = list(iter_records(cfg.run_dir / "groundtruth" / "activation_patching" / "a" / "test"))
     assert test and all(r.vector.shape == (32,) and r.layers and r.token_type for r in test)
     assert all("logit_margin" in r.query for r in test)
@@ -111,7 +114,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert features["metrics"] == ["judge", "simulation"]
     assert set(features["rows"]) == {"a trained", "a trained, 8 per layer", "a trained, no vector", "a untrained",
                                      "a SelfIE", "b trained", "b trained, no vector", "b untrained", "b SelfIE",
-                                     "majority", "nearest_neighbour", "gold"}
+                                     "majority", "nearest_neighbour", "gold"} | controls
     selfie = features["rows"]["a SelfIE"]["cells"]["a"]
     assert selfie["scale"] in (1, 10) and set(selfie["judge_by_scale"]) == {"1.0", "10.0"}
     assert features["rows"]["a trained, 8 per layer"]["cells"]["a"]["examples_per_layer"] == 8
@@ -195,7 +198,7 @@ def test_dry_runs_print_the_plan(capsys):
     assert cli_main(["run", "configs/paper/activation_patching.yaml", "--dry-run"]) == 2
     out = capsys.readouterr().out
     assert "LoRA r=128" in out and "qwen on llama, reads v through Pi 'lstsq'" in out
-    assert "llama on llama, reads v through Pi 'none'" in out and "activation_patching: 7 rows x 2 targets" in out
+    assert "llama on llama, reads v through Pi 'none'" in out and "activation_patching: 11 rows x 2 targets" in out
     assert "items not countable here" in out and "counterfact.json" in out  # no CounterFact on this machine
     assert cli_main(["run", "configs/paper/feature_descriptions.yaml", "--dry-run"]) == 2
     out = capsys.readouterr().out
