@@ -8,24 +8,34 @@ from groundtruth.layout import RunLayout
 from .matrix import data_efficiency, headline
 
 
+def with_interval(cell: dict, metric: str, digits: int = 3, sep: str = " ") -> str:
+    """A cell's metric and its bootstrap 95% interval where it has one; '-' where it has no value."""
+    value = cell.get(metric)
+    if value is None:
+        return "-"
+    lo, hi = cell.get(f"{metric}_lo"), cell.get(f"{metric}_hi")
+    interval = f"{sep}[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"{value:.{digits}f}{interval}"
+
+
 def heatmap(task: str, table: dict, path: Path, metric: str) -> Path:
-    """Rows x targets heatmap of one metric; self cells outlined."""
+    """Rows x targets heatmap of one metric with its 95% intervals; self cells outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, targets = list(table["rows"]), table["targets"]
-    values = [[table["rows"][r]["cells"].get(t, {}).get(metric, float("nan")) for t in targets] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(targets), 1.0 + 0.55 * len(rows)))
+    values = [[_number(table["rows"][r]["cells"].get(t, {}).get(metric)) for t in targets] for r in rows]
+    fig, ax = plt.subplots(figsize=(3.0 + 1.8 * len(targets), 1.2 + 0.6 * len(rows)))
     image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(targets)), [f"target: {t}" for t in targets])
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(rows):
         for j, target in enumerate(targets):
             value = values[i][j]
-            ax.text(j, i, "-" if value != value else f"{value:.2f}", ha="center", va="center",
-                    color="white" if value == value and value < 0.6 else "black")
+            ax.text(j, i, with_interval(table["rows"][row]["cells"].get(target, {}), metric, 2, "\n"), ha="center",
+                    va="center", fontsize=8, color="white" if value == value and value < 0.6 else "black")
             if table["rows"][row]["cells"].get(target, {}).get("self"):
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     ax.set_title(f"{task}: {metric} (red: self-explanation)")
@@ -34,6 +44,10 @@ def heatmap(task: str, table: dict, path: Path, metric: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else value
 
 
 def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
@@ -65,7 +79,7 @@ def matrix_table(table: dict, metric: str) -> list[str]:
         cells = []
         for t in targets:
             cell = row["cells"].get(t)
-            cells.append("-" if cell is None else f"{cell[metric]:.3f}{' (self)' if cell['self'] else ''}")
+            cells.append("-" if cell is None else with_interval(cell, metric) + (" (self)" if cell["self"] else ""))
         lines.append(f"| {name} | {' | '.join(cells)} |")
     return lines
 

@@ -20,8 +20,11 @@ def test_parse_round_trips_and_rejects_other_text():
 def test_metrics_on_hand_made_cases():
     records = make_records(4)  # changed: r0, r2
     gold = [r.explanation for r in records]
-    assert score(gold, records) == {"n": 4, "exact_match": 1.0, "changed_macro_f1": 1.0, "content_match": 1.0,
-                                    "parse_rate": 1.0}
+    perfect = score(gold, records)
+    assert {k: perfect[k] for k in ("n", "exact_match", "changed_macro_f1", "content_match", "parse_rate")} == \
+        {"n": 4, "exact_match": 1.0, "changed_macro_f1": 1.0, "content_match": 1.0, "parse_rate": 1.0}
+    assert perfect["n_changed"] == 2 and perfect["content_match_changed"] == perfect["exact_match_unchanged"] == 1.0
+    assert perfect["exact_match_lo"] == perfect["exact_match_hi"] == 1.0, "no spread where every record is right"
     flipped = [format_explanation(not r.changed, r.output_after) for r in records]
     s = score(flipped, records)
     assert s["exact_match"] == 0.0 and s["content_match"] == 1.0 and s["changed_macro_f1"] == 0.0
@@ -32,6 +35,18 @@ def test_metrics_on_hand_made_cases():
     assert score(half, records)["exact_match"] == 0.5
     with pytest.raises(ValueError):
         score(gold[:3], records)
+
+
+def test_bootstrap_intervals_match_the_binomial_and_split_by_gold_class():
+    """200 records, the first 100 predicted right: exact match 0.5 with a 95% interval of about
+    +-1.96 sqrt(0.25 / 200) = +-0.069; on changed records (every other one) 0.5 of 100: +-0.098."""
+    records = make_records(200)
+    predictions = [r.explanation if i < 100 else "no idea" for i, r in enumerate(records)]
+    s = score(predictions, records)
+    assert s["exact_match"] == 0.5 and abs(s["exact_match_lo"] - 0.431) < 0.02 and abs(s["exact_match_hi"] - 0.569) < 0.02
+    assert s["n_changed"] == 100 and s["content_match_changed"] == 0.5
+    assert abs(s["content_match_changed_hi"] - s["content_match_changed_lo"] - 2 * 0.098) < 0.03
+    assert score(predictions, records) == s, "seeded"
 
 
 def test_majority_baseline_predicts_the_most_common_training_explanation():
