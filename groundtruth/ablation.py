@@ -33,6 +33,8 @@ class HintSourceConfig:
     """Question source: built from countryinfo facts, or MMLU as published (see mmlu_path)."""
     mmlu_path: Optional[str] = None
     """Folder of MMLU CSVs or parquet files (questions: mmlu)."""
+    mmlu_split: str = "test"
+    """The split of a published MMLU folder to read (its files `<subject>_<split>.csv` or `<split>-*.parquet`)."""
     mmlu_subjects: list[str] = field(default_factory=list)
     """Keep only these MMLU subjects (empty: all)."""
     hint_template: str = "Hint: The answer is {letter}"
@@ -119,7 +121,7 @@ def render_mcq(q: MultipleChoice, hint: Optional[str], answer_prefix: str) -> st
 def hint_mcq_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
     hc = cfg.hint
     if hc.questions == "mmlu":
-        questions = load_mmlu(hc.mmlu_path, hc.mmlu_subjects or None)
+        questions = load_mmlu(hc.mmlu_path, hc.mmlu_subjects or None, hc.mmlu_split)
     else:
         questions = country_questions(seed)
     rng = random.Random(seed)

@@ -102,3 +102,29 @@ def test_balance_and_label_stats():
     stats = label_stats(make_records(40))
     assert stats["changed_rate"] == 0.5
     assert stats["trivial_rules"]["kind"] == 1.0, "kind alone predicts 'changed' in these records"
+
+
+def test_mmlu_is_read_strictly(tmp_path):
+    """One split of a published folder; answers outside 0-3 refused; non-UTF-8 named; a BOM stripped."""
+    root = tmp_path / "mmlu"
+    for split in ("test", "dev", "auxiliary_train"):
+        write_mmlu_csv(root / split, [[f"{split} question?", "w", "x", "y", "z", "C"]])
+        (root / split / "astronomy_test.csv").rename(root / split / f"astronomy_{split}.csv")
+    assert [q.question for q in load_mmlu(str(root))] == ["test question?"]
+    assert [q.question for q in load_mmlu(str(root), split="dev")] == ["dev question?"]
+
+    pq.write_table(pa.table({"question": ["q?"], "subject": ["s"], "choices": [["a", "b", "c", "d"]], "answer": [-1]}),
+                   tmp_path / "test-00000.parquet")
+    with pytest.raises(DataSourceError, match=r"test-00000.parquet: row 0 has answer -1, expected 0-3"):
+        load_mmlu(str(tmp_path / "test-00000.parquet"))
+
+    latin = tmp_path / "latin" / "test"
+    latin.mkdir(parents=True)
+    (latin / "french_test.csv").write_bytes("Caf\xe9?,a,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(DataSourceError, match="french_test.csv: not UTF-8"):
+        load_mmlu(str(tmp_path / "latin"))
+    bom = tmp_path / "bom"
+    bom.mkdir()
+    (bom / "history_test.csv").write_bytes("\ufeffWho?,a,b,c,d,B\n".encode("utf-8"))
+    (q,) = load_mmlu(str(bom))
+    assert q.question == "Who?" and q.answer == 1

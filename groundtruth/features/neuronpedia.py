@@ -27,19 +27,20 @@ def _rows(path: Path) -> list[dict]:
 
 
 def load_neuronpedia(path: str) -> dict[tuple[int, int], list[str]]:
-    """(layer, feature) -> descriptions, in file order. A row missing a field fails with its number."""
+    """(layer, feature) -> descriptions, in file order. A row without a usable layer or index fails with its
+    number; a row without a description is skipped."""
     file = Path(path)
     if not file.is_file():
         raise DataSourceError(f"Neuronpedia export {path} does not exist")
     table: dict[tuple[int, int], list[str]] = {}
     for i, row in enumerate(_rows(file)):
         try:
-            layer_id, index, description = str(row["layer"]), int(row["index"]), str(row["description"]).strip()
+            layer_id, index, description = str(row["layer"]), int(row["index"]), row.get("description")
         except (KeyError, TypeError, ValueError) as err:
             raise DataSourceError(f"{path}: explanation {i} lacks a usable 'layer', 'index' or 'description' ({err!r})") from None
         match = _LAYER.match(layer_id)
         if not match:
             raise DataSourceError(f"{path}: explanation {i}: layer {layer_id!r} does not start with a layer number")
-        if description:
-            table.setdefault((int(match.group(1)), index), []).append(description)
+        if isinstance(description, str) and description.strip():  # a row without one is skipped, never "None"
+            table.setdefault((int(match.group(1)), index), []).append(description.strip())
     return table

@@ -49,13 +49,23 @@ def country_questions(seed: int = 0) -> list[MultipleChoice]:
     return questions
 
 
-def load_mmlu(path: str, subjects: Optional[list[str]] = None) -> list[MultipleChoice]:
+def in_split(file: Path, root: Path, split: str) -> bool:
+    """A file of the published layouts belongs to `split`: `<subject>_<split>.csv`, `<split>-*.parquet`,
+    `<split>.parquet`, or any file under a folder named `<split>`."""
+    stem, folders = file.stem, file.relative_to(root).parts[:-1]
+    return split in folders or stem == split or stem.endswith(f"_{split}") or stem.startswith(f"{split}-")
+
+
+def load_mmlu(path: str, subjects: Optional[list[str]] = None, split: str = "test") -> list[MultipleChoice]:
     """MMLU as published: a folder of `<subject>_<split>.csv` (no header: question, A, B, C, D, answer
-    letter), or parquet files with columns question, subject, choices (4 strings), answer (index)."""
+    letter), or parquet files with columns question, subject, choices (4 strings), answer (index 0-3).
+    A folder is read for one split only (the published one also holds dev, val and auxiliary_train);
+    a single file is read whole."""
     root = Path(path)
     if not root.exists():
         raise DataSourceError(f"MMLU source {root} does not exist (a folder of CSVs or parquet files)")
-    files = [root] if root.is_file() else sorted(root.rglob("*.csv")) + sorted(root.rglob("*.parquet"))
+    files = [root] if root.is_file() else \
+        [f for f in sorted(root.rglob("*.csv")) + sorted(root.rglob("*.parquet")) if in_split(f, root, split)]
     questions: list[MultipleChoice] = []
     for file in files:
         rows = _read_parquet(file) if file.suffix == ".parquet" else _read_csv(file)
@@ -64,17 +74,22 @@ def load_mmlu(path: str, subjects: Optional[list[str]] = None) -> list[MultipleC
                 continue
             questions.append(MultipleChoice(f"mmlu_{subject}_{file.stem}_{i}", question, choices, answer, subject))
     if not questions:
-        raise DataSourceError(f"no MMLU questions found in {root}" + (f" for subjects {subjects}" if subjects else ""))
+        raise DataSourceError(f"no MMLU questions found in {root} (split {split!r}"
+                              + (f", subjects {subjects})" if subjects else ")"))
     return questions
 
 
 def _read_csv(file: Path):
     subject = file.stem.rsplit("_", 1)[0] if "_" in file.stem else file.stem
-    with open(file, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            if len(row) != 6 or row[5].strip() not in LETTERS:
-                raise DataSourceError(f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer letter), got {row!r}")
-            yield row[0], tuple(row[1:5]), LETTERS.index(row[5].strip()), subject
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not question text
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as err:
+        raise DataSourceError(f"{file}: not UTF-8 text ({err})") from None
+    for lineno, row in enumerate(rows, 1):
+        if len(row) != 6 or row[5].strip() not in LETTERS:
+            raise DataSourceError(f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer letter), got {row!r}")
+        yield row[0], tuple(row[1:5]), LETTERS.index(row[5].strip()), subject
 
 
 def _read_parquet(file: Path):
@@ -86,6 +101,8 @@ def _read_parquet(file: Path):
         if missing:
             raise DataSourceError(f"{file}: row {rownum} lacks columns {sorted(missing)}")
         answer = row["answer"]
+        if not (answer in range(4) if isinstance(answer, int) else answer in tuple(LETTERS)):
+            raise DataSourceError(f"{file}: row {rownum} has answer {answer!r}, expected 0-3 or A-D")
         answer = LETTERS.index(answer) if isinstance(answer, str) else int(answer)
         if len(row["choices"]) != 4:
             raise DataSourceError(f"{file}: row {rownum} has {len(row['choices'])} choices, expected 4")
