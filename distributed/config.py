@@ -19,6 +19,7 @@ from eval.baselines import BASELINES
 from groundtruth.layout import RunLayout
 from groundtruth.models import ModelSpec, ModelSpecError, describe
 from groundtruth.tasks import TASKS, import_task_modules
+from training.controls import TRAINED_CONTROLS
 from training.job import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
@@ -93,6 +94,10 @@ class EvalConfig(ActorPoolConfig):
     vector_controls: bool = True
     """For vector tasks, also score each trained explainer reading a zero v and a shuffled v (another test
     record's v from the same layers): an explainer that ignores v scores the same on both."""
+    trained_controls: list[str] = field(default_factory=list)
+    """Controls that train an explainer of their own on the same records with the evidence removed
+    (training/controls.py): text_only (vector tasks: v left out) and question_only (tasks without
+    vectors: the input's content left out). Each is one more training job per explainer and target."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
     """Baselines to score (see eval/baselines.py); each is scored on the tasks it applies to."""
     selfie_scales: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0])
@@ -103,6 +108,9 @@ class EvalConfig(ActorPoolConfig):
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ValueError(f"baselines: unknown {sorted(unknown)} (known: {', '.join(BASELINES)})")
+        unknown = set(self.trained_controls) - set(TRAINED_CONTROLS)
+        if unknown:
+            raise ValueError(f"trained_controls: unknown {sorted(unknown)} (known: {', '.join(TRAINED_CONTROLS)})")
 
 
 @dataclass

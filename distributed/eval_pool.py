@@ -17,7 +17,7 @@ from typing import Optional
 from eval.baselines import BASELINES
 from eval.matrix import Cell
 from eval.metrics import make_scorer, metrics_of
-from eval.rows import ROW_KINDS, plan_rows
+from eval.rows import ROW_KINDS, plan_rows, row_records
 from groundtruth.models import prepare
 from groundtruth.records import Record, ShardError, iter_records, read_manifest
 from groundtruth.tasks import TASKS
@@ -72,7 +72,7 @@ class Evaluator:
         out = []
         for unit, recs, tokens in zip(group, records, max_new_tokens):
             kind = ROW_KINDS[unit.kind]
-            recs = kind.rewrite(recs) if kind.rewrite else recs
+            recs = row_records(kind, job, recs)
             projection = trained_projection
             if kind.reads_base and any(r.vector is not None for r in recs):
                 # the Pi training started from, beside the model
@@ -157,9 +157,10 @@ def _explainer_rows(cfg: RunConfig, plan: EvalPlan, task: str, split: str, targe
     cell_task = task if split == "test" else f"{task}:{split}"
     for explainer in cfg.explainers:
         mine = [j for j in jobs if (j.task, j.target, j.explainer) == (task, target, explainer)]
-        main = next(j for j in mine if j.max_records_per_layer is None)
+        main = next(j for j in mine if j.max_records_per_layer is None and j.control is None)
         subsets = [j for j in mine if j.max_records_per_layer is not None]  # the data-efficiency curve
-        for row in plan_rows(TASKS[task], split, cfg.eval, explainer, main, subsets):
+        controls = [j for j in mine if j.control is not None]
+        for row in plan_rows(TASKS[task], split, cfg.eval, explainer, main, subsets, controls):
             kind = row.kind
             stamp = "" if kind.reads_base else (row.job.export_dir / METADATA).read_text()
             key = stable_hash([data_key, kind.name, dataclasses.asdict(cfg.models[explainer]), stamp,

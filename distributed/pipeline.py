@@ -8,7 +8,7 @@ from pathlib import Path
 from eval.baselines import BASELINES
 from eval.matrix import add_projection_errors, build_matrix, write_matrix
 from eval.report import write_report
-from eval.rows import plan_rows
+from eval.rows import control_placeholders, plan_rows
 from groundtruth.errors import BadInput
 from groundtruth.models import describe
 from groundtruth.tasks import TASKS
@@ -117,7 +117,8 @@ def plan(cfg: RunConfig) -> str:
     lines.append(f"eval: {ec.actors} actors x ({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
     for task in cfg.tasks:
         spec = TASKS[task]
-        per_explainer = len(plan_rows(spec, "test", ec, "", None))  # without the data-efficiency rows
+        per_explainer = len(plan_rows(spec, "test", ec, "", None, controls=control_placeholders(spec, ec)))
+        # (without the data-efficiency rows)
         baselines = sum(BASELINES[b].applies_to(task) for b in ec.baselines)
         rows = len(cfg.explainers) * per_explainer + baselines
         lines.append(f"  {task}: {rows} rows x {len(cfg.targets)} targets")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from eval.rows import plan_rows
+from eval.rows import applicable_controls, control_placeholders, plan_rows
 from groundtruth.models import ModelSpec
 from groundtruth.tasks import TASKS
 
@@ -178,20 +178,22 @@ def scale_plan(cfg) -> list[str]:
                 trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
                 per_token = 4 * e.params + 2 * trainable if tc.lora else 6 * e.params
                 epochs = tc.epochs if tc.max_steps is None else 1
-                flops = per_token * work.explainer_tokens * records * epochs
+                jobs = 1 + len(applicable_controls(spec, ec))  # the explainer and its trained controls
+                flops = per_token * work.explainer_tokens * records * epochs * jobs
                 hours = gpu_hours(flops, plan, training=True)
                 total += hours
                 memory = ", ".join(f"ZeRO-{z} {memory_per_rank_gb(e.params, trainable, tc.num_workers, z, bf16):.1f}"
                                    for z in range(4))
                 act = activation_gb(e, min(tc.max_seq_len, work.explainer_tokens), tc.micro_batch_size, bf16)
                 fits = memory_per_rank_gb(e.params, trainable, tc.num_workers, tc.zero_stage, bf16) + act <= plan.gpu_memory_gb
-                lines.append(f"  train {task}: {explainer} on {target}: ~{records:,} records, "
+                lines.append(f"  train {task}: {explainer} on {target}{f' (+{jobs - 1} controls)' if jobs > 1 else ''}: "
+                             f"~{records:,} records, "
                              f"{'LoRA ' + format(trainable / 1e6, '.0f') + 'M' if tc.lora else 'full'} trainable; "
                              f"{flops:.2e} FLOPs, {hours:,.1f} GPU-h on {tc.num_workers} GPUs; GB per rank "
                              f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch; "
                              f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
                 rows = sum(len(ec.selfie_scales) if r.kind.scaled else 1  # generations per test record
-                           for r in plan_rows(spec, "test", ec, explainer, None))
+                           for r in plan_rows(spec, "test", ec, explainer, None, controls=control_placeholders(spec, ec)))
                 eval_flops = 2 * e.params * (work.explainer_tokens + (ec.max_new_tokens or 50)) * test * rows
                 hours = gpu_hours(eval_flops, plan, training=False)
                 total += hours

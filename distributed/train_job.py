@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from eval.rows import applicable_controls
 from groundtruth.models import prepare
+from groundtruth.tasks import TASKS
+from training.controls import TRAINED_CONTROLS
 from training.explainer import Projection
 from training.export import export_differences, export_matches
 from training.job import TrainJob
@@ -17,19 +20,23 @@ from .ray_session import torch_threads
 
 
 def train_jobs(cfg: RunConfig) -> list[TrainJob]:
-    """One job per enabled task, target and explainer; plus, for a task with a data-efficiency curve,
-    one per size for each self-explainer (trained on the first n records of each layer)."""
+    """One job per enabled task, target and explainer; for a task with a data-efficiency curve, one per
+    size for each self-explainer (trained on the first n records of each layer); and one per trained
+    control of eval.trained_controls that applies to the task (training/controls.py)."""
     jobs = []
     for task, task_cfg in cfg.tasks.items():
+        controls = applicable_controls(TASKS[task], cfg.eval)
         for target in cfg.targets:
             for explainer in cfg.explainers:
                 sizes = getattr(task_cfg, "data_efficiency", []) if explainer == target else []
-                for n in [None, *sizes]:
+                variants = [(n, None) for n in [None, *sizes]] + [(None, c) for c in controls]
+                for n, control in variants:
                     jobs.append(TrainJob(
                         task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
                         data_dir=str(cfg.layout.split(task, target, "train")),
-                        out_dir=str(cfg.layout.explainer(task, target, explainer, n)),
-                        train=cfg.train, seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n))
+                        out_dir=str(cfg.layout.explainer(task, target, explainer, n, control)),
+                        train=cfg.train, seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n,
+                        control=control))
     return jobs
 
 
@@ -48,7 +55,8 @@ def write_job_files(cfg: RunConfig) -> list[Path]:
 
 def _describe(job: TrainJob) -> str:
     subset = f" ({job.max_records_per_layer} records per layer)" if job.max_records_per_layer else ""
-    return f"{job.task}: {job.explainer} on {job.target}{subset}"
+    control = f" ({TRAINED_CONTROLS[job.control].label})" if job.control else ""
+    return f"{job.task}: {job.explainer} on {job.target}{subset}{control}"
 
 
 def _ray_worker_loop(config: dict) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from groundtruth.taskspec import TaskSpec
+from training.controls import TRAINED_CONTROLS
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class RowKind:
     """SelfIE: one generation per eval.selfie_scales with v unit-normalised and scaled; the best is reported."""
     per_subset: bool = False
     """One row per data-efficiency job (trained on n records per layer) instead of the full-data job."""
+    per_control: bool = False
+    """One row per trained-control job (training/controls.py); the control's rewrite applies to the test
+    records too, so its explainer is scored on what it was trained to see."""
     curve: bool = False
     """A point of the data-efficiency curve (its cell records the job's records per layer)."""
     rewrite: Optional[Callable[[list], list]] = None
@@ -83,6 +88,8 @@ register_row_kind(RowKind("subset", "{explainer} trained, {n} per layer", lambda
 register_row_kind(RowKind(  # the paper's check of how much v matters
     "no_vector", "{explainer} trained, no vector",
     lambda spec, split, ec: _test_only(split) and spec.has_vectors and ec.no_vector, with_vector=False))
+register_row_kind(RowKind("trained_control", "{explainer} {control}", lambda spec, split, ec: _test_only(split),
+                          per_control=True))
 register_row_kind(RowKind("zero_vector", "{explainer} trained, zero v", _vector_control, rewrite=zero_vectors))
 register_row_kind(RowKind("shuffled_vector", "{explainer} trained, shuffled v", _vector_control,
                           rewrite=shuffled_vectors))
@@ -101,9 +108,9 @@ class PlannedRow:
 
 
 def plan_rows(spec: TaskSpec, split: str, settings: Any, explainer: str, job: Any,
-              subsets: Optional[list] = None) -> list[PlannedRow]:
+              subsets: Optional[list] = None, controls: Optional[list] = None) -> list[PlannedRow]:
     """One explainer's rows of a (task, split): `job` is its full-data training job, `subsets` its
-    data-efficiency jobs (each with max_records_per_layer)."""
+    data-efficiency jobs (each with max_records_per_layer), `controls` its trained-control jobs."""
     rows = []
     for kind in ROW_KINDS.values():
         if not kind.applies(spec, split, settings):
@@ -111,6 +118,25 @@ def plan_rows(spec: TaskSpec, split: str, settings: Any, explainer: str, job: An
         if kind.per_subset:
             rows += [PlannedRow(kind, kind.label.format(explainer=explainer, n=j.max_records_per_layer), j)
                      for j in subsets or []]
+        elif kind.per_control:
+            rows += [PlannedRow(kind, kind.label.format(explainer=explainer, control=TRAINED_CONTROLS[j.control].label), j)
+                     for j in controls or []]
         else:
             rows.append(PlannedRow(kind, kind.label.format(explainer=explainer), job))
     return rows
+
+
+def applicable_controls(spec: TaskSpec, settings: Any) -> list[str]:
+    """The trained controls of the eval settings that apply to a task (each trains its own explainer)."""
+    return [c for c in getattr(settings, "trained_controls", []) if TRAINED_CONTROLS[c].applies(spec)]
+
+
+def control_placeholders(spec: TaskSpec, settings: Any) -> list:
+    """Stand-ins for the control jobs of a task, for counting its rows before any job exists (dry run)."""
+    return [SimpleNamespace(control=c) for c in applicable_controls(spec, settings)]
+
+
+def row_records(kind: RowKind, job: Any, records: list) -> list:
+    """The test records as a row's explainer sees them: its kind's rewrite, then its job's control's."""
+    records = kind.rewrite(records) if kind.rewrite else records
+    return TRAINED_CONTROLS[job.control].rewrite(records) if getattr(job, "control", None) else records

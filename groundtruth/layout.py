@@ -55,9 +55,12 @@ class RunLayout:
     def label_stats(self, task: str, target: str) -> Path:
         return self.groundtruth(task, target) / LABEL_STATS
 
-    def explainer(self, task: str, target: str, explainer: str, per_layer: Optional[int] = None) -> Path:
-        """An explainer's training folder (per_layer: a data-efficiency run on n records per layer)."""
-        name = f"{explainer}_on_{target}" + (f"_{per_layer}_per_layer" if per_layer is not None else "")
+    def explainer(self, task: str, target: str, explainer: str, per_layer: Optional[int] = None,
+                  control: Optional[str] = None) -> Path:
+        """An explainer's training folder (per_layer: a data-efficiency run on n records per layer;
+        control: a trained control's explainer)."""
+        name = (f"{explainer}_on_{target}" + (f"_{per_layer}_per_layer" if per_layer is not None else "")
+                + (f"_{control}" if control else ""))
         return self.root / "explainers" / task / name
 
     def train_logs(self) -> list[Path]:

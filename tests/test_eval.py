@@ -134,3 +134,40 @@ def test_zero_and_shuffled_vector_controls_rewrite_only_the_vectors():
     assert all(src != i and src % 2 == i % 2 for i, src in enumerate(source)), source
     assert sorted(source) == list(range(7)), "a permutation: every v is read once"
     assert [int(s.vector[0]) for s in shuffled_vectors(records)] == source, "seeded"
+
+
+def test_trained_controls_train_and_score_their_own_explainer_on_rewritten_records(tmp_path):
+    """eval.trained_controls adds one training job per explainer and target where the control applies (text-only
+    for vector tasks, question-only for the others); its records lose the evidence in training and in eval,
+    and its row is planned from the job."""
+    import dataclasses
+
+    import numpy as np
+
+    from conftest import make_records, make_train_job
+    from distributed.config import load_config
+    from distributed.train_job import train_jobs
+    from eval.rows import ROW_KINDS, plan_rows, row_records
+    from groundtruth.tasks import TASKS
+
+    job = make_train_job(tmp_path)
+    question_only = dataclasses.replace(job, control="question_only")
+    assert [r.prompt for r in question_only.records()] == [""] * 16
+    assert [r.question for r in question_only.records()] == [r.question for r in job.records()]
+    with_v = [dataclasses.replace(r, vector=np.ones(4, np.float32), layers=[1]) for r in make_records(3)]
+    text_only = dataclasses.replace(job, control="text_only")
+    assert all(r.vector is None and r.layers == [1] for r in row_records(ROW_KINDS["trained_control"], text_only, with_v))
+    assert all(r.vector is not None for r in row_records(ROW_KINDS["trained"], job, with_v))
+
+    cfg = load_config("configs/quickstart.yaml", [f"out_dir={tmp_path / 'run'}",
+                                                  "eval.trained_controls=[text_only, question_only]"])
+    jobs = train_jobs(cfg)
+    controls = {(j.task, j.control) for j in jobs if j.control}
+    assert controls == {(t, "text_only" if TASKS[t].has_vectors else "question_only") for t in cfg.tasks}
+    assert len({j.out_dir for j in jobs}) == len(jobs)
+    mine = [j for j in jobs if j.control and (j.target, j.explainer) == (cfg.targets[0], cfg.explainers[0])]
+    patching = next(j for j in mine if TASKS[j.task].has_vectors)
+    labels = [r.label for r in plan_rows(TASKS[patching.task], "test", cfg.eval, "e", None, controls=[patching])]
+    assert "e trained text-only" in labels
+    with pytest.raises(Exception, match="trained_controls: unknown"):
+        load_config("configs/quickstart.yaml", ["eval.trained_controls=[blind]"])

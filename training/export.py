@@ -34,7 +34,8 @@ def job_identity(job: "TrainJob") -> dict:
         "explainer_spec": dataclasses.asdict(job.explainer_spec),
         "data": data_fingerprint(Path(job.data_dir)),
         "train": dataclasses.asdict(job.train) | {"use_ray": None, "num_workers": None, "worker_cpus": None},
-    } | ({"records_per_layer": job.max_records_per_layer} if job.max_records_per_layer else {})
+    } | ({"records_per_layer": job.max_records_per_layer} if job.max_records_per_layer else {}) \
+      | ({"control": job.control} if job.control else {})
 
 
 def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, steps: int) -> Path:

@@ -114,11 +114,17 @@ class TrainJob:
     seed: int = 0
     target_spec: Optional[ModelSpec] = None  # the target, for fitting an lstsq projection
     max_records_per_layer: Optional[int] = None  # train on the first n records of each layer (data-efficiency curve)
+    control: Optional[str] = None  # a trained control (training/controls.py): its records are rewritten
 
     def records(self) -> list:
         """The job's train records: all of data_dir, or the first max_records_per_layer of each layer
-        (the split is shuffled within each layer, so these are nested random subsets)."""
+        (the split is shuffled within each layer, so these are nested random subsets); a control job's
+        as its control rewrites them."""
         records = list(iter_records(Path(self.data_dir)))
+        if self.control is not None:
+            from .controls import TRAINED_CONTROLS
+
+            records = TRAINED_CONTROLS[self.control].rewrite(records)
         if self.max_records_per_layer is None:
             return records
         taken: Counter = Counter()

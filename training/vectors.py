@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Optional
-
-from groundtruth.records import iter_records
 
 from .explainer import Projection, key_layers, vector_key
 from .job import TrainJob
@@ -47,8 +44,8 @@ def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]]
     for job in jobs:
         if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:
             continue
-        records = list(iter_records(Path(job.data_dir)))
-        if not any(r.vector is not None for r in records):
+        records = job.records()
+        if not any(r.vector is not None for r in records):  # also a control trained without v
             continue
         keys = vector_keys(records)
         if job.projection_init_path.exists() and Projection.load(job.projection_init_path).keys == keys:
