@@ -145,7 +145,7 @@ def _baseline_cells(cfg: RunConfig, task: str, cell_task: str, target: str, test
         if cell is None:
             train = train if train is not None else list(iter_records(cfg.layout.split(task, target, "train")))
             preds = BASELINES[name].predict(train, test)
-            cell = Cell(cell_task, name, "baseline", name, target, score(preds, test))
+            cell = Cell(cell_task, name, "baseline", name, target, *score(preds, test))
             _save_cell(path, data_key, cell, preds)
         cells.append(cell)
     return cells
@@ -194,13 +194,14 @@ def _scored_cell(cfg: RunConfig, unit: EvalUnit, predictions, test: list[Record]
     """A unit's cell from its predictions (SelfIE: the best scale's) and the predictions kept with it."""
     kind = ROW_KINDS[unit.kind]
     if kind.scaled:
-        scale, metrics = best_scale({s: score(p, test) for s, p in predictions.items()}, metrics_of(unit.task)[0])
-        predictions = predictions[scale]
+        scored = {s: score(p, test) for s, p in predictions.items()}
+        scale, metrics = best_scale({s: m for s, (m, _) in scored.items()}, metrics_of(unit.task)[0])
+        predictions, units = predictions[scale], scored[scale][1]
     else:
-        metrics = score(predictions, test)
+        metrics, units = score(predictions, test)
     if kind.curve and getattr(cfg.tasks[unit.task], "data_efficiency", None):
         metrics["examples_per_layer"] = unit.job.records_per_layer()
-    return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics), predictions
+    return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics, units), predictions
 
 
 def run_eval_stage(cfg: RunConfig) -> list[Cell]:

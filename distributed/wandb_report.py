@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from eval.matrix import headline
-from eval.report import matrix_table
+from eval.report import headline_lines, matrix_table
 from groundtruth.errors import BadInput
 
 from .config import RunConfig
@@ -26,7 +26,7 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
     blocks: list = [wr.TableOfContents(), wr.P(
         f"Run {cfg.name}: targets {', '.join(cfg.targets)}; explainers {', '.join(cfg.explainers)}. "
         "Each table: rows are explainers (trained, untrained, baselines), columns the target they explain; "
-        "(self) marks an explainer explaining itself.")]
+        "(self) marks an explainer explaining itself."), wr.MarkdownBlock("\n".join(headline_lines(matrix)))]
     for task, table in matrix["tasks"].items():
         metric = headline(table)
         blocks += [wr.H1(task), wr.P(f"Headline metric: {metric}.")]

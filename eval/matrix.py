@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+from .differences import headline_differences
 from .metrics import metrics_of
 from .rows import ROW_KINDS
 
@@ -19,6 +21,9 @@ class Cell:
     explainer: str  # model name, or the baseline's name
     target: str
     metrics: dict
+    units: Optional[list] = field(default=None, repr=False)
+    """Per test record (per feature) what the metrics aggregate, for paired comparisons; kept in the cell's
+    file, not in matrix.json."""
 
     @property
     def is_self(self) -> bool:
@@ -38,6 +43,8 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
                                              c.row)):
         row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
+    for task, comparisons in headline_differences(cells).items():
+        tasks[task]["differences"] = comparisons
     return {"tasks": tasks}
 
 

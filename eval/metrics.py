@@ -2,8 +2,9 @@
 macro-F1, content match, also within each gold class) and descriptions (judge, simulation)."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -83,62 +84,125 @@ def causal_metrics(units: list[Outcome]) -> dict:
 
 CAUSAL_METRICS = ("exact_match", "changed_macro_f1", "content_match", "content_match_changed", "parse_rate")
 """Headline first; content match on records whose output did change is where reading v shows most."""
-DESCRIPTION_METRICS = ("judge", "simulation")
+DESCRIPTION_METRICS = ("top1", "mean_rank", "judge", "simulation")
+"""top1 first: the judge compresses its range (majority baselines 0.66-0.72), the discriminative rank does not."""
 _CAUSAL_INTERVALS = CAUSAL_METRICS + ("exact_match_changed", "exact_match_unchanged", "content_match_unchanged")
+
+
+def causal_units(predictions: list[str], records: list[Record]) -> list[list]:
+    """One unit per record, as JSON: [gold changed, predicted changed or None, exact, content]."""
+    return [[o.gold_changed, o.predicted_changed, o.exact, o.content] for o in outcomes(predictions, records)]
+
+
+def causal_from_units(units: list[list]) -> dict:
+    return causal_metrics([Outcome(*u) for u in units])
 
 
 def score(predictions: list[str], records: list[Record]) -> dict:
     """Metrics of causal predictions against gold records, each with its bootstrap 95% interval over
     records. Unparseable output counts as wrong everywhere."""
-    return with_intervals(outcomes(predictions, records), causal_metrics, _CAUSAL_INTERVALS)
+    return with_intervals(causal_units(predictions, records), causal_from_units, _CAUSAL_INTERVALS)
 
 
-def _mean_scores(units: list[tuple[float, float]]) -> dict:
+def _mean_scores(units: list[list[float]]) -> dict:
+    """Per feature [judge, simulation, rank of the true feature among the K+1 candidates (0: first), K+1]."""
     if not units:
         return {"n": 0}
-    return {"n": len(units), "judge": sum(u[0] for u in units) / len(units),
-            "simulation": sum(u[1] for u in units) / len(units)}
+    n = len(units)
+    return {"n": n, "judge": sum(u[0] for u in units) / n, "simulation": sum(u[1] for u in units) / n,
+            "top1": sum(u[2] == 0 for u in units) / n, "mean_rank": sum(u[2] + 1 for u in units) / n,
+            "top1_chance": sum(1 / u[3] for u in units) / n}
 
 
-def score_descriptions(predictions: list[str], records: list[Record], judge, simulator) -> dict:
-    """Task A: the judge's 0..1 similarity to the gold description and the simulation score of the
-    generated description on the feature's exemplars (carried in each record's query), averaged over
-    features, each with its bootstrap 95% interval over features."""
+def discriminative_rank(simulator, description: str, own, others: list) -> int:
+    """Where the true feature's exemplars rank among others' by the simulation score of `description`
+    (0: first; a tie counts against the true feature, so a description that fits nothing ranks last)."""
+    from groundtruth.features.simulators import simulation_score
+
+    mine = simulation_score(simulator, description, own)
+    return sum(simulation_score(simulator, description, ex) >= mine for ex in others)
+
+
+def description_units(predictions: list[str], records: list[Record], judge, simulator, k: int = 9) -> list[list]:
+    """Per feature: the judge's 0..1 similarity to the gold description, the simulation score on its own
+    exemplars, and its rank among K other test features' exemplars (seeded choice per feature), and K+1."""
     from groundtruth.features.exemplars import FeatureExemplars
     from groundtruth.features.simulators import simulation_score
 
     if len(predictions) != len(records):
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
-    if not records:
-        return {"n": 0}
+    exemplars = [FeatureExemplars.from_json(r.query["exemplars"]) for r in records]
     grades = judge.grade([p.strip() for p in predictions], [r.explanation for r in records])
-    sims = [simulation_score(simulator, p.strip(), FeatureExemplars.from_json(r.query["exemplars"]))
-            for p, r in zip(predictions, records)]
-    return with_intervals(list(zip(grades, sims)), _mean_scores, DESCRIPTION_METRICS)
+    units = []
+    for i, (text, record, own) in enumerate(zip(predictions, records, exemplars)):
+        others = [j for j in range(len(records)) if j != i]
+        others = random.Random(record.record_id).sample(others, min(k, len(others)))
+        units.append([grades[i], simulation_score(simulator, text.strip(), own),
+                      discriminative_rank(simulator, text.strip(), own, [exemplars[j] for j in others]), len(others) + 1])
+    return units
 
 
-def _description_scorer(task_cfg):
+def score_descriptions(predictions: list[str], records: list[Record], judge, simulator, k: int = 9) -> dict:
+    """Task A: judge, simulation, and the discriminative top-1 accuracy and mean rank (chance: top1_chance),
+    averaged over features, each with its bootstrap 95% interval over features."""
+    return with_intervals(description_units(predictions, records, judge, simulator, k), _mean_scores,
+                          DESCRIPTION_METRICS)
+
+
+def _description_units(task_cfg):
     from groundtruth.features.task import simulator_of
 
     from .judges import make_judge
 
     judge, simulator = make_judge(task_cfg.judge, task_cfg.endpoint), simulator_of(task_cfg)
-    return lambda predictions, records: score_descriptions(predictions, records, judge, simulator)
+    return lambda predictions, records: description_units(predictions, records, judge, simulator,
+                                                          task_cfg.discriminative_k)
+
+
+@dataclass(frozen=True)
+class Form:
+    """How one explanation form (TaskSpec.explanation) is scored."""
+
+    metrics: tuple[str, ...]
+    """What its cells report, headline first."""
+    interval_metrics: tuple[str, ...]
+    """Those given a bootstrap interval."""
+    compared: tuple[str, ...]
+    """Those the report's headline differences are taken on (paired bootstrap)."""
+    aggregate: Callable[[list], dict]
+    """Per-record (or per-feature) units -> metrics."""
+    units: Callable[[Any], Callable[[list[str], list[Record]], list]]
+    """Task config -> (predictions, records -> units, as JSON); judges and simulators built once per task."""
 
 
 FORMS = {
-    # explanation form -> (metrics, headline first; scorer factory(task config) -> score(predictions, records))
-    "causal": (CAUSAL_METRICS, lambda task_cfg: score),
-    "description": (DESCRIPTION_METRICS, _description_scorer),  # judge and simulator built once per task
+    "causal": Form(CAUSAL_METRICS, _CAUSAL_INTERVALS, ("exact_match", "content_match_changed"), causal_from_units,
+                   lambda task_cfg: causal_units),
+    "description": Form(DESCRIPTION_METRICS, DESCRIPTION_METRICS, ("top1", "simulation", "judge"), _mean_scores,
+                        _description_units),
 }
 """What each explanation form (TaskSpec.explanation) is scored by."""
 
 
+def form_of(task: str) -> Form:
+    """The scoring form of a task ('<task>:<set>' as its task)."""
+    return FORMS[task_spec(task).explanation]
+
+
 def metrics_of(task: str) -> tuple[str, ...]:
     """The metrics a task's cells carry, headline first ('<task>:<set>' as its task)."""
-    return FORMS[task_spec(task).explanation][0]
+    return form_of(task).metrics
 
 
-def make_scorer(task: str, task_cfg):
-    """score(predictions, records) -> metrics for a task, by the form of its explanations."""
-    return FORMS[task_spec(task).explanation][1](task_cfg)
+def make_scorer(task: str, task_cfg) -> Callable[[list[str], list[Record]], tuple[dict, list]]:
+    """score(predictions, records) -> (metrics with intervals and distinct_outputs, per-record units)."""
+    form = form_of(task)
+    units_of = form.units(task_cfg)
+
+    def scorer(predictions: list[str], records: list[Record]) -> tuple[dict, list]:
+        units = units_of(predictions, records)
+        metrics = with_intervals(units, form.aggregate, form.interval_metrics)
+        metrics["distinct_outputs"] = len({p.strip() for p in predictions})
+        return metrics, units
+
+    return scorer

@@ -102,11 +102,48 @@ def _feature_stats(stats: dict) -> list[str]:
     return lines + [""]
 
 
+SMOKE_SCALE = 100
+"""Below this many test records per cell, the report says its matrix demonstrates the machinery."""
+
+
+def test_sizes(table: dict) -> dict[str, int]:
+    """Test records (features) per target of a task table."""
+    return {t: next((r["cells"][t]["n"] for r in table["rows"].values() if t in r["cells"]), 0) for t in table["targets"]}
+
+
+def headline_lines(matrix: dict) -> list[str]:
+    """The report's opening: the paired differences per task and target, and what the sizes allow."""
+    lines = ["## Headline", "", "Each trained explainer minus its best control (the control row or baseline that "
+             "scores best), and the self-explainer minus each cross-explainer, on the same test records; "
+             "paired bootstrap 95% intervals.", ""]
+    smallest = min((n for table in matrix["tasks"].values() for n in test_sizes(table).values()), default=0)
+    if smallest < SMOKE_SCALE:
+        lines += [f"At this size (as few as {smallest} test records per cell) the intervals are wide: this matrix "
+                  "demonstrates the machinery, not a finding. The study (configs/study_cpu.yaml, docs/RESULTS.md) "
+                  "is the run sized to answer the question.", ""]
+    for task, table in matrix["tasks"].items():
+        for d in table.get("differences", []):
+            lines.append(f"- {task}, target {d['target']} ({d['comparison']}): {d['reading']}")
+        failed = [f"{name} on {t}" for name, row in table["rows"].items() for t, c in row["cells"].items()
+                  if c.get("distinct_outputs") == 1 and c.get("n", 0) > 1 and row["kind"] != "baseline"]
+        if failed:
+            lines.append(f"- {task}: one output for every test record (a failed explainer): {', '.join(failed)}")
+    return lines + [""]
+
+
+def distinct_outputs_line(table: dict) -> str:
+    """How many different explanations each row gave, per target (1: the row ignores its input)."""
+    parts = [f"{name}: " + "/".join(str(c.get("distinct_outputs", "-")) for c in row["cells"].values())
+             for name, row in table["rows"].items() if row["kind"] != "baseline"]
+    return "Distinct outputs per row (per target, in column order): " + "; ".join(parts)
+
+
 def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
-    """report.md with per-task metric tables, heatmaps and label statistics; returns its path."""
+    """report.md with the headline differences, per-task metric tables, heatmaps and label statistics."""
     lines = [f"# selfexplain report: {config_name}", "",
              "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
-             "target models. A self cell is an explainer explaining the model it is a copy of.", ""]
+             "target models. A self cell is an explainer explaining the model it is a copy of.", "",
+             *headline_lines(matrix)]
     for task, table in matrix["tasks"].items():
         png = heatmap(task, table, layout.figure("heatmap", task), headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
@@ -118,9 +155,8 @@ def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
             lines += ["### data efficiency", "", f"![data efficiency]({plot.name})", ""]
             lines += [f"- {name}: " + ", ".join(f"{n} per layer -> {v:.3f}" for n, v in points) for name, points in curves.items()]
             lines.append("")
-        n = {t: next(iter(r["cells"].get(t, {"n": 0})["n"] for r in table["rows"].values() if t in r["cells"]), 0)
-             for t in table["targets"]}
-        lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in n.items()), ""]
+        lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in test_sizes(table).items()), "",
+                  distinct_outputs_line(table), ""]
         for pair, keys in table.get("projection_fit_error", {}).items():
             errors = "; ".join(f"layers {k}: {e['fit']:.3f} fit / {e.get('heldout', float('nan')):.3f} held out"
                                for k, e in sorted(keys.items(), key=lambda item: int(item[0].split("-")[0])))

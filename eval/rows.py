@@ -39,6 +39,8 @@ class RowKind:
     records too, so its explainer is scored on what it was trained to see."""
     curve: bool = False
     """A point of the data-efficiency curve (its cell records the job's records per layer)."""
+    control: bool = False
+    """A control: the report's headline compares each trained explainer with its best control row."""
     rewrite: Optional[Callable[[list], list]] = None
     """The test records as this row's explainer sees them, e.g. with v zeroed or shuffled across records
     (a control row); None: as they are. Scores are always against the records' own labels."""
@@ -87,17 +89,19 @@ register_row_kind(RowKind("subset", "{explainer} trained, {n} per layer", lambda
                           per_subset=True, curve=True))
 register_row_kind(RowKind(  # the paper's check of how much v matters
     "no_vector", "{explainer} trained, no vector",
-    lambda spec, split, ec: _test_only(split) and spec.has_vectors and ec.no_vector, with_vector=False))
+    lambda spec, split, ec: _test_only(split) and spec.has_vectors and ec.no_vector, with_vector=False,
+    control=True))
 register_row_kind(RowKind("trained_control", "{explainer} {control}", lambda spec, split, ec: _test_only(split),
-                          per_control=True))
-register_row_kind(RowKind("zero_vector", "{explainer} trained, zero v", _vector_control, rewrite=zero_vectors))
+                          per_control=True, control=True))
+register_row_kind(RowKind("zero_vector", "{explainer} trained, zero v", _vector_control, rewrite=zero_vectors,
+                          control=True))
 register_row_kind(RowKind("shuffled_vector", "{explainer} trained, shuffled v", _vector_control,
-                          rewrite=shuffled_vectors))
+                          rewrite=shuffled_vectors, control=True))
 register_row_kind(RowKind("untrained", "{explainer} untrained", lambda spec, split, ec: _test_only(split) and ec.untrained,
-                          reads_base=True))
+                          reads_base=True, control=True))
 register_row_kind(RowKind("selfie", "{explainer} SelfIE",
                           lambda spec, split, ec: _test_only(split) and spec.selfie and bool(ec.selfie_scales),
-                          reads_base=True, scaled=True))
+                          reads_base=True, scaled=True, control=True))
 
 
 @dataclass(frozen=True)

@@ -171,3 +171,35 @@ def test_trained_controls_train_and_score_their_own_explainer_on_rewritten_recor
     assert "e trained text-only" in labels
     with pytest.raises(Exception, match="trained_controls: unknown"):
         load_config("configs/quickstart.yaml", ["eval.trained_controls=[blind]"])
+
+
+def test_paired_differences_have_known_answers_and_pick_the_best_control():
+    """A paired difference of two rows scored on the same records: all right minus all wrong is 1 [1, 1];
+    a row equal to another is 0 [0, 0]; 10 more right of 40 is +0.25 with an interval above 0, narrower than
+    the two rows' separate intervals would give. The headline compares each trained row with the control that
+    scores best, and self with cross."""
+    from eval.differences import headline_differences, paired_difference
+    from eval.metrics import causal_from_units
+
+    right, wrong = [True, True, True, True], [True, True, False, True]  # [gold, predicted, exact, content]
+    ones, zeros = [right] * 40, [wrong] * 40
+    exact = lambda a, b: paired_difference(a, b, causal_from_units, "exact_match")  # noqa: E731
+    assert exact(ones, zeros) == {"difference": 1.0, "lo": 1.0, "hi": 1.0}
+    assert exact(ones, ones) == {"difference": 0.0, "lo": 0.0, "hi": 0.0}
+    better, worse = [right] * 30 + [wrong] * 10, [right] * 20 + [wrong] * 20
+    d = exact(better, worse)
+    assert d["difference"] == pytest.approx(0.25) and 0.1 < d["lo"] < 0.25 < d["hi"] <= 0.41
+    assert d["hi"] - d["lo"] < 0.35  # independent rates would give about 0.41 (1.96 x 2 x 0.105)
+    assert exact(better, worse[:-1]) is None  # not the same records
+
+    cell = lambda row, kind, explainer, units: Cell("input_ablation", row, kind, explainer, "a",  # noqa: E731
+                                                    causal_from_units(units), units)
+    cells = [cell("a trained", "trained", "a", better), cell("b trained", "trained", "b", worse),
+             cell("a untrained", "untrained", "a", worse), cell("majority", "baseline", "majority", ones),
+             cell("b untrained", "untrained", "b", zeros)]
+    found = [d for d in headline_differences(cells)["input_ablation"] if d["metric"] == "exact_match"]
+    by = {(d["comparison"], d["first"]): d for d in found}
+    assert by[("trained - best control", "a trained")]["second"] == "majority"  # beats 'a untrained'
+    assert "majority beats a trained on exact_match by 0.250" in by[("trained - best control", "a trained")]["reading"]
+    assert by[("self - cross", "a trained")]["second"] == "b trained"
+    assert by[("self - cross", "a trained")]["reading"].startswith("a trained beats b trained on exact_match by 0.250 [")

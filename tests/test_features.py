@@ -426,3 +426,36 @@ def test_the_feature_recipe_runs_in_one_process_and_redoes_only_what_is_missing(
     assert ran == [("exemplars", 1), ("describe", 0), ("ood sets", 0)]
     assert {r.source_id: r.explanation for r in iter_records(ctx.folder / "train")} == train
     assert [r.source_id for r in iter_records(ctx.folder / "test")] == test and again["test"] == stats["test"]
+
+
+def city_feature() -> FeatureExemplars:
+    """A feature that fires on city names, silent elsewhere."""
+    def window(words, acts):
+        return Window([" " + w for w in words], acts)
+    top = [window(["in", "paris", "today"], [0, 5.0, 0]), window(["rome", "is", "old"], [4.0, 0, 0]),
+           window(["to", "paris", "again"], [0, 4.2, 0])]
+    return FeatureExemplars(layer=3, feature=8, top=top, negatives=[window(["the", "dog", "ran"], [0, 0, 0])],
+                            active_tokens=3, tokens=12)
+
+
+def test_discriminative_metric_ranks_a_description_against_other_features_exemplars():
+    """top1: a description simulated on its own feature's exemplars must beat K other features'. Right
+    descriptions rank first; swapped ones rank last; a description that fits no feature ties and counts as last."""
+    import dataclasses
+
+    from eval.metrics import score_descriptions
+
+    class NoJudge:
+        def grade(self, predictions, golds):
+            return [0.0] * len(predictions)
+
+    animal = feature_record(1, 0, [1, 0], "animals")
+    city = dataclasses.replace(feature_record(1, 1, [0, 1], "cities"),
+                               query={**animal.query, "exemplars": city_feature().to_json()})
+    records = [animal, city]
+    right = score_descriptions(['the tokens "dog" and "cat"', 'the tokens "paris" and "rome"'], records, NoJudge(), lexical)
+    swapped = score_descriptions(['the tokens "paris" and "rome"', 'the tokens "dog" and "cat"'], records, NoJudge(), lexical)
+    same = score_descriptions(['the token "zebra"'] * 2, records, NoJudge(), lexical)
+    assert (right["top1"], right["mean_rank"], right["top1_chance"]) == (1.0, 1.0, 0.5)
+    assert (swapped["top1"], swapped["mean_rank"]) == (0.0, 2.0)
+    assert same["top1"] == 0.0

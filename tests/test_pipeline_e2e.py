@@ -111,12 +111,12 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
 
     # feature descriptions: an SAE trained here, whole features held out, judge and simulation scores
     features = matrix["tasks"]["feature_descriptions"]
-    assert features["metrics"] == ["judge", "simulation"]
+    assert features["metrics"] == ["top1", "mean_rank", "judge", "simulation"]
     assert set(features["rows"]) == {"a trained", "a trained, 8 per layer", "a trained, no vector", "a untrained",
                                      "a SelfIE", "b trained", "b trained, no vector", "b untrained", "b SelfIE",
                                      "majority", "nearest_neighbour", "gold"} | controls
     selfie = features["rows"]["a SelfIE"]["cells"]["a"]
-    assert selfie["scale"] in (1, 10) and set(selfie["judge_by_scale"]) == {"1.0", "10.0"}
+    assert selfie["scale"] in (1, 10) and set(selfie["top1_by_scale"]) == {"1.0", "10.0"}
     assert features["rows"]["a trained, 8 per layer"]["cells"]["a"]["examples_per_layer"] == 8
     assert (cfg.run_dir / "efficiency_feature_descriptions.png").exists()
     for ood in ("act", "dact"):  # out-of-distribution sets: trained rows and baselines
@@ -131,6 +131,11 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert all(r.vector.shape == (32,) and r.layers == [1] and r.query["exemplars"]["top"] for r in test_f)
     gold = features["rows"]["gold"]["cells"]["a"]
     assert gold["judge"] == pytest.approx(1.0, abs=1e-3) and gold["simulation"] > 0.3
+    assert 0 <= gold["top1_lo"] <= gold["top1"] <= gold["top1_hi"] <= 1 and gold["top1_chance"] > 0
+    # the headline: each trained row against its best control, and self against cross, per target
+    comparisons = {(d["comparison"], d["target"]) for d in features["differences"]}
+    assert comparisons == {(c, t) for c in ("trained - best control", "self - cross") for t in features["targets"]}
+    assert "## Headline" in (cfg.run_dir / "report.md").read_text()
     assert "SAE layer 1 (trained here): 64 features" in (cfg.run_dir / "report.md").read_text()
     assert (cfg.run_dir / "config.resolved.yaml").exists()
 

@@ -62,6 +62,9 @@ class FeatureConfig:
     """Simulator that picks the best candidate and scores generated descriptions."""
     judge: str = "embedding"
     """Judge of generated vs gold descriptions at eval (see eval/judges.py)."""
+    discriminative_k: int = 9
+    """Eval: a generated description is simulated on its feature's exemplars and on this many other test
+    features' exemplars; top1 is how often its own rank first (chance 1/(K+1))."""
     endpoint: Optional[EndpointConfig] = None
     """OpenAI-compatible endpoint for the llm describer, simulator and judge."""
     neuronpedia: Optional[str] = None
@@ -81,6 +84,8 @@ class FeatureConfig:
 
     def check(self) -> None:
         self.sae.check()
+        if self.discriminative_k < 1:
+            raise ValueError(f"discriminative_k: must be at least 1, got {self.discriminative_k}")
         for name in self.describers:
             if name not in DESCRIBERS:
                 raise ValueError(f"describers: unknown {name!r} (known: {', '.join(DESCRIBERS)})")

@@ -1,0 +1,84 @@
+"""The report's headline: each trained explainer minus its best control, and self minus cross, each with a
+paired bootstrap 95% interval and a one-line reading.
+
+Every cell of one (matrix task, target) is scored on the same test records in the same order, so two
+rows compare record by record: one resample of record indices is applied to both, and the interval is
+that of the difference (narrower than two independent intervals when the rows agree on most records).
+Which metrics are compared is the task's scoring form's (`Form.compared`); which rows are controls is
+the row kind's (`RowKind.control`), baselines always being controls.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from .metrics import BOOTSTRAP_RESAMPLES, form_of
+from .rows import ROW_KINDS
+
+
+def paired_difference(a: list, b: list, aggregate: Callable[[list], dict], metric: str,
+                      seed: int = 0) -> Optional[dict]:
+    """metric(a) - metric(b) over the same units, with the 2.5/97.5 percentiles of the difference over
+    BOOTSTRAP_RESAMPLES paired resamples; None when the rows do not cover the same units."""
+    if not a or len(a) != len(b):
+        return None
+    point_a, point_b = aggregate(a).get(metric), aggregate(b).get(metric)
+    if point_a is None or point_b is None:
+        return None
+    draws = []
+    for row in np.random.default_rng(seed).integers(0, len(a), size=(BOOTSTRAP_RESAMPLES, len(a))):
+        x, y = aggregate([a[i] for i in row]).get(metric), aggregate([b[i] for i in row]).get(metric)
+        if x is not None and y is not None:  # a resample without a changed record has no content_match_changed
+            draws.append(x - y)
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+    return {"difference": point_a - point_b, "lo": float(lo), "hi": float(hi)}
+
+
+def reading(first: str, second: str, metric: str, d: dict) -> str:
+    """One line a reader can quote: who beats whom by how much, or that this size cannot tell."""
+    interval = f"{abs(d['difference']):.3f} [{min(abs(d['lo']), abs(d['hi'])):.3f}, {max(abs(d['lo']), abs(d['hi'])):.3f}]"
+    if d["lo"] > 0:
+        return f"{first} beats {second} on {metric} by {interval}"
+    if d["hi"] < 0:
+        return f"{second} beats {first} on {metric} by {interval}"
+    return (f"{first} vs {second} on {metric}: no difference detectable at this size "
+            f"({d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}])")
+
+
+def _is_control(cell) -> bool:
+    return cell.kind == "baseline" or (cell.kind in ROW_KINDS and ROW_KINDS[cell.kind].control)
+
+
+def _compare(first, second, metric: str, aggregate, comparison: str) -> Optional[dict]:
+    d = paired_difference(first.units, second.units, aggregate, metric)
+    if d is None:
+        return None
+    return {"comparison": comparison, "target": first.target, "metric": metric, "first": first.row,
+            "second": second.row, **d, "reading": reading(first.row, second.row, metric, d)}
+
+
+def headline_differences(cells: list) -> dict[str, list[dict]]:
+    """matrix task -> its comparisons: per target and compared metric, each trained explainer against the
+    control row that scores best on that metric (its own rows or a baseline), and the self-explainer
+    against each other explainer trained on the same target. Cells without units are left out."""
+    out: dict[str, list[dict]] = {}
+    for task in dict.fromkeys(c.task for c in cells):
+        form = form_of(task)
+        mine = [c for c in cells if c.task == task and c.units]
+        for target in dict.fromkeys(c.target for c in mine):
+            here = [c for c in mine if c.target == target]
+            trained = [c for c in here if c.kind == "trained"]
+            for metric in form.compared:
+                for cell in trained:
+                    controls = [c for c in here if _is_control(c) and (c.kind == "baseline" or c.explainer == cell.explainer)
+                                and c.metrics.get(metric) is not None]
+                    if controls:
+                        best = max(controls, key=lambda c: c.metrics[metric])
+                        found = _compare(cell, best, metric, form.aggregate, "trained - best control")
+                        out.setdefault(task, []).extend([found] if found else [])
+                own = next((c for c in trained if c.explainer == target), None)
+                for cross in (c for c in trained if own is not None and c is not own):
+                    found = _compare(own, cross, metric, form.aggregate, "self - cross")
+                    out.setdefault(task, []).extend([found] if found else [])
+    return out
