@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ from eval.baselines import BASELINES
 from eval.matrix import Cell
 from eval.metrics import make_scorer, metrics_of
 from eval.rows import ROW_KINDS, plan_rows, row_records
+from groundtruth.dataset import stratified_sample
 from groundtruth.models import prepare
 from groundtruth.records import Record, ShardError, iter_records, read_manifest
 from groundtruth.tasks import TASKS
@@ -94,7 +96,8 @@ def group_units(units: list[EvalUnit]) -> list[list[EvalUnit]]:
 
 
 def test_records(cfg: RunConfig, task: str, target: str, split: str = "test") -> list[Record]:
-    """The records a split is scored on (at most eval.max_examples); [] for a set a run did not make."""
+    """The records a split is scored on (at most eval.max_examples, a seeded stratified sample); [] for a
+    set a run did not make."""
     folder = cfg.layout.split(task, target, split)
     if split != "test" and not (folder / "manifest.json").exists():
         return []
@@ -103,7 +106,12 @@ def test_records(cfg: RunConfig, task: str, target: str, split: str = "test") ->
         raise ShardError(f"{folder} was made for another target model or {task} settings than the config gives "
                          f"(hash {made}, now {now}); rerun the groundtruth stage or fix the config")
     records = list(iter_records(folder))
-    return records[: cfg.eval.max_examples] if cfg.eval.max_examples else records
+    if not cfg.eval.max_examples or cfg.eval.max_examples >= len(records):
+        return records
+    # a seeded sample spread over the task's balancing cells (patching: token type x block) or layers
+    cell_of = TASKS[task].balance_cell or (lambda r: str(r.layers))
+    chosen = stratified_sample(records, cfg.eval.max_examples, cell_of, random.Random(cfg.seed))
+    return sorted(chosen, key=lambda r: r.record_id)
 
 
 def best_scale(scored: dict[float, dict], metric: str) -> tuple[float, dict]:

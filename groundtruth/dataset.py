@@ -56,8 +56,9 @@ class SplitConfig:
         return "the prompt format"
 
     def usable(self, record: Record) -> bool:
-        """Whether a raw record may enter a split: answered, and no near-tie when those are dropped."""
-        if record.query.get(UNANSWERED):
+        """Whether a raw record may enter a split: answered, with a non-empty answer before and after
+        (an empty one would teach 'change to <<<>>>'), and no near-tie when those are dropped."""
+        if record.query.get(UNANSWERED) or empty_answer(record):
             return False
         margin = record.query.get(MARGIN)
         return not (self.drop_near_ties and margin is not None and margin < self.near_tie_margin)
@@ -71,6 +72,11 @@ MARGIN = "logit_margin"
 
 class DegenerateSetError(BadInput, ValueError):
     """A generated set whose labels cannot train or test anything (answers not extracted, one class)."""
+
+
+def empty_answer(record: Record) -> bool:
+    """A causal record whose output before or after is empty (e.g. a whitespace token decoded)."""
+    return not record.output_before.strip() or not record.output_after.strip()
 
 
 def check_labels(stats: dict, cfg: SplitConfig, where: str) -> None:
@@ -122,24 +128,46 @@ def stratified_sample(records: list[Record], n: int, cell_of: Optional[Callable[
 
 def balance(records: list[Record], changed_fraction: float, seed: int, cap: Optional[int] = None,
             cell_of: Optional[Callable[[Record], str]] = None) -> list[Record]:
-    """Subsample so `changed` records make up `changed_fraction` (as near as the counts allow), then
-    cap the total; within each class, records are spread over the cells of `cell_of` when given. The
-    result is sorted by record id so it does not depend on arrival order."""
+    """Subsample so `changed` records make up `changed_fraction` (as near as the counts allow), then cap
+    the total. With `cell_of`, the ratio holds within every cell, so that the cell alone predicts the
+    label no better than the majority rate (a cell with one class gives nothing), and a cap takes from
+    the cells in turn. The result is sorted by record id so it does not depend on arrival order."""
     rng = random.Random(seed)
     records = sorted(records, key=lambda r: r.record_id)
+    if cell_of is None or len({r.changed for r in records}) < 2:  # one class only: nothing to balance against
+        return sorted(_balanced_picks(records, changed_fraction, rng, cap), key=lambda r: r.record_id)
+    cells: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        cells[cell_of(r)].append(r)
+    queues = [_balanced_picks(cells[key], changed_fraction, rng, None, keep_single=False) for key in sorted(cells)]
+    chosen: list[Record] = []
+    while any(queues) and (cap is None or len(chosen) < cap):
+        for queue in queues:
+            if queue and (cap is None or len(chosen) < cap):
+                chosen.append(queue.pop(0))
+    return sorted(chosen, key=lambda r: r.record_id)
+
+
+def _balanced_picks(records: list[Record], changed_fraction: float, rng: random.Random, cap: Optional[int],
+                    keep_single: bool = True) -> list[Record]:
+    """The largest subsample in the ratio (capped), ordered so that every prefix keeps the ratio as near
+    as it can (a cap on a merged queue cuts it evenly). One class only: all of it if keep_single, else none."""
     changed = [r for r in records if r.changed]
     unchanged = [r for r in records if not r.changed]
-    if changed and unchanged:
-        # the largest total whose split respects the ratio and the counts at hand
-        total = min(len(changed) / changed_fraction, len(unchanged) / (1 - changed_fraction))
-        if cap is not None:
-            total = min(total, cap)
-        n_changed = max(1, round(total * changed_fraction))
-        n_unchanged = max(1, round(total * (1 - changed_fraction)))
-        chosen = stratified_sample(changed, n_changed, cell_of, rng) + stratified_sample(unchanged, n_unchanged, cell_of, rng)
-    else:  # one class only: nothing to balance against
-        chosen = stratified_sample(records, cap, cell_of, rng) if cap is not None else records
-    return sorted(chosen, key=lambda r: r.record_id)
+    if not (changed and unchanged):
+        return (rng.sample(records, min(cap, len(records))) if cap is not None else list(records)) if keep_single else []
+    total = min(len(changed) / changed_fraction, len(unchanged) / (1 - changed_fraction))
+    total = min(total, cap) if cap is not None else total
+    picks = {True: rng.sample(changed, max(1, round(total * changed_fraction))),
+             False: rng.sample(unchanged, max(1, round(total * (1 - changed_fraction))))}
+    order, taken = [], {True: 0, False: 0}
+    while taken[True] < len(picks[True]) or taken[False] < len(picks[False]):
+        # the class furthest below its share of the picks so far goes next
+        want = changed_fraction * (len(order) + 1) - taken[True]
+        label = taken[True] < len(picks[True]) and (want >= 0.5 or taken[False] >= len(picks[False]))
+        order.append(picks[label][taken[label]])
+        taken[label] += 1
+    return order
 
 
 def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable[[Record], str]] = None,
@@ -156,7 +184,8 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
         return {"count": 0}
     unanswered = sum(bool(r.query.get(UNANSWERED)) for r in records)
     margins = [r.query[MARGIN] for r in records if r.query.get(MARGIN) is not None]
-    quality = {"unanswered": unanswered, "unanswered_fraction": round(unanswered / n, 4)}
+    quality = {"unanswered": unanswered, "unanswered_fraction": round(unanswered / n, 4),
+               "empty_answers": sum(empty_answer(r) and not r.query.get(UNANSWERED) for r in records)}
     if margins and near_tie_margin is not None:
         quality["near_ties"] = sum(m < near_tie_margin for m in margins)
         quality["near_tie_margin"] = near_tie_margin
@@ -173,6 +202,11 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
             continue
         rules[key] = round(sum(max(c.values()) for c in by_value.values()) / n, 4)
     cells = Counter(cell_of(r) for r in records) if cell_of else None
+    if cell_of:  # how well the balancing cell alone predicts the label (the majority rate: it tells nothing)
+        by_cell: dict[str, Counter] = defaultdict(Counter)
+        for r in records:
+            by_cell[cell_of(r)][r.changed] += 1
+        rules["cell"] = round(sum(max(c.values()) for c in by_cell.values()) / n, 4)
     return {
         "count": n,
         **quality,

@@ -18,7 +18,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from .dataset import MARGIN, SplitConfig
+from .dataset import MARGIN, SplitConfig, split_of
 from .errors import DataSourceError
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
@@ -88,8 +88,10 @@ class PatchItem:
 
 
 def build_items(cfg: PatchingConfig, seed: int) -> list[PatchItem]:
+    """The counterfactual pairs; a pair's split is its x's, and its x' is drawn from the same split."""
     facts = load_counterfact(cfg.counterfact_path) if cfg.source == "counterfact" else country_facts(cfg.relations)
-    pairs = make_pairs(facts, cfg.pairs_per_fact, cfg.n_options, seed, cfg.max_facts)
+    pairs = make_pairs(facts, cfg.pairs_per_fact, cfg.n_options, seed, cfg.max_facts,
+                       group_of=lambda fact: split_of(fact.fact_id, cfg.test_fraction, seed))
     if not pairs:
         raise DataSourceError(f"activation_patching: source {cfg.source!r} gave no counterfactual pairs")
     return [PatchItem(p.x.fact_id, p) for p in pairs]
@@ -164,8 +166,12 @@ def align(t: int, x: PatchPrompt, x_prime: PatchPrompt) -> int:
 
 
 # ---------------------------------------------------------------- the technique
-def _answer(tokenizer, token: int) -> str:
-    return tokenizer.decode([token]).strip()
+def whole_answer(tokenizer, token: int, options: tuple[str, ...]) -> str:
+    """The answer a greedy next token stands for: the one option it begins (whole words, as the paper's
+    forced-choice answers are: "Br" -> "Brazil"), else the token's text when it begins none or several."""
+    text = tokenizer.decode([token]).strip()
+    begun = [o for o in options if text and o.startswith(text)]
+    return begun[0] if len(begun) == 1 else text
 
 
 def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, target: str,
@@ -183,12 +189,12 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
         positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
         interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in positions]
         clean_decision, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
-        before = _answer(tokenizer, clean_decision.token)
+        before = whole_answer(tokenizer, clean_decision.token, pair.options)
         # every v of the pair in one copy to the host: [len(interventions), d] fp32
         vectors = torch.stack([block_vector(source.states, blocks[iv.block], iv.source_position)
                                for iv in interventions]).cpu().numpy()
         for iv, decision, vector in zip(interventions, patched, vectors):
-            after = _answer(tokenizer, decision.token)
+            after = whole_answer(tokenizer, decision.token, pair.options)
             changed = after != before
             token_text = tokenizer.decode([int(x.ids[iv.position])])
             records.append(Record(

@@ -127,9 +127,10 @@ def test_counterfact_loader_reads_the_published_format(tmp_path):
     facts = load_counterfact(str(path))
     assert [f.answer for f in facts] == ["Paris", "Madrid", "Rome"] and facts[2].text == "Italy's capital is"
     pairs = make_pairs(facts, pairs_per_fact=2, n_options=3, seed=0)
-    assert len(pairs) == 6
+    assert len(pairs) == 2  # Italy's template differs: it pairs with no one (mixing templates misaligns positions)
     for p in pairs:
         assert p.x.relation == p.x_prime.relation and p.x.subject != p.x_prime.subject
+        assert p.x.template == p.x_prime.template
         assert {p.x.answer, p.x_prime.answer} <= set(p.options) and len(p.options) == 3
     path.write_text(json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is"}}]))
     with pytest.raises(ValueError, match="record 0 lacks requested_rewrite field 'subject'"):
@@ -148,3 +149,54 @@ def test_balancing_spreads_each_class_over_cells():
     share = lambda rs: sum(r.token_type == "relation" for r in rs) / len(rs)  # noqa: E731
     assert len(spread) == 40 and sum(r.changed for r in spread) == 20
     assert share(spread) == 0.5 < share(plain)
+
+
+def test_balancing_equalises_the_label_mix_within_each_cell():
+    """Where the cell predicts the label (subject_final mostly changes, relation mostly not), the balanced
+    set holds each cell at the target ratio, so the cell alone predicts at the majority rate; the old
+    balancing (per class over cells) kept the cell a 0.8-accurate predictor. Empty answers are dropped."""
+    from groundtruth.dataset import SplitConfig, label_stats
+
+    def rec(i, cell, changed):
+        return Record(f"r{i:04d}", "activation_patching", "t", "train", "s", "p", "q", "e", changed, "a",
+                      "b" if changed else "a", query={"block": "0"}, token_type=cell)
+    records = [rec(i, "subject_final", i % 5 != 0) for i in range(100)] + \
+              [rec(100 + i, "relation", i % 5 == 0) for i in range(100)]
+    cell_of = lambda r: r.token_type  # noqa: E731
+    assert label_stats(records, cell_of=cell_of)["trivial_rules"]["cell"] == 0.8
+    chosen = balance(records, 0.5, seed=0, cell_of=cell_of)
+    stats = label_stats(chosen, cell_of=cell_of)
+    assert len(chosen) == 80 and stats["changed_rate"] == 0.5 and stats["trivial_rules"]["cell"] == 0.5
+    capped = balance(records, 0.5, seed=0, cap=30, cell_of=cell_of)
+    assert len(capped) == 30 and label_stats(capped, cell_of=cell_of)["trivial_rules"]["cell"] <= 0.54
+    empty = rec(999, "relation", True)
+    empty.output_after = ""
+    assert not SplitConfig().usable(empty) and label_stats([empty, *records[:3]])["empty_answers"] == 1
+
+
+def test_patching_pairs_never_share_a_prompt_across_the_split():
+    """No prompt of a test pair is in train in either role (x or x'): the counterfactual x' is drawn
+    from its x's split. The old split by x alone put most test x' into train pairs."""
+    from groundtruth.dataset import split_of
+    from groundtruth.patching_task import PatchingConfig, build_items
+
+    cfg = PatchingConfig(test_fraction=0.3, pairs_per_fact=2)
+    items = build_items(cfg, seed=0)
+    split = {i.pair.pair_id: split_of(i.source_id, cfg.test_fraction, 0) for i in items}
+    prompts = {s: {t for i in items if split[i.pair.pair_id] == s for t in (i.pair.x.text, i.pair.x_prime.text)}
+               for s in ("train", "test")}
+    assert prompts["test"] and prompts["train"] and not prompts["test"] & prompts["train"]
+    assert len(items) > 0.9 * 2 * len({i.source_id for i in items})  # nearly every fact still gets its pairs
+
+
+def test_answers_are_whole_words_where_the_token_begins_one_option():
+    from groundtruth.patching_task import whole_answer
+
+    class Tok:
+        def decode(self, ids):
+            return {1: " Br", 2: " Ma", 3: " the", 4: " "}[ids[0]]
+
+    options = ("Brazil", "Madrid", "Malta")
+    assert whole_answer(Tok(), 1, options) == "Brazil"
+    assert whole_answer(Tok(), 2, options) == "Ma"  # begins two options: left as the token says
+    assert whole_answer(Tok(), 3, options) == "the" and whole_answer(Tok(), 4, options) == ""

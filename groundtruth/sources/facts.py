@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import ConfigError, DataSourceError
 from .countries import load_countries
@@ -96,9 +96,11 @@ def load_counterfact(path: str) -> list[Fact]:
 
 
 def make_pairs(facts: list[Fact], pairs_per_fact: int, n_options: int, seed: int,
-               max_facts: Optional[int] = None) -> list[FactPair]:
-    """Counterfactual pairs: each fact x with `pairs_per_fact` facts x' of the same relation and another
-    answer. Options: both answers plus others of the relation, up to n_options, in a seeded order."""
+               max_facts: Optional[int] = None, group_of: Optional[Callable[[Fact], str]] = None) -> list[FactPair]:
+    """Counterfactual pairs: each fact x with `pairs_per_fact` facts x' of the same relation and prompt
+    template (so x and x' differ only in the subject and positions align) and another answer, from the
+    same group (`group_of`: the split, so that no prompt of a test pair is in train in either role).
+    Options: both answers plus others of the relation, up to n_options, in a seeded order."""
     rng = random.Random(seed)
     by_relation: dict[str, list[Fact]] = defaultdict(list)
     for fact in facts:
@@ -108,7 +110,8 @@ def make_pairs(facts: list[Fact], pairs_per_fact: int, n_options: int, seed: int
         chosen = sorted(rng.sample(chosen, min(max_facts, len(chosen))), key=lambda f: f.fact_id)
     pairs = []
     for x in chosen:
-        others = [f for f in by_relation[x.relation] if f.answer != x.answer and f.subject != x.subject]
+        others = [f for f in by_relation[x.relation] if f.answer != x.answer and f.subject != x.subject
+                  and f.template == x.template and (group_of is None or group_of(f) == group_of(x))]
         answers = sorted({f.answer for f in by_relation[x.relation]})
         for x_prime in rng.sample(others, min(pairs_per_fact, len(others))):
             extra = [a for a in answers if a not in (x.answer, x_prime.answer)]
