@@ -98,6 +98,9 @@ class EvalConfig(ActorPoolConfig):
     """Controls that train an explainer of their own on the same records with the evidence removed
     (training/controls.py): text_only (vector tasks: v left out) and question_only (tasks without
     vectors: the input's content left out). Each is one more training job per explainer and target."""
+    trained_controls_for: Literal["self", "all"] = "self"
+    """Which explainers get the trained controls: the self-explainers (one job per target and control), or
+    every explainer of every target."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
     """Baselines to score (see eval/baselines.py); each is scored on the tasks it applies to."""
     selfie_scales: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0])

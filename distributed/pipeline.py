@@ -22,7 +22,7 @@ from .preflight import check_inputs
 from .ray_session import ray_session
 from .scaling import scale_plan
 from .tracking import log_to_wandb
-from .train_job import run_train_stage, train_jobs
+from .train_job import describe_job, run_train_stage, train_jobs
 from .typed_yaml import to_dict
 
 STAGES = ("groundtruth", "train", "eval", "report")
@@ -112,7 +112,7 @@ def plan(cfg: RunConfig) -> str:
     for j in jobs:
         reads = (f", reads v through Pi '{tc.projection.kind_for(j.explainer, j.target)}'"
                  if TASKS[j.task].has_vectors else "")
-        lines.append(f"  {j.task}: {j.explainer} on {j.target}{reads} -> {j.export_dir}")
+        lines.append(f"  {describe_job(j)}{reads} -> {j.export_dir}")
     lines.append("  deepspeed config: " + json.dumps(deepspeed_config(tc, tc.num_workers)))
     lines.append(f"eval: {ec.actors} actors x ({ec.actor_cpus} CPU, {ec.actor_gpus} GPU), batch {ec.batch_size}")
     for task in cfg.tasks:

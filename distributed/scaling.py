@@ -178,7 +178,8 @@ def scale_plan(cfg) -> list[str]:
                 trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
                 per_token = 4 * e.params + 2 * trainable if tc.lora else 6 * e.params
                 epochs = tc.epochs if tc.max_steps is None else 1
-                jobs = 1 + len(applicable_controls(spec, ec))  # the explainer and its trained controls
+                controlled = explainer == target or ec.trained_controls_for == "all"
+                jobs = 1 + (len(applicable_controls(spec, ec)) if controlled else 0)  # with its trained controls
                 flops = per_token * work.explainer_tokens * records * epochs * jobs
                 hours = gpu_hours(flops, plan, training=True)
                 total += hours
@@ -193,7 +194,7 @@ def scale_plan(cfg) -> list[str]:
                              f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch; "
                              f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
                 rows = sum(len(ec.selfie_scales) if r.kind.scaled else 1  # generations per test record
-                           for r in plan_rows(spec, "test", ec, explainer, None, controls=control_placeholders(spec, ec)))
+                           for r in plan_rows(spec, "test", ec, explainer, None, controls=control_placeholders(spec, ec) if controlled else []))
                 eval_flops = 2 * e.params * (work.explainer_tokens + (ec.max_new_tokens or 50)) * test * rows
                 hours = gpu_hours(eval_flops, plan, training=False)
                 total += hours

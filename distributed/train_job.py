@@ -29,7 +29,8 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
         for target in cfg.targets:
             for explainer in cfg.explainers:
                 sizes = getattr(task_cfg, "data_efficiency", []) if explainer == target else []
-                variants = [(n, None) for n in [None, *sizes]] + [(None, c) for c in controls]
+                mine = controls if explainer == target or cfg.eval.trained_controls_for == "all" else []
+                variants = [(n, None) for n in [None, *sizes]] + [(None, c) for c in mine]
                 for n, control in variants:
                     jobs.append(TrainJob(
                         task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
@@ -53,7 +54,7 @@ def write_job_files(cfg: RunConfig) -> list[Path]:
     return paths
 
 
-def _describe(job: TrainJob) -> str:
+def describe_job(job: TrainJob) -> str:
     subset = f" ({job.max_records_per_layer} records per layer)" if job.max_records_per_layer else ""
     control = f" ({TRAINED_CONTROLS[job.control].label})" if job.control else ""
     return f"{job.task}: {job.explainer} on {job.target}{subset}{control}"
@@ -80,7 +81,7 @@ def _ray_worker_loop(config: dict) -> None:
         if job.stop_file.exists():  # SIGTERM reached the driver between two jobs: start no new one
             return
         if ctx.get_world_rank() == 0:
-            print(f"[train] {_describe(job)}", flush=True)
+            print(f"[train] {describe_job(job)}", flush=True)
         try:
             run_training(job, report=lambda metrics: ray.train.report(metrics))
         except TrainingPreempted:  # the driver got SIGTERM: checkpoint written, end the group cleanly
@@ -135,10 +136,10 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
     for job in jobs:
         differs = export_differences(job)
         if differs == []:
-            print(f"[train] {_describe(job)} already exported, skipping", flush=True)
+            print(f"[train] {describe_job(job)} already exported, skipping", flush=True)
             continue
         if differs:
-            print(f"[train] {_describe(job)}: the export differs in {', '.join(differs)}; training again", flush=True)
+            print(f"[train] {describe_job(job)}: the export differs in {', '.join(differs)}; training again", flush=True)
         todo.append(job)
     for job in todo:
         prepare(job.explainer_spec)
@@ -159,9 +160,9 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
                 raise TrainingPreempted(None)
         else:
             for job in todo:
-                print(f"[train] {_describe(job)}", flush=True)
+                print(f"[train] {describe_job(job)}", flush=True)
                 run_training(job)
     for job in todo:
         if not export_matches(job):
-            raise RuntimeError(f"training of {_describe(job)} ended without a matching export in {job.export_dir}")
+            raise RuntimeError(f"training of {describe_job(job)} ended without a matching export in {job.export_dir}")
     return [job.export_dir for job in jobs]

@@ -162,6 +162,7 @@ def test_trained_controls_train_and_score_their_own_explainer_on_rewritten_recor
     cfg = load_config("configs/quickstart.yaml", [f"out_dir={tmp_path / 'run'}",
                                                   "eval.trained_controls=[text_only, question_only]"])
     jobs = train_jobs(cfg)
+    assert all(j.explainer == j.target for j in jobs if j.control)  # eval.trained_controls_for: self
     controls = {(j.task, j.control) for j in jobs if j.control}
     assert controls == {(t, "text_only" if TASKS[t].has_vectors else "question_only") for t in cfg.tasks}
     assert len({j.out_dir for j in jobs}) == len(jobs)
