@@ -21,7 +21,7 @@ export MALLOC_ARENA_MAX := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: install quickstart test test-all bench gpu-check gpu-wheels clean
+.PHONY: install quickstart study test test-all bench gpu-check gpu-wheels clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -48,6 +48,9 @@ install: $(STAMP) $(CORPORA)
 
 quickstart: install
 	$(VENV)/bin/selfexplain run configs/quickstart.yaml
+
+study: install
+	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
 
 test: install
 	$(PY) -m pytest -q tests
