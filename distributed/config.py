@@ -7,7 +7,6 @@ every run folder (config.resolved.yaml) together with the code version.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from eval.baselines import BASELINES
 from groundtruth.layout import RunLayout
 from groundtruth.models import ModelSpec, ModelSpecError, describe
+from groundtruth.records import write_atomic
 from groundtruth.tasks import TASKS, import_task_modules
 from training.controls import TRAINED_CONTROLS
 from training.job import TrainConfig, precision_conflict
@@ -212,9 +212,6 @@ def code_version() -> str:
 
 def save_resolved(cfg: RunConfig) -> Path:
     """Write config.resolved.yaml (with the code version) into the run folder."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.layout.resolved_config
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump({"code_version": code_version(), "config": to_dict(cfg)}, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump({"code_version": code_version(), "config": to_dict(cfg)}, sort_keys=False))
     return path

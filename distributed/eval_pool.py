@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from eval.metrics import make_scorer, metrics_of
 from eval.rows import ROW_KINDS, plan_rows, row_records
 from groundtruth.dataset import stratified_sample
 from groundtruth.models import prepare
-from groundtruth.records import Record, ShardError, iter_records, read_manifest
+from groundtruth.records import Record, ShardError, iter_records, read_manifest, write_atomic
 from groundtruth.tasks import TASKS
 from training.export import METADATA, load_explainer
 from training.job import TrainJob
@@ -121,10 +120,7 @@ def best_scale(scored: dict[float, dict], metric: str) -> tuple[float, dict]:
 
 
 def _save_cell(path: Path, key: str, cell: Cell, predictions: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"key": key, "cell": dataclasses.asdict(cell), "predictions": predictions}, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"key": key, "cell": dataclasses.asdict(cell), "predictions": predictions}, indent=1))
 
 
 def _load_cell(path: Path, key: str) -> Optional[Cell]:

@@ -3,10 +3,11 @@ baseline explainers."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from groundtruth.records import write_atomic
 
 from .differences import headline_differences
 from .metrics import metrics_of
@@ -76,9 +77,7 @@ def add_projection_errors(matrix: dict, errors: dict) -> dict:
 
 
 def write_matrix(path: Path, matrix: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(matrix, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(matrix, indent=1))
 
 
 def cells_of(matrix: dict) -> list[Cell]:

@@ -177,11 +177,16 @@ def read_manifest(folder: Path) -> dict:
         raise ShardError(f"manifest {path} is not valid JSON ({err}); delete the folder and rerun the stage") from None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader (or a rerun after a kill) sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def complete_shards(folder: Path, config_hash: str) -> dict[str, dict]:

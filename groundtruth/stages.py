@@ -14,13 +14,12 @@ in one process (tests, a GPU check); distributed/gt_pool.py fans the same steps 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 from .layout import LABEL_STATS
-from .records import split_complete
+from .records import split_complete, write_atomic
 
 Where = Literal["target", "task", "driver"]
 
@@ -80,10 +79,7 @@ class StagedRecipe:
 
 def write_json(path: Path, data: Any) -> None:
     """Write atomically: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
 
 
 def run_in_process(recipe: StagedRecipe, ctx: StageContext) -> dict:
