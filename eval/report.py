@@ -6,6 +6,7 @@ from pathlib import Path
 from groundtruth.layout import RunLayout
 
 from .matrix import data_efficiency, headline
+from .rows import ROW_KINDS
 
 
 def with_interval(cell: dict, metric: str, digits: int = 3, sep: str = " ") -> str:
@@ -125,10 +126,15 @@ def headline_lines(matrix: dict) -> list[str]:
         for d in table.get("differences", []):
             lines.append(f"- {task}, target {d['target']} ({d['comparison']}): {d['reading']}")
         failed = [f"{name} on {t}" for name, row in table["rows"].items() for t, c in row["cells"].items()
-                  if c.get("distinct_outputs") == 1 and c.get("n", 0) > 1 and row["kind"] != "baseline"]
+                  if c.get("distinct_outputs") == 1 and c.get("n", 0) > 1 and _explains(row["kind"])]
         if failed:
             lines.append(f"- {task}: one output for every test record (a failed explainer): {', '.join(failed)}")
     return lines + [""]
+
+
+def _explains(kind: str) -> bool:
+    """A trained explainer's own row (not a control, not a baseline): one output for all is its failure."""
+    return kind in ROW_KINDS and not ROW_KINDS[kind].control
 
 
 def distinct_outputs_line(table: dict) -> str:

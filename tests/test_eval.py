@@ -204,3 +204,20 @@ def test_paired_differences_have_known_answers_and_pick_the_best_control():
     assert "majority beats a trained on exact_match by 0.250" in by[("trained - best control", "a trained")]["reading"]
     assert by[("self - cross", "a trained")]["second"] == "b trained"
     assert by[("self - cross", "a trained")]["reading"].startswith("a trained beats b trained on exact_match by 0.250 [")
+
+
+def test_report_headline_flags_one_output_explainers_and_small_sets():
+    """A trained row that gave one output for every record is called failed (a control doing so is not);
+    a matrix of small test sets says it demonstrates the machinery and points to the study."""
+    from eval.report import headline_lines
+
+    cell = {"n": 24, "distinct_outputs": 1, "top1": 0.1, "self": True}
+    matrix = {"tasks": {"feature_descriptions": {"targets": ["a"], "metrics": ["top1"], "rows": {
+        "a trained": {"kind": "trained", "explainer": "a", "cells": {"a": cell}},
+        "a trained, zero v": {"kind": "zero_vector", "explainer": "a", "cells": {"a": cell}}}}}}
+    text = "\n".join(headline_lines(matrix))
+    assert "one output for every test record (a failed explainer): a trained on a" in text
+    assert "zero v on a" not in text
+    assert "demonstrates the machinery" in text and "docs/RESULTS.md" in text
+    cell["n"] = 400
+    assert "demonstrates the machinery" not in "\n".join(headline_lines(matrix))
