@@ -5,7 +5,7 @@ Every cell of one (matrix task, target) is scored on the same test records in th
 rows compare record by record: one resample of record indices is applied to both, and the interval is
 that of the difference (narrower than two independent intervals when the rows agree on most records).
 Which metrics are compared is the task's scoring form's (`Form.compared`); which rows are controls is
-the row kind's (`RowKind.control`), baselines always being controls.
+the row kind's (`RowKind.control`) or the baseline's (`Baseline.control`: gold is a ceiling, not a control).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .baselines import BASELINES
 from .metrics import BOOTSTRAP_RESAMPLES, form_of
 from .rows import ROW_KINDS
 
@@ -47,7 +48,9 @@ def reading(first: str, second: str, metric: str, d: dict) -> str:
 
 
 def _is_control(cell) -> bool:
-    return cell.kind == "baseline" or (cell.kind in ROW_KINDS and ROW_KINDS[cell.kind].control)
+    if cell.kind == "baseline":
+        return cell.explainer in BASELINES and BASELINES[cell.explainer].control
+    return cell.kind in ROW_KINDS and ROW_KINDS[cell.kind].control
 
 
 def _compare(first, second, metric: str, aggregate, comparison: str) -> Optional[dict]:

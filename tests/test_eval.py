@@ -196,12 +196,12 @@ def test_paired_differences_have_known_answers_and_pick_the_best_control():
     cell = lambda row, kind, explainer, units: Cell("input_ablation", row, kind, explainer, "a",  # noqa: E731
                                                     causal_from_units(units), units)
     cells = [cell("a trained", "trained", "a", better), cell("b trained", "trained", "b", worse),
-             cell("a untrained", "untrained", "a", worse), cell("majority", "baseline", "majority", ones),
-             cell("b untrained", "untrained", "b", zeros)]
+             cell("a untrained", "untrained", "a", worse), cell("majority", "baseline", "majority", zeros[:5] + ones[5:]),
+             cell("b untrained", "untrained", "b", zeros), cell("gold", "baseline", "gold", ones)]
     found = [d for d in headline_differences(cells)["input_ablation"] if d["metric"] == "exact_match"]
     by = {(d["comparison"], d["first"]): d for d in found}
-    assert by[("trained - best control", "a trained")]["second"] == "majority"  # beats 'a untrained'
-    assert "majority beats a trained on exact_match by 0.250" in by[("trained - best control", "a trained")]["reading"]
+    assert by[("trained - best control", "a trained")]["second"] == "majority"  # beats 'a untrained'; gold is no control
+    assert "no difference detectable at this size (-0.125 [" in by[("trained - best control", "a trained")]["reading"]
     assert by[("self - cross", "a trained")]["second"] == "b trained"
     assert by[("self - cross", "a trained")]["reading"].startswith("a trained beats b trained on exact_match by 0.250 [")
 
