@@ -119,9 +119,9 @@ def headline_lines(matrix: dict) -> list[str]:
              "paired bootstrap 95% intervals.", ""]
     smallest = min((n for table in matrix["tasks"].values() for n in test_sizes(table).values()), default=0)
     if smallest < SMOKE_SCALE:
-        lines += [f"At this size (as few as {smallest} test records per cell) the intervals are wide: this matrix "
-                  "demonstrates the machinery, not a finding. The study (configs/study_cpu.yaml, docs/RESULTS.md) "
-                  "is the run sized to answer the question.", ""]
+        lines += [f"As few as {smallest} test records (features) per cell: differences of about 0.1 cannot be told "
+                  "from zero here. At smoke scale (the quickstart) the matrix demonstrates the machinery, not a "
+                  "finding; docs/RESULTS.md holds the study (configs/study_cpu.yaml) and what it shows.", ""]
     for task, table in matrix["tasks"].items():
         for d in table.get("differences", []):
             lines.append(f"- {task}, target {d['target']} ({d['comparison']}): {d['reading']}")
