@@ -21,7 +21,7 @@ export MALLOC_ARENA_MAX := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: install quickstart study test test-all bench gpu-check gpu-wheels clean
+.PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -51,6 +51,19 @@ quickstart: install
 
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
+
+# The v-reading sweep of docs/RESULTS.md: name:overrides (comma-separated) per variant; one shared
+# ground truth (runs/sweep_cpu/groundtruth), copied into each variant's run folder.
+SWEEP_VARIANTS := plain30: norm30:train.projection.match_norm=true plain120:train.max_steps=120 \
+	norm120:train.projection.match_norm=true,train.max_steps=120
+sweep: install
+	$(VENV)/bin/selfexplain groundtruth configs/sweep_cpu.yaml
+	for v in $(SWEEP_VARIANTS); do \
+		name=sweep_$${v%%:*}; sets=""; \
+		for s in $$(echo $${v#*:} | tr , ' '); do sets="$$sets --set $$s"; done; \
+		mkdir -p runs/$$name && cp -rn runs/sweep_cpu/groundtruth runs/$$name/ && \
+		$(VENV)/bin/selfexplain run configs/sweep_cpu.yaml --set name=$$name $$sets || exit 1; \
+	done
 
 test: install
 	$(PY) -m pytest -q tests

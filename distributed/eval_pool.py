@@ -61,7 +61,7 @@ class Evaluator:
         """Per unit, its predictions; for SelfIE a dict scale -> predictions."""
         from eval.generate import explain
         from groundtruth.models import load_model, model_device
-        from training.vectors import job_projection
+        from training.vectors import job_projection, match_injection_norm
 
         job, first = group[0].job, group[0]
         if ROW_KINDS[first.kind].reads_base:
@@ -78,6 +78,7 @@ class Evaluator:
             if kind.reads_base and any(r.vector is not None for r in recs):
                 # the Pi training started from, beside the model
                 projection = job_projection(job, recs, model.config.hidden_size).to(model_device(model))
+                projection = match_injection_norm(projection, job, model)
             if kind.scaled:
                 out.append({scale: explain(model, tok, recs, fmt, tokens, batch_size, projection, vector_scale=scale)
                             for scale in scales})
@@ -168,7 +169,8 @@ def _explainer_rows(cfg: RunConfig, plan: EvalPlan, task: str, split: str, targe
             kind = row.kind
             stamp = "" if kind.reads_base else (row.job.export_dir / METADATA).read_text()
             key = stable_hash([data_key, kind.name, dataclasses.asdict(cfg.models[explainer]), stamp,
-                               cfg.train.prompt_format, dataclasses.asdict(cfg.train.projection),
+                               cfg.train.prompt_format,
+                               dataclasses.asdict(cfg.train.projection) if TASKS[task].has_vectors else None,
                                cfg.eval.selfie_scales if kind.scaled else None])
             path = cfg.layout.eval_cell(cell_task, target, row.label)
             done = _load_cell(path, key)

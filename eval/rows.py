@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from groundtruth.registry import register
 from groundtruth.taskspec import TaskSpec
 from training.controls import TRAINED_CONTROLS
 
@@ -50,10 +51,7 @@ ROW_KINDS: dict[str, RowKind] = {}
 
 
 def register_row_kind(kind: RowKind) -> RowKind:
-    if kind.name in ROW_KINDS:
-        raise ValueError(f"row kind {kind.name!r} is registered twice")
-    ROW_KINDS[kind.name] = kind
-    return kind
+    return register(ROW_KINDS, kind, "row kind")
 
 
 def _test_only(split: str) -> bool:

@@ -11,6 +11,7 @@ import os
 
 from . import ablation, patching_task
 from .features import spec as features
+from .registry import register
 from .taskspec import ExplanationForm, MemoryPlan, TaskSpec, TaskWork, split_records  # noqa: F401  (the API)
 
 TASKS: dict[str, TaskSpec] = {}
@@ -19,13 +20,10 @@ TASKS: dict[str, TaskSpec] = {}
 
 def register_task(spec: TaskSpec) -> TaskSpec:
     """Add a task (a built-in one below; one defined elsewhere from its own module)."""
-    if spec.name in TASKS:
-        raise ValueError(f"task {spec.name!r} is registered twice")
     per_item = spec.build_items is not None and spec.run is not None
     if per_item == (spec.staged is not None) or (spec.build_items is None) != (spec.run is None):
         raise ValueError(f"task {spec.name!r}: give build_items and run (a per-item task), or staged (a staged one)")
-    TASKS[spec.name] = spec
-    return spec
+    return register(TASKS, spec, "task")
 
 
 def task_spec(name: str) -> TaskSpec:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("groundtruth", "training", "eval", "distributed")
 LAYER = {name: i for i, name in enumerate(PACKAGES)}  # a package may import only those before it
@@ -60,3 +62,16 @@ def test_no_function_in_distributed_is_longer_than_60_lines():
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
     assert not long, long
+
+
+def test_every_registry_refuses_a_second_item_of_one_name():
+    from eval.rows import ROW_KINDS, register_row_kind
+    from groundtruth.tasks import TASKS, register_task
+    from training.controls import TRAINED_CONTROLS, register_trained_control
+
+    for register_one, registry in ((register_task, TASKS), (register_row_kind, ROW_KINDS),
+                                   (register_trained_control, TRAINED_CONTROLS)):
+        before = dict(registry)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_one(next(iter(registry.values())))
+        assert registry == before

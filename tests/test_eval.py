@@ -221,3 +221,31 @@ def test_report_headline_flags_one_output_explainers_and_small_sets():
     assert "demonstrates the machinery" in text and "docs/RESULTS.md" in text
     cell["n"] = 400
     assert "demonstrates the machinery" not in "\n".join(headline_lines(matrix))
+
+
+def test_sweep_table_pairs_each_run_with_its_best_control_and_the_reference(tmp_path):
+    import dataclasses
+    import json
+
+    from eval.matrix import Cell
+    from eval.metrics import causal_from_units
+    from eval.sweep import sweep_table
+    from groundtruth.layout import RunLayout
+
+    def write(run, row, kind, exact):  # 10 changed records, the first `exact` answered exactly
+        units = [[True, True, i < exact, i < exact] for i in range(10)]
+        cell = Cell("activation_patching", f"m {row}", kind, "m", "m", causal_from_units(units), units)
+        path = RunLayout(tmp_path / run).eval_cell("activation_patching", "m", cell.row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": "k", "cell": dataclasses.asdict(cell)}))
+
+    write("ref", "trained", "trained", 5)
+    write("ref", "trained, zero v", "zero_vector", 2)
+    write("longer", "trained", "trained", 8)
+    write("longer", "trained, zero v", "zero_vector", 8)
+    table = sweep_table([tmp_path / "ref", tmp_path / "longer"], "activation_patching", "m", "m")
+    ref_line, longer_line = [line for line in table.split("\n") if line.startswith("| ref")][0], \
+        [line for line in table.split("\n") if line.startswith("| longer")][0]
+    assert "| trained, zero v |" in table
+    assert ref_line.split(" | ")[3].startswith("+0.300") and ref_line.endswith("| - |"), ref_line
+    assert longer_line.split(" | ")[3].startswith("+0.000") and longer_line.split(" | ")[4].startswith("+0.300"), longer_line

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,8 @@ import torch
 from conftest import make_records, make_train_job as make_job
 from groundtruth.models import ModelSpec, load_model
 from training.batches import IGNORE, collate, encode_example
-from training.export import CheckpointMismatch, export_differences, export_matches, load_explainer
+from training.explainer import ProjectionConfig
+from training.export import CheckpointMismatch, export_differences, export_matches, job_identity, load_explainer
 from training.loss import ExplainerLM
 from training.step import micro_batch_order, run_training
 
@@ -102,6 +104,11 @@ def test_export_of_another_config_is_refused(tmp_path):
     assert export_differences(make_job(copied, max_steps=2)) == []
     with pytest.raises(CheckpointMismatch, match="not a finished explainer export"):
         load_explainer(tmp_path, {})
+    normed = ProjectionConfig(match_norm=True)  # input ablation reads no vector: Pi settings are not its identity
+    assert export_differences(make_job(tmp_path, max_steps=2, projection=normed)) == []
+    patching = dataclasses.replace(job, task="activation_patching")
+    assert job_identity(patching)["train"]["projection"] == dataclasses.asdict(ProjectionConfig())
+    assert "projection" not in job_identity(job)["train"]
 
 
 def test_lora_trains_adapters_only_and_exports_a_merged_model(tmp_path):

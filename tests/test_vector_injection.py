@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from training.explainer import Projection, add_vector_tokens, key_layers, projected_inputs, vector_key
+from torch import nn
+
+from training.explainer import (Projection, add_vector_tokens, embedding_norm, key_layers, projected_inputs,
+                                vector_key)
 
 
 @pytest.fixture()
@@ -93,3 +96,31 @@ def test_projection_round_trips_through_its_file(tmp_path):
 def test_vector_keys_name_layers_and_blocks():
     assert vector_key([5]) == "5" and vector_key(list(range(8, 16))) == "8-15"
     assert key_layers("8-15") == list(range(8, 16)) and key_layers("5") == [5]
+
+
+def test_a_normed_projection_keeps_direction_and_survives_save_and_subset(tmp_path):
+    projection = Projection("random", ["0-3", "4-7"], 48, 32)
+    vectors = torch.randn(3, 48) * torch.tensor([[0.01], [100.0], [0.0]])
+    keys = ["0-3", "4-7", "0-3"]
+    plain = projection(vectors, keys)
+    projection.norm = 3.0
+    normed = projection(vectors, keys)
+    assert torch.allclose(normed.norm(dim=-1), torch.tensor([3.0, 3.0, 0.0]))
+    assert torch.allclose(normed[:2], plain[:2] / plain[:2].norm(dim=-1, keepdim=True) * 3.0, atol=1e-6)
+    projection.save(tmp_path / "p.pt")
+    assert Projection.load(tmp_path / "p.pt").norm == 3.0 and projection.subset(["4-7"]).norm == 3.0
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's kind: the module multiplies its rows by a constant."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 5.0
+
+
+def test_embedding_norm_is_the_mean_output_norm_over_the_vocabulary():
+    embed = ScaledEmbedding(20_000, 16)  # more rows than one chunk
+    model = type("M", (), {"get_input_embeddings": lambda self: embed})()
+    slow = sum(embed(torch.tensor([i])).norm().item() for i in range(20_000)) / 20_000
+    assert embedding_norm(model, chunk=8192) == pytest.approx(slow, rel=1e-5)
+    assert embedding_norm(model) == pytest.approx(5.0 * embed.weight.norm(dim=-1).mean().item(), rel=1e-5)

@@ -42,24 +42,29 @@ def vector_job(tmp_path, kind: str, **train) -> TrainJob:
     data = tmp_path / "data" / "train"
     if not data.exists():
         write_split(data, vector_records(16), "h", shard_size=8)
-    cfg = TrainConfig(micro_batch_size=4, lr=3e-3, use_ray=False, log_every=2, checkpoint_every=50,
-                      projection=ProjectionConfig(cross_kind=kind, fit_texts=40), **train)
+    settings = {"projection": ProjectionConfig(cross_kind=kind, fit_texts=40), **train}
+    cfg = TrainConfig(micro_batch_size=4, lr=3e-3, use_ray=False, log_every=2, checkpoint_every=50, **settings)
     return TrainJob("activation_patching", "t", "e", ModelSpec("tiny-llama:hidden=32,layers=2"), str(data),
                     str(tmp_path / f"job-{kind}"), cfg, target_spec=ModelSpec(f"tiny-llama:hidden={D_TARGET},layers=4,seed=1"))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_trainable_projection_is_trained_exported_and_loaded(tmp_path, stage, monkeypatch):
+@pytest.fixture()
+def partition_everything(monkeypatch):
+    """ZeRO-3 partitions even tiny tensors (it would keep these maps and embeddings whole otherwise)."""
     import training.step
 
     original = training.step.deepspeed_config
 
-    def partition_everything(cfg, world):  # ZeRO-3 would keep these tiny maps whole otherwise
-        config = original(cfg, world)
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        return config
+    def config(cfg, world):
+        out = original(cfg, world)
+        out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        return out
 
-    monkeypatch.setattr(training.step, "deepspeed_config", partition_everything)
+    monkeypatch.setattr(training.step, "deepspeed_config", config)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_trainable_projection_is_trained_exported_and_loaded(tmp_path, stage, partition_everything):
     job = vector_job(tmp_path, "random", max_steps=8, zero_stage=stage)
     run_training(job)
     log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
@@ -71,6 +76,21 @@ def test_a_trainable_projection_is_trained_exported_and_loaded(tmp_path, stage, 
     assert len(tok) == model.get_input_embeddings().weight.shape[0] and "<|se_vec|>" in tok.get_vocab()
     meta = json.loads((job.export_dir / "selfexplain.json").read_text())
     assert meta["projection"]["kind"] == "random" and meta["projection"]["keys"] == ["0-1", "2-3"]
+
+
+def test_match_norm_injects_at_the_embedding_norm_through_training_and_export(tmp_path, partition_everything):
+    job = vector_job(tmp_path, "random", max_steps=2, zero_stage=3, train_embeddings=False,
+                     projection=ProjectionConfig(cross_kind="random", match_norm=True))
+    run_training(job)  # ZeRO-3 with the embedding partitioned: the norm is read from the gathered weight
+    model, tok, projection = load_explainer(job.export_dir, {"task": "activation_patching"})
+    reference = model.get_input_embeddings().weight[:-3].norm(dim=-1).mean().item()  # the 3 added rows aside
+    assert projection.norm == pytest.approx(reference, rel=0.02)
+    vectors = torch.randn(4, D_TARGET) * 100
+    vectors[1] = 0
+    norms = projection(vectors, ["0-1", "2-3", "0-1", "2-3"]).norm(dim=-1)
+    assert torch.allclose(norms[[0, 2, 3]], torch.full((3,), projection.norm)) and norms[1] == 0, "zero v stays zero"
+    meta = json.loads((job.export_dir / "selfexplain.json").read_text())
+    assert meta["projection"]["norm"] == projection.norm and meta["train"]["projection"]["match_norm"] is True
 
 
 def test_an_lstsq_projection_is_fitted_once_and_stays_frozen(tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from groundtruth.records import Record
+from groundtruth.registry import register
 from groundtruth.taskspec import TaskSpec
 
 
@@ -30,10 +31,7 @@ TRAINED_CONTROLS: dict[str, TrainedControl] = {}
 
 
 def register_trained_control(control: TrainedControl) -> TrainedControl:
-    if control.name in TRAINED_CONTROLS:
-        raise ValueError(f"trained control {control.name!r} is registered twice")
-    TRAINED_CONTROLS[control.name] = control
-    return control
+    return register(TRAINED_CONTROLS, control, "trained control")
 
 
 def without_vectors(records: list[Record]) -> list[Record]:

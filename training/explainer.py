@@ -2,11 +2,12 @@
 
 The prompt holds `[begin] [vec] [end]`; after the input embedding layer the embedding at `[vec]` is
 replaced by v (cast to the embedding dtype, no scaling), or by Pi_l v when a per-target-layer
-projection maps the target's hidden size to the explainer's (docs/METHOD.md section 1).
+projection maps the target's hidden size to the explainer's (docs/METHOD.md section 1). With
+`match_norm` every injected vector is rescaled to the explainer's mean token-embedding norm.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -59,6 +60,10 @@ class ProjectionConfig:
     (one passage per line)."""
     fit_texts: int = 400
     """Passages read for the fit; a fifth of them are held out to report the fit's error."""
+    match_norm: bool = False
+    """Rescale each injected vector (after Pi) to the explainer's mean token-embedding norm. Unscaled
+    (the paper), a unit-norm SAE direction is 3x (SmolLM2) to 26x (Gemma, whose embeddings are scaled by
+    sqrt(d)) shorter than any token embedding, and a residual state 60x-200x longer (medians; docs/METHOD.md section 1)."""
 
     def kind_for(self, explainer: str, target: str) -> ProjectionKind:
         return self.self_kind if explainer == target else self.cross_kind
@@ -108,9 +113,17 @@ class Projection(nn.Module):
                 linear.weight.requires_grad_(trainable)
                 self.maps[key] = linear
         self.fit_error: dict[str, dict[str, float]] = {}
+        self.norm: Optional[float] = None
+        """When set, every output is rescaled to this norm (ProjectionConfig.match_norm); zero stays zero."""
 
     def forward(self, vectors: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """vectors [N, d_target], keys [N] (vector_key of each vector's layers) -> [N, d_explainer]."""
+        mapped = self._map(vectors, keys)
+        if self.norm is None:
+            return mapped
+        return nn.functional.normalize(mapped, dim=-1) * self.norm
+
+    def _map(self, vectors: torch.Tensor, keys: list[str]) -> torch.Tensor:
         if self.kind == "none":
             return vectors
         missing = sorted(set(keys) - set(self.maps.keys()))
@@ -160,13 +173,14 @@ class Projection(nn.Module):
                 part.weight(key).copy_(self.weight(key))
                 part.weight(key).requires_grad_(self.weight(key).requires_grad)
         part.fit_error = {k: dict(self.fit_error[k]) for k in part.keys if k in self.fit_error}
+        part.norm = self.norm
         return part
 
     def save(self, path: Path) -> None:
         """Weights and settings in one file (torch.load(weights_only=True) reads it back)."""
         torch.save({"kind": self.kind, "keys": self.keys, "d_target": self.d_target, "d_explainer": self.d_explainer,
                     "maps": {k: self.weight(k).detach().float().cpu() for k in self.maps},
-                    "fit_error": self.fit_error}, path)
+                    "fit_error": self.fit_error, "norm": self.norm}, path)
 
     @classmethod
     def load(cls, path: Path, trainable: bool = False) -> "Projection":
@@ -176,7 +190,25 @@ class Projection(nn.Module):
             for key, weight in saved["maps"].items():
                 projection.weight(key).copy_(weight)
         projection.fit_error = saved["fit_error"]
+        projection.norm = saved.get("norm")
         return projection
+
+
+@torch.no_grad()
+def embedding_norm(model, chunk: int = 8192) -> float:
+    """Mean norm of the input-embedding module's output over the vocabulary (Gemma's sqrt(d) scaling
+    included: the module is called, not its weight read). Gathers a ZeRO-3 partitioned weight."""
+    embed = model.get_input_embeddings()
+    gathered = nullcontext()
+    if hasattr(embed.weight, "ds_id"):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([embed.weight])
+    with gathered:
+        vocab = embed.weight.shape[0]
+        total = sum(embed(torch.arange(i, min(i + chunk, vocab), device=embed.weight.device)).float().norm(dim=-1).sum().item()
+                    for i in range(0, vocab, chunk))
+    return total / vocab
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 from groundtruth.errors import BadInput
 from groundtruth.models import ModelSpec, load_model, model_device
 from groundtruth.records import data_fingerprint
+from groundtruth.tasks import TASKS
 
 if TYPE_CHECKING:
     from .job import TrainJob
@@ -23,17 +24,26 @@ class CheckpointMismatch(BadInput, ValueError):
     """An exported explainer that was trained for another base model, task or target."""
 
 
+def reads_vectors(task: str) -> bool:
+    """Whether an explainer of this task reads vectors (unknown tasks: assume it does)."""
+    spec = TASKS.get(task.split(":")[0])
+    return spec is None or spec.has_vectors
+
+
 def job_identity(job: "TrainJob") -> dict:
     """What an export must match to be reused: base model, task, target, data and hyperparameters. The
     data is named by its content (a hash of its shards), not its path, so a copied or moved run folder
     still matches its exports."""
+    train = dataclasses.asdict(job.train) | {"use_ray": None, "num_workers": None, "worker_cpus": None}
+    if not reads_vectors(job.task):
+        train.pop("projection")  # no vector reaches this explainer: how one would be projected cannot matter
     return {
         "task": job.task,
         "target": job.target,
         "explainer": job.explainer,
         "explainer_spec": dataclasses.asdict(job.explainer_spec),
         "data": data_fingerprint(Path(job.data_dir)),
-        "train": dataclasses.asdict(job.train) | {"use_ray": None, "num_workers": None, "worker_cpus": None},
+        "train": train,
     } | ({"records_per_layer": job.max_records_per_layer} if job.max_records_per_layer else {}) \
       | ({"control": job.control} if job.control else {})
 
@@ -66,10 +76,11 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
 
             gathered = Projection(projection.kind, projection.keys, projection.d_target, projection.d_explainer)
             gathered.load_state_dict({k: v.float() for k, v in projection_state.items()})
-            gathered.fit_error = projection.fit_error
+            gathered.fit_error, gathered.norm = projection.fit_error, projection.norm
             projection = gathered
         projection.save(tmp / PROJECTION)
-        meta["projection"] = {"kind": projection.kind, "keys": projection.keys, "fit_error": projection.fit_error}
+        meta["projection"] = {"kind": projection.kind, "keys": projection.keys, "fit_error": projection.fit_error,
+                              "norm": projection.norm}
     (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

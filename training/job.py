@@ -13,6 +13,7 @@ from groundtruth.layout import CHECKPOINTS, EXPORT, PROJECTION_INIT, STOP, TRAIN
 from groundtruth.models import ModelSpec
 from groundtruth.records import iter_records
 
+from .controls import TRAINED_CONTROLS
 from .explainer import ProjectionConfig
 from .lora import LoraConfig
 
@@ -122,8 +123,6 @@ class TrainJob:
         as its control rewrites them."""
         records = list(iter_records(Path(self.data_dir)))
         if self.control is not None:
-            from .controls import TRAINED_CONTROLS
-
             records = TRAINED_CONTROLS[self.control].rewrite(records)
         if self.max_records_per_layer is None:
             return records

@@ -32,7 +32,7 @@ from .job import TrainJob, deepspeed_config, precision_conflict
 from .lora import apply_lora
 from .loss import ExplainerLM
 from .preemption import PreemptionWatch, TrainingPreempted, crash_if_injected
-from .vectors import job_projection
+from .vectors import job_projection, match_injection_norm
 
 
 def micro_batch_order(n_examples: int, rank: int, world: int, micro: int, seed: int, epoch: int) -> list[list[int]]:
@@ -141,7 +141,8 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
     model.train()
     wrapper_args: dict = {}
     if projection is not None:
-        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec, "projection": projection}
+        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec,
+                        "projection": match_injection_norm(projection, job, model)}
     if cfg.lora is not None:
         adapted = apply_lora(model, cfg.lora)
         if rank == 0:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from .explainer import Projection, key_layers, vector_key
+from .explainer import Projection, embedding_norm, key_layers, vector_key
 from .job import TrainJob
 from .projection_fit import initial_projection
 
@@ -23,6 +23,13 @@ def job_projection(job: TrainJob, records: list, d_explainer: int, device: Optio
     kind = job.train.projection.kind_for(job.explainer, job.target)
     return initial_projection(job.projection_init_path, kind, vector_keys(records), d_target, d_explainer,
                               job.target_spec, job.explainer_spec, job.train.projection, job.seed, device)
+
+
+def match_injection_norm(projection: Projection, job: TrainJob, model) -> Projection:
+    """Where the job's config asks for it, make the projection rescale what it injects to the explainer's
+    mean token-embedding norm (computed from `model`, the explainer it feeds)."""
+    projection.norm = embedding_norm(model) if job.train.projection.match_norm else None
+    return projection
 
 
 def fit_for_job(job: TrainJob, keys: list[str], device: Optional[str] = None) -> Projection:
