@@ -176,6 +176,9 @@ class RunConfig:
         self.tasks = task_configs(self.tasks)
         if not self.tasks:
             raise ValueError("tasks: enable at least one task")
+        for task in self.train.max_steps_by_task:
+            if task not in self.tasks:
+                raise ValueError(f"train.max_steps_by_task: {task!r} is not an enabled task ({', '.join(self.tasks)})")
         for name in self.explainers:
             conflict = precision_conflict(self.models[name].dtype, self.train.precision)
             if conflict:

@@ -36,7 +36,7 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
                         task=task, target=target, explainer=explainer, explainer_spec=cfg.models[explainer],
                         data_dir=str(cfg.layout.split(task, target, "train")),
                         out_dir=str(cfg.layout.explainer(task, target, explainer, n, control)),
-                        train=cfg.train, seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n,
+                        train=cfg.train.for_task(task), seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n,
                         control=control))
     return jobs
 

@@ -46,6 +46,8 @@ def test_overrides_apply_with_types(tmp_path):
     ("tasks.input_ablation.span.kinds=[foo]", "tasks.input_ablation.span.kinds: unknown kinds"),
     ("groundtruth.actors=two", "groundtruth.actors: expected an integer"),
     ("eval.baselines=[oracle]", "eval.baselines: unknown ['oracle']"),
+    ("train.max_steps_by_task={activation_patching: 5}", "'activation_patching' is not an enabled task"),
+    ("train.max_steps_by_task={input_ablation: 0}", "every count must be at least 1"),
 ])
 def test_bad_values_name_the_dotted_key(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
@@ -67,3 +69,17 @@ def test_resolved_config_is_saved_with_code_version(tmp_path):
     saved = yaml.safe_load(save_resolved(cfg).read_text())
     assert saved["config"]["train"]["lr"] == pytest.approx(2e-4)
     assert saved["code_version"]
+
+
+def test_steps_by_task_reach_only_that_tasks_jobs(tmp_path):
+    from distributed.train_job import train_jobs
+
+    tasks = {"input_ablation": {"max_sources": 3}, "activation_patching": {"max_facts": 3}}
+    cfg = load_config(write(tmp_path, {**BASE, "tasks": tasks}), ["train.max_steps=30",
+                                                                  "train.max_steps_by_task={activation_patching: 120}"])
+    steps = {job.task: job.train.max_steps for job in train_jobs(cfg)}
+    assert steps == {"input_ablation": 30, "activation_patching": 120}
+    other = load_config(write(tmp_path, {**BASE, "tasks": tasks}), ["train.max_steps=30"])
+    ablation = [j for j in train_jobs(cfg) if j.task == "input_ablation"][0]
+    same = [j for j in train_jobs(other) if j.task == "input_ablation"][0]
+    assert ablation.train == same.train, "another task's step count is no part of this task's jobs"

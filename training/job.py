@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -30,6 +30,8 @@ class TrainConfig:
     """Passes over the train split (ignored when max_steps is set)."""
     max_steps: Optional[int] = None
     """Optimizer steps in all; null: epochs x steps per epoch."""
+    max_steps_by_task: dict[str, int] = field(default_factory=dict)
+    """Optimizer steps for the named tasks' jobs (the others: max_steps), e.g. {activation_patching: 120}."""
     lr: float = 5e-5
     """Constant learning rate (the paper's; 1e-5 it used later for input ablation on 8B models)."""
     weight_decay: float = 0.01
@@ -79,7 +81,14 @@ class TrainConfig:
     """Low-rank adapters instead of a full fine-tune (the paper: r=128 for activation patching);
     null: every weight is trained. Exports merge the adapters into the weights."""
 
+    def for_task(self, task: str) -> "TrainConfig":
+        """The settings one task's jobs train with (another task's step count is no part of them)."""
+        steps = self.max_steps_by_task.get(task, self.max_steps)
+        return replace(self, max_steps=steps, max_steps_by_task={})
+
     def check(self) -> None:
+        if any(steps < 1 for steps in self.max_steps_by_task.values()):
+            raise ValueError(f"max_steps_by_task: every count must be at least 1, got {self.max_steps_by_task}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
