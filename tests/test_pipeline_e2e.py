@@ -152,8 +152,9 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert "a report lives on the W&B server" in capsys.readouterr().err
 
     # a rerun of finished stages is a no-op: no shard, export or eval cell is rewritten
-    watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/model.safetensors")) \
+    watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/trained.safetensors")) \
         + list(cfg.run_dir.glob("eval/*/*/*.json")) + list(fgt.rglob("*.tar")) + list(fgt.rglob("layer_*.npy"))
+    assert any("export" in str(p) for p in watched), "the exports are among what is watched"
     before = {p: p.stat().st_mtime_ns for p in watched}
     monkeypatch.delenv(FAULT_ENV)
     run(cfg, ("groundtruth", "train", "eval"))

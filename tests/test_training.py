@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import make_records, make_train_job as make_job
 from groundtruth.models import ModelSpec, load_model
@@ -111,8 +112,8 @@ def test_export_of_another_config_is_refused(tmp_path):
     assert "projection" not in job_identity(job)["train"]
 
 
-def test_lora_trains_adapters_only_and_exports_a_merged_model(tmp_path):
-    from training.lora import LoraConfig, LoraLinear, apply_lora, merge_lora_state
+def test_lora_trains_adapters_only_and_exports_them_alone(tmp_path):
+    from training.lora import LoraConfig, LoraLinear, apply_lora, merge_lora_
 
     model, _ = load_model(ModelSpec("tiny-llama"))
     ids = torch.tensor([[5, 9, 60, 7]])
@@ -127,16 +128,48 @@ def test_lora_trains_adapters_only_and_exports_a_merged_model(tmp_path):
             if isinstance(m, LoraLinear):
                 m.lora_b.normal_()
     adapted = model(input_ids=ids).logits
-    plain, _ = load_model(ModelSpec("tiny-llama"))
-    plain.load_state_dict(merge_lora_state(model.state_dict(), 8 / 4))
-    assert torch.allclose(plain(input_ids=ids).logits, adapted, atol=1e-4), "merged weights = base + adapters"
+    assert merge_lora_(model) == 14 and not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4), "merged weights = base + adapters"
     assert not torch.allclose(adapted, reference)
 
     job = make_job(tmp_path, max_steps=6, lora=LoraConfig(r=8, alpha=16), train_embeddings=False)
     run_training(job)
+    saved = load_file(job.export_dir / "trained.safetensors")
+    assert saved and all(k.endswith(("lora_a", "lora_b")) or k.startswith("vector_token_rows") for k in saved)
     exported, _, _ = load_explainer(job.export_dir, {"task": "input_ablation"})
     assert not any("lora" in name for name, _ in exported.named_parameters())
     base, _ = load_model(ModelSpec("tiny-llama"))
     changed = [n for n, p in exported.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert any("q_proj" in n for n in changed), "adapted weights moved"
     assert not any("norm" in n or "embed" in n for n in changed), "frozen weights (embeddings included) did not"
+
+
+@pytest.mark.parametrize("source", ["tiny-llama", "tiny-gemma"])  # an untied and a tied LM head
+def test_an_export_holds_only_what_trained_and_rebuilds_the_model(tmp_path, source):
+    from safetensors.torch import save_file
+
+    from training.explainer import add_vector_tokens
+    from training.export import METADATA, TRAINED, trained_tensors
+
+    model, tok = load_model(ModelSpec(source))
+    add_vector_tokens(model, tok)  # 3 rows more, initialised at random
+    model.get_input_embeddings().weight.requires_grad_(False)  # train_embeddings: false (an untied head trains)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    tensors = trained_tensors(model, tok, model.state_dict())
+    assert "model.embed_tokens.weight" not in tensors and ("lm_head.weight" in tensors) == (not tied)
+    assert tensors["vector_token_rows.input"].shape == (3, model.config.hidden_size)
+    assert "vector_token_rows.output" not in tensors, "a tied head shares the input rows; an untied one trained"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    save_file(tensors, folder / TRAINED)
+    (folder / METADATA).write_text(json.dumps({"explainer_spec": dataclasses.asdict(ModelSpec(source)),
+                                               "train": {"lora": None}, "vector_tokens": True}))
+    loaded, loaded_tok, _ = load_explainer(folder)
+    assert len(loaded_tok) == len(tok)
+    rebuilt = loaded.state_dict()
+    assert all(torch.equal(rebuilt[name], value) for name, value in model.state_dict().items()), \
+        "base + trained tensors + the vector rows = the trained model"

@@ -1,4 +1,5 @@
-"""Trained explainers as Hugging Face folders, with metadata that ties them to their config."""
+"""Trained explainers as the tensors training changed (safetensors, in the training precision), with
+metadata that names the base model they apply to and ties them to their config."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,16 +9,24 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from groundtruth.errors import BadInput
 from groundtruth.models import ModelSpec, load_model, model_device
 from groundtruth.records import data_fingerprint
 from groundtruth.tasks import TASKS
+
+from .explainer import SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from .job import TrainJob
 
 METADATA = "selfexplain.json"
 PROJECTION = "projection.pt"  # Pi, next to the weights, for explainers of vector tasks
+TRAINED = "trained.safetensors"
+"""The tensors training changed, in the training precision; METADATA names the base model they apply to."""
+VECTOR_ROWS = "vector_token_rows"  # rows of the [begin][vec][end] tokens in embeddings that did not train
 
 
 class CheckpointMismatch(BadInput, ValueError):
@@ -48,8 +57,36 @@ def job_identity(job: "TrainJob") -> dict:
       | ({"control": job.control} if job.control else {})
 
 
+def _param_name(model, weight) -> Optional[str]:
+    return next((name for name, p in model.named_parameters() if p is weight), None)
+
+
+def has_vector_tokens(tokenizer) -> bool:
+    return all(t in tokenizer.get_vocab() for t in SPECIAL_TOKENS)
+
+
+def trained_tensors(model, tokenizer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What training changed, from a full state dict of the model (gathered under ZeRO-3): every
+    parameter that required grad (LoRA adapters as they are), plus the [begin][vec][end] rows of
+    embeddings that did not train (the rows were added for them and initialised at random)."""
+    out = {name: state[name] for name, p in model.named_parameters() if p.requires_grad}
+    if not has_vector_tokens(tokenizer):
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    rows = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    embeddings = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
+    if embeddings["output"] is not None and embeddings["output"].weight is embeddings["input"].weight:
+        del embeddings["output"]  # tied: one matrix
+    for side, module in embeddings.items():
+        name = _param_name(model, module.weight) if module is not None else None
+        if name is not None and name not in out and name in state and state[name].shape[0] > max(rows):
+            out[f"{VECTOR_ROWS}.{side}"] = state[name][rows]
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
 def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, steps: int) -> Path:
-    """Write job.export_dir atomically (full weights gathered under ZeRO-3). Call on every rank."""
+    """Write job.export_dir atomically: the trained tensors in the training precision (safetensors), Pi,
+    and the metadata naming the base model they apply to (full weights are gathered under ZeRO-3 first).
+    Call on every rank."""
     state, projection_state = None, None
     if engine.zero_optimization_stage() == 3:
         full = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
@@ -61,14 +98,10 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     out = job.export_dir
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if job.train.lora is not None:  # a plain model again: adapters merged into the weights they adapt
-        from .lora import merge_lora_state
-
-        state = merge_lora_state(state if state is not None else wrapper.model.state_dict(),
-                                 job.train.lora.alpha / job.train.lora.r)
-    wrapper.model.save_pretrained(tmp, state_dict=state)
-    tokenizer.save_pretrained(tmp)
-    meta = {**job_identity(job), "steps": steps}
+    tmp.mkdir(parents=True)
+    state = state if state is not None else wrapper.model.state_dict()
+    save_file(trained_tensors(wrapper.model, tokenizer, state), tmp / TRAINED)
+    meta = {**job_identity(job), "steps": steps, "vector_tokens": has_vector_tokens(tokenizer)}
     projection = wrapper.projection
     if projection is not None:
         if projection_state:  # ZeRO-3: the module's own parameters are partitioned; save a gathered copy
@@ -94,8 +127,8 @@ def export_differences(job: "TrainJob") -> Optional[list[str]]:
     if not meta.exists():
         return None
     saved = json.loads(meta.read_text())
-    saved.pop("steps", None)
-    saved.pop("projection", None)
+    for produced in ("steps", "projection", "vector_tokens"):  # what the run made, not what defines it
+        saved.pop(produced, None)
     return _differing(saved, job_identity(job))
 
 
@@ -115,26 +148,64 @@ def export_matches(job: "TrainJob") -> bool:
     return export_differences(job) == []
 
 
-def load_explainer(folder: Path, expect: dict, device: Optional[str] = None):
+def load_explainer(folder: Path, expect: Optional[dict] = None, device: Optional[str] = None):
     """Load an exported explainer onto `device` (default: load_model's placement) -> (model, tokenizer,
-    projection or None, beside the model), failing with the differing fields if it was made for
-    something else.
+    projection or None, beside the model). One call is all a person needs:
 
-    `expect` holds the metadata fields that must agree (e.g. task, target, explainer_spec).
+        model, tokenizer, projection = load_explainer("runs/quickstart/explainers/<task>/<name>/export")
+
+    The base model named in the metadata is loaded (it must be loadable here: packaged, cached or on the
+    hub), given the [begin][vec][end] tokens, and the trained tensors are applied (LoRA adapters merged).
+    `expect` holds metadata fields that must agree (e.g. task, target, explainer_spec); a mismatch fails
+    naming the differing fields. A full-weights export of earlier versions loads as it is.
     """
     meta_path = Path(folder) / METADATA
     if not meta_path.exists():
         raise CheckpointMismatch(f"{folder} is not a finished explainer export (no {METADATA}); rerun the train stage")
     meta = json.loads(meta_path.read_text())
-    wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+    wrong = {k: (meta.get(k), v) for k, v in (expect or {}).items() if meta.get(k) != v}
     if wrong:
         detail = "; ".join(f"{k}: checkpoint has {have!r}, config says {want!r}" for k, (have, want) in wrong.items())
         raise CheckpointMismatch(f"explainer {folder} does not match its config ({detail}); retrain or fix the config")
     base = ModelSpec(**meta["explainer_spec"])  # its dtype and chat template settings, read from the export
-    model, tokenizer = load_model(ModelSpec(str(folder), base.dtype, chat_template_kwargs=base.chat_template_kwargs), device)
+    if (Path(folder) / TRAINED).exists():
+        model, tokenizer = _base_with_trained(Path(folder), meta, base, device)
+    else:
+        model, tokenizer = load_model(ModelSpec(str(folder), base.dtype, chat_template_kwargs=base.chat_template_kwargs),
+                                      device)
     projection = None
     if "projection" in meta:
         from .explainer import Projection
 
         projection = Projection.load(Path(folder) / PROJECTION).to(model_device(model))
     return model, tokenizer, projection
+
+
+@torch.no_grad()
+def _base_with_trained(folder: Path, meta: dict, base: ModelSpec, device: Optional[str]):
+    """The base model, with the vector tokens added where training added them (the same ids), and the
+    trained tensors of the export applied."""
+    from .explainer import add_vector_tokens
+    from .lora import LoraConfig, apply_lora, merge_lora_
+
+    model, tokenizer = load_model(base, device)
+    tensors = load_file(folder / TRAINED)
+    if meta.get("vector_tokens"):
+        ids = add_vector_tokens(model, tokenizer)
+        rows = [ids.begin, ids.vec, ids.end]
+        for side, module in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
+            saved = tensors.pop(f"{VECTOR_ROWS}.{side}", None)
+            if saved is not None:
+                module.weight[rows] = saved.to(module.weight.device, module.weight.dtype)
+    lora = meta["train"].get("lora")
+    if lora is not None:
+        apply_lora(model, LoraConfig(**lora))
+    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:
+        raise CheckpointMismatch(f"{folder / TRAINED} holds tensors {unexpected[:5]} that {base.source} does not have; "
+                                 "was it trained from another base model?")
+    if lora is not None:
+        merge_lora_(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), tokenizer

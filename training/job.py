@@ -79,7 +79,7 @@ class TrainConfig:
     its weights: its 262k x 640 embedding is the rest, and its AdamW update dominates a CPU step."""
     lora: Optional[LoraConfig] = None
     """Low-rank adapters instead of a full fine-tune (the paper: r=128 for activation patching);
-    null: every weight is trained. Exports merge the adapters into the weights."""
+    null: every weight is trained. Exports keep the adapters only (merged when loaded)."""
 
     def for_task(self, task: str) -> "TrainConfig":
         """The settings one task's jobs train with (another task's step count is no part of them)."""

@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA) for explainer fine-tuning: the paper trains task B and a 70B explainer with
 LoRA r=128. The base weights stay frozen; each adapted linear layer adds (alpha / r) * B A x. Exports
-merge the adapters back, so an exported explainer is a plain Hugging Face model like any other.
+keep the adapters only; loading one merges them into the base weights (`merge_lora_`).
 """
 from __future__ import annotations
 
@@ -68,17 +68,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     return len(targets)
 
 
-def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A state dict of a LoRA-wrapped model as the plain model's: W + scale * B A under W's own name."""
-    merged = {}
-    for key, value in state.items():
-        if key.endswith((".lora_a", ".lora_b")):
-            continue
-        if ".base." in key:
-            prefix, _, leaf = key.rpartition(".base.")
-            if leaf == "weight":
-                a, b = state[f"{prefix}.lora_a"].float(), state[f"{prefix}.lora_b"].float()
-                value = (value.float() + scale * b @ a).to(value.dtype)
-            key = f"{prefix}.{leaf}"
-        merged[key] = value
-    return merged
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> int:
+    """Fold every adapter into the weight it adapts (W + (alpha / r) B A) and put the plain linear layer
+    back, in place: a loaded LoRA export then runs as fast as the base model. Returns how many."""
+    merged = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for name, m in merged:
+        weight = m.base.weight
+        weight.copy_((weight.float() + m.scale * m.lora_b.float() @ m.lora_a.float()).to(weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+    return len(merged)
