@@ -177,35 +177,44 @@ def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size ** 3 / seconds
 
 
+PATCHING_PREAMBLE = ("The capital of Japan is Tokyo. The official language of Brazil is Portuguese. "
+                     "The capital of Kenya is Nairobi. The official language of Egypt is Arabic.")
+"""The study's few-shot preamble (configs/study_cpu.yaml): its positions are not patched, as in the task."""
+
+
 def bench_patching() -> dict:
-    """Activation patching on SmolLM2, every (block, position) of 4 prompt pairs: the batched patcher
-    from the cached clean run vs one hooked full forward per intervention."""
+    """Activation patching on SmolLM2 as the study runs it: a few-shot preamble and then the fact, every
+    (block, position of the fact) of 4 prompt pairs: the batched patcher from the cached clean run and
+    the prefix's keys and values (x and x' have one length here, so they come from the clean run) vs one
+    hooked full forward per intervention. FLOP utilisation counts
+    only what the fast path must compute (linear layers and LM head; attention scores are left out)."""
     from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
 
     model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
     pairs = [("France", "Spain"), ("Japan", "Italy"), ("Egypt", "Peru"), ("Canada", "Norway")]
-    prompts = [(torch.tensor(tok(f"The capital of {a} is")["input_ids"]), torch.tensor(tok(f"The capital of {b} is")["input_ids"]))
-               for a, b in pairs]
-    prompts = [(x, y) for x, y in prompts if len(x) == len(y)]
+    encode = lambda country: torch.tensor(tok(f"{PATCHING_PREAMBLE} The capital of {country} is")["input_ids"])  # noqa: E731
+    prompts = [(x, y) for x, y in ((encode(a), encode(b)) for a, b in pairs) if len(x) == len(y)]
+    preamble = len(tok(PATCHING_PREAMBLE)["input_ids"])
     layers = model.config.num_hidden_layers
     blocks = layer_blocks(layers, 4)
-    plans = [[Intervention(b, t, t) for b in range(4) for t in range(len(x))] for x, _ in prompts]
+    plans = [[Intervention(b, t, t) for b in range(4) for t in range(preamble, len(x))] for x, _ in prompts]
 
     def run(patcher):
         return [decided_tokens(patcher(model, x, y, blocks, plan)) for (x, y), plan in zip(prompts, plans)]
 
     fast, fast_labels = timed(lambda: run(patch_fast), repeats=1)
     naive, naive_labels = timed(lambda: run(patch_slow), repeats=1)
-    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    head = model.config.hidden_size * model.config.vocab_size
-    flops = 0  # forward FLOPs of the fast path: two clean runs per pair, then each block from its first layer
+    per_token_layer = 2 * sum(p.numel() for p in model.model.layers[0].parameters())
+    head = 2 * model.config.hidden_size * model.config.vocab_size
+    flops = 0
     for (x, _), plan in zip(prompts, plans):
-        flops += 2 * 2 * len(x) * layers * per_layer
-        flops += sum(2 * len(x) * (layers - blocks[iv.block][0]) * per_layer + 2 * head for iv in plan)
+        flops += 2 * len(x) * layers * per_token_layer + 2 * head  # clean runs of x and x'
+        first = min(iv.position for iv in plan)  # earlier positions: keys and values cut from the clean run
+        flops += sum((len(x) - first) * (layers - blocks[iv.block][0]) * per_token_layer + head for iv in plan)
     rate = matmul_flops_per_second()
-    return write("patching", fast, naive, 3.0,
-                 {"model": "smollm2-135m-instruct", "pairs": len(prompts), "blocks": 4,
-                  "interventions": sum(len(p) for p in plans)},
+    return write("patching", fast, naive, 6.0,
+                 {"model": "smollm2-135m-instruct", "pairs": len(prompts), "blocks": 4, "prompt_tokens": len(prompts[0][0]),
+                  "patched_positions_per_pair": len(prompts[0][0]) - preamble, "interventions": sum(len(p) for p in plans)},
                  identical_labels=fast_labels == naive_labels, fast_forward_flops=flops,
                  matmul_flops_per_second=round(rate), flop_utilisation=round(flops / (rate * fast), 3))
 

@@ -7,14 +7,17 @@ of the block. The label is the greedy next token at the last position before and
 
 `patch_slow` is the obvious reference: one full forward per intervention with forward hooks.
 `patch_fast` reuses the clean run: the layers before a block are not run again (stand-ins return the
-cached input of the block's first layer), and all interventions of one block run as one batch. It
+cached input of the block's first layer), the positions before the first patched one are not run again
+either (their keys and values come from a cache of x's prefix: causal attention leaves them unchanged),
+and all interventions of one block run as one batch. It
 goes through the model's own forward, so masks, rotary tables and per-layer attention types (Gemma's
 sliding-window and global layers) are whatever the architecture makes them.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -55,6 +58,7 @@ def decided_tokens(result: tuple[Decision, list[Decision]]) -> tuple[int, list[i
 class CleanRun(NamedTuple):
     states: torch.Tensor  # [L + 1, T, d] on the model's device, in its dtype
     decision: Decision  # at the last position
+    cache: Optional[object] = None  # keys and values of every position (a one-row DynamicCache), if kept
 
 
 def layer_blocks(num_layers: int, num_blocks: int) -> list[list[int]]:
@@ -76,11 +80,12 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def clean_runs(model, prompts: list[torch.Tensor]) -> list[CleanRun]:
+def clean_runs(model, prompts: list[torch.Tensor], keep_cache: bool = False) -> list[CleanRun]:
     """Per prompt: its residual stream [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and
     its greedy next-token decision, all prompts in one right-padded forward (on short prompts a forward costs
     about the same for one row as for several: reading the weights dominates). Read with forward hooks
-    (output_hidden_states ends after the final norm)."""
+    (output_hidden_states ends after the final norm). keep_cache: also each prompt's keys and values
+    when the prompts have one length (patch_fast then reads its prefix from them)."""
     lengths = [len(ids) for ids in prompts]
     width = max(lengths)
     input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -97,16 +102,26 @@ def clean_runs(model, prompts: list[torch.Tensor]) -> list[CleanRun]:
 
     hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
     ends = sorted({n - 1 for n in lengths})  # the LM head runs only where some prompt ends
+    cache = keep_cache and len(ends) == 1
     try:
         # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
-        logits = model(input_ids=input_ids, attention_mask=mask if len(ends) > 1 else None,
-                       logits_to_keep=torch.tensor(ends, device=device)).logits  # [B, len(ends), V]
+        out = model(input_ids=input_ids, attention_mask=mask if len(ends) > 1 else None, use_cache=cache,
+                    logits_to_keep=torch.tensor(ends, device=device))
+        logits = out.logits  # [B, len(ends), V]
     finally:
         for hook in hooks:
             hook.remove()
     states = torch.stack([c.to(device) for c in captured])  # [L + 1, B, width, d] (layers may sit on several GPUs)
     last = decide(torch.stack([logits[row, ends.index(n - 1)] for row, n in enumerate(lengths)]))
-    return [CleanRun(states[:, row, :n], last[row]) for row, n in enumerate(lengths)]
+    caches = [_row(out.past_key_values, row) if cache else None for row in range(len(prompts))]
+    return [CleanRun(states[:, row, :n], last[row], caches[row]) for row, n in enumerate(lengths)]
+
+
+def _row(cache, row: int):
+    """One row of a batched DynamicCache, as a cache of its own."""
+    mine = copy.deepcopy(cache)
+    mine.batch_select_indices(torch.tensor([row]))
+    return mine
 
 
 def clean_run(model, ids: torch.Tensor) -> CleanRun:
@@ -171,40 +186,73 @@ class _CachedInput(nn.Module):
         return self.hidden
 
 
+def prefix_cache(model, x: torch.Tensor, prefix: int, clean: CleanRun):
+    """The keys and values of x's first `prefix` positions at every layer (a DynamicCache: cut from the
+    clean run's where it kept them, else computed), or None for an empty prefix. Under causal attention
+    a patch at position t leaves every position before t as it was, so the patched runs start at t and
+    read these instead of recomputing them."""
+    if prefix == 0:
+        return None
+    if clean.cache is not None:
+        cache = copy.deepcopy(clean.cache)
+        try:
+            cache.crop(prefix - cache.get_seq_length())  # a negative count drops that many positions from the end
+            return cache
+        except RuntimeError:  # a sliding-window layer that already dropped the prefix's start cannot roll back
+            pass
+    return model(input_ids=x[None, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+
+
 @torch.no_grad()
 def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[int]],
                interventions: list[Intervention], clean: CleanRun | None = None,
                source: CleanRun | None = None) -> tuple[Decision, list[Decision]]:
-    """Same decisions as patch_slow, from the cached clean run, one batch per block.
+    """Same decisions as patch_slow, from the cached clean run, one batch per block; only the positions
+    from the first patched one on are computed, and only from the block's first layer on.
 
     clean / source: clean_run results of x and x' when the caller already has them (they are also
     where the vectors come from)."""
     if clean is None or source is None:
-        clean, source = clean_runs(model, [x, x_prime])
+        clean, source = clean_runs(model, [x, x_prime], keep_cache=True)
     x = x.to(model_device(model))
-    clean_states, source_states = clean.states, source.states
-    layers = decoder_layers(model)
     patched: list[Decision] = [Decision(0, 0.0)] * len(interventions)
+    caches: dict[int, object] = {}
     for b, block in enumerate(blocks):
         members = [i for i, iv in enumerate(interventions) if iv.block == b]
         if not members:
             continue
-        where = torch.tensor([interventions[i].position for i in members], device=x.device)
-        vectors = torch.stack([block_vector(source_states, block, interventions[i].source_position) for i in members])
-        start, n = block[0], len(members)
-        skipped = [layers[i] for i in range(start)]
-        cached = _CachedInput(clean_states[start].expand(n, -1, -1))  # the input of the block's first layer
-        for i in range(start):
-            layers[i] = cached
-        handles = [layers[layer].register_forward_hook(_overwrite_hook(where, vectors)) for layer in block]
-        try:
-            # one unpadded batch of copies of x: no attention mask needed; only the last position's logits
-            logits = model(input_ids=x.expand(n, -1), logits_to_keep=1).logits[:, -1]
-        finally:
-            for handle in handles:
-                handle.remove()
-            for i, layer in enumerate(skipped):
-                layers[i] = layer
+        first = min(interventions[i].position for i in members)
+        if first not in caches:
+            caches[first] = prefix_cache(model, x, first, clean)
+        logits = _patched_block(model, x, block, [interventions[i] for i in members], clean.states, source.states,
+                                first, copy.deepcopy(caches[first]))
         for i, decision in zip(members, decide(logits)):
             patched[i] = decision
     return clean.decision, patched
+
+
+def _patched_block(model, x: torch.Tensor, block: list[int], members: list[Intervention], clean_states: torch.Tensor,
+                   source_states: torch.Tensor, first: int, cache) -> torch.Tensor:
+    """Last-position logits [n, V] of x with each member's patch, one row each: positions from `first`
+    on (earlier ones come from `cache`), layers before the block replaced by the clean run's input of
+    its first layer."""
+    layers = decoder_layers(model)
+    n, start = len(members), block[0]
+    where = torch.tensor([iv.position - first for iv in members], device=x.device)
+    vectors = torch.stack([block_vector(source_states, block, iv.source_position) for iv in members])
+    if cache is not None:
+        cache.batch_repeat_interleave(n)
+    skipped = [layers[i] for i in range(start)]
+    cached = _CachedInput(clean_states[start, first:].expand(n, -1, -1))  # the input of the block's first layer
+    for i in range(start):
+        layers[i] = cached
+    handles = [layers[layer].register_forward_hook(_overwrite_hook(where, vectors)) for layer in block]
+    try:
+        # one unpadded batch of copies of x: no attention mask needed; only the last position's logits
+        return model(input_ids=x[first:].expand(n, -1), past_key_values=cache, use_cache=cache is not None,
+                     logits_to_keep=1).logits[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for i, layer in enumerate(skipped):
+            layers[i] = layer

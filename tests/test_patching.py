@@ -22,7 +22,8 @@ def test_layer_states_match_the_models_own_output():
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])  # Gemma: sliding-window + global layers
-def test_fast_patcher_gives_the_reference_labels(arch):
+@pytest.mark.parametrize("first", [0, 3])  # 3: positions 0-2 come from the prefix cache
+def test_fast_patcher_gives_the_reference_labels(arch, first):
     # a sharper random model, so that patches do change the argmax sometimes
     model, _ = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
     for p in model.parameters():
@@ -33,7 +34,7 @@ def test_fast_patcher_gives_the_reference_labels(arch):
     for _ in range(4):
         x = torch.randint(0, 250, (7,), generator=gen)
         x_prime = torch.randint(0, 250, (7,), generator=gen)
-        interventions = [Intervention(b, t, t) for b in range(2) for t in range(7)]
+        interventions = [Intervention(b, t, t) for b in range(2) for t in range(first, 7)]
         slow_result = patch_slow(model, x, x_prime, blocks, interventions)
         fast_result = patch_fast(model, x, x_prime, blocks, interventions)
         clean_slow, slow = decided_tokens(slow_result)
