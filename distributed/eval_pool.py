@@ -22,7 +22,7 @@ from groundtruth.dataset import stratified_sample
 from groundtruth.models import prepare
 from groundtruth.records import Record, ShardError, iter_records, read_manifest, write_atomic
 from groundtruth.tasks import TASKS
-from training.export import METADATA, load_explainer
+from training.export import METADATA, load_explainer, reads_vectors
 from training.job import TrainJob
 
 from .actor_pool import run_pool
@@ -170,7 +170,7 @@ def _explainer_rows(cfg: RunConfig, plan: EvalPlan, task: str, split: str, targe
             stamp = "" if kind.reads_base else (row.job.export_dir / METADATA).read_text()
             key = stable_hash([data_key, kind.name, dataclasses.asdict(cfg.models[explainer]), stamp,
                                cfg.train.prompt_format,
-                               dataclasses.asdict(cfg.train.projection) if TASKS[task].has_vectors else None,
+                               dataclasses.asdict(cfg.train.projection) if reads_vectors(task) else None,
                                cfg.eval.selfie_scales if kind.scaled else None])
             path = cfg.layout.eval_cell(cell_task, target, row.label)
             done = _load_cell(path, key)

@@ -80,12 +80,12 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def clean_runs(model, prompts: list[torch.Tensor], keep_cache: bool = False) -> list[CleanRun]:
+def clean_runs(model, prompts: list[torch.Tensor], keep_cache: tuple[int, ...] = ()) -> list[CleanRun]:
     """Per prompt: its residual stream [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and
     its greedy next-token decision, all prompts in one right-padded forward (on short prompts a forward costs
     about the same for one row as for several: reading the weights dominates). Read with forward hooks
-    (output_hidden_states ends after the final norm). keep_cache: also each prompt's keys and values
-    when the prompts have one length (patch_fast then reads its prefix from them)."""
+    (output_hidden_states ends after the final norm). keep_cache: the prompts (indices) whose keys and
+    values to keep too, when the prompts have one length (patch_fast then reads its prefix from them)."""
     lengths = [len(ids) for ids in prompts]
     width = max(lengths)
     input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -102,7 +102,7 @@ def clean_runs(model, prompts: list[torch.Tensor], keep_cache: bool = False) -> 
 
     hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
     ends = sorted({n - 1 for n in lengths})  # the LM head runs only where some prompt ends
-    cache = keep_cache and len(ends) == 1
+    cache = bool(keep_cache) and len(ends) == 1
     try:
         # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
         out = model(input_ids=input_ids, attention_mask=mask if len(ends) > 1 else None, use_cache=cache,
@@ -113,15 +113,19 @@ def clean_runs(model, prompts: list[torch.Tensor], keep_cache: bool = False) -> 
             hook.remove()
     states = torch.stack([c.to(device) for c in captured])  # [L + 1, B, width, d] (layers may sit on several GPUs)
     last = decide(torch.stack([logits[row, ends.index(n - 1)] for row, n in enumerate(lengths)]))
-    caches = [_row(out.past_key_values, row) if cache else None for row in range(len(prompts))]
-    return [CleanRun(states[:, row, :n], last[row], caches[row]) for row, n in enumerate(lengths)]
+    caches = _rows(out.past_key_values, keep_cache) if cache else {}
+    return [CleanRun(states[:, row, :n], last[row], caches.get(row)) for row, n in enumerate(lengths)]
 
 
-def _row(cache, row: int):
-    """One row of a batched DynamicCache, as a cache of its own."""
-    mine = copy.deepcopy(cache)
-    mine.batch_select_indices(torch.tensor([row]))
-    return mine
+def _rows(cache, rows: tuple[int, ...]) -> dict[int, object]:
+    """Rows of a batched DynamicCache, each as a cache of its own (the last one is the batched cache
+    itself, cut down: one row needs no copy)."""
+    out = {}
+    for i, row in enumerate(rows):
+        mine = cache if i == len(rows) - 1 else copy.deepcopy(cache)
+        mine.batch_select_indices(torch.tensor([row]))
+        out[row] = mine
+    return out
 
 
 def clean_run(model, ids: torch.Tensor) -> CleanRun:
@@ -193,14 +197,17 @@ def prefix_cache(model, x: torch.Tensor, prefix: int, clean: CleanRun):
     read these instead of recomputing them."""
     if prefix == 0:
         return None
-    if clean.cache is not None:
+    if clean.cache is not None and _holds_every_position(clean.cache, len(x)):
         cache = copy.deepcopy(clean.cache)
-        try:
-            cache.crop(prefix - cache.get_seq_length())  # a negative count drops that many positions from the end
-            return cache
-        except RuntimeError:  # a sliding-window layer that already dropped the prefix's start cannot roll back
-            pass
+        cache.crop(prefix - len(x))  # a negative count drops that many positions from the end
+        return cache
     return model(input_ids=x[None, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+
+
+def _holds_every_position(cache, length: int) -> bool:
+    """Whether each layer of the cache still holds all `length` positions: a sliding-window layer past
+    its window has dropped the earliest ones, and a prefix cut from it would miss them."""
+    return all(layer.keys is None or layer.keys.shape[-2] == length for layer in cache.layers)
 
 
 @torch.no_grad()
@@ -213,7 +220,7 @@ def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
     clean / source: clean_run results of x and x' when the caller already has them (they are also
     where the vectors come from)."""
     if clean is None or source is None:
-        clean, source = clean_runs(model, [x, x_prime], keep_cache=True)
+        clean, source = clean_runs(model, [x, x_prime], keep_cache=(0,))
     x = x.to(model_device(model))
     patched: list[Decision] = [Decision(0, 0.0)] * len(interventions)
     caches: dict[int, object] = {}

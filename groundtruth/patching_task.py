@@ -185,7 +185,7 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
     for item in items:
         pair = item.pair
         x, xp = encode_side(tokenizer, cfg, pair, pair.x), encode_side(tokenizer, cfg, pair, pair.x_prime)
-        clean, source = clean_runs(model, [x.ids, xp.ids], keep_cache=True)
+        clean, source = clean_runs(model, [x.ids, xp.ids], keep_cache=(0,))
         positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
         interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in positions]
         clean_decision, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def test_training_learns_exports_and_resumes(tmp_path, stage):
     log = [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]
     assert first["steps"] == 10 and log[-1]["loss"] < log[0]["loss"] * 0.9
     assert export_matches(job)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in Path(job.export_dir).iterdir()), \
+        "every file of an export is as readable as any other file the run writes"
     model, _, projection = load_explainer(job.export_dir, {"task": "input_ablation", "target": "t"})
     assert projection is None, "a text-only task exports no projection"
     assert model.config.hidden_size == 32

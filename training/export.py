@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from groundtruth.errors import BadInput
 from groundtruth.models import ModelSpec, load_model, model_device
@@ -70,17 +70,24 @@ def trained_tensors(model, tokenizer, state: dict[str, torch.Tensor]) -> dict[st
     parameter that required grad (LoRA adapters as they are), plus the [begin][vec][end] rows of
     embeddings that did not train (the rows were added for them and initialised at random)."""
     out = {name: state[name] for name, p in model.named_parameters() if p.requires_grad}
-    if not has_vector_tokens(tokenizer):
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    if has_vector_tokens(tokenizer):
+        out.update(_untrained_vector_rows(model, tokenizer, state, trained=set(out)))
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _untrained_vector_rows(model, tokenizer, state: dict[str, torch.Tensor],
+                           trained: set[str]) -> dict[str, torch.Tensor]:
+    """The [begin][vec][end] rows of each embedding matrix that did not train, keyed by side."""
     rows = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     embeddings = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
     if embeddings["output"] is not None and embeddings["output"].weight is embeddings["input"].weight:
         del embeddings["output"]  # tied: one matrix
+    out = {}
     for side, module in embeddings.items():
         name = _param_name(model, module.weight) if module is not None else None
-        if name is not None and name not in out and name in state and state[name].shape[0] > max(rows):
+        if name is not None and name not in trained and name in state and state[name].shape[0] > max(rows):
             out[f"{VECTOR_ROWS}.{side}"] = state[name][rows]
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    return out
 
 
 def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, steps: int) -> Path:
@@ -100,7 +107,8 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = state if state is not None else wrapper.model.state_dict()
-    save_file(trained_tensors(wrapper.model, tokenizer, state), tmp / TRAINED)
+    # bytes written through Python, not save_file: that creates the file 0600, whatever the umask
+    (tmp / TRAINED).write_bytes(save(trained_tensors(wrapper.model, tokenizer, state)))
     meta = {**job_identity(job), "steps": steps, "vector_tokens": has_vector_tokens(tokenizer)}
     projection = wrapper.projection
     if projection is not None:
