@@ -94,15 +94,29 @@ def bench_eval_generation() -> dict:
                   "fast_batch": 16, "naive_batch": 1}, identical_outputs=f"{same}/{len(records)}")
 
 
-def _train_batch(tok, n: int = 8):
-    from training.batches import collate, encode_example
-
+def _train_records(n: int) -> list[Record]:
+    """n input-ablation training records: real prompts, explanations of both kinds."""
     from groundtruth.explanations import format_explanation
 
     records = _explain_records(n)
     for i, r in enumerate(records):
         r.explanation = format_explanation(i % 2 == 0, "Paris")
-    return collate([encode_example(tok, r, "plain", 256) for r in records], tok.pad_token_id)
+    return records
+
+
+def _train_batch(tok, n: int = 8):
+    from training.batches import collate, encode_example
+
+    return collate([encode_example(tok, r, "plain", 256) for r in _train_records(n)], tok.pad_token_id)
+
+
+def _padding(tok, micro: int = 8, examples: int = 128) -> dict:
+    """Padding share of one epoch's micro-batches of real records, length windows on and off."""
+    from training.batches import encode_example, micro_batch_order, padding_share
+
+    lengths = [len(encode_example(tok, r, "plain", 256).ids) for r in _train_records(examples)]
+    share = {w: padding_share(micro_batch_order(lengths, 0, 1, micro, 0, 0, window=w), lengths) for w in (1, 16)}
+    return {"padding_share": round(share[16], 4), "padding_share_random_batches": round(share[1], 4)}
 
 
 def bench_train_step() -> dict:
@@ -141,9 +155,53 @@ def bench_train_step() -> dict:
         engine.step()
 
     fast, _ = timed(ds_step)
+    tokens = int(batch["attention_mask"].sum())
     return write("train_step", fast, naive, 0.9,
-                 {"model": "smollm2-135m-instruct", "batch": 8, "tokens": int(batch["attention_mask"].sum()),
-                  "fast": "deepspeed ZeRO-2 engine, torch AdamW", "naive": "plain torch AdamW loop"})
+                 {"model": "smollm2-135m-instruct", "batch": 8, "tokens": tokens,
+                  "fast": "deepspeed ZeRO-2 engine, torch AdamW", "naive": "plain torch AdamW loop"},
+                 tokens_per_second=round(tokens / fast, 1), **_padding(tok))
+
+
+def bench_ray_train_worker() -> dict:
+    """One training job (SmolLM2, ZeRO-2, micro batch 8, 2 CPUs) run by a Ray Train worker vs in this
+    process: seconds per optimizer step from the job's own log, the first logged step (warm-up) left out.
+    fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost)."""
+    import shutil
+    import tempfile
+
+    from distributed.config import RayConfig
+    from distributed.ray_session import ray_session
+    from distributed.train_job import fit_with_ray
+    from groundtruth.records import write_split
+    from training.job import TrainConfig, TrainJob
+    from training.step import run_training
+
+    steps, threads = 8, torch.get_num_threads()
+    root = Path(tempfile.mkdtemp(prefix="bench_ray_train_"))
+    write_split(root / "data", _train_records(steps * 8), "h", shard_size=32)
+
+    def job(name: str) -> TrainJob:
+        cfg = TrainConfig(micro_batch_size=8, lr=1e-5, max_steps=steps, log_every=1, checkpoint_every=steps,
+                          train_embeddings=False, prompt_format="plain", worker_cpus=float(threads))
+        return TrainJob("input_ablation", "smollm2", "smollm2", ModelSpec("smollm2-135m-instruct"),
+                        str(root / "data"), str(root / name), cfg)
+
+    def per_step(j: TrainJob) -> float:
+        log = [json.loads(line) for line in j.train_log.read_text().splitlines()]
+        return (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
+
+    try:
+        here = job("in_process")
+        run_training(here)
+        worker = job("ray")
+        with ray_session(RayConfig(num_cpus=threads)):  # as the pipeline starts a local Ray
+            fit_with_ray([worker], root / "ray")
+        naive, fast = per_step(here), per_step(worker)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return write("ray_train_worker", fast, naive, 0.9,
+                 {"model": "smollm2-135m-instruct", "steps": steps, "micro_batch": 8, "zero_stage": 2,
+                  "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"})
 
 
 def bench_lm_head() -> dict:
@@ -220,7 +278,8 @@ def bench_patching() -> dict:
 
 
 BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
-              "train_step": bench_train_step, "lm_head": bench_lm_head, "patching": bench_patching}
+              "train_step": bench_train_step, "ray_train_worker": bench_ray_train_worker,
+              "lm_head": bench_lm_head, "patching": bench_patching}
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -10,11 +11,11 @@ from safetensors.torch import load_file
 
 from conftest import make_records, make_train_job as make_job
 from groundtruth.models import ModelSpec, load_model
-from training.batches import IGNORE, collate, encode_example
+from training.batches import IGNORE, collate, encode_example, micro_batch_order, padding_share
 from training.explainer import ProjectionConfig
 from training.export import CheckpointMismatch, export_differences, export_matches, job_identity, load_explainer
 from training.loss import ExplainerLM
-from training.step import micro_batch_order, run_training
+from training.step import run_training
 
 
 def test_labels_cover_exactly_the_explanation_and_eos(tiny):
@@ -44,12 +45,32 @@ def test_restricted_head_loss_equals_full_logits_loss(tiny):
     assert torch.allclose(restricted, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
 
 
-def test_every_rank_gets_equal_disjoint_batches():
-    orders = [micro_batch_order(23, rank, 3, 2, seed=0, epoch=1) for rank in range(3)]
-    assert len({len(o) for o in orders}) == 1
+@pytest.mark.parametrize("window", [1, 4])
+def test_every_rank_gets_equal_disjoint_batches(window):
+    lengths = [(7 * i) % 23 for i in range(23)]
+    orders = [micro_batch_order(lengths, rank, 3, 2, seed=0, epoch=1, window=window) for rank in range(3)]
+    assert len({len(o) for o in orders}) == 1 and len(orders[0]) == 23 // 3 // 2
     flat = [i for o in orders for b in o for i in b]
     assert len(flat) == len(set(flat))
-    assert orders[0] != micro_batch_order(23, 0, 3, 2, seed=0, epoch=2), "a new order each epoch"
+    assert orders[0] != micro_batch_order(lengths, 0, 3, 2, seed=0, epoch=2, window=window), "a new order each epoch"
+
+
+def test_length_windows_cut_padding_and_still_mix_batches():
+    lengths = [random.Random(i).randint(10, 120) for i in range(400)]
+    plain = micro_batch_order(lengths, 0, 1, 8, seed=0, epoch=0, window=1)
+    sorted_ = micro_batch_order(lengths, 0, 1, 8, seed=0, epoch=0, window=16)
+    assert sorted(i for b in sorted_ for i in b) == sorted(i for b in plain for i in b), "the same examples"
+    assert padding_share(sorted_, lengths) < 0.1 < padding_share(plain, lengths)
+    # the same examples as a brute-force reference: sorting each window of 128 shuffled examples
+    order = list(range(400))
+    random.Random(0).shuffle(order)
+    windows = [sorted(order[s:s + 128], key=lambda i: lengths[i]) for s in range(0, 400, 128)]
+    reference = {frozenset(w[i:i + 8]) for w in windows for i in range(0, len(w) - 7, 8)}
+    assert {frozenset(b) for b in sorted_} == reference
+    lengths_in_order = [max(lengths[i] for i in b) for b in sorted_]
+    assert lengths_in_order != sorted(lengths_in_order), "batches are shuffled after the cut"
+    next_epoch = micro_batch_order(lengths, 0, 1, 8, seed=0, epoch=1, window=16)
+    assert {frozenset(b) for b in next_epoch} != reference, "each epoch makes new batches"
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -53,6 +53,9 @@ class TrainConfig:
     per parameter in fp32, 2 GB for SmolLM2)."""
     keep_checkpoints_after_export: bool = False
     """Keep DeepSpeed checkpoints once the final export is written (a finished export is never resumed)."""
+    length_window: int = 16
+    """Micro-batches whose examples are sorted by length together, so a batch pads to similar lengths
+    (training/batches.py micro_batch_order); 1: plain random batches."""
     log_every: int = 5
     """Log loss every this many optimizer steps."""
     prompt_format: PromptFormat = "auto"
@@ -93,7 +96,8 @@ class TrainConfig:
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3")
-        for name in ("micro_batch_size", "grad_accum", "epochs", "checkpoint_every", "num_workers", "log_every"):
+        for name in ("micro_batch_size", "grad_accum", "epochs", "checkpoint_every", "num_workers", "log_every",
+                     "length_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
 

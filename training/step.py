@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 import sys
@@ -25,7 +24,7 @@ from groundtruth.errors import ConfigError
 from groundtruth.models import KEEP, hidden_size, load_model
 
 from . import checkpoints
-from .batches import collate, encode_example
+from .batches import collate, encode_example, micro_batch_order
 from .explainer import add_vector_tokens
 from .export import export_explainer
 from .job import TrainJob, deepspeed_config, precision_conflict
@@ -33,19 +32,6 @@ from .lora import apply_lora
 from .loss import ExplainerLM
 from .preemption import PreemptionWatch, TrainingPreempted, crash_if_injected
 from .vectors import job_projection, match_injection_norm
-
-
-def micro_batch_order(n_examples: int, rank: int, world: int, micro: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches (example indices) for one epoch.
-
-    One seeded permutation per epoch, dealt round-robin to ranks and cut to the same length on every
-    rank, so every rank takes the same number of steps (a rank that ran out would hang the others).
-    """
-    order = list(range(n_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    per_rank = n_examples // world
-    mine = order[rank::world][:per_rank]
-    return [mine[i:i + micro] for i in range(0, per_rank - micro + 1, micro)]
 
 
 def rank_device() -> torch.device:
@@ -160,7 +146,8 @@ def _prepare(job: TrainJob, rank: int, world: int) -> tuple[Prepared, int]:
     ds_config = deepspeed_config(cfg, world)
     wrapper, tokenizer, keep_alive = _explainer(job, ds_config, rank, rank_device())
     examples = [encode_example(tokenizer, r, cfg.prompt_format, cfg.max_seq_len) for r in job.records()]
-    per_epoch = len(micro_batch_order(len(examples), rank, world, cfg.micro_batch_size, job.seed, 0))
+    per_epoch = len(micro_batch_order([len(e.ids) for e in examples], rank, world, cfg.micro_batch_size, job.seed, 0,
+                                      cfg.length_window))
     steps_per_epoch = per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise DegenerateSetError(
@@ -233,7 +220,8 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
     def order_of(epoch: int) -> list:
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = micro_batch_order(len(run.examples), rank, world, cfg.micro_batch_size, job.seed, epoch)
+            orders[epoch] = micro_batch_order([len(e.ids) for e in run.examples], rank, world, cfg.micro_batch_size,
+                                              job.seed, epoch, cfg.length_window)
         return orders[epoch]
 
     started, last_loss = time.time(), float("nan")
