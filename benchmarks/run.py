@@ -242,11 +242,11 @@ PATCHING_PREAMBLE = ("The capital of Japan is Tokyo. The official language of Br
 
 def bench_patching() -> dict:
     """Activation patching on SmolLM2 as the study runs it: a few-shot preamble and then the fact, every
-    (block, position of the fact) of 4 prompt pairs: the batched patcher from the cached clean run and
-    the prefix's keys and values (x and x' have one length here, so they come from the clean run) vs one
-    hooked full forward per intervention. FLOP utilisation counts
+    (block, position of the fact) of 4 prompt pairs: the batched patcher from the cached clean run (the
+    preamble run once for x and x') and the prefix's keys and values (x and x' have one length here, so
+    they come from the clean run) vs one hooked full forward per intervention. FLOP utilisation counts
     only what the fast path must compute (linear layers and LM head; attention scores are left out)."""
-    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
+    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow, shared_prefix
 
     model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
     pairs = [("France", "Spain"), ("Japan", "Italy"), ("Egypt", "Peru"), ("Canada", "Norway")]
@@ -265,8 +265,9 @@ def bench_patching() -> dict:
     per_token_layer = 2 * sum(p.numel() for p in model.model.layers[0].parameters())
     head = 2 * model.config.hidden_size * model.config.vocab_size
     flops = 0
-    for (x, _), plan in zip(prompts, plans):
-        flops += 2 * len(x) * layers * per_token_layer + 2 * head  # clean runs of x and x'
+    for (x, y), plan in zip(prompts, plans):
+        shared = shared_prefix([x, y])  # the preamble: one forward for both clean runs
+        flops += (shared + 2 * (len(x) - shared)) * layers * per_token_layer + 2 * head  # clean runs of x and x'
         first = min(iv.position for iv in plan)  # earlier positions: keys and values cut from the clean run
         flops += sum((len(x) - first) * (layers - blocks[iv.block][0]) * per_token_layer + head for iv in plan)
     rate = matmul_flops_per_second()

@@ -79,42 +79,76 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
+MIN_SHARED_PREFIX = 8
+"""Tokens every prompt must share before clean_runs runs them once for all: below that, the extra
+forward's fixed cost outweighs the positions it saves."""
+
+
+def shared_prefix(prompts: list[torch.Tensor]) -> int:
+    """Length of the token prefix all prompts share (a task's few-shot preamble), 0 if under
+    MIN_SHARED_PREFIX; every prompt keeps at least its last token to itself (its decision is made there)."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0][:limit]
+    same = torch.stack([p[:limit] == first for p in prompts[1:]]).all(0)  # [limit]
+    n = int(same.long().cumprod(0).sum())
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 @torch.no_grad()
 def clean_runs(model, prompts: list[torch.Tensor], keep_cache: tuple[int, ...] = ()) -> list[CleanRun]:
     """Per prompt: its residual stream [L + 1, T, d] (index 0: embeddings, l + 1: after layer l) and
     its greedy next-token decision, all prompts in one right-padded forward (on short prompts a forward costs
-    about the same for one row as for several: reading the weights dominates). Read with forward hooks
-    (output_hidden_states ends after the final norm). keep_cache: the prompts (indices) whose keys and
+    about the same for one row as for several: reading the weights dominates). A prefix all prompts
+    share is run once and its keys and values serve every row: under causal attention the positions
+    after it see exactly what they would in a full run. keep_cache: the prompts (indices) whose keys and
     values to keep too, when the prompts have one length (patch_fast then reads its prefix from them)."""
-    lengths = [len(ids) for ids in prompts]
-    width = max(lengths)
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, :len(ids)] = ids
-        mask[row, :len(ids)] = 1
     device = model_device(model)
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    shared = shared_prefix(prompts)
+    own = [ids[shared:] for ids in prompts]  # what each prompt adds after the shared prefix
+    lengths = [len(ids) for ids in own]
+    input_ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    mask = torch.ones(len(prompts), shared + max(lengths), dtype=torch.long)
+    for row, ids in enumerate(own):
+        input_ids[row, :len(ids)] = ids
+        mask[row, shared + len(ids):] = 0
+    ends = sorted({n - 1 for n in lengths})  # the LM head runs only where some prompt ends
+    cache = bool(keep_cache) and len(ends) == 1
+    past, prefix_states = None, None
+    if shared:
+        prefix_states, prefix_out = _hooked_forward(model, prompts[0][None, :shared].to(device), use_cache=True,
+                                                    logits_to_keep=1)
+        past = prefix_out.past_key_values
+        past.batch_repeat_interleave(len(prompts))
+    # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
+    states, out = _hooked_forward(model, input_ids.to(device), attention_mask=mask.to(device) if len(ends) > 1 else None,
+                                  past_key_values=past, use_cache=cache or past is not None,
+                                  logits_to_keep=torch.tensor(ends, device=device))
+    if prefix_states is not None:
+        states = torch.cat([prefix_states.expand(-1, len(prompts), -1, -1), states], dim=2)
+    logits = out.logits  # [B, len(ends), V]
+    last = decide(torch.stack([logits[row, ends.index(n - 1)] for row, n in enumerate(lengths)]))
+    caches = _rows(out.past_key_values, keep_cache) if cache else {}
+    return [CleanRun(states[:, row, :shared + n], last[row], caches.get(row)) for row, n in enumerate(lengths)]
+
+
+def _hooked_forward(model, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
+    """The model's output on input_ids [B, T] and its residual stream [L + 1, B, T, d], read with forward
+    hooks (output_hidden_states ends after the final norm)."""
     captured: list[torch.Tensor] = []
 
     def keep(module, args, output):
         captured.append((output[0] if isinstance(output, tuple) else output).clone())
 
     hooks = [m.register_forward_hook(keep) for m in (model.get_input_embeddings(), *decoder_layers(model))]
-    ends = sorted({n - 1 for n in lengths})  # the LM head runs only where some prompt ends
-    cache = bool(keep_cache) and len(ends) == 1
     try:
-        # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
-        out = model(input_ids=input_ids, attention_mask=mask if len(ends) > 1 else None, use_cache=cache,
-                    logits_to_keep=torch.tensor(ends, device=device))
-        logits = out.logits  # [B, len(ends), V]
+        out = model(input_ids=input_ids, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
-    states = torch.stack([c.to(device) for c in captured])  # [L + 1, B, width, d] (layers may sit on several GPUs)
-    last = decide(torch.stack([logits[row, ends.index(n - 1)] for row, n in enumerate(lengths)]))
-    caches = _rows(out.past_key_values, keep_cache) if cache else {}
-    return [CleanRun(states[:, row, :n], last[row], caches.get(row)) for row, n in enumerate(lengths)]
+    device = input_ids.device
+    return torch.stack([c.to(device) for c in captured]), out  # layers may sit on several GPUs
 
 
 def _rows(cache, rows: tuple[int, ...]) -> dict[int, object]:

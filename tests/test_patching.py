@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import (Intervention, block_vector, decided_tokens, layer_blocks, layer_states, patch_fast,
-                                  patch_slow)
+from groundtruth.patching import (MIN_SHARED_PREFIX, Intervention, block_vector, clean_runs, decided_tokens, layer_blocks,
+                                  layer_states, patch_fast, patch_slow, shared_prefix)
 
 
 def test_blocks_are_contiguous_and_cover_every_layer():
@@ -21,9 +21,33 @@ def test_layer_states_match_the_models_own_output():
     assert torch.allclose(model.lm_head(model.model.norm(states[-1])), logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])  # Gemma: sliding window 4 + global layers
+def test_a_shared_prefix_runs_once_and_changes_nothing(arch):
+    model, _ = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
+    gen = torch.Generator().manual_seed(1)
+    preamble = torch.randint(0, 250, (MIN_SHARED_PREFIX + 2,), generator=gen)
+    prompts = [torch.cat([preamble, torch.randint(0, 250, (n,), generator=gen)]) for n in (3, 5, 3)]
+    assert shared_prefix(prompts) == len(preamble) and shared_prefix(prompts[:1]) == 0
+    assert shared_prefix([p[3:] for p in prompts]) == 0, "too short a prefix is not worth a forward of its own"
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        together = clean_runs(model, prompts)
+    finally:
+        handle.remove()
+    assert calls == [(1, len(preamble)), (3, 5)], "the preamble once, then each prompt's own tokens"
+    for prompt, run in zip(prompts, together):
+        alone = clean_runs(model, [prompt])[0]
+        assert run.states.shape == alone.states.shape
+        assert torch.allclose(run.states, alone.states, atol=1e-5)
+        assert run.decision.token == alone.decision.token
+
+
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])  # Gemma: sliding-window + global layers
 @pytest.mark.parametrize("first", [0, 3])  # 3: positions 0-2 come from the prefix cache
-def test_fast_patcher_gives_the_reference_labels(arch, first):
+@pytest.mark.parametrize("shared", [0, MIN_SHARED_PREFIX + 1])  # x and x' begin alike: their clean runs share it
+def test_fast_patcher_gives_the_reference_labels(arch, first, shared):
     # a sharper random model, so that patches do change the argmax sometimes
     model, _ = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
     for p in model.parameters():
@@ -32,9 +56,10 @@ def test_fast_patcher_gives_the_reference_labels(arch, first):
     blocks = layer_blocks(4, 2)
     changed = 0
     for _ in range(4):
-        x = torch.randint(0, 250, (7,), generator=gen)
-        x_prime = torch.randint(0, 250, (7,), generator=gen)
-        interventions = [Intervention(b, t, t) for b in range(2) for t in range(first, 7)]
+        common = torch.randint(0, 250, (shared,), generator=gen)
+        x = torch.cat([common, torch.randint(0, 250, (7,), generator=gen)])
+        x_prime = torch.cat([common, torch.randint(0, 250, (7,), generator=gen)])
+        interventions = [Intervention(b, t, t) for b in range(2) for t in range(first + shared, 7 + shared)]
         slow_result = patch_slow(model, x, x_prime, blocks, interventions)
         fast_result = patch_fast(model, x, x_prime, blocks, interventions)
         clean_slow, slow = decided_tokens(slow_result)
