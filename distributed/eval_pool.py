@@ -58,8 +58,9 @@ class Evaluator:
 
     def explain(self, group: list[EvalUnit], records: list[list[Record]], fmt: str, max_new_tokens: list[int],
                 batch_size: int, scales: tuple[float, ...] = ()) -> list:
-        """Per unit, its predictions; for SelfIE a dict scale -> predictions."""
-        from eval.generate import explain
+        """Per unit, its predictions; for SelfIE a dict scale -> predictions. The units' questions go
+        through the model together (eval.generate.explain_all), so batches fill up across rows."""
+        from eval.generate import Ask, explain_all
         from groundtruth.models import load_model, model_device
         from training.vectors import job_projection, match_injection_norm
 
@@ -70,8 +71,8 @@ class Evaluator:
         else:
             model, tok, trained_projection = load_explainer(job.export_dir, {
                 "task": first.task, "target": first.target, "explainer_spec": dataclasses.asdict(job.explainer_spec)})
-        out = []
-        for unit, recs, tokens in zip(group, records, max_new_tokens):
+        asks: list[tuple[int, Optional[float], Ask]] = []  # (unit index, SelfIE scale, its questions)
+        for index, (unit, recs) in enumerate(zip(group, records)):
             kind = ROW_KINDS[unit.kind]
             recs = row_records(kind, job, recs)
             projection = trained_projection
@@ -79,11 +80,16 @@ class Evaluator:
                 # the Pi training started from, beside the model
                 projection = job_projection(job, recs, model.config.hidden_size).to(model_device(model))
                 projection = match_injection_norm(projection, job, model)
-            if kind.scaled:
-                out.append({scale: explain(model, tok, recs, fmt, tokens, batch_size, projection, vector_scale=scale)
-                            for scale in scales})
-            else:
-                out.append(explain(model, tok, recs, fmt, tokens, batch_size, projection, with_vector=kind.with_vector))
+            for scale in (scales if kind.scaled else (None,)):
+                asks.append((index, scale, Ask(recs, projection, kind.with_vector, scale)))
+        out: list = [{} if ROW_KINDS[u.kind].scaled else None for u in group]
+        for tokens in sorted(set(max_new_tokens)):  # one pass per answer length (the group's units share one)
+            mine = [(i, scale, ask) for i, scale, ask in asks if max_new_tokens[i] == tokens]
+            for (i, scale, _), answers in zip(mine, explain_all(model, tok, [a for *_, a in mine], fmt, tokens, batch_size)):
+                if scale is None:
+                    out[i] = answers
+                else:
+                    out[i][scale] = answers
         return out
 
 

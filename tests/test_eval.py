@@ -106,7 +106,8 @@ def test_a_control_row_sees_the_records_its_kind_rewrites(tmp_path, monkeypatch)
                             rewrite=lambda records: [dataclasses.replace(r, prompt=r.prompt[::-1]) for r in records])
     monkeypatch.setitem(ROW_KINDS, "reversed", reversed_kind)
     seen = []
-    monkeypatch.setattr(eval.generate, "explain", lambda model, tok, recs, *a, **k: seen.append(recs) or ["x"] * len(recs))
+    monkeypatch.setattr(eval.generate, "explain_all",
+                        lambda model, tok, asks, *a, **k: [seen.append(ask.records) or ["x"] * len(ask.records) for ask in asks])
     job = make_train_job(tmp_path)
     unit = EvalUnit("input_ablation", "input_ablation", "t", "e reversed", "reversed", "e", job, "", "")
     records = make_records(3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.generate import explain
+from eval.generate import Ask, explain, explain_all
 from groundtruth.explanations import format_explanation
 from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import Record, write_split
@@ -164,3 +164,20 @@ def test_generation_reads_the_vector_like_a_no_cache_reference():
     without = explain(model, tok, records, "plain", max_new_tokens=6, projection=projection, with_vector=False)
     assert without != got, "leaving the vector out changes what the explainer says"
     assert all("<|se_vec|>" not in tok.decode(encode_prompt(tok, r, "plain", with_vector=False)) for r in records)
+
+
+def test_rows_asked_together_answer_as_they_do_alone():
+    """explain_all sorts the prompts of several rows (v, no v, a SelfIE scale) into shared batches; each
+    row's answers are what it gets asked alone."""
+    model, tok = load_model(ModelSpec("tiny-llama:hidden=32,layers=2,seed=2"))
+    for p in model.parameters():
+        p.data *= 4
+    add_vector_tokens(model, tok)
+    records = vector_records(5, "test")
+    projection = Projection("random", ["0-1", "2-3"], D_TARGET, 32, seed=5)
+    asks = [Ask(records, projection), Ask(records[:3], projection, with_vector=False),
+            Ask(records[1:], projection, vector_scale=10.0)]
+    together = explain_all(model, tok, asks, "plain", max_new_tokens=6, batch_size=4)
+    alone = [explain(model, tok, a.records, "plain", 6, 4, a.projection, a.with_vector, a.vector_scale) for a in asks]
+    assert together == alone
+    assert together[0][:3] != together[1], "the rows differ, so a mix-up would show"
