@@ -269,7 +269,8 @@ def bench_patching() -> dict:
     preamble run once for x and x') and the prefix's keys and values (x and x' have one length here, so
     they come from the clean run) vs one hooked full forward per intervention. FLOP utilisation counts
     only what the fast path must compute (linear layers and LM head; attention scores are left out)."""
-    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow, shared_prefix
+    from groundtruth.generation import shared_prefix
+    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
 
     model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
     pairs = [("France", "Spain"), ("Japan", "Italy"), ("Egypt", "Peru"), ("Canada", "Norway")]

@@ -59,7 +59,7 @@ def explain_all(model, tokenizer, asks: list[Ask], fmt: PromptFormat, max_new_to
 
         # never written by an answer, with or without v in the prompt (so a row reads the same in any batch)
         flat = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, batch_context=injected,
-                               suppress_tokens=(tokens.begin, tokens.vec, tokens.end))
+                               suppress_tokens=(tokens.begin, tokens.vec, tokens.end), row_tokens={tokens.vec})
     out, start = [], 0
     for ask in asks:
         out.append(flat[start:start + len(ask.records)])

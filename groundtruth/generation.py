@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Collection, Literal, Optional, Sequence
 
 import torch
 
@@ -49,6 +49,32 @@ def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, mask
 
 
+def _window_spans(model, width: int) -> bool:
+    """Whether every attention layer sees all `width` positions (no sliding window shorter than them)."""
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return window is None or width <= window
+
+
+MIN_SHARED_PREFIX = 8
+"""Tokens every prompt must share before it is run once for all (a few-shot preamble, a chat header):
+below that, the extra forward's fixed cost outweighs the positions it saves."""
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]], stop_at: Collection[int] = ()) -> int:
+    """Length of the token prefix all prompts share, 0 if under MIN_SHARED_PREFIX. Every prompt keeps at
+    least its last token to itself (its next token is decided there), and the prefix ends before the
+    first token in stop_at (tokens whose embedding differs per prompt: an injected [vec])."""
+    if len(prompts) < 2:
+        return 0
+    first = [int(t) for t in prompts[0]]
+    n = min(len(p) for p in prompts) - 1
+    for i in range(n):
+        if first[i] in stop_at or any(int(p[i]) != first[i] for p in prompts[1:]):
+            n = i
+            break
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 @torch.no_grad()
 def greedy_generate(
     model,
@@ -59,39 +85,40 @@ def greedy_generate(
     use_cache: bool = True,
     batch_context: Optional[Callable[[list[int]], AbstractContextManager]] = None,
     suppress_tokens: Sequence[int] = (),
+    row_tokens: Collection[int] = (),
 ) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of token-id prompts, in input order.
 
     Prompts are sorted by length before batching so a batch pads little; the KV cache makes each new
-    token cost one position instead of the whole prefix. batch_context(rows) wraps the generation of
-    the prompts `rows` (vector injection uses it); suppress_tokens are never generated.
+    token cost one position instead of the whole prefix, and a prefix the batch's prompts share runs once
+    (its keys and values serve every row; the padding goes between it and each prompt's own tokens).
+    batch_context(rows) wraps the generation of the prompts `rows` (vector injection uses it);
+    suppress_tokens are never generated; row_tokens (an injected [vec]) end any shared prefix.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     device = model_device(model)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id)
+        batch = [prompts[i] for i in rows]
+        shared = shared_prefix(batch, row_tokens) if use_cache else 0
+        if shared and not _window_spans(model, max(map(len, batch))):
+            shared = 0  # the padding between prefix and prompt would take window positions the prompt's own run has
+        own_ids, own_mask = left_pad([ids[shared:] for ids in batch], tokenizer.pad_token_id)
+        prefix = torch.tensor([list(batch[0][:shared])], dtype=torch.long)  # [1, shared]
+        input_ids = torch.cat([prefix.expand(len(rows), -1), own_ids], dim=1)
+        mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), own_mask], dim=1)
         with batch_context(rows) if batch_context else nullcontext():
-            generated = _generate(model, tokenizer, input_ids.to(device), mask.to(device), max_new_tokens,
-                                  use_cache, list(suppress_tokens) or None)
+            past = None
+            if shared:
+                past = model(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1).past_key_values
+                past.batch_repeat_interleave(len(rows))
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), past_key_values=past,
+                max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                use_cache=use_cache, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                suppress_tokens=list(suppress_tokens) or None)
         new_tokens = generated[:, input_ids.shape[1]:]
         for row, ids in zip(rows, new_tokens):
             outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
     return outputs
-
-
-def _generate(model, tokenizer, input_ids, mask, max_new_tokens, use_cache, suppress):
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        use_cache=use_cache,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        suppress_tokens=suppress,
-    )

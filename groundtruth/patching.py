@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .generation import shared_prefix
 from .models import model_device
 
 
@@ -77,23 +78,6 @@ def layer_blocks(num_layers: int, num_blocks: int) -> list[list[int]]:
 def decoder_layers(model) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (Llama, Gemma, Qwen, ... all keep them here)."""
     return model.get_decoder().layers
-
-
-MIN_SHARED_PREFIX = 8
-"""Tokens every prompt must share before clean_runs runs them once for all: below that, the extra
-forward's fixed cost outweighs the positions it saves."""
-
-
-def shared_prefix(prompts: list[torch.Tensor]) -> int:
-    """Length of the token prefix all prompts share (a task's few-shot preamble), 0 if under
-    MIN_SHARED_PREFIX; every prompt keeps at least its last token to itself (its decision is made there)."""
-    if len(prompts) < 2:
-        return 0
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0][:limit]
-    same = torch.stack([p[:limit] == first for p in prompts[1:]]).all(0)  # [limit]
-    n = int(same.long().cumprod(0).sum())
-    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ from conftest import make_records
 from groundtruth.ablation import AblationConfig, HintSourceConfig, build_items, extract_answer, run_ablation
 from groundtruth.dataset import balance, label_stats, split_of
 from groundtruth.errors import DataSourceError
-from groundtruth.generation import greedy_generate, render_prompt
+from groundtruth.generation import greedy_generate, render_prompt, shared_prefix
+from groundtruth.models import ModelSpec, load_model
 from groundtruth.sources.multiple_choice import load_mmlu
 
 
@@ -68,6 +69,32 @@ def test_batched_generation_matches_one_at_a_time(tiny):
     batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
     single = [greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
+
+
+# tiny Gemma's sliding window (4) is shorter than the prompts: padding between a shared prefix and a
+# prompt would take window positions, so it runs whole prompts (left-padded) instead
+@pytest.mark.parametrize("arch,shares", [("tiny-llama", True), ("tiny-gemma", False)])
+def test_a_shared_prefix_is_run_once_and_answers_as_one_at_a_time(arch, shares):
+    model, tok = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
+    for p in model.parameters():
+        p.data *= 3  # a sharp random model: answers differ per prompt
+    preamble = "Q: capital of Peru? A: Lima.\n"
+    prompts = [render_prompt(tok, preamble + text, "plain") for text in ["Q: Chile?", "Q: the capital of Spain?", "Q: Laos?"]]
+    assert shared_prefix(prompts) >= len(preamble)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    finally:
+        handle.remove()
+    if shares:
+        assert calls[0] == (1, shared_prefix(prompts)), "the preamble runs once, alone"
+        assert calls[1][0] == 3 and calls[1][1] < max(map(len, prompts)) - len(preamble) + 1, "then only what follows it"
+    else:
+        assert calls[0] == (3, max(map(len, prompts)))
+    single = [greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single and len(set(single)) > 1
 
 
 def test_run_ablation_labels_agree_with_reference(tiny):

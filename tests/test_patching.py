@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import (MIN_SHARED_PREFIX, Intervention, block_vector, clean_runs, decided_tokens, layer_blocks,
-                                  layer_states, patch_fast, patch_slow, shared_prefix)
+from groundtruth.generation import MIN_SHARED_PREFIX, shared_prefix
+from groundtruth.patching import (Intervention, block_vector, clean_runs, decided_tokens, layer_blocks, layer_states,
+                                  patch_fast, patch_slow)
 
 
 def test_blocks_are_contiguous_and_cover_every_layer():
