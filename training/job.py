@@ -203,8 +203,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.grad_clip,
-        # torch_adam: torch's AdamW instead of DeepSpeed's compiled op (no build on CPU machines)
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        # torch_adam: torch's AdamW instead of DeepSpeed's compiled op (no build on CPU machines); fused: one
+        # pass over ZeRO's flat partition per step (unfused, each of Adam's ~8 elementwise ops streamed the
+        # whole 400 MB partition through memory: 0.47 s of a 4 s SmolLM2 step on 2 cores)
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True,
+                                                  "fused": True}},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # our own logging, rank 0 only
