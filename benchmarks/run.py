@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from groundtruth.ablation import AblationConfig, build_items, run_ablation
+from groundtruth.generation import PROMPT_ROWS
 from groundtruth.models import ModelSpec, load_model
 from groundtruth.records import Record
 
@@ -78,11 +79,11 @@ EVAL_ROWS = 4
 """Rows one export answers in eval (a vector task's trained, no-vector, zero-v and shuffled-v rows)."""
 
 
-def bench_eval_generation(batch: int = 16) -> dict:
+def bench_eval_generation(batch: int = 64) -> dict:
     """Explainer generation on SmolLM2 as an evaluator runs it: EVAL_ROWS rows of 16 questions each
-    through explain_all (every prompt of the rows sorted into batches of `batch`, the configs'
-    eval.batch_size, KV cache) vs one question at a time. Measured on 64 chat prompts: batch 32 took
-    0.79x the time of 16 and 64 0.84x; on plain prompts (prefill only) 16 was fastest.
+    through explain_all (every prompt of the rows sorted by length, `batch` of them generated together as
+    the configs' eval.batch_size, prompts run in chunks of 16, KV cache, finished rows leave the batch)
+    vs one question at a time through the same function.
 
     Chat format: in plain format the untrained model ends every answer at once (EOS as first token),
     which would time prompt encoding only; in chat format it writes a full answer, as a trained
@@ -99,7 +100,8 @@ def bench_eval_generation(batch: int = 16) -> dict:
     generated = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in naive_flat)
     return write("eval_generation", fast, naive, 6.0,
                  {"model": "smollm2-135m-instruct", "rows": EVAL_ROWS, "examples": len(records), "max_new_tokens": 24,
-                  "generated_tokens": generated, "prompt_format": "chat", "fast_batch": batch, "naive_batch": 1},
+                  "generated_tokens": generated, "prompt_format": "chat", "fast_batch": batch, "prompt_rows": PROMPT_ROWS,
+                  "naive_batch": 1},
                  identical_outputs=f"{same}/{len(records)}", tokens_per_second=round(generated / fast, 1))
 
 

@@ -64,7 +64,8 @@ class ActorPoolConfig:
     actor_gpus: float = 0.0
     """GPUs per actor (1 on GPU clusters)."""
     batch_size: int = 16
-    """Prompts per forward pass / generate call."""
+    """Inputs a technique or explainer runs together: for generation, prompts generated together (one KV
+    cache), their prompts run in length-sorted chunks of at most 16 (groundtruth/generation.py)."""
     max_retries: int = 3
     """Attempts per unit of work after actor deaths before the stage fails."""
 
@@ -82,6 +83,11 @@ class GroundTruthConfig(ActorPoolConfig):
 @dataclass
 class EvalConfig(ActorPoolConfig):
     """Evaluator actors that run explainers on held-out records."""
+
+    batch_size: int = 64
+    """Explanations generated together. Decoding reads every weight once per step for all rows, so more
+    rows cost less per row (SmolLM2 on 2 cores: 5.2 ms a row at 64 vs 8.2 ms at 16); the prompts still
+    run in length-sorted chunks of 16."""
 
     max_new_tokens: Optional[int] = None
     """Tokens per explanation; null: the task's default (50 for causal tasks, as in the paper)."""

@@ -5,6 +5,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Collection, Literal, Optional, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from .models import model_device
 
@@ -75,6 +76,76 @@ def shared_prefix(prompts: Sequence[Sequence[int]], stop_at: Collection[int] = (
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+PROMPT_ROWS = 16
+"""Prompts per forward pass of the prompts. They are sorted by length, so a chunk of 16 pads little; the
+rows of a generation batch are then decoded together, where more rows are cheaper per row (SmolLM2-135M on
+2 cores: a decode step of 16 rows took 131 ms, of 64 rows 334 ms: 8.2 vs 5.2 ms a row)."""
+
+
+def _run_prompts(model, batch: Sequence[Sequence[int]], pad_id: int, stop_at: Collection[int]):
+    """The prompts of `batch` through the model: (cache, attention mask [b, T], last position's logits [b, V]).
+
+    A prefix they all share runs once (its keys and values serve every row) and the padding goes between
+    it and each prompt's own tokens; not where a sliding window is shorter than the prompts (the gap
+    would take window positions the prompt's own run has)."""
+    device = model_device(model)
+    shared = shared_prefix(batch, stop_at)
+    if shared and not _window_spans(model, max(map(len, batch))):
+        shared = 0
+    own_ids, own_mask = left_pad([ids[shared:] for ids in batch], pad_id)
+    mask = torch.cat([torch.ones(len(batch), shared, dtype=torch.long), own_mask], dim=1).to(device)
+    cache = DynamicCache(config=model.config)
+    if shared:
+        model(input_ids=torch.tensor([list(batch[0][:shared])], device=device), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(batch))
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]  # as generate() numbers them
+    out = model(input_ids=own_ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return cache, mask, out.logits[:, -1].float()
+
+
+def _join(model, parts: list[tuple]) -> tuple:
+    """One decode batch from several prompt chunks: each chunk's keys, values and mask left-padded to the
+    widest (padding is masked, so a row attends to what it did alone), then stacked on the batch."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(mask.shape[1] for _, mask, _ in parts)
+    left = lambda t, dim: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))  # noqa: E731
+    cache = DynamicCache(config=model.config)
+    for i in range(len(parts[0][0].layers)):
+        keys = torch.cat([left(c.layers[i].keys, 2) for c, _, _ in parts])  # [B, H, width, D]
+        values = torch.cat([left(c.layers[i].values, 2) for c, _, _ in parts])
+        cache.update(keys, values, i)
+    return cache, torch.cat([left(m, 1) for _, m, _ in parts]), torch.cat([logits for *_, logits in parts])
+
+
+def _decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, max_new_tokens: int,
+            eos: Optional[int], suppress: Sequence[int]) -> list[list[int]]:
+    """Greedy tokens of each row (up to and including eos), one position per step; a row that has
+    written eos leaves the batch and its cache, so later steps run only the rows still writing."""
+    rows = list(range(mask.shape[0]))  # the batch row each cache row answers
+    tokens_of: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        if suppress:
+            logits[:, list(suppress)] = float("-inf")
+        tokens = logits.argmax(-1)  # [b]
+        for row, token in zip(rows, tokens.tolist()):
+            tokens_of[row].append(token)
+        writing = [i for i, token in enumerate(tokens.tolist()) if token != eos]
+        if step == max_new_tokens - 1 or not writing:
+            break
+        if len(writing) < len(rows):
+            keep = torch.tensor(writing, device=mask.device)
+            cache.batch_select_indices(keep)
+            mask, tokens, rows = mask[keep], tokens[keep], [rows[i] for i in writing]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1].float()
+    return tokens_of
+
+
 @torch.no_grad()
 def greedy_generate(
     model,
@@ -82,43 +153,31 @@ def greedy_generate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     batch_size: int = 16,
-    use_cache: bool = True,
     batch_context: Optional[Callable[[list[int]], AbstractContextManager]] = None,
     suppress_tokens: Sequence[int] = (),
     row_tokens: Collection[int] = (),
 ) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of token-id prompts, in input order.
 
-    Prompts are sorted by length before batching so a batch pads little; the KV cache makes each new
-    token cost one position instead of the whole prefix, and a prefix the batch's prompts share runs once
-    (its keys and values serve every row; the padding goes between it and each prompt's own tokens).
-    batch_context(rows) wraps the generation of the prompts `rows` (vector injection uses it);
+    Prompts are sorted by length; `batch_size` of them are generated together (one KV cache, so each new
+    token costs one position), their prompts run in chunks of PROMPT_ROWS, and a row stops when it has
+    written EOS. batch_context(rows) wraps the forward of the prompts `rows` (vector injection uses it);
     suppress_tokens are never generated; row_tokens (an injected [vec]) end any shared prefix.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    device = model_device(model)
+    chunk = min(batch_size, PROMPT_ROWS)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = [prompts[i] for i in rows]
-        shared = shared_prefix(batch, row_tokens) if use_cache else 0
-        if shared and not _window_spans(model, max(map(len, batch))):
-            shared = 0  # the padding between prefix and prompt would take window positions the prompt's own run has
-        own_ids, own_mask = left_pad([ids[shared:] for ids in batch], tokenizer.pad_token_id)
-        prefix = torch.tensor([list(batch[0][:shared])], dtype=torch.long)  # [1, shared]
-        input_ids = torch.cat([prefix.expand(len(rows), -1), own_ids], dim=1)
-        mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), own_mask], dim=1)
-        with batch_context(rows) if batch_context else nullcontext():
-            past = None
-            if shared:
-                past = model(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1).past_key_values
-                past.batch_repeat_interleave(len(rows))
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), past_key_values=past,
-                max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                use_cache=use_cache, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                suppress_tokens=list(suppress_tokens) or None)
-        new_tokens = generated[:, input_ids.shape[1]:]
-        for row, ids in zip(rows, new_tokens):
+        parts = []
+        for first in range(0, len(rows), chunk):
+            part = rows[first:first + chunk]
+            with batch_context(part) if batch_context else nullcontext():
+                parts.append(_run_prompts(model, [prompts[i] for i in part], tokenizer.pad_token_id, row_tokens))
+        # joined, a chunk's padding would take positions of a sliding window shorter than the answers' reach
+        width = max(len(prompts[i]) for i in rows) + max_new_tokens
+        batches = [_join(model, parts)] if _window_spans(model, width) else parts
+        tokens = [t for b in batches for t in _decode(model, *b, max_new_tokens, tokenizer.eos_token_id, suppress_tokens)]
+        for row, ids in zip(rows, tokens):
             outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
     return outputs

@@ -4,6 +4,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import make_records
 
 from groundtruth.ablation import AblationConfig, HintSourceConfig, build_items, extract_answer, run_ablation
@@ -95,6 +96,37 @@ def test_a_shared_prefix_is_run_once_and_answers_as_one_at_a_time(arch, shares):
         assert calls[0] == (3, max(map(len, prompts)))
     single = [greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single and len(set(single)) > 1
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])
+def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, monkeypatch):
+    """The slow reference is transformers' own generate() on one prompt at a time. Batched: prompts run in
+    chunks of 2, the chunks joined into decode batches of 5 (tiny Gemma's window of 4 keeps them apart),
+    and rows that write EOS leave their batch while the others write on."""
+    import groundtruth.generation
+
+    model, tok = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=5"))
+    for p in model.parameters():
+        p.data *= 3  # a sharp random model: answers differ per prompt
+    texts = ["a", "The capital of", "xyz xyz xyz xyz", "Q: 1+1?\nA:", "b c", "The official language of Peru is",
+             "1 2 3", "hello there", "Q: Laos?"]
+    prompts = [render_prompt(tok, text, "plain") for text in texts]
+
+    def reference(ids: list[int], eos: int | None, tokens: int = 6) -> list[int]:
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    # EOS: the token written most often in the first three, so rows stop at different steps
+    early = [reference(ids, None, 3) for ids in prompts]
+    eos, _ = Counter(t for answer in early for t in set(answer)).most_common(1)[0]
+    assert 1 < sum(eos in answer for answer in early) < len(prompts), "some rows stop early, some do not"
+    tok.eos_token_id = eos  # this test's own tokenizer
+    monkeypatch.setattr(groundtruth.generation, "PROMPT_ROWS", 2)
+
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=5)
+    assert batched == [tok.decode(reference(ids, eos), skip_special_tokens=True) for ids in prompts]
+    assert len(set(batched)) > 2
 
 
 def test_run_ablation_labels_agree_with_reference(tiny):
