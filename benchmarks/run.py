@@ -2,69 +2,148 @@
 
     python -m benchmarks.run                 # all, results in benchmarks/results/<name>.json
     python -m benchmarks.run groundtruth     # one
+    python -m benchmarks.run --device cuda   # on a GPU (bf16), results in benchmarks/results/gpu/
 
 Every result file holds `fast` and `naive` (seconds for the same work), `ratio` (naive / fast, so
 higher is better), `target` (the ratio asked for) and the workload. CPU timings are noisy: compare
-ratios, not absolute seconds. Each timing is the median of `REPEATS` runs after one warm-up.
+ratios, not absolute seconds. Each timing is the median of `REPEATS` runs after one warm-up. Where
+the work has a model FLOP count, `model_flop_utilisation` divides it by the fast path's seconds and the
+peak (a GPU's dense bf16 peak; on a CPU the fp32 matmul rate measured in the run). Models whose packaged
+weights are not installed (a bare GPU machine) are built at their real shapes with random weights; a
+benchmark whose packages are missing is written as skipped.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
+from benchmarks.gpu_check import peak_flops
 from groundtruth.ablation import AblationConfig, build_items, run_ablation
 from groundtruth.generation import PROMPT_ROWS
-from groundtruth.models import ModelSpec, load_model
+from groundtruth.models import PACKAGED, RANDOM_INIT_PREFIX, ModelSpec, ModelSpecError, load_model
 from groundtruth.records import Record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPEATS = 3
 
 
-def timed(fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, object]:
-    """Median seconds of fn() over `repeats` runs after one warm-up, and its last result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+@dataclass
+class Setting:
+    """Where the benchmarks run: the device, and whether packaged weights are at hand."""
+
+    device: str = "cpu"
+    random_weights: bool = False
+    _peak: Optional[float] = None
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.device == "cuda" else "float32"  # bf16 was measured ~2x slower on these CPUs
+
+    @property
+    def results(self) -> Path:
+        return RESULTS / "gpu" if self.device == "cuda" else RESULTS
+
+    def spec(self, name: str) -> ModelSpec:
+        return ModelSpec((RANDOM_INIT_PREFIX if self.random_weights else "") + name, self.dtype)
+
+    def load(self, name: str, dtype: Optional[str] = None):
+        """(model, tokenizer) on the device, in `dtype` (default: the device's)."""
+        spec = self.spec(name)
+        return load_model(ModelSpec(spec.source, dtype or spec.dtype), self.device)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def timed(self, fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, object]:
+        """Median seconds of fn() over `repeats` runs after one warm-up, and its last result."""
         result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            start = time.perf_counter()
+            result = fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), result
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def peak(self) -> Optional[float]:
+        """FLOP/s the utilisation is measured against (benchmarks.gpu_check.peak_flops), measured once."""
+        if self._peak is None:
+            self._peak = peak_flops(self.device, None)[0]
+        return self._peak
+
+    def write(self, name: str, fast: float, naive: float, target: float, workload: dict,
+              model_flops: Optional[float] = None, **extra) -> dict:
+        out = {"name": name, "fast": round(fast, 4), "naive": round(naive, 4), "ratio": round(naive / fast, 3),
+               "target": target, "meets_target": naive / fast >= target, "workload": workload, "device": self.device_name(),
+               "dtype": self.dtype, "weights": "random" if self.random_weights else "packaged",
+               "torch_threads": torch.get_num_threads(), **extra}
+        if model_flops is not None and self.peak():
+            out.update(model_flops=model_flops, peak_flops_per_second=round(self.peak()),
+                       model_flop_utilisation=round(model_flops / (fast * self.peak()), 4))
+        self.results.mkdir(parents=True, exist_ok=True)
+        (self.results / f"{name}.json").write_text(json.dumps(out, indent=1))
+        print(json.dumps(out))
+        return out
+
+    def skip(self, name: str, why: str) -> dict:
+        out = {"name": name, "skipped": why, "device": self.device_name()}
+        self.results.mkdir(parents=True, exist_ok=True)
+        (self.results / f"{name}.json").write_text(json.dumps(out, indent=1))
+        print(json.dumps(out))
+        return out
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
 
-def write(name: str, fast: float, naive: float, target: float, workload: dict, **extra) -> dict:
-    out = {"name": name, "fast": round(fast, 4), "naive": round(naive, 4), "ratio": round(naive / fast, 3),
-           "target": target, "meets_target": naive / fast >= target, "workload": workload,
-           "torch_threads": torch.get_num_threads(), **extra}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
-    return out
+def generation_flops(model, prompt_tokens: int, new_tokens: int) -> float:
+    """Model FLOPs of generating: every weight but the embedding once per token, the LM head once per
+    generated token (a prompt's forward computes logits at its last position only)."""
+    head = model.config.get_text_config().hidden_size * model.config.get_text_config().vocab_size
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    return 2.0 * body * (prompt_tokens + new_tokens) + 2.0 * head * new_tokens
 
 
-def bench_groundtruth() -> dict:
+def training_flops(model, tokens: int) -> float:
+    """The usual 6 x parameters x tokens of a forward and backward, the input embedding left out."""
+    return 6.0 * (sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()) * tokens
+
+
+def bench_groundtruth(s: Setting) -> dict:
     """Input-ablation ground truth on SmolLM2: batches of 16 inputs vs one input at a time."""
-    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    from groundtruth.generation import render_prompt
+
+    model, tok = s.load("smollm2-135m-instruct")
     cfg = AblationConfig(max_sources=4)
     items = build_items(cfg, seed=0)[:32]
 
     def run(batch: int) -> list[Record]:
-        return run_ablation(model, tok, items, cfg, "smollm2", lambda s: "train", batch_size=batch)
+        return run_ablation(model, tok, items, cfg, "smollm2", lambda _: "train", batch_size=batch)
 
-    fast, fast_records = timed(lambda: run(16), repeats=1)
-    naive, naive_records = timed(lambda: run(1), repeats=1)
+    fast, fast_records = s.timed(lambda: run(16), repeats=1)
+    naive, naive_records = s.timed(lambda: run(1), repeats=1)
     same = [r.explanation for r in fast_records] == [r.explanation for r in naive_records]
-    return write("groundtruth", fast, naive, 3.0,
-                 {"model": "smollm2-135m-instruct", "items": len(items), "generations": 2 * len(items),
-                  "max_new_tokens": cfg.max_new_tokens, "fast_batch": 16, "naive_batch": 1},
-                 identical_labels=same)
+    prompt_tokens = sum(len(render_prompt(tok, text, "plain")) for it in items for text in (it.full, it.ablated))
+    new_tokens = 2 * len(items) * cfg.max_new_tokens  # at most: a row that writes EOS stops
+    return s.write("groundtruth", fast, naive, 3.0,
+                   {"model": "smollm2-135m-instruct", "items": len(items), "generations": 2 * len(items),
+                    "max_new_tokens": cfg.max_new_tokens, "fast_batch": 16, "naive_batch": 1},
+                   model_flops=generation_flops(model, prompt_tokens, new_tokens), identical_labels=same)
 
 
 def _explain_records(n: int) -> list[Record]:
@@ -79,7 +158,7 @@ EVAL_ROWS = 4
 """Rows one export answers in eval (a vector task's trained, no-vector, zero-v and shuffled-v rows)."""
 
 
-def bench_eval_generation(batch: int = 64) -> dict:
+def bench_eval_generation(s: Setting, batch: int = 64) -> dict:
     """Explainer generation on SmolLM2 as an evaluator runs it: EVAL_ROWS rows of 16 questions each
     through explain_all (every prompt of the rows sorted by length, `batch` of them generated together as
     the configs' eval.batch_size, prompts run in chunks of 16, KV cache, finished rows leave the batch)
@@ -87,22 +166,27 @@ def bench_eval_generation(batch: int = 64) -> dict:
 
     Chat format: in plain format the untrained model ends every answer at once (EOS as first token),
     which would time prompt encoding only; in chat format it writes a full answer, as a trained
-    explainer does. The rows here differ in their records (no vectors: the base model has no [vec])."""
+    explainer does. The rows here differ in their records (no vectors: the base model has no [vec]).
+    Random weights (no chat template in their byte tokenizer) run plain prompts: they never write EOS."""
     from eval.generate import Ask, explain_all
+    from training.batches import encode_prompt
 
-    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    model, tok = s.load("smollm2-135m-instruct")
+    fmt = "plain" if s.random_weights else "chat"
     records = _explain_records(16 * EVAL_ROWS)
     asks = [Ask(records[i::EVAL_ROWS]) for i in range(EVAL_ROWS)]
-    fast, fast_out = timed(lambda: explain_all(model, tok, asks, "chat", 24, batch_size=batch), repeats=1)
-    naive, naive_out = timed(lambda: explain_all(model, tok, asks, "chat", 24, batch_size=1), repeats=1)
+    fast, fast_out = s.timed(lambda: explain_all(model, tok, asks, fmt, 24, batch_size=batch), repeats=1)
+    naive, naive_out = s.timed(lambda: explain_all(model, tok, asks, fmt, 24, batch_size=1), repeats=1)
     fast_flat, naive_flat = sum(fast_out, []), sum(naive_out, [])
     same = sum(a == b for a, b in zip(fast_flat, naive_flat))
     generated = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in naive_flat)
-    return write("eval_generation", fast, naive, 6.0,
-                 {"model": "smollm2-135m-instruct", "rows": EVAL_ROWS, "examples": len(records), "max_new_tokens": 24,
-                  "generated_tokens": generated, "prompt_format": "chat", "fast_batch": batch, "prompt_rows": PROMPT_ROWS,
-                  "naive_batch": 1},
-                 identical_outputs=f"{same}/{len(records)}", tokens_per_second=round(generated / fast, 1))
+    prompt_tokens = sum(len(encode_prompt(tok, r, fmt, True)) for r in records)
+    return s.write("eval_generation", fast, naive, 6.0,
+                   {"model": "smollm2-135m-instruct", "rows": EVAL_ROWS, "examples": len(records), "max_new_tokens": 24,
+                    "generated_tokens": generated, "prompt_tokens": prompt_tokens, "prompt_format": fmt,
+                    "fast_batch": batch, "prompt_rows": PROMPT_ROWS, "naive_batch": 1},
+                   model_flops=generation_flops(model, prompt_tokens, generated),
+                   identical_outputs=f"{same}/{len(records)}", tokens_per_second=round(generated / fast, 1))
 
 
 def _train_records(n: int) -> list[Record]:
@@ -130,8 +214,21 @@ def _padding(tok, micro: int = 8, examples: int = 128) -> dict:
     return {"padding_share": round(share[16], 4), "padding_share_random_batches": round(share[1], 4)}
 
 
-def bench_train_step() -> dict:
-    """One optimizer step on SmolLM2: DeepSpeed engine (ZeRO-2, torch AdamW) vs a plain AdamW loop."""
+RECIPE = {"cpu": "configs/quickstart.yaml", "cuda": "configs/study_gpu.yaml"}
+"""The recipe whose training settings a device's training benchmarks run."""
+
+
+def recipe_zero_stage(s: Setting) -> int:
+    from distributed.config import load_config
+
+    return load_config(str(Path(__file__).resolve().parents[1] / RECIPE[s.device])).train.zero_stage
+
+
+def bench_train_step(s: Setting) -> dict:
+    """One optimizer step on SmolLM2: the DeepSpeed engine (torch AdamW) at the ZeRO stage the device's
+    recipe trains with (the CPU recipes: 0, one rank per job) vs a plain AdamW loop; ZeRO-2 on the same
+    rank is reported beside it. All hold fp32 weights; on a GPU they compute in bf16 (DeepSpeed's bf16
+    mode, autocast in the plain loop)."""
     import deepspeed
 
     from training.loss import ExplainerLM
@@ -139,46 +236,63 @@ def bench_train_step() -> dict:
     from training.step import init_process_group_if_needed
 
     init_process_group_if_needed()
-    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
-    model.train()
-    model.get_input_embeddings().weight.requires_grad_(False)  # train_embeddings: false, as every CPU config
-    batch = _train_batch(tok)
+    cuda = s.device == "cuda"
+
+    def load():
+        model, tok = s.load("smollm2-135m-instruct", dtype="float32")
+        model.train()
+        model.get_input_embeddings().weight.requires_grad_(False)  # train_embeddings: false, as every CPU config
+        return model, tok
+
+    model, tok = load()
+    batch = s.to_device(_train_batch(tok))
     plain = ExplainerLM(model)
     optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
 
     def plain_step():
-        loss = plain(**batch)
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            loss = plain(**batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    naive, _ = timed(plain_step)
-    optimizer.state.clear()  # free the plain loop's Adam state before the DeepSpeed model loads
-    ds_model, _ = load_model(ModelSpec("smollm2-135m-instruct"))
-    ds_model.train()
-    ds_model.get_input_embeddings().weight.requires_grad_(False)
-    cfg = TrainConfig(micro_batch_size=8, lr=1e-5, zero_stage=2)
-    engine, *_ = deepspeed.initialize(model=ExplainerLM(ds_model), config=deepspeed_config(cfg, 1),
-                                      model_parameters=[p for p in ds_model.parameters() if p.requires_grad])
+    naive, _ = s.timed(plain_step)
+    optimizer.state.clear()  # free the plain loop's Adam state before the DeepSpeed models load
+    precision = "bf16" if cuda else "fp32"
 
-    def ds_step():
-        loss = engine(**batch)
-        engine.backward(loss)
-        engine.step()
+    def engine_seconds(stage: int) -> float:
+        ds_model, _ = load()
+        cfg = TrainConfig(micro_batch_size=8, lr=1e-5, zero_stage=stage, precision=precision)
+        engine, *_ = deepspeed.initialize(model=ExplainerLM(ds_model), config=deepspeed_config(cfg, 1),
+                                          model_parameters=[p for p in ds_model.parameters() if p.requires_grad])
 
-    fast, _ = timed(ds_step)
+        def ds_step():
+            loss = engine(**batch)
+            engine.backward(loss)
+            engine.step()
+
+        return s.timed(ds_step)[0]
+
+    stage = recipe_zero_stage(s)
+    fast = engine_seconds(stage)
+    zero2 = engine_seconds(2) if stage != 2 else fast
     tokens = int(batch["attention_mask"].sum())
-    return write("train_step", fast, naive, 0.9,
-                 {"model": "smollm2-135m-instruct", "batch": 8, "tokens": tokens,
-                  "embedding": "frozen", "fast": "deepspeed ZeRO-2 engine, torch AdamW", "naive": "plain torch AdamW loop"},
-                 tokens_per_second=round(tokens / fast, 1), **_padding(tok))
+    return s.write("train_step", fast, naive, 0.9,
+                   {"model": "smollm2-135m-instruct", "batch": 8, "tokens": tokens, "precision": precision,
+                    "embedding": "frozen", "fast": f"deepspeed engine, ZeRO-{stage} ({RECIPE[s.device]}), torch AdamW",
+                    "naive": "plain torch AdamW loop"},
+                   model_flops=training_flops(model, tokens), tokens_per_second=round(tokens / fast, 1),
+                   zero2_seconds=round(zero2, 4), zero2_ratio=round(naive / zero2, 3), **_padding(tok))
 
 
-def bench_ray_train_worker() -> dict:
-    """One training job (SmolLM2, ZeRO-2, micro batch 8, 2 CPUs) run by a Ray Train worker vs in this
-    process: seconds per optimizer step from the job's own log, the first logged step (warm-up) left out.
-    fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost)."""
+def bench_ray_train_worker(s: Setting) -> dict:
+    """One training job (SmolLM2 at the CPU recipe's ZeRO stage, micro batch 8, 2 CPUs) run by a Ray Train
+    worker vs in this process: seconds per optimizer step from the job's own log, the first logged step (warm-up) left out.
+    fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost). CPU only: what a worker costs
+    on a GPU is what it costs around the step, and gpu_check times the jobs themselves there."""
+    if s.device != "cpu":
+        return s.skip("ray_train_worker", "measured on CPU workers only")
     import shutil
     import tempfile
 
@@ -189,14 +303,14 @@ def bench_ray_train_worker() -> dict:
     from training.job import TrainConfig, TrainJob
     from training.step import run_training
 
-    steps, threads = 8, torch.get_num_threads()
+    steps, threads, stage = 8, torch.get_num_threads(), recipe_zero_stage(s)
     root = Path(tempfile.mkdtemp(prefix="bench_ray_train_"))
     write_split(root / "data", _train_records(steps * 8), "h", shard_size=32)
 
     def job(name: str) -> TrainJob:
         cfg = TrainConfig(micro_batch_size=8, lr=1e-5, max_steps=steps, log_every=1, checkpoint_every=steps,
-                          train_embeddings=False, prompt_format="plain", worker_cpus=float(threads))
-        return TrainJob("input_ablation", "smollm2", "smollm2", ModelSpec("smollm2-135m-instruct"),
+                          train_embeddings=False, prompt_format="plain", worker_cpus=float(threads), zero_stage=stage)
+        return TrainJob("input_ablation", "smollm2", "smollm2", s.spec("smollm2-135m-instruct"),
                         str(root / "data"), str(root / name), cfg)
 
     def per_step(j: TrainJob) -> float:
@@ -212,22 +326,22 @@ def bench_ray_train_worker() -> dict:
         naive, fast = per_step(here), per_step(worker)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return write("ray_train_worker", fast, naive, 0.9,
-                 {"model": "smollm2-135m-instruct", "steps": steps, "micro_batch": 8, "zero_stage": 2,
-                  "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"})
+    return s.write("ray_train_worker", fast, naive, 0.9,
+                   {"model": "smollm2-135m-instruct", "steps": steps, "micro_batch": 8, "zero_stage": stage,
+                    "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"})
 
 
-def bench_lm_head() -> dict:
+def bench_lm_head(s: Setting) -> dict:
     """Forward+backward on Gemma-3-270M (262k vocab) at the explainer's prompt lengths (input-ablation
     questions, plain format), its embedding (and the head tied to it) frozen as the configs train it:
     LM head on explanation tokens only vs full logits. The profile: the same step with no LM head at
     all (the decoder's output straight into a loss) bounds what any restriction of the head can reach."""
     from training.loss import ExplainerLM
 
-    model, tok = load_model(ModelSpec("gemma-3-270m"))
+    model, tok = s.load("gemma-3-270m")
     model.train()
     model.get_input_embeddings().weight.requires_grad_(False)  # train_embeddings: false
-    batch = _train_batch(tok)
+    batch = s.to_device(_train_batch(tok))
 
     def step(restrict: bool):
         def run():
@@ -242,22 +356,17 @@ def bench_lm_head() -> dict:
         hidden.float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
-    fast, fast_loss = timed(step(True))
-    naive, naive_loss = timed(step(False))
-    body, _ = timed(body_only)
-    return write("lm_head", fast, naive, 2.0,
-                 {"model": "gemma-3-270m", "batch": 8, "tokens": int(batch["attention_mask"].sum()),
-                  "loss_tokens": int((batch["labels"] != -100).sum()), "embedding": "frozen"},
-                 same_loss=abs(fast_loss - naive_loss) < 1e-3, body_seconds=round(body, 4),
-                 ratio_if_the_head_cost_nothing=round(naive / body, 3),
-                 head_share_of_the_restricted_step=round(1 - body / fast, 3))
-
-
-def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
-    """Measured fp32 matmul rate of this machine (the arithmetic limit the FLOP utilisation is against)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds, _ = timed(lambda: a @ b, repeats)
-    return 2 * size ** 3 / seconds
+    fast, fast_loss = s.timed(step(True))
+    naive, naive_loss = s.timed(step(False))
+    body, _ = s.timed(body_only)
+    tokens = int(batch["attention_mask"].sum())
+    return s.write("lm_head", fast, naive, 2.0,
+                   {"model": "gemma-3-270m", "batch": 8, "tokens": tokens,
+                    "loss_tokens": int((batch["labels"] != -100).sum()), "embedding": "frozen"},
+                   model_flops=training_flops(model, tokens),
+                   same_loss=abs(fast_loss - naive_loss) < (1e-3 if s.dtype == "float32" else 2e-2),
+                   body_seconds=round(body, 4), ratio_if_the_head_cost_nothing=round(naive / body, 3),
+                   head_share_of_the_restricted_step=round(1 - body / fast, 3))
 
 
 PATCHING_PREAMBLE = ("The capital of Japan is Tokyo. The official language of Brazil is Portuguese. "
@@ -265,16 +374,19 @@ PATCHING_PREAMBLE = ("The capital of Japan is Tokyo. The official language of Br
 """The study's few-shot preamble (configs/study_cpu.yaml): its positions are not patched, as in the task."""
 
 
-def bench_patching() -> dict:
+def bench_patching(s: Setting) -> dict:
     """Activation patching on SmolLM2 as the study runs it: a few-shot preamble and then the fact, every
-    (block, position of the fact) of 4 prompt pairs: the batched patcher from the cached clean run (the
-    preamble run once for x and x') and the prefix's keys and values (x and x' have one length here, so
-    they come from the clean run) vs one hooked full forward per intervention. FLOP utilisation counts
-    only what the fast path must compute (linear layers and LM head; attention scores are left out)."""
+    (block, position of the fact) of 4 prompt pairs: the batched patcher from the cached clean runs (the
+    pairs have one length, so their 8 prompts run in one forward after the preamble, run once), the
+    prefix's keys and values cut from them, and one forward per block for the 4 pairs' interventions
+    together, vs one hooked full forward per intervention. FLOP utilisation counts
+    only what the fast path must compute (linear layers and LM head; attention scores are left out).
+    fp32 on every device: labels are greedy decisions, compared as ground truth makes them."""
     from groundtruth.generation import shared_prefix
-    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
+    from groundtruth.patching import (Intervention, PairPatches, decided_tokens, layer_blocks, pair_clean_runs, patch_pairs,
+                                      patch_slow)
 
-    model, tok = load_model(ModelSpec("smollm2-135m-instruct"))
+    model, tok = s.load("smollm2-135m-instruct", dtype="float32")
     pairs = [("France", "Spain"), ("Japan", "Italy"), ("Egypt", "Peru"), ("Canada", "Norway")]
     encode = lambda country: torch.tensor(tok(f"{PATCHING_PREAMBLE} The capital of {country} is")["input_ids"])  # noqa: E731
     prompts = [(x, y) for x, y in ((encode(a), encode(b)) for a, b in pairs) if len(x) == len(y)]
@@ -283,25 +395,31 @@ def bench_patching() -> dict:
     blocks = layer_blocks(layers, 4)
     plans = [[Intervention(b, t, t) for b in range(4) for t in range(preamble, len(x))] for x, _ in prompts]
 
-    def run(patcher):
-        return [decided_tokens(patcher(model, x, y, blocks, plan)) for (x, y), plan in zip(prompts, plans)]
+    def fast_path():  # as run_patching goes through the pairs
+        labels = {}
+        for group in pair_clean_runs(model, prompts):
+            jobs = [PairPatches(prompts[i][0], plans[i], clean, source) for i, clean, source in group]
+            for job, (i, *_), patched in zip(jobs, group, patch_pairs(model, jobs, blocks)):
+                labels[i] = decided_tokens((job.clean.decision, patched))
+        return [labels[i] for i in range(len(prompts))]
 
-    fast, fast_labels = timed(lambda: run(patch_fast), repeats=1)
-    naive, naive_labels = timed(lambda: run(patch_slow), repeats=1)
+    def naive_path():
+        return [decided_tokens(patch_slow(model, x, y, blocks, plan)) for (x, y), plan in zip(prompts, plans)]
+
+    fast, fast_labels = s.timed(fast_path, repeats=1)
+    naive, naive_labels = s.timed(naive_path, repeats=1)
     per_token_layer = 2 * sum(p.numel() for p in model.model.layers[0].parameters())
     head = 2 * model.config.hidden_size * model.config.vocab_size
-    flops = 0
+    shared = shared_prefix([ids for pair in prompts for ids in pair])  # the preamble: one forward for all clean runs
+    flops = (shared + sum(len(ids) - shared for pair in prompts for ids in pair)) * layers * per_token_layer
+    flops += 2 * len(prompts) * head  # each clean run's decision
     for (x, y), plan in zip(prompts, plans):
-        shared = shared_prefix([x, y])  # the preamble: one forward for both clean runs
-        flops += (shared + 2 * (len(x) - shared)) * layers * per_token_layer + 2 * head  # clean runs of x and x'
         first = min(iv.position for iv in plan)  # earlier positions: keys and values cut from the clean run
         flops += sum((len(x) - first) * (layers - blocks[iv.block][0]) * per_token_layer + head for iv in plan)
-    rate = matmul_flops_per_second()
-    return write("patching", fast, naive, 6.0,
-                 {"model": "smollm2-135m-instruct", "pairs": len(prompts), "blocks": 4, "prompt_tokens": len(prompts[0][0]),
-                  "patched_positions_per_pair": len(prompts[0][0]) - preamble, "interventions": sum(len(p) for p in plans)},
-                 identical_labels=fast_labels == naive_labels, fast_forward_flops=flops,
-                 matmul_flops_per_second=round(rate), flop_utilisation=round(flops / (rate * fast), 3))
+    return s.write("patching", fast, naive, 6.0,
+                   {"model": "smollm2-135m-instruct", "pairs": len(prompts), "blocks": 4, "prompt_tokens": len(prompts[0][0]),
+                    "patched_positions_per_pair": len(prompts[0][0]) - preamble, "interventions": sum(len(p) for p in plans)},
+                   model_flops=flops, identical_labels=fast_labels == naive_labels)
 
 
 BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
@@ -309,15 +427,43 @@ BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_ge
               "lm_head": bench_lm_head, "patching": bench_patching}
 
 
+NEEDS = {"groundtruth": ("countryinfo",), "eval_generation": ("countryinfo",),
+         "train_step": ("countryinfo", "deepspeed"), "lm_head": ("countryinfo",),
+         "ray_train_worker": ("countryinfo", "deepspeed", "ray", "webdataset")}
+"""Packages a benchmark needs beyond torch and transformers (countryinfo: the questions' facts)."""
+
+
+def packaged_weights() -> bool:
+    """Whether every packaged model's weights are installed here."""
+    try:
+        for locate in PACKAGED.values():
+            locate()
+    except ModelSpecError:
+        return False
+    return True
+
+
 def main(argv: list[str]) -> int:
-    torch.set_num_threads(int(os.environ.get("SELFEXPLAIN_BENCH_THREADS", os.cpu_count() or 1)))
-    names = argv or list(BENCHMARKS)
-    unknown = set(names) - set(BENCHMARKS)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16; results in benchmarks/results/gpu/)")
+    parser.add_argument("--weights", choices=["auto", "packaged", "random"], default="auto",
+                        help="auto: the packaged weights where installed, else random weights at the real shapes")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(BENCHMARKS)
     if unknown:
-        print(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
-        return 2
-    for name in names:
-        BENCHMARKS[name]()
+        parser.error(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    torch.set_num_threads(int(os.environ.get("SELFEXPLAIN_BENCH_THREADS", os.cpu_count() or 1)))
+    random_weights = args.weights == "random" or (args.weights == "auto" and not packaged_weights())
+    setting = Setting(args.device, random_weights)
+    for name in args.names or list(BENCHMARKS):
+        missing = [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            setting.skip(name, f"needs {', '.join(missing)}")
+        else:
+            BENCHMARKS[name](setting)
     return 0
 
 

@@ -9,15 +9,16 @@ of the block. The label is the greedy next token at the last position before and
 `patch_fast` reuses the clean run: the layers before a block are not run again (stand-ins return the
 cached input of the block's first layer), the positions before the first patched one are not run again
 either (their keys and values come from a cache of x's prefix: causal attention leaves them unchanged),
-and all interventions of one block run as one batch. It
-goes through the model's own forward, so masks, rotary tables and per-layer attention types (Gemma's
+and all interventions of one block run as one batch. `patch_pairs` does the same for several pairs at
+once: pairs whose prompts have one length share their clean runs' forwards (`pair_clean_runs`) and
+their patched forwards, one per block. It goes through the model's own forward, so masks, rotary tables and per-layer attention types (Gemma's
 sliding-window and global layers) are whatever the architecture makes them.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -135,6 +136,27 @@ def _hooked_forward(model, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Ten
     return torch.stack([c.to(device) for c in captured]), out  # layers may sit on several GPUs
 
 
+CLEAN_ROWS = 16
+"""Prompts in one forward of pair_clean_runs: 8 pairs' x and x' read the weights once, and a preamble they
+share runs once for all of them."""
+
+
+def pair_clean_runs(model, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[list[tuple[int, CleanRun, CleanRun]]]:
+    """Clean runs of (x, x') for every pair, x's keys and values kept for patching, one group of pairs at
+    a time: [(pair index, clean run of x, clean run of x')] (a group's states are freed once its consumer
+    moves on). Pairs whose x and x' all have one length share forwards of up to CLEAN_ROWS prompts
+    (unpadded and unmasked: each row computes what patch_slow's forward does); a pair of two lengths
+    runs alone."""
+    groups: dict[int, list[int]] = {}
+    for i, (x, x_prime) in enumerate(pairs):
+        groups.setdefault(len(x) if len(x) == len(x_prime) else -1 - i, []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), CLEAN_ROWS // 2):
+            group = members[start:start + CLEAN_ROWS // 2]
+            runs = clean_runs(model, [ids for i in group for ids in pairs[i]], keep_cache=tuple(range(0, 2 * len(group), 2)))
+            yield [(i, runs[2 * k], runs[2 * k + 1]) for k, i in enumerate(group)]
+
+
 def _rows(cache, rows: tuple[int, ...]) -> dict[int, object]:
     """Rows of a batched DynamicCache, each as a cache of its own (the last one is the batched cache
     itself, cut down: one row needs no copy)."""
@@ -239,43 +261,80 @@ def patch_fast(model, x: torch.Tensor, x_prime: torch.Tensor, blocks: list[list[
     where the vectors come from)."""
     if clean is None or source is None:
         clean, source = clean_runs(model, [x, x_prime], keep_cache=(0,))
-    x = x.to(model_device(model))
-    patched: list[Decision] = [Decision(0, 0.0)] * len(interventions)
-    caches: dict[int, object] = {}
+    return clean.decision, patch_pairs(model, [PairPatches(x, interventions, clean, source)], blocks)[0]
+
+
+class PairPatches(NamedTuple):
+    """One pair's interventions with its clean runs (clean_runs or pair_clean_runs of x and x')."""
+
+    x: torch.Tensor  # [T] token ids
+    interventions: list[Intervention]
+    clean: CleanRun
+    source: CleanRun
+
+
+PATCH_ROWS = 64
+"""Patched copies of x in one forward at most (their last-position logits are [rows, vocab])."""
+
+
+@torch.no_grad()
+def patch_pairs(model, pairs: list[PairPatches], blocks: list[list[int]]) -> list[list[Decision]]:
+    """patch_fast's decisions for several pairs at once: per block, the interventions of every pair whose
+    x has one length and whose first patched position is the same run as one batch (up to PATCH_ROWS
+    rows), each row reading its own pair's prefix keys and values and clean states."""
+    decisions = [[Decision(0, 0.0)] * len(pair.interventions) for pair in pairs]
+    prefixes: dict[tuple[int, int], object] = {}  # (pair, first) -> keys and values of x[:first]
     for b, block in enumerate(blocks):
-        members = [i for i, iv in enumerate(interventions) if iv.block == b]
-        if not members:
-            continue
-        first = min(interventions[i].position for i in members)
-        if first not in caches:
-            caches[first] = prefix_cache(model, x, first, clean)
-        logits = _patched_block(model, x, block, [interventions[i] for i in members], clean.states, source.states,
-                                first, copy.deepcopy(caches[first]))
-        for i, decision in zip(members, decide(logits)):
-            patched[i] = decision
-    return clean.decision, patched
+        runs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (len(x), first) -> (pair, intervention)
+        for p, pair in enumerate(pairs):
+            members = [i for i, iv in enumerate(pair.interventions) if iv.block == b]
+            if members:
+                first = min(pair.interventions[i].position for i in members)
+                runs.setdefault((len(pair.x), first), []).extend((p, i) for i in members)
+        for (_, first), rows in runs.items():
+            for start in range(0, len(rows), PATCH_ROWS):
+                chunk = rows[start:start + PATCH_ROWS]
+                for p in {p for p, _ in chunk} - {p for p, f in prefixes if f == first}:
+                    prefixes[p, first] = prefix_cache(model, pairs[p].x.to(model_device(model)), first, pairs[p].clean)
+                logits = _patched_block(model, pairs, chunk, block, first, prefixes)
+                for (p, i), decision in zip(chunk, decide(logits)):
+                    decisions[p][i] = decision
+    return decisions
 
 
-def _patched_block(model, x: torch.Tensor, block: list[int], members: list[Intervention], clean_states: torch.Tensor,
-                   source_states: torch.Tensor, first: int, cache) -> torch.Tensor:
-    """Last-position logits [n, V] of x with each member's patch, one row each: positions from `first`
-    on (earlier ones come from `cache`), layers before the block replaced by the clean run's input of
-    its first layer."""
+def _stacked_cache(caches: list):
+    """One cache whose row r is caches[r] (one-row caches of one length), or None for empty prefixes."""
+    if caches[0] is None:
+        return None
+    out = copy.deepcopy(caches[0])  # its per-layer bookkeeping (length, window) holds for all: one length
+    for i, layer in enumerate(out.layers):
+        if layer.keys is not None:
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])  # [rows, H, first, D]
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+    return out
+
+
+def _patched_block(model, pairs: list[PairPatches], rows: list[tuple[int, int]], block: list[int], first: int,
+                   prefixes: dict) -> torch.Tensor:
+    """Last-position logits [n, V], one row per (pair, intervention) in `rows` (pairs whose x has one
+    length): x with that patch, positions from `first` on (earlier ones come from the prefix caches),
+    layers before the block replaced by the clean run's input of its first layer."""
     layers = decoder_layers(model)
-    n, start = len(members), block[0]
-    where = torch.tensor([iv.position - first for iv in members], device=x.device)
-    vectors = torch.stack([block_vector(source_states, block, iv.source_position) for iv in members])
-    if cache is not None:
-        cache.batch_repeat_interleave(n)
+    device, start = model_device(model), block[0]
+    ivs = [pairs[p].interventions[i] for p, i in rows]
+    where = torch.tensor([iv.position - first for iv in ivs], device=device)
+    vectors = torch.stack([block_vector(pairs[p].source.states, block, iv.source_position) for (p, _), iv in zip(rows, ivs)])
+    cache = _stacked_cache([prefixes[p, first] for p, _ in rows])
+    input_ids = torch.stack([pairs[p].x[first:] for p, _ in rows]).to(device)  # [n, T - first]
+    # the input of the block's first layer, [n, T - first, d]
     skipped = [layers[i] for i in range(start)]
-    cached = _CachedInput(clean_states[start, first:].expand(n, -1, -1))  # the input of the block's first layer
+    cached = _CachedInput(torch.stack([pairs[p].clean.states[start, first:] for p, _ in rows]))
     for i in range(start):
         layers[i] = cached
     handles = [layers[layer].register_forward_hook(_overwrite_hook(where, vectors)) for layer in block]
     try:
         # one unpadded batch of copies of x: no attention mask needed; only the last position's logits
-        return model(input_ids=x[first:].expand(n, -1), past_key_values=cache, use_cache=cache is not None,
-                     logits_to_keep=1).logits[:, -1]
+        return model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
     finally:
         for handle in handles:
             handle.remove()

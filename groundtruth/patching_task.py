@@ -22,7 +22,8 @@ from .dataset import MARGIN, SplitConfig, split_of
 from .errors import DataSourceError
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
-from .patching import Intervention, block_vector, clean_runs, decoder_layers, layer_blocks, patch_fast
+from .patching import (Decision, Intervention, PairPatches, block_vector, decoder_layers, layer_blocks,
+                       pair_clean_runs, patch_pairs)
 from .records import Record, safe_key
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
 from .taskspec import TaskSpec, TaskWork
@@ -177,41 +178,58 @@ def whole_answer(tokenizer, token: int, options: tuple[str, ...]) -> str:
 def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, target: str,
                  split_of: Callable[[str], str], batch_size: int = 16) -> list[Record]:
     """Every (block, position) of every pair: patched with the fast patcher, one record each, with the
-    smaller logit margin of its two decisions (before, after) in query[MARGIN].
+    smaller logit margin of its two decisions (before, after) in query[MARGIN]. Records in item order.
 
-    batch_size is unused: a pair's interventions of one block always make one batch."""
+    batch_size is unused: a pair's interventions of one block always make one batch, and pairs of one
+    length share their clean runs' forwards (patching.pair_clean_runs)."""
     blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
+    sides = [(encode_side(tokenizer, cfg, it.pair, it.pair.x), encode_side(tokenizer, cfg, it.pair, it.pair.x_prime))
+             for it in items]
+    records_of: dict[int, list[Record]] = {}
+    for group in pair_clean_runs(model, [(x.ids, xp.ids) for x, xp in sides]):
+        plans = [PairPatches(sides[i][0].ids, pair_interventions(sides[i], len(blocks), cfg), clean, source)
+                 for i, clean, source in group]
+        for (i, *_), plan, patched in zip(group, plans, patch_pairs(model, plans, blocks)):
+            records_of[i] = _pair_records(tokenizer, items[i], *sides[i], plan, patched, blocks, target, split_of)
+    return [r for i in range(len(items)) for r in records_of[i]]
+
+
+def pair_interventions(sides: tuple[PatchPrompt, PatchPrompt], num_blocks: int, cfg: PatchingConfig) -> list[Intervention]:
+    """Every (block, position) patched in a pair: all positions of x, or its text's (cfg.positions)."""
+    x, xp = sides
+    positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
+    return [Intervention(b, t, align(t, x, xp)) for b in range(num_blocks) for t in positions]
+
+
+def _pair_records(tokenizer, item: PatchItem, x: PatchPrompt, xp: PatchPrompt, plan: PairPatches,
+                  patched: list[Decision], blocks: list[list[int]], target: str,
+                  split_of: Callable[[str], str]) -> list[Record]:
+    """One pair's records from its patched decisions."""
+    pair, clean_decision, source = item.pair, plan.clean.decision, plan.source
+    before = whole_answer(tokenizer, clean_decision.token, pair.options)
+    # every v of the pair in one copy to the host: [len(interventions), d] fp32
+    vectors = torch.stack([block_vector(source.states, blocks[iv.block], iv.source_position)
+                           for iv in plan.interventions]).cpu().numpy()
     records = []
-    for item in items:
-        pair = item.pair
-        x, xp = encode_side(tokenizer, cfg, pair, pair.x), encode_side(tokenizer, cfg, pair, pair.x_prime)
-        clean, source = clean_runs(model, [x.ids, xp.ids], keep_cache=(0,))
-        positions = range(len(x.ids)) if cfg.positions == "all" else x.text_positions
-        interventions = [Intervention(b, t, align(t, x, xp)) for b in range(len(blocks)) for t in positions]
-        clean_decision, patched = patch_fast(model, x.ids, xp.ids, blocks, interventions, clean=clean, source=source)
-        before = whole_answer(tokenizer, clean_decision.token, pair.options)
-        # every v of the pair in one copy to the host: [len(interventions), d] fp32
-        vectors = torch.stack([block_vector(source.states, blocks[iv.block], iv.source_position)
-                               for iv in interventions]).cpu().numpy()
-        for iv, decision, vector in zip(interventions, patched, vectors):
-            after = whole_answer(tokenizer, decision.token, pair.options)
-            changed = after != before
-            token_text = tokenizer.decode([int(x.ids[iv.position])])
-            records.append(Record(
-                record_id=safe_key(target, TASK, pair.pair_id, f"b{iv.block}", f"t{iv.position}"), task=TASK,
-                target=target, split=split_of(item.source_id), source_id=item.source_id, prompt=x.text,
-                question="How would the output change?",
-                explanation=format_explanation(changed, after),
-                changed=changed, output_before=before, output_after=after,
-                query={"token": token_text, "position": iv.position, "source_position": iv.source_position,
-                       "token_type": x.token_types[iv.position], "block": str(iv.block),
-                       "relation": pair.x.relation, "subject": pair.x.subject,
-                       "counterfactual_subject": pair.x_prime.subject, "counterfactual_prompt": xp.text,
-                       "options": list(pair.options),
-                       MARGIN: round(min(clean_decision.margin, decision.margin), 4)},
-                layers=list(blocks[iv.block]), token_type=x.token_types[iv.position],
-                vector=vector,
-            ))
+    for iv, decision, vector in zip(plan.interventions, patched, vectors):
+        after = whole_answer(tokenizer, decision.token, pair.options)
+        changed = after != before
+        token_text = tokenizer.decode([int(x.ids[iv.position])])
+        records.append(Record(
+            record_id=safe_key(target, TASK, pair.pair_id, f"b{iv.block}", f"t{iv.position}"), task=TASK,
+            target=target, split=split_of(item.source_id), source_id=item.source_id, prompt=x.text,
+            question="How would the output change?",
+            explanation=format_explanation(changed, after),
+            changed=changed, output_before=before, output_after=after,
+            query={"token": token_text, "position": iv.position, "source_position": iv.source_position,
+                   "token_type": x.token_types[iv.position], "block": str(iv.block),
+                   "relation": pair.x.relation, "subject": pair.x.subject,
+                   "counterfactual_subject": pair.x_prime.subject, "counterfactual_prompt": xp.text,
+                   "options": list(pair.options),
+                   MARGIN: round(min(clean_decision.margin, decision.margin), 4)},
+            layers=list(blocks[iv.block]), token_type=x.token_types[iv.position],
+            vector=vector,
+        ))
     return records
 
 

@@ -4,8 +4,8 @@ import torch
 
 from groundtruth.models import ModelSpec, load_model
 from groundtruth.generation import MIN_SHARED_PREFIX, shared_prefix
-from groundtruth.patching import (Intervention, block_vector, clean_runs, decided_tokens, layer_blocks, layer_states,
-                                  patch_fast, patch_slow)
+from groundtruth.patching import (Intervention, PairPatches, block_vector, clean_runs, decided_tokens, layer_blocks,
+                                  layer_states, patch_fast, patch_pairs, patch_slow)
 
 
 def test_blocks_are_contiguous_and_cover_every_layer():
@@ -69,6 +69,48 @@ def test_fast_patcher_gives_the_reference_labels(arch, first, shared):
         assert margins[0] == pytest.approx(margins[1], abs=1e-4) and min(margins[0]) >= 0
         changed += sum(token != clean_slow for token in slow)
     assert changed > 0, "the check is only meaningful if some patch changes the output"
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])
+def test_pairs_of_one_length_share_their_clean_runs_and_patched_forwards(arch, monkeypatch):
+    """Four pairs of one length run two by two (CLEAN_ROWS 4), their preamble once per group; a pair of two
+    lengths runs alone; each pair's states match its own clean runs. Patched together (patch_pairs, at
+    most 6 rows a forward), every pair gets the hooked reference's labels."""
+    import groundtruth.patching
+
+    monkeypatch.setattr(groundtruth.patching, "CLEAN_ROWS", 4)
+    monkeypatch.setattr(groundtruth.patching, "PATCH_ROWS", 6)
+    model, _ = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
+    for p in model.parameters():
+        p.data *= 3
+    gen = torch.Generator().manual_seed(2)
+    preamble = torch.randint(0, 250, (MIN_SHARED_PREFIX + 1,), generator=gen)
+    sides = lambda n: torch.cat([preamble, torch.randint(0, 250, (n,), generator=gen)])  # noqa: E731
+    pairs = [(sides(5), sides(5)), (sides(5), sides(5)), (sides(4), sides(6)), (sides(5), sides(5)), (sides(5), sides(5))]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        groups = list(groundtruth.patching.pair_clean_runs(model, pairs))
+    finally:
+        handle.remove()
+    assert calls == [(1, len(preamble)), (4, 5)] * 2 + [(1, len(preamble)), (2, 6)], "2 groups of 2 pairs, then the odd pair"
+    assert [[i for i, *_ in group] for group in groups] == [[0, 1], [3, 4], [2]]
+    runs = {i: (clean, source) for group in groups for i, clean, source in group}
+    blocks = layer_blocks(4, 2)
+    plans = []
+    for i, (x, x_prime) in enumerate(pairs):
+        clean, source = runs[i]
+        alone = clean_runs(model, [x, x_prime])
+        assert torch.allclose(clean.states, alone[0].states, atol=1e-5) and torch.allclose(source.states, alone[1].states, atol=1e-5)
+        ivs = [Intervention(b, t, t) for b in range(2) for t in range(len(preamble) + i % 2, min(len(x), len(x_prime)))]
+        plans.append(PairPatches(x, ivs, clean, source))  # odd pairs start a position later: a run of their own
+    changed = 0
+    for (x, x_prime), plan, patched in zip(pairs, plans, patch_pairs(model, plans, blocks)):
+        slow_clean, slow = decided_tokens(patch_slow(model, x, x_prime, blocks, plan.interventions))
+        assert plan.clean.decision.token == slow_clean and [d.token for d in patched] == slow
+        changed += sum(token != slow_clean for token in slow)
+    assert changed > 0
 
 
 # ---------------------------------------------------------------- the ground-truth task
