@@ -288,9 +288,11 @@ def bench_train_step(s: Setting) -> dict:
 
 def bench_ray_train_worker(s: Setting) -> dict:
     """One training job (SmolLM2 at the CPU recipe's ZeRO stage, micro batch 8, 2 CPUs) run by a Ray Train
-    worker vs in this process: seconds per optimizer step from the job's own log, the first logged step (warm-up) left out.
-    fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost). CPU only: what a worker costs
-    on a GPU is what it costs around the step, and gpu_check times the jobs themselves there."""
+    worker vs in this process: seconds per optimizer step from the job's own log, written every 5 steps as
+    the recipes log (steps 6-15: the first ones hold the warm-up, the second step took 1.7x the others),
+    each way twice, interleaved, the median of the rounds (one way's runs differed by up to 10% on this
+    machine). fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no
+    cost). CPU only: on a GPU gpu_check times the jobs themselves."""
     if s.device != "cpu":
         return s.skip("ray_train_worker", "measured on CPU workers only")
     import shutil
@@ -303,32 +305,34 @@ def bench_ray_train_worker(s: Setting) -> dict:
     from training.job import TrainConfig, TrainJob
     from training.step import run_training
 
-    steps, threads, stage = 8, torch.get_num_threads(), recipe_zero_stage(s)
+    steps, threads, stage, rounds = 15, torch.get_num_threads(), recipe_zero_stage(s), 2
     root = Path(tempfile.mkdtemp(prefix="bench_ray_train_"))
     write_split(root / "data", _train_records(steps * 8), "h", shard_size=32)
 
     def job(name: str) -> TrainJob:
-        cfg = TrainConfig(micro_batch_size=8, lr=1e-5, max_steps=steps, log_every=1, checkpoint_every=steps,
+        cfg = TrainConfig(micro_batch_size=8, lr=1e-5, max_steps=steps, log_every=5, checkpoint_every=steps,
                           train_embeddings=False, prompt_format="plain", worker_cpus=float(threads), zero_stage=stage)
         return TrainJob("input_ablation", "smollm2", "smollm2", s.spec("smollm2-135m-instruct"),
                         str(root / "data"), str(root / name), cfg)
 
     def per_step(j: TrainJob) -> float:
-        log = [json.loads(line) for line in j.train_log.read_text().splitlines()]
+        log = [json.loads(line) for line in j.train_log.read_text().splitlines()][-3:]  # steps 5, 10, 15
         return (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
 
+    here, ray = [], []
     try:
-        here = job("in_process")
-        run_training(here)
-        worker = job("ray")
-        with ray_session(RayConfig(num_cpus=threads)):  # as the pipeline starts a local Ray
-            fit_with_ray([worker], root / "ray")
-        naive, fast = per_step(here), per_step(worker)
+        for r in range(rounds):
+            run_training(job(f"in_process{r}"))
+            here.append(per_step(job(f"in_process{r}")))
+            with ray_session(RayConfig(num_cpus=threads)):  # as the pipeline starts a local Ray
+                fit_with_ray([job(f"ray{r}")], root / f"ray_storage{r}")
+            ray.append(per_step(job(f"ray{r}")))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return s.write("ray_train_worker", fast, naive, 0.9,
+    return s.write("ray_train_worker", statistics.median(ray), statistics.median(here), 0.9,
                    {"model": "smollm2-135m-instruct", "steps": steps, "micro_batch": 8, "zero_stage": stage,
-                    "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"})
+                    "rounds": rounds, "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"},
+                   seconds_per_step={"ray": [round(x, 3) for x in ray], "in_process": [round(x, 3) for x in here]})
 
 
 def bench_lm_head(s: Setting) -> dict:
