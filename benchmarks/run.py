@@ -95,15 +95,14 @@ class Setting:
         if model_flops is not None and self.peak():
             out.update(model_flops=model_flops, peak_flops_per_second=round(self.peak()),
                        model_flop_utilisation=round(model_flops / (fast * self.peak()), 4))
-        self.results.mkdir(parents=True, exist_ok=True)
-        (self.results / f"{name}.json").write_text(json.dumps(out, indent=1))
-        print(json.dumps(out))
-        return out
+        return self._save(out)
 
     def skip(self, name: str, why: str) -> dict:
-        out = {"name": name, "skipped": why, "device": self.device_name()}
+        return self._save({"name": name, "skipped": why, "device": self.device_name()})
+
+    def _save(self, out: dict) -> dict:
         self.results.mkdir(parents=True, exist_ok=True)
-        (self.results / f"{name}.json").write_text(json.dumps(out, indent=1))
+        (self.results / f"{out['name']}.json").write_text(json.dumps(out, indent=1))
         print(json.dumps(out))
         return out
 
@@ -111,17 +110,22 @@ class Setting:
         return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
 
+def weights_past_embedding(model) -> int:
+    """Parameters a token's forward multiplies by: all but the input embedding (a lookup). A head tied to
+    the embedding is left out with it."""
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
 def generation_flops(model, prompt_tokens: int, new_tokens: int) -> float:
     """Model FLOPs of generating: every weight but the embedding once per token, the LM head once per
     generated token (a prompt's forward computes logits at its last position only)."""
     head = model.config.get_text_config().hidden_size * model.config.get_text_config().vocab_size
-    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return 2.0 * body * (prompt_tokens + new_tokens) + 2.0 * head * new_tokens
+    return 2.0 * weights_past_embedding(model) * (prompt_tokens + new_tokens) + 2.0 * head * new_tokens
 
 
 def training_flops(model, tokens: int) -> float:
     """The usual 6 x parameters x tokens of a forward and backward, the input embedding left out."""
-    return 6.0 * (sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()) * tokens
+    return 6.0 * weights_past_embedding(model) * tokens
 
 
 def bench_groundtruth(s: Setting) -> dict:
