@@ -11,8 +11,9 @@ cached input of the block's first layer), the positions before the first patched
 either (their keys and values come from a cache of x's prefix: causal attention leaves them unchanged),
 and all interventions of one block run as one batch. `patch_pairs` does the same for several pairs at
 once: pairs whose prompts have one length share their clean runs' forwards (`pair_clean_runs`) and
-their patched forwards, one per block. It goes through the model's own forward, so masks, rotary tables and per-layer attention types (Gemma's
-sliding-window and global layers) are whatever the architecture makes them.
+their patched forwards, one per block. It goes through the model's own forward, so masks, rotary
+tables and per-layer attention types (Gemma's sliding-window and global layers) are whatever the
+architecture makes them.
 """
 from __future__ import annotations
 
@@ -294,8 +295,9 @@ def patch_pairs(model, pairs: list[PairPatches], blocks: list[list[int]]) -> lis
         for (_, first), rows in runs.items():
             for start in range(0, len(rows), PATCH_ROWS):
                 chunk = rows[start:start + PATCH_ROWS]
-                for p in {p for p, _ in chunk} - {p for p, f in prefixes if f == first}:
-                    prefixes[p, first] = prefix_cache(model, pairs[p].x.to(model_device(model)), first, pairs[p].clean)
+                for p in {p for p, _ in chunk}:
+                    if (p, first) not in prefixes:
+                        prefixes[p, first] = prefix_cache(model, pairs[p].x.to(model_device(model)), first, pairs[p].clean)
                 logits = _patched_block(model, pairs, chunk, block, first, prefixes)
                 for (p, i), decision in zip(chunk, decide(logits)):
                     decisions[p][i] = decision
