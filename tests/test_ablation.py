@@ -98,14 +98,16 @@ def test_a_shared_prefix_is_run_once_and_answers_as_one_at_a_time(arch, shares):
     assert batched == single and len(set(single)) > 1
 
 
-@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma"])
-def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, monkeypatch):
+@pytest.mark.parametrize("arch,options", [("tiny-llama", "seed=5,kv_heads=2"), ("tiny-gemma", "seed=5"),
+                                          ("tiny-gemma", "seed=3,window=64,kv_heads=2")])
+def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, options, monkeypatch):
     """The slow reference is transformers' own generate() on one prompt at a time. Batched: prompts run in
-    chunks of 2, the chunks joined into decode batches of 5 (tiny Gemma's window of 4 keeps them apart),
-    and rows that write EOS leave their batch while the others write on."""
+    chunks of 2, the chunks joined into decode batches of 5 with room for the answers (a window of 4 keeps
+    them apart; one of 64 spans them), rows that write EOS leave their batch while the others write on,
+    and decode steps attend with two query heads per key-value head."""
     import groundtruth.generation
 
-    model, tok = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=5"))
+    model, tok = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,{options}"))
     for p in model.parameters():
         p.data *= 3  # a sharp random model: answers differ per prompt
     texts = ["a", "The capital of", "xyz xyz xyz xyz", "Q: 1+1?\nA:", "b c", "The official language of Peru is",
