@@ -76,6 +76,20 @@ class Setting:
             times.append(time.perf_counter() - start)
         return statistics.median(times), result
 
+    def timed_together(self, fns: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, tuple]:
+        """timed() for several ways of one workload, their runs taken in turn (one warm-up each), so that a
+        slower or faster spell of the machine falls on every way alike: {name: (median seconds, last result)}."""
+        results = {name: fn() for name, fn in fns.items()}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                self.sync()
+                start = time.perf_counter()
+                results[name] = fn()
+                self.sync()
+                times[name].append(time.perf_counter() - start)
+        return {name: (statistics.median(times[name]), results[name]) for name in fns}
+
     def sync(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -232,7 +246,7 @@ def bench_train_step(s: Setting) -> dict:
     """One optimizer step on SmolLM2: the DeepSpeed engine (torch AdamW) at the ZeRO stage the device's
     recipe trains with (the CPU recipes: 0, one rank per job) vs a plain AdamW loop; ZeRO-2 on the same
     rank is reported beside it. All hold fp32 weights; on a GPU they compute in bf16 (DeepSpeed's bf16
-    mode, autocast in the plain loop)."""
+    mode, autocast in the plain loop). The three take their steps in turn, 5 each (medians)."""
     import deepspeed
 
     from training.loss import ExplainerLM
@@ -261,11 +275,9 @@ def bench_train_step(s: Setting) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    naive, _ = s.timed(plain_step)
-    optimizer.state.clear()  # free the plain loop's Adam state before the DeepSpeed models load
     precision = "bf16" if cuda else "fp32"
 
-    def engine_seconds(stage: int) -> float:
+    def engine_step(stage: int) -> Callable[[], None]:
         ds_model, _ = load()
         cfg = TrainConfig(micro_batch_size=8, lr=1e-5, zero_stage=stage, precision=precision)
         engine, *_ = deepspeed.initialize(model=ExplainerLM(ds_model), config=deepspeed_config(cfg, 1),
@@ -275,12 +287,15 @@ def bench_train_step(s: Setting) -> dict:
             loss = engine(**batch)
             engine.backward(loss)
             engine.step()
-
-        return s.timed(ds_step)[0]
+        return ds_step
 
     stage = recipe_zero_stage(s)
-    fast = engine_seconds(stage)
-    zero2 = engine_seconds(2) if stage != 2 else fast
+    ways = {"plain": plain_step, "engine": engine_step(stage)}
+    if stage != 2:
+        ways["zero2"] = engine_step(2)
+    timed = s.timed_together(ways, repeats=5)
+    naive, fast = timed["plain"][0], timed["engine"][0]
+    zero2 = timed["zero2"][0] if stage != 2 else fast
     tokens = int(batch["attention_mask"].sum())
     return s.write("train_step", fast, naive, 0.9,
                    {"model": "smollm2-135m-instruct", "batch": 8, "tokens": tokens, "precision": precision,
@@ -381,7 +396,8 @@ def bench_lm_head(s: Setting) -> dict:
     """Forward+backward on Gemma-3-270M (262k vocab) at the explainer's prompt lengths (input-ablation
     questions, plain format), its embedding (and the head tied to it) frozen as the configs train it:
     LM head on explanation tokens only vs full logits. The profile: the same step with no LM head at
-    all (the decoder's output straight into a loss) bounds what any restriction of the head can reach."""
+    all (the decoder's output straight into a loss) bounds what any restriction of the head can reach.
+    The three take their steps in turn."""
     from training.loss import ExplainerLM
 
     model, tok = s.load("gemma-3-270m")
@@ -402,9 +418,8 @@ def bench_lm_head(s: Setting) -> dict:
         hidden.float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
-    fast, fast_loss = s.timed(step(True))
-    naive, naive_loss = s.timed(step(False))
-    body, _ = s.timed(body_only)
+    timed = s.timed_together({"restricted": step(True), "full": step(False), "body": body_only})
+    (fast, fast_loss), (naive, naive_loss), (body, _) = timed["restricted"], timed["full"], timed["body"]
     tokens = int(batch["attention_mask"].sum())
     return s.write("lm_head", fast, naive, 2.0,
                    {"model": "gemma-3-270m", "batch": 8, "tokens": tokens,
