@@ -66,19 +66,11 @@ class Setting:
 
     def timed(self, fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, object]:
         """Median seconds of fn() over `repeats` runs after one warm-up, and its last result."""
-        result = fn()
-        times = []
-        for _ in range(repeats):
-            self.sync()
-            start = time.perf_counter()
-            result = fn()
-            self.sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), result
+        return self.timed_together({"run": fn}, repeats)["run"]
 
     def timed_together(self, fns: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, tuple]:
-        """timed() for several ways of one workload, their runs taken in turn (one warm-up each), so that a
-        slower or faster spell of the machine falls on every way alike: {name: (median seconds, last result)}."""
+        """{name: (median seconds over `repeats` runs after one warm-up, last result)} for several ways of one
+        workload, their runs taken in turn, so that a slower or faster spell of the machine falls on each alike."""
         results = {name: fn() for name, fn in fns.items()}
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
@@ -307,8 +299,6 @@ def bench_train_step(s: Setting) -> dict:
 
 def _idle_ray_train_job(config: dict) -> None:
     """A Ray Train worker that waits for its stop file: Ray Train's processes up, no work."""
-    import time
-
     while not os.path.exists(config["stop"]):
         time.sleep(0.5)
 
