@@ -189,9 +189,8 @@ def _decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, max_new_toke
             mask, tokens, rows = mask[keep], tokens[keep], [rows[i] for i in writing]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
-        with decode_attention():
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1].float()
     return tokens_of
 
 
@@ -229,7 +228,9 @@ def greedy_generate(
             batches = [_decode_batch(model, parts, max_new_tokens)]
         else:
             batches = parts
-        tokens = [t for b in batches for t in _decode(model, *b, max_new_tokens, tokenizer.eos_token_id, suppress_tokens)]
+        with decode_attention():  # every forward in _decode is a decode step
+            tokens = [t for b in batches for t in _decode(model, *b, max_new_tokens, tokenizer.eos_token_id,
+                                                          suppress_tokens)]
         for row, ids in zip(rows, tokens):
             outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
     return outputs

@@ -248,9 +248,9 @@ def load_model(spec: ModelSpec, device: Optional[str] = None):
 def parse_tiny_options(source: str) -> dict[str, int]:
     options = {}
     _, _, rest = source.partition(":")
+    accepted = ("hidden", "layers", "heads", "kv_heads", "seed") + (("window",) if source.startswith("tiny-gemma") else ())
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        accepted = ("hidden", "layers", "heads", "kv_heads", "seed") + (("window",) if source.startswith("tiny-gemma") else ())
         if key not in accepted or not value.isdigit():
             raise ModelSpecError(f"bad tiny model option {part!r} in {source!r}; {accepted_forms()}")
         options[key] = int(value)
