@@ -15,7 +15,8 @@ from training.batches import IGNORE, collate, encode_example, micro_batch_order,
 from training.explainer import ProjectionConfig
 from training.export import CheckpointMismatch, export_differences, export_matches, job_identity, load_explainer
 from training.loss import ExplainerLM
-from training.step import run_training
+from training.job import TrainConfig, deepspeed_config
+from training.step import init_process_group_if_needed, initialize_engine, run_training
 
 
 def test_labels_cover_exactly_the_explanation_and_eos(tiny):
@@ -43,6 +44,35 @@ def test_restricted_head_loss_equals_full_logits_loss(tiny):
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     reference = per_token.sum() / (targets != IGNORE).sum()
     assert torch.allclose(restricted, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
+
+
+def test_one_rank_without_zero_skips_the_allreduce_and_trains_the_same(tiny):
+    """The all-reduce skipped on one rank (initialize_engine) changes no weight: two steps of two
+    accumulated micro-batches each match DeepSpeed's own engine, which reduces."""
+    _, tok = tiny
+    init_process_group_if_needed()
+    ds_config = deepspeed_config(TrainConfig(micro_batch_size=2, grad_accum=2, lr=1e-2, zero_stage=0), 1)
+    batches = [collate([encode_example(tok, r, "plain", 512) for r in make_records(8)[i:i + 2]], tok.pad_token_id)
+               for i in range(0, 8, 2)]
+
+    def trained(skip: bool) -> dict:
+        torch.manual_seed(0)
+        model, _ = load_model(ModelSpec("tiny-llama"))
+        engine = initialize_engine(ExplainerLM(model), ds_config, world=1)
+        if not skip:
+            engine.enable_backward_allreduce = True
+        else:
+            assert not engine.enable_backward_allreduce
+        for batch in batches:
+            engine.backward(engine(**batch))
+            engine.step()
+        engine.destroy()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    skipped, reduced = trained(True), trained(False)
+    start = load_model(ModelSpec("tiny-llama"))[0].state_dict()
+    assert any(not torch.equal(start[k], skipped[k]) for k in skipped), "the steps trained something"
+    assert all(torch.allclose(skipped[k], reduced[k], rtol=0, atol=1e-7) for k in skipped)
 
 
 @pytest.mark.parametrize("window", [1, 4])

@@ -140,8 +140,6 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
 def _prepare(job: TrainJob, rank: int, world: int) -> tuple[Prepared, int]:
     """The rank's engine and examples, and the step to start from (resumed from the newest checkpoint,
     through a universal checkpoint when it was written by another number of ranks)."""
-    import deepspeed
-
     cfg = job.train
     ds_config = deepspeed_config(cfg, world)
     wrapper, tokenizer, keep_alive = _explainer(job, ds_config, rank, rank_device())
@@ -158,9 +156,7 @@ def _prepare(job: TrainJob, rank: int, world: int) -> tuple[Prepared, int]:
     point = checkpoints.resume_point(job.checkpoint_dir, world, cfg.zero_stage)
     if point is not None and point.universal:
         ds_config = checkpoints.universal_config(ds_config)
-    engine, *_ = deepspeed.initialize(
-        model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=ds_config
-    )
+    engine = initialize_engine(wrapper, ds_config, world)
     step = 0
     if point is not None:
         tag = _universal_tag(job.checkpoint_dir, point, rank, world) if point.universal else point.tag
@@ -170,6 +166,22 @@ def _prepare(job: TrainJob, rank: int, world: int) -> tuple[Prepared, int]:
             how = f" (a {point.tag} of another world size, as a universal checkpoint)" if point.universal else ""
             print(f"[train {job.explainer}<-{job.target}] resumed at step {step}/{total_steps}{how}", flush=True)
     return Prepared(engine, wrapper, tokenizer, examples, per_epoch, total_steps, keep_alive), step
+
+
+def initialize_engine(wrapper: torch.nn.Module, ds_config: dict, world: int):
+    """The DeepSpeed engine training wrapper's trainable parameters. On one rank without ZeRO it skips
+    the gradient all-reduce: there is nothing to reduce, yet DeepSpeed flattened every gradient into a
+    fresh 430 MB buffer and copied it back each SmolLM2 step (in one profiled step: 0.09 s of 2.3 s in a
+    plain process, 0.76 s of 3.7 s in a Ray Train worker, where the buffer's pages faulted in anew). With ZeRO the
+    optimizer's own reduction also moves gradients into its partitions, so it stays."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=ds_config
+    )
+    if world == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        engine.enable_backward_allreduce = False
+    return engine
 
 
 def _optimizer_step(job: TrainJob, run: Prepared, step: int, rank: int, world: int, order_of) -> float:
