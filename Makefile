@@ -13,13 +13,6 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
-# glibc returns large freed buffers to the OS and page-faults them back on every training step: 40% of
-# a Ray Train worker's CPU was system time. Ray runs the train loop in a non-main thread, whose malloc
-# arena mmaps big blocks; one arena, no trimming and the largest mmap threshold glibc accepts (32 MiB)
-# took a SmolLM2 step from 6.0 s to 4.0 s there. Ray workers inherit these (see ray_session.py).
-export MALLOC_ARENA_MAX := 1
-export MALLOC_MMAP_THRESHOLD_ := 33554432
-export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
 .PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels clean
 

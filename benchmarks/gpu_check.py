@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from training.allocator import tune_this_process
+
 REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 """Dense bf16 peak by GPU name (first match wins): what utilisation is measured against."""
@@ -348,6 +350,7 @@ def run_stage(name: str, check: Check) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    tune_this_process()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where visible")
     parser.add_argument("--size", choices=sorted(SIZES), default="real", help="real shapes or tiny models")

@@ -32,6 +32,7 @@ from groundtruth.ablation import AblationConfig, build_items, run_ablation
 from groundtruth.generation import PROMPT_ROWS
 from groundtruth.models import PACKAGED, RANDOM_INIT_PREFIX, ModelSpec, ModelSpecError, load_model
 from groundtruth.records import Record
+from training.allocator import tune_this_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPEATS = 3
@@ -501,6 +502,7 @@ def packaged_weights() -> bool:
 
 
 def main(argv: list[str]) -> int:
+    tune_this_process()  # the allocator the pipeline's processes run with
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16; results in benchmarks/results/gpu/)")

@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 from groundtruth.errors import BadInput, bad_input_in
+from training.allocator import tune_this_process
 
 COMMANDS = {
     "run": "every stage in order: groundtruth, train, eval, report",
@@ -61,6 +62,7 @@ SUBMIT = "run the whole pipeline as a Ray job on a running cluster (ships this r
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    tune_this_process()
     args = build_parser().parse_args(argv)
     if args.command == "submit":
         return _submit(args)

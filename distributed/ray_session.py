@@ -5,6 +5,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from training.allocator import allocator_env
+
 from .config import RayConfig
 
 # Environment forwarded to every Ray worker: offline model loading, W&B mode, DeepSpeed's op cache,
@@ -28,7 +30,7 @@ def worker_env(local: bool = False) -> dict[str, str]:
     forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
     own = {**RAY_WORKER_DEFAULTS, **(LOCAL_RAY_WORKER_DEFAULTS if local else {})}
     defaults = {k: os.environ.get(k, v) for k, v in own.items()}  # the user's value wins
-    return {**defaults, **forwarded}
+    return {**defaults, **allocator_env(), **forwarded}
 
 
 @contextmanager

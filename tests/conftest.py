@@ -40,10 +40,6 @@ def tiny():
     from groundtruth.models import ModelSpec, load_model
 
     return load_model(ModelSpec("tiny-llama"))
-# Workers started from the tests (Ray, DeepSpeed) inherit the allocator setting the Makefile uses.
-os.environ.setdefault("MALLOC_ARENA_MAX", "1")
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
-os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
 
 
 def make_train_job(tmp_path: Path, **train):

@@ -104,14 +104,3 @@ def test_ground_truth_and_training_across_nodes_survive_a_lost_node_and_a_killed
     export = cfg.run_dir / "explainers" / "input_ablation" / "a_on_a" / "export"
     assert json.loads((export / "selfexplain.json").read_text())["steps"] == 4
     assert len(_actor_nodes("RayTrainWorker")) == 2
-
-
-def test_a_local_ray_turns_the_preemption_watcher_off_and_a_cluster_keeps_it(monkeypatch):
-    """The variable is the one Ray Train reads; a local Ray sets it off unless the user set it; the
-    environment a driver joining a cluster sends leaves it to the cluster."""
-    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR as watcher
-
-    monkeypatch.delenv(watcher, raising=False)
-    assert worker_env(local=True)[watcher] == "0" and watcher not in worker_env()
-    monkeypatch.setenv(watcher, "1")
-    assert worker_env(local=True)[watcher] == "1"

@@ -24,6 +24,7 @@ from groundtruth.errors import ConfigError
 from groundtruth.models import KEEP, hidden_size, load_model
 
 from . import checkpoints
+from .allocator import tune_this_process
 from .batches import collate, encode_example, micro_batch_order
 from .explainer import add_vector_tokens
 from .export import export_explainer
@@ -284,6 +285,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """`python -m training.step JOB.json`: one rank of a job, e.g. under torchrun (no Ray)."""
+    tune_this_process()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         sys.exit("usage: python -m training.step JOB.json   (run under torchrun for several ranks)")
