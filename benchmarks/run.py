@@ -333,9 +333,11 @@ def bench_ray_train_worker(s: Setting) -> dict:
     each way twice, interleaved, the median of the rounds (one way's runs differed by up to 10% on this
     machine). fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost). The profile, in each
     round: the in-process loop while an idle Ray Train job is up, which tells the Ray worker's own cost
-    from that of Ray's processes sharing the cores (about 0.1 cores and 1900 wakeups a second on this
-    machine, the training threads preempted 5x as often). CPU only: on a GPU gpu_check times the jobs
-    themselves."""
+    from that of Ray's processes sharing the cores (about 0.09 cores and 2000 wakeups a second on this
+    machine, the training threads preempted 5x as often). That share costs the two lock-step training
+    threads more than its size: 14 plain processes waking 100 times a second for 60 us each (0.084 cores)
+    slowed the in-process loop by 10%; waking without the work, by 2.5%. CPU only: on a GPU gpu_check
+    times the jobs themselves."""
     if s.device != "cpu":
         return s.skip("ray_train_worker", "measured on CPU workers only")
     import shutil
