@@ -5,7 +5,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from training.allocator import allocator_env
+from training.allocator import ALLOCATOR_ENV
 
 from .config import RayConfig
 
@@ -28,9 +28,9 @@ LOCAL_RAY_WORKER_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 def worker_env(local: bool = False) -> dict[str, str]:
     """Environment for every Ray worker of this driver; `local`: a Ray this process starts."""
     forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
-    own = {**RAY_WORKER_DEFAULTS, **(LOCAL_RAY_WORKER_DEFAULTS if local else {})}
+    own = {**RAY_WORKER_DEFAULTS, **ALLOCATOR_ENV, **(LOCAL_RAY_WORKER_DEFAULTS if local else {})}
     defaults = {k: os.environ.get(k, v) for k, v in own.items()}  # the user's value wins
-    return {**defaults, **allocator_env(), **forwarded}
+    return {**defaults, **forwarded}
 
 
 @contextmanager

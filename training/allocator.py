@@ -6,7 +6,7 @@ a second and 0.15 of its 2 cores in system time; with these settings, 1 a second
 same 25 steps took 1.61-1.63 s each with them and 1.74-1.75 s without. One arena, a fixed mmap threshold
 at the largest glibc accepts (32 MiB; fixing it also stops glibc's dynamic one), and no trimming.
 
-A process gets them two ways: `allocator_env()` for one it starts (glibc reads them from the environment
+A process gets them two ways: `ALLOCATOR_ENV` for one it starts (glibc reads them from the environment
 it starts with: Ray workers, see distributed/ray_session.py), `tune_this_process()` for itself, first
 thing in an entry point. A value the user set in the environment wins either way.
 """
@@ -24,9 +24,8 @@ SETTINGS: dict[str, tuple[int, int]] = {
 }
 
 
-def allocator_env() -> dict[str, str]:
-    """The settings as environment variables for a process about to start (the user's values win)."""
-    return {name: os.environ.get(name, str(value)) for name, (_, value) in SETTINGS.items()}
+ALLOCATOR_ENV: dict[str, str] = {name: str(value) for name, (_, value) in SETTINGS.items()}
+"""The settings as environment variables, for a process about to start."""
 
 
 def tune_this_process() -> bool:
