@@ -13,7 +13,6 @@ thing in an entry point. A value the user set in the environment wins either way
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # name glibc reads at start -> (mallopt parameter, value); values fit mallopt's C int.
@@ -30,11 +29,7 @@ ALLOCATOR_ENV: dict[str, str] = {name: str(value) for name, (_, value) in SETTIN
 
 def tune_this_process() -> bool:
     """Apply the settings the user did not set to this process's allocator; False off glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # this process's own symbols, libc's among them
     if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
