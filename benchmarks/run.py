@@ -16,123 +16,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from benchmarks.gpu_check import peak_flops
+from benchmarks.ray_train_worker import bench_ray_train_worker
+from benchmarks.setting import (RECIPE, Setting, explain_records, generation_flops, recipe_zero_stage,
+                                train_batch, train_records, training_flops)
 from groundtruth.ablation import AblationConfig, build_items, run_ablation
 from groundtruth.generation import PROMPT_ROWS
-from groundtruth.models import PACKAGED, RANDOM_INIT_PREFIX, ModelSpec, ModelSpecError, load_model
+from groundtruth.models import PACKAGED, ModelSpecError
 from groundtruth.records import Record
 from training.allocator import tune_this_process
-
-RESULTS = Path(__file__).resolve().parent / "results"
-REPEATS = 3
-
-
-@dataclass
-class Setting:
-    """Where the benchmarks run: the device, and whether packaged weights are at hand."""
-
-    device: str = "cpu"
-    random_weights: bool = False
-    _peak: Optional[float] = None
-
-    @property
-    def dtype(self) -> str:
-        return "bfloat16" if self.device == "cuda" else "float32"  # bf16 was measured ~2x slower on these CPUs
-
-    @property
-    def results(self) -> Path:
-        return RESULTS / "gpu" if self.device == "cuda" else RESULTS
-
-    def spec(self, name: str) -> ModelSpec:
-        return ModelSpec((RANDOM_INIT_PREFIX if self.random_weights else "") + name, self.dtype)
-
-    def load(self, name: str, dtype: Optional[str] = None):
-        """(model, tokenizer) on the device, in `dtype` (default: the device's)."""
-        spec = self.spec(name)
-        return load_model(ModelSpec(spec.source, dtype or spec.dtype), self.device)
-
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def timed(self, fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, object]:
-        """Median seconds of fn() over `repeats` runs after one warm-up, and its last result."""
-        return self.timed_together({"run": fn}, repeats)["run"]
-
-    def timed_together(self, fns: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, tuple]:
-        """{name: (median seconds over `repeats` runs after one warm-up, last result)} for several ways of one
-        workload, their runs taken in turn, so that a slower or faster spell of the machine falls on each alike."""
-        results = {name: fn() for name, fn in fns.items()}
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                self.sync()
-                start = time.perf_counter()
-                results[name] = fn()
-                self.sync()
-                times[name].append(time.perf_counter() - start)
-        return {name: (statistics.median(times[name]), results[name]) for name in fns}
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def peak(self) -> Optional[float]:
-        """FLOP/s the utilisation is measured against (benchmarks.gpu_check.peak_flops), measured once."""
-        if self._peak is None:
-            self._peak = peak_flops(self.device, None)[0]
-        return self._peak
-
-    def write(self, name: str, fast: float, naive: float, target: float, workload: dict,
-              model_flops: Optional[float] = None, **extra) -> dict:
-        out = {"name": name, "fast": round(fast, 4), "naive": round(naive, 4), "ratio": round(naive / fast, 3),
-               "target": target, "meets_target": naive / fast >= target, "workload": workload, "device": self.device_name(),
-               "dtype": self.dtype, "weights": "random" if self.random_weights else "packaged",
-               "torch_threads": torch.get_num_threads(), **extra}
-        if model_flops is not None and self.peak():
-            out.update(model_flops=model_flops, peak_flops_per_second=round(self.peak()),
-                       model_flop_utilisation=round(model_flops / (fast * self.peak()), 4))
-        return self._save(out)
-
-    def skip(self, name: str, why: str) -> dict:
-        return self._save({"name": name, "skipped": why, "device": self.device_name()})
-
-    def _save(self, out: dict) -> dict:
-        self.results.mkdir(parents=True, exist_ok=True)
-        (self.results / f"{out['name']}.json").write_text(json.dumps(out, indent=1))
-        print(json.dumps(out))
-        return out
-
-    def device_name(self) -> str:
-        return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
-
-
-def weights_past_embedding(model) -> int:
-    """Parameters a token's forward multiplies by: all but the input embedding (a lookup). A head tied to
-    the embedding is left out with it."""
-    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-
-
-def generation_flops(model, prompt_tokens: int, new_tokens: int) -> float:
-    """Model FLOPs of generating: every weight but the embedding once per token, the LM head once per
-    generated token (a prompt's forward computes logits at its last position only)."""
-    head = model.config.get_text_config().hidden_size * model.config.get_text_config().vocab_size
-    return 2.0 * weights_past_embedding(model) * (prompt_tokens + new_tokens) + 2.0 * head * new_tokens
-
-
-def training_flops(model, tokens: int) -> float:
-    """The usual 6 x parameters x tokens of a forward and backward, the input embedding left out."""
-    return 6.0 * weights_past_embedding(model) * tokens
 
 
 def bench_groundtruth(s: Setting) -> dict:
@@ -157,14 +55,6 @@ def bench_groundtruth(s: Setting) -> dict:
                    model_flops=generation_flops(model, prompt_tokens, new_tokens), identical_labels=same)
 
 
-def _explain_records(n: int) -> list[Record]:
-    """n explainer questions about real ablation inputs (gold fields left empty)."""
-    cfg = AblationConfig(max_sources=n)
-    items = build_items(cfg, seed=1)[:n]
-    return [Record(f"r{i}", "input_ablation", "t", "test", it.source_id, it.full, it.question, "", False, "", "")
-            for i, it in enumerate(items)]
-
-
 EVAL_ROWS = 4
 """Rows one export answers in eval (a vector task's trained, no-vector, zero-v and shuffled-v rows)."""
 
@@ -184,7 +74,7 @@ def bench_eval_generation(s: Setting, batch: int = 64) -> dict:
 
     model, tok = s.load("smollm2-135m-instruct")
     fmt = "plain" if s.random_weights else "chat"
-    records = _explain_records(16 * EVAL_ROWS)
+    records = explain_records(16 * EVAL_ROWS)
     asks = [Ask(records[i::EVAL_ROWS]) for i in range(EVAL_ROWS)]
     fast, fast_out = s.timed(lambda: explain_all(model, tok, asks, fmt, 24, batch_size=batch), repeats=1)
     naive, naive_out = s.timed(lambda: explain_all(model, tok, asks, fmt, 24, batch_size=1), repeats=1)
@@ -200,39 +90,13 @@ def bench_eval_generation(s: Setting, batch: int = 64) -> dict:
                    identical_outputs=f"{same}/{len(records)}", tokens_per_second=round(generated / fast, 1))
 
 
-def _train_records(n: int) -> list[Record]:
-    """n input-ablation training records: real prompts, explanations of both kinds."""
-    from groundtruth.explanations import format_explanation
-
-    records = _explain_records(n)
-    for i, r in enumerate(records):
-        r.explanation = format_explanation(i % 2 == 0, "Paris")
-    return records
-
-
-def _train_batch(tok, n: int = 8):
-    from training.batches import collate, encode_example
-
-    return collate([encode_example(tok, r, "plain", 256) for r in _train_records(n)], tok.pad_token_id)
-
-
 def _padding(tok, micro: int = 8, examples: int = 128) -> dict:
     """Padding share of one epoch's micro-batches of real records, length windows on and off."""
     from training.batches import encode_example, micro_batch_order, padding_share
 
-    lengths = [len(encode_example(tok, r, "plain", 256).ids) for r in _train_records(examples)]
+    lengths = [len(encode_example(tok, r, "plain", 256).ids) for r in train_records(examples)]
     share = {w: padding_share(micro_batch_order(lengths, 0, 1, micro, 0, 0, window=w), lengths) for w in (1, 16)}
     return {"padding_share": round(share[16], 4), "padding_share_random_batches": round(share[1], 4)}
-
-
-RECIPE = {"cpu": "configs/quickstart.yaml", "cuda": "configs/study_gpu.yaml"}
-"""The recipe whose training settings a device's training benchmarks run."""
-
-
-def recipe_zero_stage(s: Setting) -> int:
-    from distributed.config import load_config
-
-    return load_config(str(Path(__file__).resolve().parents[1] / RECIPE[s.device])).train.zero_stage
 
 
 def bench_train_step(s: Setting) -> dict:
@@ -254,7 +118,7 @@ def bench_train_step(s: Setting) -> dict:
         return model, tok
 
     model, tok = load()
-    batch = s.to_device(_train_batch(tok))
+    batch = s.to_device(train_batch(tok))
     plain = ExplainerLM(model)
     optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
 
@@ -295,95 +159,6 @@ def bench_train_step(s: Setting) -> dict:
                    zero2_seconds=round(zero2, 4), zero2_ratio=round(naive / zero2, 3), **_padding(tok))
 
 
-def _idle_ray_train_job(config: dict) -> None:
-    """A Ray Train worker that waits for its stop file: Ray Train's processes up, no work."""
-    while not os.path.exists(config["stop"]):
-        time.sleep(0.5)
-
-
-def _beside_idle_ray_train(root: Path, run: Callable[[], None]) -> None:
-    """run() in this process while a local Ray (as the pipeline starts it) holds an idle Ray Train job."""
-    import threading
-
-    from ray.train import RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from distributed.config import RayConfig
-    from distributed.ray_session import ray_session
-
-    stop = root / "stop_idle_job"
-    with ray_session(RayConfig(num_cpus=torch.get_num_threads())):
-        trainer = TorchTrainer(_idle_ray_train_job, train_loop_config={"stop": str(stop)},
-                               scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                               run_config=RayRunConfig(storage_path=str(root / "idle_storage")))
-        idle = threading.Thread(target=trainer.fit)
-        idle.start()
-        try:
-            time.sleep(20)  # the controller, its helper actors and the worker started
-            run()
-        finally:
-            stop.touch()
-            idle.join()
-
-
-def bench_ray_train_worker(s: Setting) -> dict:
-    """One training job (SmolLM2 at the CPU recipe's ZeRO stage, micro batch 8, 2 CPUs) run by a Ray Train
-    worker vs in this process: seconds per optimizer step from the job's own log, written every 5 steps as
-    the recipes log (steps 6-15: the first ones hold the warm-up, the second step took 1.7x the others),
-    each way twice, interleaved, the median of the rounds (one way's runs differed by up to 10% on this
-    machine). fast: the Ray worker (ratio = in-process / Ray, so 1.0 means no cost). The profile, in each
-    round: the in-process loop while an idle Ray Train job is up, which tells the Ray worker's own cost
-    from that of Ray's processes sharing the cores (about 0.09 cores and 2000 wakeups a second on this
-    machine, the training threads preempted 5x as often). That share costs the two lock-step training
-    threads more than its size: 14 plain processes waking 100 times a second for 60 us each (0.084 cores)
-    slowed the in-process loop by 10%; waking without the work, by 2.5%. CPU only: on a GPU gpu_check
-    times the jobs themselves."""
-    if s.device != "cpu":
-        return s.skip("ray_train_worker", "measured on CPU workers only")
-    import shutil
-    import tempfile
-
-    from distributed.config import RayConfig
-    from distributed.ray_session import ray_session
-    from distributed.train_job import fit_with_ray
-    from groundtruth.records import write_split
-    from training.job import TrainConfig, TrainJob
-    from training.step import run_training
-
-    steps, threads, stage, rounds = 15, torch.get_num_threads(), recipe_zero_stage(s), 2
-    root = Path(tempfile.mkdtemp(prefix="bench_ray_train_"))
-    write_split(root / "data", _train_records(steps * 8), "h", shard_size=32)
-
-    def job(name: str) -> TrainJob:
-        cfg = TrainConfig(micro_batch_size=8, lr=1e-5, max_steps=steps, log_every=5, checkpoint_every=steps,
-                          train_embeddings=False, prompt_format="plain", worker_cpus=float(threads), zero_stage=stage)
-        return TrainJob("input_ablation", "smollm2", "smollm2", s.spec("smollm2-135m-instruct"),
-                        str(root / "data"), str(root / name), cfg)
-
-    def per_step(j: TrainJob) -> float:
-        log = [json.loads(line) for line in j.train_log.read_text().splitlines()][-3:]  # steps 5, 10, 15
-        return (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
-
-    here, ray, beside = [], [], []
-    try:
-        for r in range(rounds):
-            run_training(job(f"in_process{r}"))
-            here.append(per_step(job(f"in_process{r}")))
-            with ray_session(RayConfig(num_cpus=threads)):  # as the pipeline starts a local Ray
-                fit_with_ray([job(f"ray{r}")], root / f"ray_storage{r}")
-            ray.append(per_step(job(f"ray{r}")))
-            _beside_idle_ray_train(root, lambda: run_training(job(f"beside_ray{r}")))
-            beside.append(per_step(job(f"beside_ray{r}")))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return s.write("ray_train_worker", statistics.median(ray), statistics.median(here), 0.9,
-                   {"model": "smollm2-135m-instruct", "steps": steps, "micro_batch": 8, "zero_stage": stage,
-                    "rounds": rounds, "fast": f"Ray Train worker ({threads} CPUs)", "naive": "the same loop in this process"},
-                   seconds_per_step={"ray": [round(x, 3) for x in ray], "in_process": [round(x, 3) for x in here],
-                                     "in_process_beside_idle_ray_train": [round(x, 3) for x in beside]},
-                   ray_worker_vs_in_process_beside_ray=round(statistics.median(beside) / statistics.median(ray), 3))
-
-
 def bench_lm_head(s: Setting) -> dict:
     """Forward+backward on Gemma-3-270M (262k vocab) at the explainer's prompt lengths (input-ablation
     questions, plain format), its embedding (and the head tied to it) frozen as the configs train it:
@@ -397,7 +172,7 @@ def bench_lm_head(s: Setting) -> dict:
     model, tok = s.load("gemma-3-270m")
     model.train()
     model.get_input_embeddings().weight.requires_grad_(False)  # train_embeddings: false
-    batch = s.to_device(_train_batch(tok))
+    batch = s.to_device(train_batch(tok))
 
     def step(restrict: bool):
         def run():
