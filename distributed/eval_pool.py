@@ -56,10 +56,11 @@ class Evaluator:
 
         torch.set_num_threads(threads)
 
-    def explain(self, group: list[EvalUnit], records: list[list[Record]], fmt: str, max_new_tokens: list[int],
+    def explain(self, group: list[EvalUnit], records: list[list[Record]], fmt: str, max_new_tokens: int,
                 batch_size: int, scales: tuple[float, ...] = ()) -> list:
         """Per unit, its predictions; for SelfIE a dict scale -> predictions. The units' questions go
-        through the model together (eval.generate.explain_all), so batches fill up across rows."""
+        through the model together (eval.generate.explain_all), so batches fill up across rows; they
+        share one job, hence one task and one answer length."""
         from eval.generate import Ask, explain_all
         from groundtruth.models import load_model, model_device
         from training.vectors import job_projection, match_injection_norm
@@ -83,13 +84,12 @@ class Evaluator:
             for scale in (scales if kind.scaled else (None,)):
                 asks.append((index, scale, Ask(recs, projection, kind.with_vector, scale)))
         out: list = [{} if ROW_KINDS[u.kind].scaled else None for u in group]
-        for tokens in sorted(set(max_new_tokens)):  # one pass per answer length (the group's units share one)
-            mine = [(i, scale, ask) for i, scale, ask in asks if max_new_tokens[i] == tokens]
-            for (i, scale, _), answers in zip(mine, explain_all(model, tok, [a for *_, a in mine], fmt, tokens, batch_size)):
-                if scale is None:
-                    out[i] = answers
-                else:
-                    out[i][scale] = answers
+        for (i, scale, _), answers in zip(asks, explain_all(model, tok, [a for *_, a in asks], fmt, max_new_tokens,
+                                                            batch_size)):
+            if scale is None:
+                out[i] = answers
+            else:
+                out[i][scale] = answers
         return out
 
 
@@ -244,7 +244,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
         n_actors=ec.actors, units=group_units(plan.units),
         call=lambda actor, group: actor.explain.remote(
             group, [plan.records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
-            [ec.max_new_tokens or TASKS[u.task].explanation_tokens for u in group], ec.batch_size,
+            ec.max_new_tokens or TASKS[group[0].task].explanation_tokens, ec.batch_size,
             tuple(ec.selfie_scales)),
         on_result=on_result, max_retries=ec.max_retries, desc="eval", unit_name="group",
     )

@@ -111,7 +111,7 @@ def test_a_control_row_sees_the_records_its_kind_rewrites(tmp_path, monkeypatch)
     job = make_train_job(tmp_path)
     unit = EvalUnit("input_ablation", "input_ablation", "t", "e reversed", "reversed", "e", job, "", "")
     records = make_records(3)
-    assert Evaluator(1).explain([unit], [records], "plain", [4], 2) == [["x"] * 3]
+    assert Evaluator(1).explain([unit], [records], "plain", 4, 2) == [["x"] * 3]
     assert [r.prompt for r in seen[0]] == [r.prompt[::-1] for r in records]
 
 
