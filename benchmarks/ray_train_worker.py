@@ -38,8 +38,8 @@ def _beside_idle_ray_train(root: Path, run: Callable[[], None]) -> None:
     from distributed.ray_session import ray_session
 
     stop = root / "stop_idle_job"
-    stop.unlink(missing_ok=True)
-    with ray_session(RayConfig(num_cpus=os.cpu_count())):
+    stop.unlink(missing_ok=True)  # an earlier round's
+    with ray_session(RayConfig(num_cpus=torch.get_num_threads())):
         trainer = TorchTrainer(_idle_ray_train_job, train_loop_config={"stop": str(stop)},
                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                                run_config=RayRunConfig(storage_path=str(root / "idle_storage")))
