@@ -29,8 +29,9 @@ def _idle_ray_train_job(config: dict) -> None:
         time.sleep(0.5)
 
 
-def _beside_idle_ray_train(root: Path, run: Callable[[], None]) -> None:
-    """run() in this process while a local Ray (as the pipeline starts it) holds an idle Ray Train job."""
+def _beside_idle_ray_train(root: Path, cpus: int, run: Callable[[], None]) -> None:
+    """run() in this process while a local Ray of `cpus` CPUs (as the pipeline starts it) holds an idle Ray
+    Train job."""
     from ray.train import RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -39,7 +40,7 @@ def _beside_idle_ray_train(root: Path, run: Callable[[], None]) -> None:
 
     stop = root / "stop_idle_job"
     stop.unlink(missing_ok=True)  # an earlier round's
-    with ray_session(RayConfig(num_cpus=torch.get_num_threads())):
+    with ray_session(RayConfig(num_cpus=cpus)):
         trainer = TorchTrainer(_idle_ray_train_job, train_loop_config={"stop": str(stop)},
                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                                run_config=RayRunConfig(storage_path=str(root / "idle_storage")))
@@ -110,7 +111,8 @@ def bench_ray_train_worker(s: Setting) -> dict:
 
     ways: dict[str, tuple[Callable[[TrainJob], None], int]] = {
         "in_process": (in_process, threads), "ray": (by_ray_train, threads),
-        "in_process_beside_idle_ray_train": (lambda j: _beside_idle_ray_train(root, lambda: in_process(j)), threads),
+        "in_process_beside_idle_ray_train": (lambda j: _beside_idle_ray_train(root, threads, lambda: in_process(j)),
+                                             threads),
         "in_process_one_core_spare": (in_process, spare), "ray_one_core_spare": (by_ray_train, spare)}
     times: dict[str, list[float]] = {name: [] for name in ways}
     try:
