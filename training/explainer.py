@@ -31,11 +31,14 @@ class VectorTokens:
 
 
 def add_vector_tokens(model, tokenizer) -> VectorTokens:
-    """Add the special-token triple to the tokenizer (once) and resize the model's embeddings."""
+    """Add the special-token triple to the tokenizer (once) and grow the model's embeddings if the new ids
+    fall past their rows. Many models have more rows than tokenizer entries (Qwen3: 151,936 for ~151,672):
+    theirs are kept, never shrunk to the tokenizer. Rows are counted by `num_embeddings`, not the weight's
+    shape, which ZeRO-3 partitions to [0] on every rank."""
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     return VectorTokens(*ids)
