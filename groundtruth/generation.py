@@ -168,6 +168,15 @@ def _decode_batch(model, parts: list[tuple], room: int) -> tuple:
     return cache, torch.cat([left(m) for _, m, _ in parts]), torch.cat([logits for *_, logits in parts])
 
 
+def keep_rows(cache, mask: torch.Tensor, tokens: torch.Tensor, writing: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache, mask [b, T] and tokens [b] cut to the rows in `writing`. The index is a host tensor,
+    legal for tensors on any device: a model spread over several GPUs keeps each cache layer on its
+    layer's GPU, where an index made on the embedding's GPU would fail."""
+    keep = torch.tensor(writing)
+    cache.batch_select_indices(keep)
+    return mask[keep], tokens[keep]
+
+
 def _decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, max_new_tokens: int,
             eos: Optional[int], suppress: Sequence[int]) -> list[list[int]]:
     """Greedy tokens of each row (up to and including eos), one position per step; a row that has
@@ -184,9 +193,8 @@ def _decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, max_new_toke
         if step == max_new_tokens - 1 or not writing:
             break
         if len(writing) < len(rows):
-            keep = torch.tensor(writing, device=mask.device)
-            cache.batch_select_indices(keep)
-            mask, tokens, rows = mask[keep], tokens[keep], [rows[i] for i in writing]
+            mask, tokens = keep_rows(cache, mask, tokens, writing)
+            rows = [rows[i] for i in writing]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,

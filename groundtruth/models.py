@@ -184,8 +184,14 @@ def placement() -> str:
 
 
 def gpu_memory_map(headroom: float = 0.9) -> dict[int, int]:
-    """device_map's max_memory: a share of each visible GPU (the rest for activations and the KV cache)."""
-    return {i: int(torch.cuda.get_device_properties(i).total_memory * headroom) for i in range(torch.cuda.device_count())}
+    """device_map's max_memory: what is free of each visible GPU, less (1 - headroom) of it kept for
+    activations and the KV cache. Free, not total: a second model loaded beside a first (the lstsq fit
+    holds target and explainer) gets only what the first left."""
+    budget = {}
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        budget[i] = max(0, int(free - (1 - headroom) * total))
+    return budget
 
 
 def model_device(model) -> torch.device:

@@ -110,7 +110,7 @@ def clean_runs(model, prompts: list[torch.Tensor], keep_cache: tuple[int, ...] =
     # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
     states, out = _hooked_forward(model, input_ids.to(device), attention_mask=mask.to(device) if len(ends) > 1 else None,
                                   past_key_values=past, use_cache=cache or past is not None,
-                                  logits_to_keep=torch.tensor(ends, device=device))
+                                  logits_to_keep=torch.tensor(ends))  # host index: the head may sit on another GPU
     if prefix_states is not None:
         states = torch.cat([prefix_states.expand(-1, len(prompts), -1, -1), states], dim=2)
     logits = out.logits  # [B, len(ends), V]
