@@ -5,7 +5,9 @@ import os
 from pathlib import Path
 
 from eval.rows import applicable_controls
+from groundtruth.errors import DataSourceError
 from groundtruth.models import prepare
+from groundtruth.records import MANIFEST
 from groundtruth.tasks import TASKS
 from training.controls import TRAINED_CONTROLS
 from training.explainer import Projection
@@ -43,11 +45,20 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
 
 def write_job_files(cfg: RunConfig) -> list[Path]:
     """One JOB.json per training job under <run>/jobs/, for `python -m training.step JOB.json` under
-    torchrun (cluster/slurm_torchrun.sbatch: training without Ray)."""
+    torchrun (cluster/slurm_torchrun.sbatch: training without Ray). The jobs' lstsq Pi are fitted here
+    first, once per (explainer, target) pair, into each job's folder, where its ranks load them: a rank
+    holds one GPU, too little for both models of a 70B pair."""
+    jobs = train_jobs(cfg)
+    missing = sorted({job.data_dir for job in jobs if not (Path(job.data_dir) / MANIFEST).exists()})
+    if missing:
+        raise DataSourceError(f"no ground truth at {', '.join(missing)}; run `selfexplain groundtruth` first")
+    for job in jobs:
+        prepare(job.explainer_spec)
+    prefit_projections(jobs)
     folder = cfg.layout.jobs
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for job in train_jobs(cfg):
+    for job in jobs:
         path = folder / f"{job.task}__{Path(job.out_dir).name}.json"
         path.write_text(job.to_json())
         paths.append(path)

@@ -1,7 +1,6 @@
 """Training survives what clusters do to it: SIGTERM (preemption), a crashed Ray Train worker, and a
 resume on a different number of ranks."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_train_job
+from conftest import child_env, make_train_job
 from distributed.config import RayConfig
 from distributed.ray_session import ray_session
 from distributed.train_job import fit_with_ray
@@ -21,14 +20,6 @@ from training.preemption import PREEMPTED_EXIT_CODE, TRAIN_FAULT_ENV
 from training.step import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-# A child process makes its own process group: it must not inherit this one's rendezvous (an earlier
-# in-process test set MASTER_PORT here, and that port is taken by this process's store).
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
-
-
-def child_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-
 
 def logged(job) -> list[dict]:
     return [json.loads(line) for line in (Path(job.out_dir) / "train_log.jsonl").read_text().splitlines()]

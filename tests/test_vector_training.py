@@ -196,3 +196,52 @@ def test_rows_asked_together_answer_as_they_do_alone():
     alone = [explain(model, tok, a.records, "plain", 6, 4, a.projection, a.with_vector, a.vector_scale) for a in asks]
     assert together == alone
     assert together[0][:3] != together[1], "the rows differ, so a mix-up would show"
+
+
+def test_torchrun_ranks_fit_an_lstsq_projection_once(tmp_path):
+    """Without a prefit (a JOB.json run by hand), rank 0 fits and saves Pi; the other rank waits and loads it."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    job = vector_job(tmp_path, "lstsq", max_steps=2, zero_stage=2)
+    spec = tmp_path / "job.json"
+    spec.write_text(job.to_json())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.step", str(spec)],
+                          cwd=Path(__file__).resolve().parents[1], env=child_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("[fit] lstsq Pi") == 1, done.stdout
+    _, _, exported = load_explainer(job.export_dir, {"task": "activation_patching"})
+    fitted = Projection.load(job.projection_init_path)
+    assert all(torch.equal(exported.weight(k), fitted.weight(k)) for k in fitted.keys)
+
+
+def test_selfexplain_jobs_fits_each_pairs_projection_before_the_ranks_start(tmp_path, capsys):
+    import yaml
+
+    from distributed.config import load_config
+    from distributed.train_job import write_job_files
+    from groundtruth.errors import DataSourceError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "jobs", "out_dir": str(tmp_path / "run"), "targets": ["big"], "explainers": ["small", "big"],
+        "models": {"small": {"source": "tiny-llama:hidden=32,layers=2"},
+                   "big": {"source": f"tiny-llama:hidden={D_TARGET},layers=4,seed=1"}},
+        "tasks": {"activation_patching": {}}, "train": {"projection": {"fit_texts": 40}},
+        "eval": {"trained_controls": []}}))
+    cfg = load_config(str(config))
+    with pytest.raises(DataSourceError, match="run `selfexplain groundtruth` first"):
+        write_job_files(cfg)
+    write_split(cfg.layout.split("activation_patching", "big", "train"), vector_records(16), "h", shard_size=8)
+    paths = write_job_files(cfg)
+    jobs = {TrainJob.from_json(p.read_text()).explainer: TrainJob.from_json(p.read_text()) for p in paths}
+    assert set(jobs) == {"small", "big"}
+    assert jobs["small"].projection_init_path.exists(), "the cross pair's lstsq Pi is fitted beside its job"
+    assert not jobs["big"].projection_init_path.exists(), "a self-explainer reads v unprojected"
+    assert capsys.readouterr().out.count("[fit] lstsq Pi") == 1
+    write_job_files(cfg)
+    assert "[fit]" not in capsys.readouterr().out, "a second call finds the fit"

@@ -82,6 +82,8 @@ def fit_projection(keys: list[str], target_spec: ModelSpec, explainer_spec: Mode
         projection.fit(key, h_t, h_e)
         projection.fit_error[key]["heldout"] = projection.error(key, *test[key])
         projection.fit_error[key]["tokens"] = float(h_t.shape[0])
+    errors = ", ".join(f"{k}: {e['heldout']:.3f}" for k, e in projection.fit_error.items())
+    print(f"[fit] lstsq Pi {explainer_spec.source} <- {target_spec.source}: held-out relative error {errors}", flush=True)
     return projection
 
 

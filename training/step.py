@@ -110,14 +110,30 @@ class Prepared:
     zero3_config: object = None  # HfDeepSpeedConfig under ZeRO-3: transformers reads it while it lives
 
 
+def rank_projection(job: TrainJob, records: list, rank: int, device: torch.device):
+    """The Pi this rank's explainer starts from. An lstsq Pi is fitted at most once per job: rank 0 loads
+    it (`selfexplain jobs` and the Ray train stage fit it before the ranks start) or, where nobody did,
+    fits and saves it, while the other ranks wait and then load it from the job's folder. Every rank
+    fitting would load both models per rank: 8-16 copies of a 70B explainer on one GPU each."""
+    import torch.distributed as dist
+
+    fitted = job.train.projection.kind_for(job.explainer, job.target) == "lstsq"
+    if fitted and rank != 0:
+        dist.barrier()  # rank 0 has the fit saved
+    projection = job_projection(job, records, hidden_size(job.explainer_spec), str(device))
+    if fitted and rank == 0:
+        dist.barrier()
+    return projection
+
+
 def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) -> tuple[ExplainerLM, object, object]:
     """The explainer (with its [vec] tokens, Pi and LoRA adapters where configured) wrapped for the loss,
     its tokenizer, and under ZeRO-3 the HfDeepSpeedConfig that must outlive it."""
     cfg = job.train
     records = job.records()
     # Pi first: an lstsq fit loads both models plainly, which it could not once zero.Init is active
-    projection = (job_projection(job, records, hidden_size(job.explainer_spec), str(device))
-                  if any(r.vector is not None for r in records) else None)
+    projection = (rank_projection(job, records, rank, device) if any(r.vector is not None for r in records)
+                  else None)
     keep_alive = None
     if cfg.zero_stage == 3:  # from_pretrained then builds the model partitioned (zero.Init)
         from transformers.integrations import HfDeepSpeedConfig
