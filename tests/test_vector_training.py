@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from eval.generate import Ask, explain, explain_all
 from groundtruth.explanations import format_explanation
@@ -245,3 +246,45 @@ def test_selfexplain_jobs_fits_each_pairs_projection_before_the_ranks_start(tmp_
     assert capsys.readouterr().out.count("[fit] lstsq Pi") == 1
     write_job_files(cfg)
     assert "[fit]" not in capsys.readouterr().out, "a second call finds the fit"
+
+
+def test_a_zero3_export_gathers_only_what_it_keeps(tmp_path, partition_everything, monkeypatch):
+    """A LoRA explainer under ZeRO-3: the export gathers the adapters, Pi and the embeddings whose [vec] rows
+    it keeps, never a frozen weight it does not write (for a 70B explainer: 141 GB onto rank 0's host)."""
+    import deepspeed
+
+    import training.step
+    from training.lora import LoraConfig
+
+    gathered: list[set] = []
+    exporting = []
+    original_gather, original_export = deepspeed.zero.GatheredParameters, training.step.export_explainer
+
+    def gather(params, *args, **kwargs):
+        if exporting:
+            gathered.append({id(p) for p in (params if isinstance(params, (list, tuple)) else [params])})
+        return original_gather(params, *args, **kwargs)
+
+    def export(engine, wrapper, *args, **kwargs):
+        names = {id(p): n for n, p in wrapper.named_parameters()}
+        exporting.append(names)
+        try:
+            return original_export(engine, wrapper, *args, **kwargs)
+        finally:
+            exporting.clear()
+            gathered[:] = [{names.get(i, "?") for i in ids} for ids in gathered]
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gather)
+    monkeypatch.setattr(training.step, "export_explainer", export)
+    job = vector_job(tmp_path, "random", max_steps=2, zero_stage=3, train_embeddings=False,
+                     lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    run_training(job)
+    names = set().union(*gathered)
+    assert names and all(len(g) == 1 for g in gathered), "one parameter at a time"
+    kept = {n for n in names if "lora_" in n or n.startswith("projection.")}
+    assert names - kept == {"model.model.embed_tokens.weight", "model.lm_head.weight"}, names - kept
+    assert not any(n.endswith("base.weight") or "mlp" in n or "norm" in n for n in names)
+    model, tok, projection = load_explainer(job.export_dir, {"task": "activation_patching"})
+    saved = load_file(job.export_dir / "trained.safetensors")
+    assert {k for k in saved if k.startswith("vector_token_rows")} == {"vector_token_rows.input", "vector_token_rows.output"}
+    assert sum(k.endswith("lora_a") for k in saved) == 2 * 2 and projection.keys == ["0-1", "2-3"]

@@ -90,16 +90,37 @@ def _untrained_vector_rows(model, tokenizer, state: dict[str, torch.Tensor],
     return out
 
 
+def _zero3_exported(wrapper, tokenizer, rank: int) -> dict[str, torch.Tensor]:
+    """What an export holds, gathered from ZeRO-3 partitions one parameter at a time onto rank 0's host:
+    the parameters that trained, Pi, and the embedding matrices whose [vec] rows it keeps. Never the
+    frozen rest (a 70B LoRA explainer: ~3 GB of adapters, not 141 GB of weights). Every rank calls it,
+    and every rank walks the same parameters in the same order (each gather is a collective)."""
+    import deepspeed
+
+    model = wrapper.model
+    rows_of = set()
+    if has_vector_tokens(tokenizer):
+        rows_of = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    out = {}
+    for name, p in wrapper.named_parameters():
+        if not (p.requires_grad or name.startswith("projection.") or id(p) in rows_of):
+            continue
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank == 0:
+                out[name] = p.detach().to("cpu", copy=True)
+    return out
+
+
 def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, steps: int) -> Path:
     """Write job.export_dir atomically: the trained tensors in the training precision (safetensors), Pi,
-    and the metadata naming the base model they apply to (full weights are gathered under ZeRO-3 first).
+    and the metadata naming the base model they apply to (under ZeRO-3 what they need is gathered first).
     Call on every rank."""
     state, projection_state = None, None
     if engine.zero_optimization_stage() == 3:
-        full = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+        gathered = _zero3_exported(wrapper, tokenizer, rank)  # collective: every rank takes part
         if rank == 0:
-            state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
-            projection_state = {k.removeprefix("projection."): v for k, v in full.items() if k.startswith("projection.")}
+            state = {k.removeprefix("model."): v for k, v in gathered.items() if k.startswith("model.")}
+            projection_state = {k.removeprefix("projection."): v for k, v in gathered.items() if k.startswith("projection.")}
     if rank != 0:
         return job.export_dir
     out = job.export_dir
