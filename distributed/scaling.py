@@ -105,10 +105,13 @@ def memory_per_rank_gb(params: int, trainable: int, ranks: int, stage: int, bf16
     return total / 1e9
 
 
-def activation_gb(shape: Shape, seq_len: int, micro_batch: int, bf16: bool) -> float:
-    """Activations kept for backward without recomputation, flash attention (Korthikanti et al. 2022:
-    34 x s x b x h bytes per layer in 16-bit)."""
-    return 34 * seq_len * micro_batch * shape.hidden * shape.layers * (1 if bf16 else 2) / 1e9
+def activation_gb(shape: Shape, seq_len: int, micro_batch: int, bf16: bool, checkpointing: bool = False) -> float:
+    """Activations kept for backward, flash attention (Korthikanti et al. 2022: 34 x s x b x h bytes per
+    layer in 16-bit). With gradient checkpointing each layer keeps only its input (2 x s x b x h) and one
+    layer's full set lives at a time, while it is recomputed."""
+    per_layer = 34 * seq_len * micro_batch * shape.hidden
+    kept = (2 * seq_len * micro_batch * shape.hidden * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
+    return kept * (1 if bf16 else 2) / 1e9
 
 
 def gpu_hours(flops: float, plan: ScalePlanConfig, training: bool) -> float:
@@ -177,6 +180,7 @@ def scale_plan(cfg) -> list[str]:
                 e = shapes[explainer]
                 trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
                 per_token = 4 * e.params + 2 * trainable if tc.lora else 6 * e.params
+                per_token += 2 * e.params if tc.gradient_checkpointing else 0  # the recomputing forward
                 epochs = tc.epochs if tc.max_steps is None else 1
                 controlled = explainer == target or ec.trained_controls_for == "all"
                 jobs = 1 + (len(applicable_controls(spec, ec)) if controlled else 0)  # with its trained controls
@@ -185,13 +189,16 @@ def scale_plan(cfg) -> list[str]:
                 total += hours
                 memory = ", ".join(f"ZeRO-{z} {memory_per_rank_gb(e.params, trainable, tc.num_workers, z, bf16):.1f}"
                                    for z in range(4))
-                act = activation_gb(e, min(tc.max_seq_len, work.explainer_tokens), tc.micro_batch_size, bf16)
+                seq = min(tc.max_seq_len, work.explainer_tokens)
+                act, other = (activation_gb(e, seq, tc.micro_batch_size, bf16, on)
+                              for on in (tc.gradient_checkpointing, not tc.gradient_checkpointing))
                 fits = memory_per_rank_gb(e.params, trainable, tc.num_workers, tc.zero_stage, bf16) + act <= plan.gpu_memory_gb
                 lines.append(f"  train {task}: {explainer} on {target}{f' (+{jobs - 1} controls)' if jobs > 1 else ''}: "
                              f"~{records:,} records, "
                              f"{'LoRA ' + format(trainable / 1e6, '.0f') + 'M' if tc.lora else 'full'} trainable; "
                              f"{flops:.2e} FLOPs, {hours:,.1f} GPU-h on {tc.num_workers} GPUs; GB per rank "
-                             f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch; "
+                             f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch "
+                             f"(gradient checkpointing {'on; off' if tc.gradient_checkpointing else 'off; on'}: {other:.1f} GB); "
                              f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
                 rows = sum(len(ec.selfie_scales) if r.kind.scaled else 1  # generations per test record
                            for r in plan_rows(spec, "test", ec, explainer, None, controls=control_placeholders(spec, ec) if controlled else []))

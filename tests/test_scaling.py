@@ -1,4 +1,6 @@
 """The dry run's scale estimates: parameter counts against real models, ZeRO memory arithmetic, the plan."""
+import re
+
 import pytest
 
 from distributed.cli import main as cli_main
@@ -35,6 +37,9 @@ def test_paper_dry_runs_print_the_scale_plan(capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "train activation_patching: llama70b on llama8b" in x)
     assert "LoRA 1657M trainable" in line and "ZeRO-0 164.3" in line and "ZeRO-3 fits in 80 GB" in line
+    with_gc, without = (float(x) for x in re.search(r"activations ([\d.]+) GB/micro-batch \(gradient checkpointing "
+                                                        r"on; off: ([\d.]+) GB\)", line).groups())
+    assert without > 10 * with_gc, "80 layers keep their inputs only, one layer its full set"
     assert "total:" in out and "GPU-hours" in out
     assert cli_main(["run", "configs/paper/activation_patching_70b_explainer.yaml", "--dry-run",
                      "--set", "train.num_workers=1", "--set", "train.zero_stage=2"]) == 2

@@ -229,3 +229,26 @@ def test_an_export_holds_only_what_trained_and_rebuilds_the_model(tmp_path, sour
     rebuilt = loaded.state_dict()
     assert all(torch.equal(rebuilt[name], value) for name, value in model.state_dict().items()), \
         "base + trained tensors + the vector rows = the trained model"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tmp_path, stage, monkeypatch):
+    import training.step as step
+
+    calls = {}
+    original = step.load_model
+
+    def counted(spec, device):
+        model, tok = original(spec, device)
+        mlp = model.get_decoder().layers[0].mlp  # inside the checkpointed layer: it runs again when recomputed
+        mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(key, calls.get(key, 0) + 1))
+        return model, tok
+
+    monkeypatch.setattr(step, "load_model", counted)
+    losses = {}
+    for key in (False, True):
+        job = make_job(tmp_path / str(key), max_steps=4, log_every=1, zero_stage=stage, gradient_checkpointing=key)
+        run_training(job)
+        losses[key] = [json.loads(line)["loss"] for line in job.train_log.read_text().splitlines()]
+    assert calls[True] == 2 * calls[False] == 2 * 4, "each layer runs again in the backward"
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5), "recomputing changes no number"

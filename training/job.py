@@ -80,6 +80,10 @@ class TrainConfig:
     train_embeddings: bool = True
     """Train the input embedding matrix (and an LM head tied to it). Off, Gemma-3-270M trains 38% of
     its weights: its 262k x 640 embedding is the rest, and its AdamW update dominates a CPU step."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input for backward and recompute the rest (one more forward per
+    step, about a third more FLOPs): activations shrink from ~34 x seq x batch x hidden bytes per layer
+    (bf16) to ~2 x, which a 70B explainer's long prompts need (the dry run prints both)."""
     lora: Optional[LoraConfig] = None
     """Low-rank adapters instead of a full fine-tune (the paper: r=128 for activation patching);
     null: every weight is trained. Exports keep the adapters only (merged when loaded)."""

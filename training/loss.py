@@ -42,9 +42,10 @@ class ExplainerLM(nn.Module):
         targets = labels[:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE  # [B, T-1]
         if not self.restrict_head:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, T-1, V]
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]  # [B, T-1, V]
             return F.cross_entropy(logits[keep].float(), targets[keep])
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state  # no KV cache: nothing decodes
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V], N = explanation tokens
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:

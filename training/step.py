@@ -151,6 +151,9 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
         if rank == 0:
             print(f"[train {job.explainer}<-{job.target}] LoRA r={cfg.lora.r} on {adapted} linear layers", flush=True)
     model.get_input_embeddings().weight.requires_grad_(cfg.train_embeddings)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: gradients reach adapters and Pi even where no input requires grad (frozen embeddings)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return ExplainerLM(model, restrict_head=cfg.restrict_lm_head, **wrapper_args), tokenizer, keep_alive
 
 
