@@ -79,10 +79,12 @@ def _ray_worker_loop(config: dict) -> None:
     import gc
 
     import ray.train
+    import ray.train.torch
     import torch
 
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()  # Ray Train knows which of the node's GPUs is this worker's
     os.environ.update({"RANK": str(ctx.get_world_rank()), "WORLD_SIZE": str(ctx.get_world_size()),
                        "LOCAL_RANK": str(ctx.get_local_rank()), "LOCAL_SIZE": str(ctx.get_local_world_size())})
     for text in config["jobs"]:
@@ -94,7 +96,7 @@ def _ray_worker_loop(config: dict) -> None:
         if ctx.get_world_rank() == 0:
             print(f"[train] {describe_job(job)}", flush=True)
         try:
-            run_training(job, report=lambda metrics: ray.train.report(metrics))
+            run_training(job, report=lambda metrics: ray.train.report(metrics), device=device)
         except TrainingPreempted:  # the driver got SIGTERM: checkpoint written, end the group cleanly
             return
         gc.collect()  # the finished engine's weights and optimizer state, before the next model loads

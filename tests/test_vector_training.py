@@ -288,3 +288,21 @@ def test_a_zero3_export_gathers_only_what_it_keeps(tmp_path, partition_everythin
     saved = load_file(job.export_dir / "trained.safetensors")
     assert {k for k in saved if k.startswith("vector_token_rows")} == {"vector_token_rows.input", "vector_token_rows.output"}
     assert sum(k.endswith("lora_a") for k in saved) == 2 * 2 and projection.keys == ["0-1", "2-3"]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_pi_computes_in_the_training_precision_at_every_zero_stage(tmp_path, stage, partition_everything):
+    from training.job import deepspeed_config
+    from training.step import _prepare, init_process_group_if_needed
+
+    job = vector_job(tmp_path, "random", max_steps=1, zero_stage=stage, precision="bf16")
+    init_process_group_if_needed()
+    run, _ = _prepare(job, 0, 1, torch.device("cpu"))
+    try:
+        weights = [run.wrapper.projection.weight(k) for k in run.wrapper.projection.keys]
+        dtypes = {getattr(w, "ds_tensor", w).dtype for w in weights}  # a ZeRO-3 partition holds the values
+        embedding = run.wrapper.model.get_input_embeddings().weight
+        assert dtypes == {torch.bfloat16} == {getattr(embedding, "ds_tensor", embedding).dtype}
+        assert deepspeed_config(job.train, 1)["bf16"]["enabled"]
+    finally:
+        run.engine.destroy()

@@ -206,7 +206,9 @@ def load_explainer(folder: Path, expect: Optional[dict] = None, device: Optional
     if "projection" in meta:
         from .explainer import Projection
 
-        projection = Projection.load(Path(folder) / PROJECTION).to(model_device(model))
+        # in the explainer's own dtype, as training ran it (docs/GPU.md: Pi's precision)
+        projection = Projection.load(Path(folder) / PROJECTION).to(model_device(model),
+                                                                   model.get_input_embeddings().weight.dtype)
     return model, tokenizer, projection
 
 

@@ -1,9 +1,9 @@
 """The training loop: a DeepSpeed engine over ExplainerLM, checkpoints every K steps, resume, export.
 What a job is lives in training/job.py; how its explainer reads vectors in training/vectors.py.
 
-The loop knows nothing of Ray: `run_training(job, rank, world)` runs on every rank of an already
-initialised process group (Ray Train sets one up; `python -m training.step JOB.json` under torchrun,
-or alone as a single process, sets one up itself).
+The loop knows nothing of Ray: `run_training(job)` runs on every rank of an already initialised
+process group (Ray Train sets one up and says which device is the rank's; `python -m training.step
+JOB.json` under torchrun, or alone as a single process, sets one up itself).
 """
 from __future__ import annotations
 
@@ -35,23 +35,27 @@ from .preemption import PreemptionWatch, TrainingPreempted, crash_if_injected
 from .vectors import job_projection, match_injection_norm
 
 
-def rank_device() -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK where GPUs are visible (torchrun and Ray Train both set
+def rank_device(given: Optional[torch.device] = None) -> torch.device:
+    """This rank's device: the one its launcher gives (Ray Train's `ray.train.torch.get_device()`, which
+    knows how it mapped GPUs to workers), else cuda:LOCAL_RANK where GPUs are visible (torchrun sets
     LOCAL_RANK), else the CPU."""
+    if given is not None:
+        return torch.device(given)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
-def init_process_group_if_needed() -> tuple[int, int]:
+def init_process_group_if_needed(device: Optional[torch.device] = None) -> tuple[int, int]:
     """(rank, world) of the current process group, creating a gloo/nccl group from env if none. The
-    rank's GPU becomes the current device first: NCCL collectives and broadcast_object_list use it."""
+    rank's GPU (rank_device(device)) becomes the current device first: NCCL collectives and
+    broadcast_object_list use it."""
     import deepspeed
     import torch.distributed as dist
 
     os.environ.setdefault("LOCAL_RANK", "0")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank_device())
+    if rank_device(device).type == "cuda":
+        torch.cuda.set_device(rank_device(device))
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -71,14 +75,16 @@ def on_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None) -> dict:
+def run_training(job: TrainJob, report: Optional[Callable[[dict], None]] = None,
+                 device: Optional[torch.device] = None) -> dict:
     """Fine-tune job.explainer_spec on job.data_dir; resume from the newest checkpoint; export at the end.
 
     Returns a summary (steps, final loss, seconds). Every rank must call it; rank 0 writes the logs and
-    the export. SIGTERM (preemption) writes a checkpoint at the current step and raises TrainingPreempted.
+    the export. `device`: the rank's, where its launcher says (default: rank_device()). SIGTERM
+    (preemption) writes a checkpoint at the current step and raises TrainingPreempted.
     """
     with PreemptionWatch(job.stop_file) as watch:
-        return _train(job, report, watch)
+        return _train(job, report, watch, rank_device(device))
 
 
 def _universal_tag(folder: Path, point: checkpoints.ResumePoint, rank: int, world: int) -> str:
@@ -144,8 +150,11 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
     model.train()
     wrapper_args: dict = {}
     if projection is not None:
-        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec,
-                        "projection": match_injection_norm(projection, job, model)}
+        # Pi computes in the training precision at every ZeRO stage, as every other weight does (DeepSpeed
+        # casts the module under ZeRO 0-2 but not what zero.Init did not build under ZeRO-3); where Pi
+        # trains, the optimizer keeps its fp32 master copy. docs/GPU.md states the rule.
+        match_injection_norm(projection, job, model).to(torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec, "projection": projection}
     if cfg.lora is not None:
         adapted = apply_lora(model, cfg.lora)
         if rank == 0:
@@ -157,12 +166,12 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
     return ExplainerLM(model, restrict_head=cfg.restrict_lm_head, **wrapper_args), tokenizer, keep_alive
 
 
-def _prepare(job: TrainJob, rank: int, world: int) -> tuple[Prepared, int]:
+def _prepare(job: TrainJob, rank: int, world: int, device: torch.device) -> tuple[Prepared, int]:
     """The rank's engine and examples, and the step to start from (resumed from the newest checkpoint,
     through a universal checkpoint when it was written by another number of ranks)."""
     cfg = job.train
     ds_config = deepspeed_config(cfg, world)
-    wrapper, tokenizer, keep_alive = _explainer(job, ds_config, rank, rank_device())
+    wrapper, tokenizer, keep_alive = _explainer(job, ds_config, rank, device)
     examples = [encode_example(tokenizer, r, cfg.prompt_format, cfg.max_seq_len) for r in job.records()]
     per_epoch = len(micro_batch_order([len(e.ids) for e in examples], rank, world, cfg.micro_batch_size, job.seed, 0,
                                       cfg.length_window))
@@ -234,7 +243,8 @@ def _log(job: TrainJob, run: Prepared, step: int, loss: float, seconds: float, r
         report(entry)
 
 
-def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: PreemptionWatch) -> dict:
+def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: PreemptionWatch,
+           device: torch.device) -> dict:
     import torch.distributed as dist
 
     cfg = job.train
@@ -242,9 +252,9 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
     if conflict:
         raise ConfigError(f"{job.explainer}: {conflict}")
     skip_inference_allreduce_op()
-    rank, world = init_process_group_if_needed()
+    rank, world = init_process_group_if_needed(device)
     torch.manual_seed(job.seed)
-    run, step = _prepare(job, rank, world)
+    run, step = _prepare(job, rank, world, device)
     if rank == 0:
         _truncate_log(job.train_log, step)  # entries past the resumed step were lost
     orders: dict[int, list] = {}  # one permutation per epoch, not one per micro-batch
