@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels clean
+.PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -69,8 +69,14 @@ bench: install
 gpu-check: install
 	$(PY) -m benchmarks.gpu_check --out benchmarks/results/gpu/check.json
 
-gpu-wheels:
-	benchmarks/gpu_wheels.sh .whl
+# The wheels a lent GPU machine lacks (benchmarks/gpu_image_packages.txt: what its image has), into .whl/.
+gpu-wheels: install
+	PY=$(PY) benchmarks/gpu_wheels.sh .whl
+
+# The wheel set is complete: built for a fresh venv of torch and transformers alone, every module the
+# check's stages use imports from it (needs the package registry; not part of `make test`).
+gpu-wheels-check: install
+	benchmarks/gpu_wheels_check.sh
 
 clean:
 	rm -rf runs .cache

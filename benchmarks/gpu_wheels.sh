@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Wheels the GPU check needs beyond torch and transformers, for a GPU machine that cannot reach a package
-# registry (Python 3.12, x86-64): deepspeed and webdataset for the training stages, sae-lens for the SAE
-# stage, countryinfo for the speed benchmarks' questions (python -m benchmarks.run --device cuda), and what
-# they import that such an image usually lacks. About 40 MB. Usage there:
+# The wheels the GPU check needs beyond what a machine's Python already has, for a machine that cannot
+# reach a package registry: `python -m benchmarks.gpu_needs wheels` lists them (every distribution the
+# check's imports reach, at this venv's versions, short of what HAVE names), and this builds the pure ones
+# and fetches the compiled ones for the target's Python.
+#   benchmarks/gpu_wheels.sh [OUT] [HAVE]      OUT: default .whl; HAVE: default benchmarks/gpu_image_packages.txt
+#   env: PY   the project's venv Python (default .venv/bin/python); PYVER  the target's Python (default 3.12)
+# On the GPU machine:
 #   SITE=$(mktemp -d); python3 -m pip install --no-index --no-deps --target "$SITE" .whl/*.whl
 #   PYTHONPATH="$SITE" python3 -m benchmarks.gpu_check --out benchmarks/results/gpu/check.json
 set -euo pipefail
 OUT="${1:-.whl}"
-PY="${PYTHON:-python3}"
+HAVE="${2:-benchmarks/gpu_image_packages.txt}"
+PY="${PY:-.venv/bin/python}"
+PYVER="${PYVER:-3.12}"
 mkdir -p "$OUT"
-TARGET=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-# pure-Python packages (deepspeed and a few others ship only source): built or fetched as py3 wheels
-PURE=(deepspeed==0.19.8 hjson pydantic==2.14.4 annotated-types typing-inspection
-      webdataset==1.0.2 braceexpand countryinfo==1.0.1
-      sae-lens==6.54.12 transformer-lens==3.9.0 babe datasets nltk plotly plotly-express python-dotenv simple-parsing
-      docstring-parser tenacity beartype better-abc fancy-einsum transformers-stream-generator typeguard dill)
-DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps -w "$OUT" "${PURE[@]}"
-# compiled ones, for the GPU machine's Python; pydantic-core at the version pydantic pins
-CORE=$(unzip -p "$OUT"/pydantic-2.14.4-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
-"$PY" -m pip download --quiet --no-deps --only-binary=:all: "${TARGET[@]}" -d "$OUT" \
-    "pydantic-core==$CORE" wandb==0.31.0 multiprocess
-du -sh "$OUT"
+lines=$("$PY" -m benchmarks.gpu_needs wheels --have "$HAVE" --python-version "$PYVER")
+pure=$(awk '$1 == "pure" {print $2}' <<<"$lines")
+binary=$(awk '$1 == "binary" {print $2}' <<<"$lines")
+# pip matches each manylinux tag exactly: the glibc versions wheels of these packages are built for
+TARGET=(--python-version "$PYVER" --implementation cp --only-binary=:all:)
+for tag in manylinux_2_17 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux2014 manylinux1; do
+    TARGET+=(--platform "${tag}_x86_64")
+done
+# pure ones (deepspeed ships only source) as py3 wheels, built here where needed
+[ -z "$pure" ] || DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps -w "$OUT" $pure
+[ -z "$binary" ] || "$PY" -m pip download --quiet --no-deps "${TARGET[@]}" -d "$OUT" $binary
+echo "$(wc -l <<<"$lines") distributions, $(du -sh "$OUT" | cut -f1) in $OUT"

@@ -286,14 +286,27 @@ def byte_tokenizer():
 
 
 def random_weights(config, dtype: torch.dtype, seed: int):
-    """A model of `config` with seeded random weights, built as from_pretrained builds one: where a
-    HfDeepSpeedConfig of ZeRO-3 is live (training), it is created partitioned (zero.Init), as real
-    models are, so tests meet what partitioning does to them."""
+    """A model of `config` with seeded random weights (the same in every process and placement), built
+    as from_pretrained builds one: where a HfDeepSpeedConfig of ZeRO-3 is live (training), it is created
+    partitioned (zero.Init) and the weights are loaded into the partitions, as real models' are, so
+    tests meet what partitioning does to them."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        plain = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).to(dtype)  # a plain constructor: never partitioned
+    if not is_deepspeed_zero3_enabled():
+        return plain
+    import deepspeed
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            p.copy_(weights[name].to(p.dtype))
+    return model
 
 
 def build_tiny_llama(hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, kv_heads: int = 0,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_records
 
+from benchmarks.gpu_stages import QWEN3_TEMPLATE
 from distributed.config import load_config
 from groundtruth.ablation import AblationConfig, build_items, run_ablation
 from groundtruth.dataset import DegenerateSetError, finalize, label_stats
@@ -17,15 +18,6 @@ from groundtruth.patching import block_vector
 from groundtruth.records import write_split
 from groundtruth.tasks import TASKS
 
-# Qwen3's template, cut to what matters here: the assistant turn opens, and an empty thinking block is
-# closed only when enable_thinking is false (otherwise the model opens <think> and reasons first).
-QWEN3_LIKE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-
-
 @pytest.mark.parametrize("recipe", ["input_ablation", "activation_patching"])
 def test_paper_recipes_render_qwen3_prompts_without_thinking(recipe):
     cfg = load_config(f"configs/paper/{recipe}.yaml")
@@ -33,11 +25,11 @@ def test_paper_recipes_render_qwen3_prompts_without_thinking(recipe):
     assert qwen.chat_template_kwargs == {"enable_thinking": False}
     # the recipe's settings reach the template through the tokenizer load_model returns
     _, tok = load_model(replace(qwen, source="tiny-llama", dtype="float32"))
-    tok.chat_template = QWEN3_LIKE
+    tok.chat_template = QWEN3_TEMPLATE
     rendered, _ = prompt_string(tok, "The capital of France is", "chat")
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     _, plain_tok = load_model(ModelSpec("tiny-llama"))
-    plain_tok.chat_template = QWEN3_LIKE
+    plain_tok.chat_template = QWEN3_TEMPLATE
     assert "<think>" not in prompt_string(plain_tok, "The capital of France is", "chat")[0], \
         "without the setting the template leaves the thinking block to the model"
 
@@ -126,14 +118,49 @@ def test_random_init_models_have_the_real_shapes():
 def test_gpu_check_runs_every_stage_on_the_cpu_at_tiny_sizes(tmp_path, capsys):
     from benchmarks.gpu_check import STAGES, main
 
-    assert main(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path / "check.json")]) == 0
+    assert main(["--device", "cpu", "--out", str(tmp_path / "check.json")]) == 0, "the CPU default is the tiny size"
     result = json.loads((tmp_path / "check.json").read_text())
     print(capsys.readouterr().out)
-    assert [s["stage"] for s in result["stages"]] == list(STAGES) and result["passed"]
+    assert [s["stage"] for s in result["stages"]] == list(STAGES) and result["passed"] and result["size"] == "tiny"
     by_stage = {s["stage"]: s for s in result["stages"]}
-    assert all(s["device"] == "cpu" and s["tokens_per_s"] > 0 and s["mfu"] > 0 for s in result["stages"])
-    patching = by_stage["patching"]
-    assert patching["labels_agree"].split("/")[0] == patching["labels_agree"].split("/")[1]
-    for stage in ("train_zero2", "train_zero3"):
+    assert by_stage.pop("two_gpus")["status"] == "SKIP", "one device: skipped, with the reason printed"
+    assert all(s["status"] == "ok" and s["device"] == "cpu" and s["tokens_per_s"] > 0 for s in by_stage.values())
+    assert all(s["mfu"] > 0 for name, s in by_stage.items() if name != "chat_template")
+    for stage in ("patching", "patching_bf16"):
+        agree, decisions = map(int, by_stage[stage]["labels_agree"].split("/"))
+        assert agree + by_stage[stage]["differ_at_near_ties"] == decisions > 100
+    for stage in ("train_zero2", "train_zero3", "lora_zero2", "lora_zero3", "cross"):
         first, last = by_stage[stage]["loss"]
         assert last < first and by_stage[stage]["export_loads"]
+    rows, exported = by_stage["train_zero3"]["embedding_rows"]
+    assert rows == exported == 320, "the target's spare embedding rows survive ZeRO-3"
+    for stage in ("lora_zero2", "lora_zero3"):
+        assert by_stage[stage]["steps_redone"] and by_stage[stage]["max_relative_loss_difference"] < 1e-4
+    assert by_stage["cross"]["explained"] == by_stage["generation"]["records"] > 0
+
+
+def test_two_devices_stage_logic_on_one_device():
+    """The two-GPU stage's own logic (a row cut from the decode batch, answers and clean runs compared with
+    the unspread model), run where both devices are the CPU; on two GPUs the same code spreads the model."""
+    from pathlib import Path
+
+    from benchmarks.gpu_common import SIZES, Check
+    from benchmarks.gpu_stages import spread_agrees
+
+    out = spread_agrees(Check("cpu", SIZES["tiny"], Path("."), None), ["cpu", "cpu"])
+    assert out.ok and out.details["rows_cut_while_decoding"] and out.details["answers_agree"] == out.details["rows"]
+
+
+def test_a_stage_past_its_limit_is_reported_and_the_check_goes_on(tmp_path, monkeypatch):
+    import time
+
+    import benchmarks.gpu_check as gpu_check
+
+    stages = {"hang": lambda c: time.sleep(60), "chat_template": gpu_check.STAGES["chat_template"]}
+    monkeypatch.setattr(gpu_check, "STAGES", stages)
+    started = time.monotonic()
+    assert gpu_check.main(["--device", "cpu", "--stage-timeout", "2", "--out", str(tmp_path / "c.json")]) == 1
+    assert time.monotonic() - started < 30
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "c.json").read_text())["stages"]}
+    assert rows["hang"]["status"] == "FAIL" and rows["hang"]["why"] == "over its 2 s limit"
+    assert rows["chat_template"]["status"] == "ok"

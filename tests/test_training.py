@@ -252,3 +252,26 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tmp_path, 
         losses[key] = [json.loads(line)["loss"] for line in job.train_log.read_text().splitlines()]
     assert calls[True] == 2 * calls[False] == 2 * 4, "each layer runs again in the backward"
     assert losses[True] == pytest.approx(losses[False], rel=1e-5), "recomputing changes no number"
+
+
+def test_a_tiny_model_loads_partitioned_under_zero3_with_the_weights_it_has_anywhere():
+    """Under ZeRO-3 a tiny model is built partitioned (zero.Init), as from_pretrained builds a real one, and
+    its seeded weights are loaded into the partitions: training meets partitioned shapes, and an export's
+    base model (loaded plainly) is the model that trained."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from groundtruth.models import KEEP
+
+    init_process_group_if_needed()
+    spec = ModelSpec("tiny-llama:hidden=32,layers=2,vocab=300")
+    plain, _ = load_model(spec, "cpu")
+    config = deepspeed_config(TrainConfig(zero_stage=3), 1)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 (transformers reads it while it lives)
+    partitioned, _ = load_model(spec, KEEP)
+    embedding = partitioned.get_input_embeddings()
+    assert embedding.weight.shape[0] == 0 and embedding.num_embeddings == 300, "partitioned at load"
+    for name, p in partitioned.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            assert torch.equal(p, plain.get_parameter(name)), name
