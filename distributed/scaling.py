@@ -146,10 +146,34 @@ def memory_lines(cfg, task: str, plan_of_task: Callable, t: Shape, dtype_bytes: 
     return lines + [f"    disk: {memory.disk}"]
 
 
+def _train_line(cfg, task: str, work, e: Shape, explainer: str, target: str, records: int, jobs: int) -> tuple[float, str]:
+    """GPU-hours and the dry-run line of one explainer's training on one target (with its trained controls)."""
+    plan, tc = cfg.scale, cfg.train
+    bf16 = tc.precision == "bf16"
+    trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
+    per_token = 4 * e.params + 2 * trainable if tc.lora else 6 * e.params
+    per_token += 2 * e.params if tc.gradient_checkpointing else 0  # the recomputing forward
+    epochs = tc.epochs if tc.max_steps is None else 1
+    flops = per_token * work.explainer_tokens * records * epochs * jobs
+    hours = gpu_hours(flops, plan, training=True)
+    memory = ", ".join(f"ZeRO-{z} {memory_per_rank_gb(e.params, trainable, tc.num_workers, z, bf16):.1f}" for z in range(4))
+    seq = min(tc.max_seq_len, work.explainer_tokens)
+    act, other = (activation_gb(e, seq, tc.micro_batch_size, bf16, on)
+                  for on in (tc.gradient_checkpointing, not tc.gradient_checkpointing))
+    fits = memory_per_rank_gb(e.params, trainable, tc.num_workers, tc.zero_stage, bf16) + act <= plan.gpu_memory_gb
+    return hours, (f"  train {task}: {explainer} on {target}{f' (+{jobs - 1} controls)' if jobs > 1 else ''}: "
+                   f"~{records:,} records, "
+                   f"{'LoRA ' + format(trainable / 1e6, '.0f') + 'M' if tc.lora else 'full'} trainable; "
+                   f"{flops:.2e} FLOPs, {hours:,.1f} GPU-h on {tc.num_workers} GPUs; GB per rank "
+                   f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch "
+                   f"(gradient checkpointing {'on; off' if tc.gradient_checkpointing else 'off; on'}: {other:.1f} GB); "
+                   f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
+
+
 def scale_plan(cfg) -> list[str]:
     """Dry-run lines: per target / explainer and stage, GPUs, FLOPs, GPU-hours and memory per rank."""
     plan = cfg.scale
-    gp, tc, ec = cfg.groundtruth, cfg.train, cfg.eval
+    gp, ec = cfg.groundtruth, cfg.eval
     shapes = {name: shape_of(spec) for name, spec in cfg.models.items()}
     unknown = [cfg.models[n].source for n, s in shapes.items() if s is None]
     lines = [f"scale (assumes {plan.gpu_peak_tflops:g} TFLOP/s bf16 GPUs of {plan.gpu_memory_gb:g} GB, utilisation "
@@ -157,7 +181,6 @@ def scale_plan(cfg) -> list[str]:
     if unknown:
         return lines + [f"  shapes unknown for {', '.join(unknown)}: give a local folder with config.json, "
                         "or add them to distributed/scaling.py KNOWN_SHAPES"]
-    bf16 = tc.precision == "bf16"
     total = 0.0
     for name, s in shapes.items():
         lines.append(f"  {name}: {s.params / 1e9:.2f}B parameters ({s.layers} layers, d={s.hidden})")
@@ -178,28 +201,11 @@ def scale_plan(cfg) -> list[str]:
                 lines += memory_lines(cfg, task, work.memory, t, 2 if cfg.models[target].dtype != "float32" else 4)
             for explainer in cfg.explainers:
                 e = shapes[explainer]
-                trainable = e.lora_params(tc.lora.r, tuple(tc.lora.target_modules)) if tc.lora else e.params
-                per_token = 4 * e.params + 2 * trainable if tc.lora else 6 * e.params
-                per_token += 2 * e.params if tc.gradient_checkpointing else 0  # the recomputing forward
-                epochs = tc.epochs if tc.max_steps is None else 1
                 controlled = explainer == target or ec.trained_controls_for == "all"
                 jobs = 1 + (len(applicable_controls(spec, ec)) if controlled else 0)  # with its trained controls
-                flops = per_token * work.explainer_tokens * records * epochs * jobs
-                hours = gpu_hours(flops, plan, training=True)
+                hours, line = _train_line(cfg, task, work, e, explainer, target, records, jobs)
                 total += hours
-                memory = ", ".join(f"ZeRO-{z} {memory_per_rank_gb(e.params, trainable, tc.num_workers, z, bf16):.1f}"
-                                   for z in range(4))
-                seq = min(tc.max_seq_len, work.explainer_tokens)
-                act, other = (activation_gb(e, seq, tc.micro_batch_size, bf16, on)
-                              for on in (tc.gradient_checkpointing, not tc.gradient_checkpointing))
-                fits = memory_per_rank_gb(e.params, trainable, tc.num_workers, tc.zero_stage, bf16) + act <= plan.gpu_memory_gb
-                lines.append(f"  train {task}: {explainer} on {target}{f' (+{jobs - 1} controls)' if jobs > 1 else ''}: "
-                             f"~{records:,} records, "
-                             f"{'LoRA ' + format(trainable / 1e6, '.0f') + 'M' if tc.lora else 'full'} trainable; "
-                             f"{flops:.2e} FLOPs, {hours:,.1f} GPU-h on {tc.num_workers} GPUs; GB per rank "
-                             f"(weights+grads+Adam) {memory}; activations {act:.1f} GB/micro-batch "
-                             f"(gradient checkpointing {'on; off' if tc.gradient_checkpointing else 'off; on'}: {other:.1f} GB); "
-                             f"ZeRO-{tc.zero_stage} {'fits' if fits else 'does NOT fit'} in {plan.gpu_memory_gb:g} GB")
+                lines.append(line)
                 rows = sum(len(ec.selfie_scales) if r.kind.scaled else 1  # generations per test record
                            for r in plan_rows(spec, "test", ec, explainer, None, controls=control_placeholders(spec, ec) if controlled else []))
                 eval_flops = 2 * e.params * (work.explainer_tokens + (ec.max_new_tokens or 50)) * test * rows
