@@ -38,8 +38,9 @@ from .vectors import job_projection, match_injection_norm
 def rank_device(given: Optional[torch.device] = None) -> torch.device:
     """This rank's device: the one its launcher gives (Ray Train's `ray.train.torch.get_device()`, which
     knows how it mapped GPUs to workers), else cuda:LOCAL_RANK where GPUs are visible (torchrun sets
-    LOCAL_RANK), else the CPU."""
-    if given is not None:
+    LOCAL_RANK), else the CPU. A GPU named where none is visible (a simulated cluster's logical GPUs) is
+    not this rank's: it computes on the CPU."""
+    if given is not None and (torch.device(given).type != "cuda" or torch.cuda.is_available()):
         return torch.device(given)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -49,7 +50,9 @@ def rank_device(given: Optional[torch.device] = None) -> torch.device:
 def init_process_group_if_needed(device: Optional[torch.device] = None) -> tuple[int, int]:
     """(rank, world) of the current process group, creating a gloo/nccl group from env if none. The
     rank's GPU (rank_device(device)) becomes the current device first: NCCL collectives and
-    broadcast_object_list use it."""
+    broadcast_object_list use it. DeepSpeed's own comm is set up over the group either way: where a
+    launcher made the group (Ray Train), zero.Init would otherwise read a world size of 1 when a ZeRO-3
+    model loads, and refuse the batch settings."""
     import deepspeed
     import torch.distributed as dist
 
@@ -64,8 +67,8 @@ def init_process_group_if_needed(device: Optional[torch.device] = None) -> tuple
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False)
+    backend = dist.get_backend() if dist.is_initialized() else ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # over an existing group: no new one
     return dist.get_rank(), dist.get_world_size()
 
 
