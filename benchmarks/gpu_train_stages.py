@@ -24,7 +24,8 @@ def _job(c: Check, name: str, explainer: str, **train):
     settings = {"micro_batch_size": 8, "max_steps": c.size.train_steps, "lr": c.size.lr, "precision": "bf16",
                 "use_ray": False, "checkpoint_every": 10**6, "log_every": max(1, c.size.train_steps // 6),
                 "max_seq_len": 256, "prompt_format": "plain", **train}
-    return TrainJob("activation_patching", "t", name, ModelSpec(explainer, c.dtype), str(data), str(c.work / name),
+    role = "t" if explainer == c.size.target else "x"  # the same name as the target's: a self-explainer (no Pi)
+    return TrainJob("activation_patching", "t", role, ModelSpec(explainer, c.dtype), str(data), str(c.work / name),
                     TrainConfig(**settings), target_spec=ModelSpec(c.size.target, c.dtype))
 
 
@@ -55,7 +56,8 @@ def _trained(c: Check, job, seconds: float, lora: bool = False, **details) -> Ou
     ok = fell and details.pop("ok", True)
     return Outcome(ok, log[-1]["seconds"], tokens, (4.0 if lora else 6.0) * n * tokens, {
         "loss": [round(log[0]["loss"], 3), round(log[-1]["loss"], 3)], "steps": log[-1]["step"],
-        "process_seconds": round(seconds, 1), "export_loads": True, "projection": projection is not None, **details})
+        "process_seconds": round(seconds, 1), "export_loads": True, "projection": projection.kind if projection else None,
+        **details})
 
 
 def _embedding_rows(spec) -> int:
