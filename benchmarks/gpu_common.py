@@ -75,6 +75,11 @@ class Check:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
+    @property
+    def held_out(self) -> list:
+        """The test records explainers are asked about."""
+        return [r for r in self.records if r.split == "test"][:self.size.explain]
+
     def seconds_left(self) -> float:
         return max(1.0, self.deadline - time.monotonic())
 

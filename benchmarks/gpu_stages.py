@@ -18,14 +18,18 @@ QWEN3_TEMPLATE = (
 closed only when enable_thinking is false (otherwise the model opens <think> and reasons first)."""
 
 
-def _patch_compare(c: Check, dtype: str, tie_margin: float) -> Outcome:
-    """The fast patcher against one hooked forward per intervention, both in `dtype`: labels must agree
-    wherever the reference's decision is not a near-tie (top-two logit gap under tie_margin)."""
+def _load_target(c: Check, dtype: str):
     from groundtruth.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(c.size.target, dtype), c.device)
+
+
+def _patch_compare(c: Check, model, tok, tie_margin: float) -> Outcome:
+    """The fast patcher against one hooked forward per intervention on the target as loaded: labels must
+    agree wherever the reference's decision is not a near-tie (top-two logit gap under tie_margin)."""
     from groundtruth.patching import Intervention, decoder_layers, layer_blocks, patch_fast, patch_slow
     from groundtruth.patching_task import PatchingConfig, align, encode_side
 
-    model, tok = load_model(ModelSpec(c.size.target, dtype), c.device)
     cfg = PatchingConfig(num_blocks=4)
     n_layers = len(decoder_layers(model))
     blocks = layer_blocks(n_layers, 4)
@@ -56,18 +60,17 @@ def _patch_compare(c: Check, dtype: str, tie_margin: float) -> Outcome:
         flops += 2 * 2 * len(x.ids) * n_layers * per_layer  # the clean runs of x and x'
         flops += sum(2 * len(x.ids) * (n_layers - blocks[iv.block][0]) * per_layer + 2 * head for iv in plan)
     return Outcome(same + excused == decisions, fast_s, tokens, flops, {
-        "model": c.size.target, "dtype": dtype, "labels_agree": f"{same}/{decisions}",
+        "model": c.size.target, "dtype": str(next(model.parameters()).dtype), "labels_agree": f"{same}/{decisions}",
         "differ_at_near_ties": excused, "near_ties": f"{near_ties} (top-two gap < {tie_margin:g})", "changed": changed,
         "speedup_vs_hooked": round(slow_s / fast_s, 2), "on": str(next(model.parameters()).device)})
 
 
 def stage_patching(c: Check) -> Outcome:
     """fp32, as ground truth decides labels; then the records of the pairs, for the stages after."""
-    from groundtruth.models import ModelSpec, load_model
     from groundtruth.patching_task import PatchingConfig, run_patching
 
-    out = _patch_compare(c, "float32", tie_margin=1e-3)
-    model, tok = load_model(ModelSpec(c.size.target), c.device)
+    model, tok = _load_target(c, "float32")
+    out = _patch_compare(c, model, tok, tie_margin=1e-3)
     c.records = run_patching(model, tok, facts_pairs(c.size.pairs), PatchingConfig(num_blocks=4), "t",
                              lambda s: "test" if s.endswith(("-0", "-1")) else "train")
     out.details["records"] = len(c.records)
@@ -79,7 +82,7 @@ def stage_patching_bf16(c: Check) -> Outcome:
     reference's top two are within the near-tie margin ground truth flags (PatchingConfig.near_tie_margin)."""
     from groundtruth.dataset import SplitConfig
 
-    return _patch_compare(c, "bfloat16", tie_margin=SplitConfig().near_tie_margin)
+    return _patch_compare(c, *_load_target(c, "bfloat16"), tie_margin=SplitConfig().near_tie_margin)
 
 
 def stage_chat_template(c: Check) -> Outcome:
@@ -139,15 +142,15 @@ def load_export(folder, device: str):
     return load_explainer(folder, {"task": "activation_patching", "target": "t"}, device)
 
 
-def explain_held_out(c: Check, folder) -> tuple[Outcome, list[str]]:
-    """An exported explainer explains held-out records with v injected (batched, KV cache): timing, counts
-    and its answers."""
+def explain_held_out(c: Check, explainer: tuple) -> tuple[Outcome, list[str]]:
+    """A loaded explainer (load_export) explains held-out records with v injected (batched, KV cache):
+    timing, counts and its answers."""
     from eval.generate import explain
     from groundtruth.models import model_device
     from training.batches import encode_prompt
 
-    model, tok, projection = load_export(folder, c.device)
-    held = [r for r in c.records if r.split == "test"][:c.size.explain]
+    model, tok, projection = explainer
+    held = c.held_out
     c.sync()
     start = time.perf_counter()
     answers = explain(model, tok, held, "plain", max_new_tokens=50, batch_size=32, projection=projection)
@@ -162,7 +165,7 @@ def explain_held_out(c: Check, folder) -> tuple[Outcome, list[str]]:
 
 
 def stage_generation(c: Check) -> Outcome:
-    return explain_held_out(c, c.export)[0]
+    return explain_held_out(c, load_export(c.export, c.device))[0]
 
 
 def stage_sae(c: Check) -> Outcome:
@@ -171,9 +174,8 @@ def stage_sae(c: Check) -> Outcome:
     from groundtruth.features.activations import ActivationBatch, write_activations
     from groundtruth.features.exemplars import mine_exemplars
     from groundtruth.features.sae import SAEConfig, encoder, sae_metrics, train_sae
-    from groundtruth.models import ModelSpec, load_model
 
-    model, tok = load_model(ModelSpec(c.size.target, c.dtype), c.device)
+    model, tok = _load_target(c, c.dtype)
     layer = model.config.num_hidden_layers // 2
     texts = [f"{SUBJECTS[i % len(SUBJECTS)]} {TEMPLATES[i % 2].format('it')} number {i}, said the report." for i in
              range(c.size.corpus_texts)]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .gpu_common import Check, Outcome
+from .gpu_common import Check, Outcome, params
 from .gpu_stages import explain_held_out, load_export
 
 
@@ -42,25 +42,28 @@ def _log(job) -> list[dict]:
     return [json.loads(line) for line in job.train_log.read_text().splitlines()]
 
 
-def _trained(c: Check, job, seconds: float, lora: bool = False, **details) -> Outcome:
-    """The outcome of a finished job: the loss must fall and the export load back."""
+def _trained(c: Check, job, seconds: float, explainer: tuple, lora: bool = False, passed: bool = True,
+             **details) -> Outcome:
+    """The outcome of a finished job whose export loaded as `explainer` (load_export): the loss must fall,
+    the stage's own check pass, and the embedding keep every row of the base model (ZeRO-3 partitions it
+    to shape [0]; a model with more rows than its tokenizer has must not be cut to the tokenizer)."""
     from training.batches import encode_example
 
     log = _log(job)
-    model, tok, projection = load_export(job.export_dir, c.device)
-    per_step = job.train.micro_batch_size * sum(len(encode_example(tok, r, "plain", 256).ids)
-                                                for r in job.records()) / len(job.records())
+    model, tok, projection = explainer
+    rows = [_embedding_rows(job.explainer_spec), model.get_input_embeddings().num_embeddings]
+    records = job.records()
+    per_step = job.train.micro_batch_size * sum(len(encode_example(tok, r, "plain", 256).ids) for r in records) / len(records)
     tokens = int(per_step * (log[-1]["step"] - (details.get("resumed_at") or 0)))
-    n = sum(p.numel() for p in model.parameters())
-    fell = log[-1]["loss"] < log[0]["loss"]
-    ok = fell and details.pop("ok", True)
-    return Outcome(ok, log[-1]["seconds"], tokens, (4.0 if lora else 6.0) * n * tokens, {
+    ok = log[-1]["loss"] < log[0]["loss"] and passed and rows[1] == max(rows[0], len(tok))
+    return Outcome(ok, log[-1]["seconds"], tokens, (4.0 if lora else 6.0) * params(model) * tokens, {
         "loss": [round(log[0]["loss"], 3), round(log[-1]["loss"], 3)], "steps": log[-1]["step"],
         "process_seconds": round(seconds, 1), "export_loads": True, "projection": projection.kind if projection else None,
-        **details})
+        "embedding_rows": rows, **details})
 
 
 def _embedding_rows(spec) -> int:
+    """A spec's embedding rows, from a model built on the meta device (no memory, no weights)."""
     import torch
 
     from groundtruth.models import KEEP, load_model
@@ -77,8 +80,7 @@ def train_full(c: Check, stage: int) -> Outcome:
     _run(c, job)
     seconds = time.perf_counter() - start
     c.export = job.export_dir
-    rows = [_embedding_rows(job.explainer_spec), load_export(job.export_dir, "cpu")[0].get_input_embeddings().num_embeddings]
-    return _trained(c, job, seconds, embedding_rows=rows, ok=rows[0] == rows[1])
+    return _trained(c, job, seconds, load_export(job.export_dir, c.device))
 
 
 def lora_resumed(c: Check, stage: int) -> Outcome:
@@ -101,8 +103,8 @@ def lora_resumed(c: Check, stage: int) -> Outcome:
     after = {e["step"]: e["loss"] for e in _log(job)}
     again = sorted(set(before) & set(after) - set(range(every + 1)))  # the steps after the checkpoint
     worst = max((abs(after[s] - before[s]) / abs(before[s]) for s in again), default=float("inf"))
-    return _trained(c, job, seconds, lora=True, resumed_at=every, steps_redone=again,
-                    max_relative_loss_difference=round(worst, 5), ok=bool(again) and worst < 1e-2)
+    return _trained(c, job, seconds, load_export(job.export_dir, c.device), lora=True, passed=bool(again) and worst < 1e-2,
+                    resumed_at=every, steps_redone=again, max_relative_loss_difference=round(worst, 5))
 
 
 def train_cross(c: Check) -> Outcome:
@@ -119,11 +121,9 @@ def train_cross(c: Check) -> Outcome:
     start = time.perf_counter()
     _run(c, job)
     seconds = time.perf_counter() - start
-    evaluated, answers = explain_held_out(c, job.export_dir)
-    held = [r for r in c.records if r.split == "test"][:c.size.explain]
-    metrics = score(answers, held)
-    outcome = _trained(c, job, seconds, ok=evaluated.ok, explained=len(answers),
-                       exact_match=[round(metrics[k], 3) for k in ("exact_match", "exact_match_lo", "exact_match_hi")],
-                       parse_rate=round(metrics["parse_rate"], 3),
-                       projection_on=evaluated.details["projection"])
-    return outcome
+    explainer = load_export(job.export_dir, c.device)
+    evaluated, answers = explain_held_out(c, explainer)
+    metrics = score(answers, c.held_out)
+    return _trained(c, job, seconds, explainer, passed=evaluated.ok, explained=len(answers),
+                    exact_match=[round(metrics[k], 3) for k in ("exact_match", "exact_match_lo", "exact_match_hi")],
+                    parse_rate=round(metrics["parse_rate"], 3), projection_on=evaluated.details["projection"])

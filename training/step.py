@@ -57,8 +57,9 @@ def init_process_group_if_needed(device: Optional[torch.device] = None) -> tuple
     import torch.distributed as dist
 
     os.environ.setdefault("LOCAL_RANK", "0")
-    if rank_device(device).type == "cuda":
-        torch.cuda.set_device(rank_device(device))
+    device = rank_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
