@@ -43,6 +43,14 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
     return jobs
 
 
+def ready_for_ranks(jobs: list[TrainJob], fit) -> None:
+    """What the jobs' ranks would otherwise each do: packaged models dequantised once, and one lstsq fit
+    per (explainer, target) pair, shared by its tasks (`fit` runs one)."""
+    for job in jobs:
+        prepare(job.explainer_spec)
+    prefit_projections(jobs, fit)
+
+
 def write_job_files(cfg: RunConfig) -> list[Path]:
     """One JOB.json per training job under <run>/jobs/, for `python -m training.step JOB.json` under
     torchrun (cluster/slurm_torchrun.sbatch: training without Ray). The jobs' lstsq Pi are fitted here
@@ -52,9 +60,7 @@ def write_job_files(cfg: RunConfig) -> list[Path]:
     missing = sorted({job.data_dir for job in jobs if not (Path(job.data_dir) / MANIFEST).exists()})
     if missing:
         raise DataSourceError(f"no ground truth at {', '.join(missing)}; run `selfexplain groundtruth` first")
-    for job in jobs:
-        prepare(job.explainer_spec)
-    prefit_projections(jobs)
+    ready_for_ranks(jobs, fit_for_job)
     folder = cfg.layout.jobs
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -154,9 +160,7 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
         if differs:
             print(f"[train] {describe_job(job)}: the export differs in {', '.join(differs)}; training again", flush=True)
         todo.append(job)
-    for job in todo:
-        prepare(job.explainer_spec)
-    prefit_projections(todo, projection_fitter(cfg))  # one lstsq fit per (explainer, target) pair, shared by its tasks
+    ready_for_ranks(todo, projection_fitter(cfg))
     if todo:
         tc = cfg.train
         print(f"[train] {len(todo)} explainers to train "
