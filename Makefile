@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check clean
+.PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -77,6 +77,11 @@ gpu-wheels: install
 # check's stages use imports from it (needs the package registry; not part of `make test`).
 gpu-wheels-check: install
 	benchmarks/gpu_wheels_check.sh
+
+# selfexplain installed (no dependencies) beside Dask's `distributed` in a fresh venv: each import name
+# resolves into its own distribution (needs the package registry; not part of `make test`).
+install-check:
+	PYTHON=$(PYTHON) tests/install_beside_dask.sh
 
 clean:
 	rm -rf runs .cache

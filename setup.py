@@ -1,12 +1,18 @@
 """selfexplain: train language models to explain their own computations, at cluster scale."""
 from setuptools import find_packages, setup
 
+# The repository keeps its layers as top-level folders; installed, they live under `selfexplain` only, so
+# nothing clashes with another distribution's top-level names (Dask's `distributed`, for one).
+LAYERS = ("groundtruth", "training", "eval", "distributed")
+PACKAGES = ["selfexplain"] + [f"selfexplain.{name}" for name in find_packages(include=[f"{layer}*" for layer in LAYERS])]
+
 setup(
     name="selfexplain",
-    version="0.1.0",
+    version="0.2.0",
     description="Ground truth, explainer training and self-vs-cross evaluation of model self-explanation.",
     python_requires=">=3.10",
-    packages=find_packages(include=["groundtruth*", "training*", "eval*", "distributed*", "benchmarks*"]),
+    packages=PACKAGES,
+    package_dir={"selfexplain": "selfexplain", **{f"selfexplain.{layer}": layer for layer in LAYERS}},
     install_requires=[
         # torch is installed first, pinned, by the Makefile; this range only has to admit it.
         "torch>=2.4,<2.14",
@@ -17,6 +23,8 @@ setup(
         "webdataset>=0.2.100,<2",
         "wandb>=0.18,<1",
         "pyyaml>=6",
+        # LoRA adapters, trained and exported in the format everyone loads (PeftModel.from_pretrained)
+        "peft>=0.17,<1",
         "gguf>=0.10",
         "numpy>=1.26",
         "matplotlib>=3.8",
@@ -30,5 +38,5 @@ setup(
         "wandb-workspaces>=0.4,<1",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["selfexplain=distributed.cli:main"]},
+    entry_points={"console_scripts": ["selfexplain=selfexplain.distributed.cli:main"]},
 )

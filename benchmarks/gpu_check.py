@@ -12,7 +12,7 @@ Stages, in order (each feeds the next, as the pipeline does):
   chat_template  a Qwen3-style template renders the recipe's prompts without opening a thinking block
   lstsq          Pi fitted between the target and a model of another family and width, on the device
   train_zero2 / train_zero3
-                 a full fine-tune through `python -m training.step JOB.json` (one rank, bf16): the loss
+                 a full fine-tune through `python -m selfexplain.training.step JOB.json` (one rank, bf16): the loss
                  must fall, the export load back, and the target's spare embedding rows survive ZeRO-3
   lora_zero2 / lora_zero3
                  LoRA with a checkpoint, the job killed hard after it and rerun: it resumes and logs the
@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from training.allocator import tune_this_process
+from selfexplain.training.allocator import tune_this_process
 
 from .gpu_common import SIZES, Check, Outcome, Skipped
 from .gpu_stages import (stage_chat_template, stage_generation, stage_lstsq, stage_patching, stage_patching_bf16,

@@ -102,7 +102,7 @@ def body_params(spec) -> int:
     hidden states computes it at one position per prompt at most."""
     import torch
 
-    from groundtruth.models import KEEP, load_model
+    from selfexplain.groundtruth.models import KEEP, load_model
 
     with torch.device("meta"):
         model = load_model(spec, KEEP)[0]
@@ -113,8 +113,8 @@ def body_params(spec) -> int:
 
 def facts_pairs(n: int):
     """Counterfactual pairs from made-up facts (no countryinfo on a bare GPU machine)."""
-    from groundtruth.patching_task import PatchItem
-    from groundtruth.sources.facts import Fact, FactPair
+    from selfexplain.groundtruth.patching_task import PatchItem
+    from selfexplain.groundtruth.sources.facts import Fact, FactPair
 
     pairs = []
     for i in range(n):

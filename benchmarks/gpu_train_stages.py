@@ -1,4 +1,4 @@
-"""The GPU check's training stages: DeepSpeed jobs through `python -m training.step JOB.json` (one rank,
+"""The GPU check's training stages: DeepSpeed jobs through `python -m selfexplain.training.step JOB.json` (one rank,
 bf16), as torchrun and SLURM run them: full fine-tunes under ZeRO-2 and ZeRO-3 (the target's spare
 embedding rows must survive), LoRA under ZeRO-2 and ZeRO-3 killed after a checkpoint and resumed to the
 same losses, and a cross-explainer reading v through the lstsq Pi, trained and evaluated."""
@@ -14,9 +14,9 @@ from .gpu_stages import explain_held_out, load_export
 
 
 def _job(c: Check, name: str, explainer: str, **train):
-    from groundtruth.models import ModelSpec
-    from groundtruth.records import write_split
-    from training.job import TrainConfig, TrainJob
+    from selfexplain.groundtruth.models import ModelSpec
+    from selfexplain.groundtruth.records import write_split
+    from selfexplain.training.job import TrainConfig, TrainJob
 
     data = c.work / "records" / "train"
     if not data.exists():
@@ -32,9 +32,9 @@ def _job(c: Check, name: str, explainer: str, **train):
 def _run(c: Check, job, env: Optional[dict] = None, expect_ok: bool = True):
     path = Path(job.out_dir).with_suffix(".json")
     path.write_text(job.to_json())
-    done = c.run_module("training.step", str(path), env=env)
+    done = c.run_module("selfexplain.training.step", str(path), env=env)
     if expect_ok and done.returncode != 0:
-        raise RuntimeError(f"python -m training.step exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"python -m selfexplain.training.step exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
 
 
@@ -47,7 +47,7 @@ def _trained(c: Check, job, seconds: float, explainer: tuple, lora: bool = False
     """The outcome of a finished job whose export loaded as `explainer` (load_export): the loss must fall,
     the stage's own check pass, and the embedding keep every row of the base model (ZeRO-3 partitions it
     to shape [0]; a model with more rows than its tokenizer has must not be cut to the tokenizer)."""
-    from training.batches import encode_example
+    from selfexplain.training.batches import encode_example
 
     log = _log(job)
     model, tok, projection = explainer
@@ -66,7 +66,7 @@ def _embedding_rows(spec) -> int:
     """A spec's embedding rows, from a model built on the meta device (no memory, no weights)."""
     import torch
 
-    from groundtruth.models import KEEP, load_model
+    from selfexplain.groundtruth.models import KEEP, load_model
 
     with torch.device("meta"):
         return load_model(spec, KEEP)[0].get_input_embeddings().num_embeddings
@@ -86,8 +86,8 @@ def train_full(c: Check, stage: int) -> Outcome:
 def lora_resumed(c: Check, stage: int) -> Outcome:
     """LoRA killed right after step `crash` (a hard exit, as a lost node), with a checkpoint at `every`;
     the rerun resumes there and must log the same losses for the steps both runs took."""
-    from training.lora import LoraConfig
-    from training.preemption import TRAIN_FAULT_ENV
+    from selfexplain.training.lora import LoraConfig
+    from selfexplain.training.preemption import TRAIN_FAULT_ENV
 
     steps = c.size.train_steps
     every, crash = max(1, steps // 3), max(1, steps // 3) + 2
@@ -110,10 +110,10 @@ def lora_resumed(c: Check, stage: int) -> Outcome:
 def train_cross(c: Check) -> Outcome:
     """The explainer of another family and width (ZeRO-2) reads the target's v through the lstsq stage's
     Pi; trained, then evaluated on held-out records (causal metrics)."""
-    from eval.metrics import score
-    from training.explainer import ProjectionConfig
-    from training.projection_fit import save_projection
-    from training.vectors import vector_keys
+    from selfexplain.eval.metrics import score
+    from selfexplain.training.explainer import ProjectionConfig
+    from selfexplain.training.projection_fit import save_projection
+    from selfexplain.training.vectors import vector_keys
 
     job = _job(c, "cross", c.size.cross, zero_stage=2, train_embeddings=False,
                projection=ProjectionConfig(cross_kind="lstsq"))

@@ -35,8 +35,8 @@ def _beside_idle_ray_train(root: Path, cpus: int, run: Callable[[], None]) -> No
     from ray.train import RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from distributed.config import RayConfig
-    from distributed.ray_session import ray_session
+    from selfexplain.distributed.config import RayConfig
+    from selfexplain.distributed.ray_session import ray_session
 
     stop = root / "stop_idle_job"
     stop.unlink(missing_ok=True)  # an earlier round's
@@ -83,12 +83,12 @@ def bench_ray_train_worker(s: Setting) -> dict:
     CPU only: on a GPU gpu_check times the jobs themselves."""
     if s.device != "cpu":
         return s.skip("ray_train_worker", "measured on CPU workers only")
-    from distributed.config import RayConfig
-    from distributed.ray_session import ray_session
-    from distributed.train_job import fit_with_ray
-    from groundtruth.records import write_split
-    from training.job import TrainConfig, TrainJob
-    from training.step import run_training
+    from selfexplain.distributed.config import RayConfig
+    from selfexplain.distributed.ray_session import ray_session
+    from selfexplain.distributed.train_job import fit_with_ray
+    from selfexplain.groundtruth.records import write_split
+    from selfexplain.training.job import TrainConfig, TrainJob
+    from selfexplain.training.step import run_training
 
     threads, stage = torch.get_num_threads(), recipe_zero_stage(s)
     spare = max(1, threads - 1)

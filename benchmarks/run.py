@@ -26,16 +26,16 @@ import torch
 from benchmarks.ray_train_worker import bench_ray_train_worker
 from benchmarks.setting import (RECIPE, Setting, explain_records, generation_flops, recipe_zero_stage,
                                 train_batch, train_records, training_flops)
-from groundtruth.ablation import AblationConfig, build_items, run_ablation
-from groundtruth.generation import PROMPT_ROWS
-from groundtruth.models import PACKAGED, ModelSpecError
-from groundtruth.records import Record
-from training.allocator import tune_this_process
+from selfexplain.groundtruth.ablation import AblationConfig, build_items, run_ablation
+from selfexplain.groundtruth.generation import PROMPT_ROWS
+from selfexplain.groundtruth.models import PACKAGED, ModelSpecError
+from selfexplain.groundtruth.records import Record
+from selfexplain.training.allocator import tune_this_process
 
 
 def bench_groundtruth(s: Setting) -> dict:
     """Input-ablation ground truth on SmolLM2: batches of 16 inputs vs one input at a time."""
-    from groundtruth.generation import render_prompt
+    from selfexplain.groundtruth.generation import render_prompt
 
     model, tok = s.load("smollm2-135m-instruct")
     cfg = AblationConfig(max_sources=4)
@@ -69,8 +69,8 @@ def bench_eval_generation(s: Setting, batch: int = 64) -> dict:
     which would time prompt encoding only; in chat format it writes a full answer, as a trained
     explainer does. The rows here differ in their records (no vectors: the base model has no [vec]).
     Random weights (no chat template in their byte tokenizer) run plain prompts: they never write EOS."""
-    from eval.generate import Ask, explain_all
-    from training.batches import encode_prompt
+    from selfexplain.eval.generate import Ask, explain_all
+    from selfexplain.training.batches import encode_prompt
 
     model, tok = s.load("smollm2-135m-instruct")
     fmt = "plain" if s.random_weights else "chat"
@@ -92,7 +92,7 @@ def bench_eval_generation(s: Setting, batch: int = 64) -> dict:
 
 def _padding(tok, micro: int = 8, examples: int = 128) -> dict:
     """Padding share of one epoch's micro-batches of real records, length windows on and off."""
-    from training.batches import encode_example, micro_batch_order, padding_share
+    from selfexplain.training.batches import encode_example, micro_batch_order, padding_share
 
     lengths = [len(encode_example(tok, r, "plain", 256).ids) for r in train_records(examples)]
     share = {w: padding_share(micro_batch_order(lengths, 0, 1, micro, 0, 0, window=w), lengths) for w in (1, 16)}
@@ -104,9 +104,9 @@ def bench_train_step(s: Setting) -> dict:
     recipe trains with (the CPU recipes: 0, one rank per job) vs a plain AdamW loop; ZeRO-2 on the same
     rank is reported beside it. All hold fp32 weights; on a GPU they compute in bf16 (DeepSpeed's bf16
     mode, autocast in the plain loop). The three take their steps in turn, 5 each (medians)."""
-    from training.loss import ExplainerLM
-    from training.job import TrainConfig, deepspeed_config
-    from training.step import init_process_group_if_needed, initialize_engine
+    from selfexplain.training.loss import ExplainerLM
+    from selfexplain.training.job import TrainConfig, deepspeed_config
+    from selfexplain.training.step import init_process_group_if_needed, initialize_engine
 
     init_process_group_if_needed()
     cuda = s.device == "cuda"
@@ -167,7 +167,7 @@ def bench_lm_head(s: Setting) -> dict:
     and that step plus the restricted head's own FLOPs at the measured peak bounds what this one can
     (the 92 labelled rows times the 262k vocabulary alone need 62 GFLOP). The three take their steps in
     turn."""
-    from training.loss import ExplainerLM
+    from selfexplain.training.loss import ExplainerLM
 
     model, tok = s.load("gemma-3-270m")
     model.train()
@@ -217,8 +217,8 @@ def bench_patching(s: Setting) -> dict:
     together, vs one hooked full forward per intervention. FLOP utilisation counts
     only what the fast path must compute (linear layers and LM head; attention scores are left out).
     fp32 on every device: labels are greedy decisions, compared as ground truth makes them."""
-    from groundtruth.generation import shared_prefix
-    from groundtruth.patching import (Intervention, PairPatches, decided_tokens, layer_blocks, pair_clean_runs, patch_pairs,
+    from selfexplain.groundtruth.generation import shared_prefix
+    from selfexplain.groundtruth.patching import (Intervention, PairPatches, decided_tokens, layer_blocks, pair_clean_runs, patch_pairs,
                                       patch_slow)
 
     model, tok = s.load("smollm2-135m-instruct", dtype="float32")

@@ -13,9 +13,9 @@ from typing import Callable, Optional
 import torch
 
 from benchmarks.gpu_check import peak_flops
-from groundtruth.ablation import AblationConfig, build_items
-from groundtruth.models import RANDOM_INIT_PREFIX, ModelSpec, load_model
-from groundtruth.records import Record
+from selfexplain.groundtruth.ablation import AblationConfig, build_items
+from selfexplain.groundtruth.models import RANDOM_INIT_PREFIX, ModelSpec, load_model
+from selfexplain.groundtruth.records import Record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPEATS = 3
@@ -128,7 +128,7 @@ def explain_records(n: int) -> list[Record]:
 
 def train_records(n: int) -> list[Record]:
     """n input-ablation training records: real prompts, explanations of both kinds."""
-    from groundtruth.explanations import format_explanation
+    from selfexplain.groundtruth.explanations import format_explanation
 
     records = explain_records(n)
     for i, r in enumerate(records):
@@ -137,7 +137,7 @@ def train_records(n: int) -> list[Record]:
 
 
 def train_batch(tok, n: int = 8):
-    from training.batches import collate, encode_example
+    from selfexplain.training.batches import collate, encode_example
 
     return collate([encode_example(tok, r, "plain", 256) for r in train_records(n)], tok.pad_token_id)
 
@@ -147,6 +147,6 @@ RECIPE = {"cpu": "configs/quickstart.yaml", "cuda": "configs/study_gpu.yaml"}
 
 
 def recipe_zero_stage(s: Setting) -> int:
-    from distributed.config import load_config
+    from selfexplain.distributed.config import load_config
 
     return load_config(str(Path(__file__).resolve().parents[1] / RECIPE[s.device])).train.zero_stage

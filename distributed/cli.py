@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Optional
 
-from groundtruth.errors import BadInput, bad_input_in
-from training.allocator import tune_this_process
+from selfexplain.groundtruth.errors import BadInput, bad_input_in
+from selfexplain.training.allocator import tune_this_process
 
 COMMANDS = {
     "run": "every stage in order: groundtruth, train, eval, report",

@@ -14,13 +14,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from eval.baselines import BASELINES
-from groundtruth.layout import RunLayout
-from groundtruth.models import ModelSpec, ModelSpecError, describe
-from groundtruth.records import write_atomic
-from groundtruth.tasks import TASKS, import_task_modules
-from training.controls import TRAINED_CONTROLS
-from training.job import TrainConfig, precision_conflict
+from selfexplain.eval.baselines import BASELINES
+from selfexplain.groundtruth.layout import RunLayout
+from selfexplain.groundtruth.models import ModelSpec, ModelSpecError, describe
+from selfexplain.groundtruth.records import write_atomic
+from selfexplain.groundtruth.tasks import TASKS, import_task_modules
+from selfexplain.training.controls import TRAINED_CONTROLS
+from selfexplain.training.job import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
 from .typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict

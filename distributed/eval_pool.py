@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from eval.baselines import BASELINES
-from eval.matrix import Cell
-from eval.metrics import make_scorer, metrics_of
-from eval.rows import ROW_KINDS, plan_rows, row_records
-from groundtruth.dataset import stratified_sample
-from groundtruth.models import prepare
-from groundtruth.records import Record, ShardError, iter_records, read_manifest, write_atomic
-from groundtruth.tasks import TASKS
-from training.export import METADATA, load_explainer, reads_vectors
-from training.job import TrainJob
+from selfexplain.eval.baselines import BASELINES
+from selfexplain.eval.matrix import Cell
+from selfexplain.eval.metrics import make_scorer, metrics_of
+from selfexplain.eval.rows import ROW_KINDS, plan_rows, row_records
+from selfexplain.groundtruth.dataset import stratified_sample
+from selfexplain.groundtruth.models import prepare
+from selfexplain.groundtruth.records import Record, ShardError, iter_records, read_manifest, write_atomic
+from selfexplain.groundtruth.tasks import TASKS
+from selfexplain.training.export import METADATA, load_explainer, reads_vectors
+from selfexplain.training.job import TrainJob
 
 from .actor_pool import run_pool
 from .config import RunConfig
@@ -61,9 +61,9 @@ class Evaluator:
         """Per unit, its predictions; for SelfIE a dict scale -> predictions. The units' questions go
         through the model together (eval.generate.explain_all), so batches fill up across rows; they
         share one job, hence one task and one answer length."""
-        from eval.generate import Ask, explain_all
-        from groundtruth.models import load_model, model_device
-        from training.vectors import job_projection, match_injection_norm
+        from selfexplain.eval.generate import Ask, explain_all
+        from selfexplain.groundtruth.models import load_model, model_device
+        from selfexplain.training.vectors import job_projection, match_injection_norm
 
         job, first = group[0].job, group[0]
         if ROW_KINDS[first.kind].reads_base:

@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from groundtruth.dataset import finalize, split_of
-from groundtruth.layout import RAW
-from groundtruth.models import prepare
-from groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
+from selfexplain.groundtruth.dataset import finalize, split_of
+from selfexplain.groundtruth.layout import RAW
+from selfexplain.groundtruth.models import prepare
+from selfexplain.groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
                                  write_shard, write_tar)
-from groundtruth.stages import StageContext, StagedRecipe
-from groundtruth.tasks import TASKS
+from selfexplain.groundtruth.stages import StageContext, StagedRecipe
+from selfexplain.groundtruth.tasks import TASKS
 
 from .actor_pool import run_pool
 from .config import RunConfig

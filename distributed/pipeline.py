@@ -5,15 +5,15 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
-from eval.baselines import BASELINES
-from eval.matrix import add_projection_errors, build_matrix, write_matrix
-from eval.report import write_report
-from eval.rows import control_placeholders, plan_rows
-from groundtruth.errors import BadInput
-from groundtruth.models import describe
-from groundtruth.tasks import TASKS
-from training.export import METADATA
-from training.job import deepspeed_config
+from selfexplain.eval.baselines import BASELINES
+from selfexplain.eval.matrix import add_projection_errors, build_matrix, write_matrix
+from selfexplain.eval.report import write_report
+from selfexplain.eval.rows import control_placeholders, plan_rows
+from selfexplain.groundtruth.errors import BadInput
+from selfexplain.groundtruth.models import describe
+from selfexplain.groundtruth.tasks import TASKS
+from selfexplain.training.export import METADATA
+from selfexplain.training.job import deepspeed_config
 
 from .config import RunConfig, save_resolved
 from .eval_pool import run_eval_stage

@@ -5,9 +5,9 @@ Ray or writes anything.
 """
 from __future__ import annotations
 
-from groundtruth.errors import BadInput, ConfigError, DataSourceError
-from groundtruth.models import ModelSpecError, check_source
-from groundtruth.tasks import TASKS
+from selfexplain.groundtruth.errors import BadInput, ConfigError, DataSourceError
+from selfexplain.groundtruth.models import ModelSpecError, check_source
+from selfexplain.groundtruth.tasks import TASKS
 
 from .config import RunConfig
 

@@ -5,7 +5,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from training.allocator import ALLOCATOR_ENV
+from selfexplain.training.allocator import ALLOCATOR_ENV
 
 from .config import RayConfig
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from eval.rows import applicable_controls, control_placeholders, plan_rows
-from groundtruth.models import ModelSpec
-from groundtruth.tasks import TASKS
+from selfexplain.eval.rows import applicable_controls, control_placeholders, plan_rows
+from selfexplain.groundtruth.models import ModelSpec
+from selfexplain.groundtruth.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The repository is shipped as the job's working directory (without the venv, runs and caches) with
 the runtime environment of `cluster/runtime_env.yaml`; on the cluster the job runs
-`python -m distributed.cli run CONFIG --set ray.address=auto`, so the driver joins the cluster it
+`python -m selfexplain.distributed.cli run CONFIG --set ray.address=auto`, so the driver joins the cluster it
 was submitted to. Clusters with Ray's token authentication (on by default since Ray 2.52) need
 RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token) here;
 JobSubmissionClient adds it to every request.
@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from groundtruth.errors import ConfigError
+from selfexplain.groundtruth.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
@@ -27,7 +27,7 @@ EXCLUDES = [".venv/", "runs/", ".cache/", ".git/", "wandb/", "**/__pycache__/", 
 
 def entrypoint(config: str, overrides: list[str]) -> str:
     """The command the job runs on the cluster (config paths are relative to the repository)."""
-    args = ["python", "-m", "distributed.cli", "run", config]
+    args = ["python", "-m", "selfexplain.distributed.cli", "run", config]
     for override in [*overrides, "ray.address=auto"]:
         args += ["--set", override]
     return shlex.join(args)

@@ -12,7 +12,7 @@ class TargetWorker:
     def __init__(self, spec, threads: int):
         import torch
 
-        from groundtruth.models import load_model
+        from selfexplain.groundtruth.models import load_model
 
         torch.set_num_threads(threads)
         self.model, self.tokenizer = load_model(spec)

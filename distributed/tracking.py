@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from eval.matrix import cells_of, data_efficiency, headline
-from groundtruth.layout import RunLayout
+from selfexplain.eval.matrix import cells_of, data_efficiency, headline
+from selfexplain.groundtruth.layout import RunLayout
 
 from .config import RunConfig
 from .typed_yaml import to_dict

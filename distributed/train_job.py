@@ -4,18 +4,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from eval.rows import applicable_controls
-from groundtruth.errors import DataSourceError
-from groundtruth.models import prepare
-from groundtruth.records import MANIFEST
-from groundtruth.tasks import TASKS
-from training.controls import TRAINED_CONTROLS
-from training.explainer import Projection
-from training.export import export_differences, export_matches
-from training.job import TrainJob
-from training.preemption import PreemptionWatch, TrainingPreempted
-from training.step import run_training
-from training.vectors import fit_for_job, prefit_projections
+from selfexplain.eval.rows import applicable_controls
+from selfexplain.groundtruth.errors import DataSourceError
+from selfexplain.groundtruth.models import prepare
+from selfexplain.groundtruth.records import MANIFEST
+from selfexplain.groundtruth.tasks import TASKS
+from selfexplain.training.controls import TRAINED_CONTROLS
+from selfexplain.training.explainer import Projection
+from selfexplain.training.export import export_differences, export_matches
+from selfexplain.training.job import TrainJob
+from selfexplain.training.preemption import PreemptionWatch, TrainingPreempted
+from selfexplain.training.step import run_training
+from selfexplain.training.vectors import fit_for_job, prefit_projections
 
 from .config import RunConfig
 from .ray_session import torch_threads
@@ -52,7 +52,7 @@ def ready_for_ranks(jobs: list[TrainJob], fit) -> None:
 
 
 def write_job_files(cfg: RunConfig) -> list[Path]:
-    """One JOB.json per training job under <run>/jobs/, for `python -m training.step JOB.json` under
+    """One JOB.json per training job under <run>/jobs/, for `python -m selfexplain.training.step JOB.json` under
     torchrun (cluster/slurm_torchrun.sbatch: training without Ray). The jobs' lstsq Pi are fitted here
     first, once per (explainer, target) pair, into each job's folder, where its ranks load them: a rank
     holds one GPU, too little for both models of a 70B pair."""

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from groundtruth.errors import ConfigError
+from selfexplain.groundtruth.errors import ConfigError
 
 
 def _join(path: str, key: str) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from eval.matrix import headline
-from eval.report import headline_lines, matrix_table
-from groundtruth.errors import BadInput
+from selfexplain.eval.matrix import headline
+from selfexplain.eval.report import headline_lines, matrix_table
+from selfexplain.groundtruth.errors import BadInput
 
 from .config import RunConfig
 from .tracking import figure_key, train_key, train_logs

@@ -7,9 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from groundtruth.dataset import DegenerateSetError
-from groundtruth.records import Record
-from groundtruth.tasks import TaskSpec, task_spec
+from selfexplain.groundtruth.dataset import DegenerateSetError
+from selfexplain.groundtruth.records import Record
+from selfexplain.groundtruth.tasks import TaskSpec, task_spec
 
 
 def majority_class(train: list[Record], test: list[Record]) -> list[str]:

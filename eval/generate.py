@@ -7,11 +7,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from groundtruth.generation import PromptFormat, greedy_generate
-from groundtruth.records import Record
-from training.batches import encode_prompt
-from training.explainer import Projection, add_vector_tokens, injecting, vector_key
-from training.export import has_vector_tokens
+from selfexplain.groundtruth.generation import PromptFormat, greedy_generate
+from selfexplain.groundtruth.records import Record
+from selfexplain.training.batches import encode_prompt
+from selfexplain.training.explainer import Projection, add_vector_tokens, injecting, vector_key
+from selfexplain.training.export import has_vector_tokens
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from groundtruth.errors import DataSourceError
-from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, build, client_for
+from selfexplain.groundtruth.errors import DataSourceError
+from selfexplain.groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, build, client_for
 
 
 class Judge(Protocol):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from groundtruth.records import write_atomic
+from selfexplain.groundtruth.records import write_atomic
 
 from .differences import headline_differences
 from .metrics import metrics_of

@@ -8,9 +8,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from groundtruth.explanations import parse_explanation
-from groundtruth.records import Record
-from groundtruth.tasks import task_spec
+from selfexplain.groundtruth.explanations import parse_explanation
+from selfexplain.groundtruth.records import Record
+from selfexplain.groundtruth.tasks import task_spec
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:
@@ -117,7 +117,7 @@ def _mean_scores(units: list[list[float]]) -> dict:
 def discriminative_rank(simulator, description: str, own, others: list) -> int:
     """Where the true feature's exemplars rank among others' by the simulation score of `description`
     (0: first; a tie counts against the true feature, so a description that fits nothing ranks last)."""
-    from groundtruth.features.simulators import simulation_score
+    from selfexplain.groundtruth.features.simulators import simulation_score
 
     mine = simulation_score(simulator, description, own)
     return sum(simulation_score(simulator, description, ex) >= mine for ex in others)
@@ -126,8 +126,8 @@ def discriminative_rank(simulator, description: str, own, others: list) -> int:
 def description_units(predictions: list[str], records: list[Record], judge, simulator, k: int = 9) -> list[list]:
     """Per feature: the judge's 0..1 similarity to the gold description, the simulation score on its own
     exemplars, and its rank among K other test features' exemplars (seeded choice per feature), and K+1."""
-    from groundtruth.features.exemplars import FeatureExemplars
-    from groundtruth.features.simulators import simulation_score
+    from selfexplain.groundtruth.features.exemplars import FeatureExemplars
+    from selfexplain.groundtruth.features.simulators import simulation_score
 
     if len(predictions) != len(records):
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
@@ -150,7 +150,7 @@ def score_descriptions(predictions: list[str], records: list[Record], judge, sim
 
 
 def _description_units(task_cfg):
-    from groundtruth.features.task import simulator_of
+    from selfexplain.groundtruth.features.task import simulator_of
 
     from .judges import make_judge
 

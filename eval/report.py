@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from groundtruth.layout import RunLayout
+from selfexplain.groundtruth.layout import RunLayout
 
 from .matrix import data_efficiency, headline
 from .rows import ROW_KINDS

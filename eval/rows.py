@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from groundtruth.registry import register
-from groundtruth.taskspec import TaskSpec
-from training.controls import TRAINED_CONTROLS
+from selfexplain.groundtruth.registry import register
+from selfexplain.groundtruth.taskspec import TaskSpec
+from selfexplain.training.controls import TRAINED_CONTROLS
 
 
 @dataclass(frozen=True)

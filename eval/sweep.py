@@ -6,7 +6,7 @@ a trained control, untrained: row kinds marked control), the trained row minus t
 trained row minus the first run's trained row, each difference paired over the same records. The first run is the
 reference (the study's setting). Usage:
 
-    python -m eval.sweep runs/sweep_plain30 runs/sweep_norm30 ... --task activation_patching --target smollm2
+    python -m selfexplain.eval.sweep runs/sweep_plain30 runs/sweep_norm30 ... --task activation_patching --target smollm2
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from groundtruth.layout import RunLayout
+from selfexplain.groundtruth.layout import RunLayout
 
 from .differences import paired_difference
 from .matrix import Cell

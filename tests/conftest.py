@@ -24,8 +24,8 @@ def child_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
 
 
-from groundtruth.explanations import format_explanation  # noqa: E402
-from groundtruth.records import Record  # noqa: E402
+from selfexplain.groundtruth.explanations import format_explanation  # noqa: E402
+from selfexplain.groundtruth.records import Record  # noqa: E402
 
 
 def make_records(n: int, target: str = "t", split: str = "train") -> list[Record]:
@@ -47,16 +47,16 @@ def make_records(n: int, target: str = "t", split: str = "train") -> list[Record
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the default tiny random Llama."""
-    from groundtruth.models import ModelSpec, load_model
+    from selfexplain.groundtruth.models import ModelSpec, load_model
 
     return load_model(ModelSpec("tiny-llama"))
 
 
 def make_train_job(tmp_path: Path, **train):
     """A tiny-llama input-ablation TrainJob over 16 learnable records (written once under tmp_path)."""
-    from groundtruth.models import ModelSpec
-    from groundtruth.records import write_split
-    from training.job import TrainConfig, TrainJob
+    from selfexplain.groundtruth.models import ModelSpec
+    from selfexplain.groundtruth.records import write_split
+    from selfexplain.training.job import TrainConfig, TrainJob
 
     data = tmp_path / "data" / "train"
     if not data.exists():

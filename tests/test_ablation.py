@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import make_records
 
-from groundtruth.ablation import AblationConfig, HintSourceConfig, build_items, extract_answer, run_ablation
-from groundtruth.dataset import balance, label_stats, split_of
-from groundtruth.errors import DataSourceError
-from groundtruth.generation import greedy_generate, render_prompt, shared_prefix
-from groundtruth.models import ModelSpec, load_model
-from groundtruth.sources.multiple_choice import load_mmlu
+from selfexplain.groundtruth.ablation import AblationConfig, HintSourceConfig, build_items, extract_answer, run_ablation
+from selfexplain.groundtruth.dataset import balance, label_stats, split_of
+from selfexplain.groundtruth.errors import DataSourceError
+from selfexplain.groundtruth.generation import greedy_generate, render_prompt, shared_prefix
+from selfexplain.groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.sources.multiple_choice import load_mmlu
 
 
 def test_span_items_remove_exactly_the_span():
@@ -105,7 +105,7 @@ def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, 
     chunks of 2, the chunks joined into decode batches of 5 with room for the answers (a window of 4 keeps
     them apart; one of 64 spans them), rows that write EOS leave their batch while the others write on,
     and decode steps attend with two query heads per key-value head."""
-    import groundtruth.generation
+    import selfexplain.groundtruth.generation as generation_mod
 
     model, tok = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,{options}"))
     for p in model.parameters():
@@ -124,7 +124,7 @@ def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, 
     eos, _ = Counter(t for answer in early for t in set(answer)).most_common(1)[0]
     assert 1 < sum(eos in answer for answer in early) < len(prompts), "some rows stop early, some do not"
     tok.eos_token_id = eos  # this test's own tokenizer
-    monkeypatch.setattr(groundtruth.generation, "PROMPT_ROWS", 2)
+    monkeypatch.setattr(generation_mod, "PROMPT_ROWS", 2)
 
     batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=5)
     assert batched == [tok.decode(reference(ids, eos), skip_special_tokens=True) for ids in prompts]

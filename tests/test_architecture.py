@@ -16,8 +16,12 @@ def _modules() -> dict[str, Path]:
     for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            mods[".".join(("selfexplain", *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
     return mods
+
+
+def _layer(module: str) -> int:
+    return LAYER[module.split(".")[1]]
 
 
 def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
@@ -38,7 +42,7 @@ def test_no_import_circles_and_no_import_runs_back_up_the_layers():
     mods = _modules()
     graph = {name: _imports(name, path, mods) for name, path in mods.items()}
     upward = sorted((a, b) for a, deps in graph.items() for b in deps
-                    if LAYER[b.split(".")[0]] > LAYER[a.split(".")[0]])
+                    if _layer(b) > _layer(a))
     assert not upward, upward
     state: dict[str, int] = {}  # 1 on the current path, 2 done
 
@@ -56,6 +60,20 @@ def test_no_import_circles_and_no_import_runs_back_up_the_layers():
             visit(name, [name])
 
 
+def test_every_import_of_the_project_goes_through_the_selfexplain_package():
+    """A bare `import training...` would load a second copy of a module (and its registries) beside the
+    installed `selfexplain.training`, or find another distribution's top-level package of that name."""
+    bare = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.relative_to(ROOT).parts[0] in (".venv", "runs", ".cache", "build"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bare += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in names if name.split(".")[0] in LAYER]
+    assert not bare, bare
+
+
 def test_no_function_in_distributed_is_longer_than_60_lines():
     long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path in sorted((ROOT / "distributed").rglob("*.py"))
@@ -65,9 +83,9 @@ def test_no_function_in_distributed_is_longer_than_60_lines():
 
 
 def test_every_registry_refuses_a_second_item_of_one_name():
-    from eval.rows import ROW_KINDS, register_row_kind
-    from groundtruth.tasks import TASKS, register_task
-    from training.controls import TRAINED_CONTROLS, register_trained_control
+    from selfexplain.eval.rows import ROW_KINDS, register_row_kind
+    from selfexplain.groundtruth.tasks import TASKS, register_task
+    from selfexplain.training.controls import TRAINED_CONTROLS, register_trained_control
 
     for register_one, registry in ((register_task, TASKS), (register_row_kind, ROW_KINDS),
                                    (register_trained_control, TRAINED_CONTROLS)):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from distributed.cli import main as cli_main
-from groundtruth.errors import BadInput, bad_input_in
-from training.export import CheckpointMismatch
+from selfexplain.distributed.cli import main as cli_main
+from selfexplain.groundtruth.errors import BadInput, bad_input_in
+from selfexplain.training.export import CheckpointMismatch
 
 BASE = {"name": "bad", "models": {"a": {"source": "tiny-llama"}}, "targets": ["a"], "explainers": ["a"],
         "tasks": {"input_ablation": {"max_sources": 3}}, "ray": {"num_cpus": 1}}

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from distributed.config import load_config, save_resolved
-from distributed.typed_yaml import ConfigError
+from selfexplain.distributed.config import load_config, save_resolved
+from selfexplain.distributed.typed_yaml import ConfigError
 
 BASE = {
     "name": "t",
@@ -72,7 +72,7 @@ def test_resolved_config_is_saved_with_code_version(tmp_path):
 
 
 def test_steps_by_task_reach_only_that_tasks_jobs(tmp_path):
-    from distributed.train_job import train_jobs
+    from selfexplain.distributed.train_job import train_jobs
 
     tasks = {"input_ablation": {"max_sources": 3}, "activation_patching": {"max_facts": 3}}
     cfg = load_config(write(tmp_path, {**BASE, "tasks": tasks}), ["train.max_steps=30",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distributed.cli import main as cli_main
-from distributed.config import load_config
-from groundtruth.models import describe
+from selfexplain.distributed.cli import main as cli_main
+from selfexplain.distributed.config import load_config
+from selfexplain.groundtruth.models import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -3,12 +3,12 @@ import json
 import pytest
 
 from conftest import make_records
-from eval.baselines import majority_class
-from eval.matrix import Cell, build_matrix, cells_of
-from eval.metrics import score
-from eval.report import write_report
-from groundtruth.layout import RunLayout
-from groundtruth.explanations import format_explanation, parse_explanation
+from selfexplain.eval.baselines import majority_class
+from selfexplain.eval.matrix import Cell, build_matrix, cells_of
+from selfexplain.eval.metrics import score
+from selfexplain.eval.report import write_report
+from selfexplain.groundtruth.layout import RunLayout
+from selfexplain.groundtruth.explanations import format_explanation, parse_explanation
 
 
 def test_parse_round_trips_and_rejects_other_text():
@@ -74,8 +74,8 @@ def test_matrix_and_report(tmp_path):
 def test_rows_are_planned_from_the_row_registry_by_capability(monkeypatch):
     from types import SimpleNamespace
 
-    from eval.rows import ROW_KINDS, RowKind, plan_rows
-    from groundtruth.tasks import TASKS
+    from selfexplain.eval.rows import ROW_KINDS, RowKind, plan_rows
+    from selfexplain.groundtruth.tasks import TASKS
 
     settings = SimpleNamespace(no_vector=True, vector_controls=True, untrained=True, selfie_scales=[1.0])
     vectors = next(s for s in TASKS.values() if s.has_vectors and not s.selfie)
@@ -97,16 +97,16 @@ def test_a_control_row_sees_the_records_its_kind_rewrites(tmp_path, monkeypatch)
     before generating; the cell is still scored against the records' own labels."""
     import dataclasses
 
-    import eval.generate
+    import selfexplain.eval.generate as generate_mod
     from conftest import make_records, make_train_job
-    from distributed.eval_pool import EvalUnit, Evaluator
-    from eval.rows import ROW_KINDS, RowKind
+    from selfexplain.distributed.eval_pool import EvalUnit, Evaluator
+    from selfexplain.eval.rows import ROW_KINDS, RowKind
 
     reversed_kind = RowKind("reversed", "{explainer} reversed", lambda spec, split, ec: True, reads_base=True,
                             rewrite=lambda records: [dataclasses.replace(r, prompt=r.prompt[::-1]) for r in records])
     monkeypatch.setitem(ROW_KINDS, "reversed", reversed_kind)
     seen = []
-    monkeypatch.setattr(eval.generate, "explain_all",
+    monkeypatch.setattr(generate_mod, "explain_all",
                         lambda model, tok, asks, *a, **k: [seen.append(ask.records) or ["x"] * len(ask.records) for ask in asks])
     job = make_train_job(tmp_path)
     unit = EvalUnit("input_ablation", "input_ablation", "t", "e reversed", "reversed", "e", job, "", "")
@@ -122,7 +122,7 @@ def test_zero_and_shuffled_vector_controls_rewrite_only_the_vectors():
 
     import numpy as np
 
-    from eval.rows import shuffled_vectors, zero_vectors
+    from selfexplain.eval.rows import shuffled_vectors, zero_vectors
 
     base = make_records(7)
     records = [dataclasses.replace(r, vector=np.full(4, i, np.float32), layers=[i % 2]) for i, r in enumerate(base)]
@@ -146,10 +146,10 @@ def test_trained_controls_train_and_score_their_own_explainer_on_rewritten_recor
     import numpy as np
 
     from conftest import make_records, make_train_job
-    from distributed.config import load_config
-    from distributed.train_job import train_jobs
-    from eval.rows import ROW_KINDS, plan_rows, row_records
-    from groundtruth.tasks import TASKS
+    from selfexplain.distributed.config import load_config
+    from selfexplain.distributed.train_job import train_jobs
+    from selfexplain.eval.rows import ROW_KINDS, plan_rows, row_records
+    from selfexplain.groundtruth.tasks import TASKS
 
     job = make_train_job(tmp_path)
     question_only = dataclasses.replace(job, control="question_only")
@@ -180,8 +180,8 @@ def test_paired_differences_have_known_answers_and_pick_the_best_control():
     a row equal to another is 0 [0, 0]; 10 more right of 40 is +0.25 with an interval above 0, narrower than
     the two rows' separate intervals would give. The headline compares each trained row with the control that
     scores best, and self with cross."""
-    from eval.differences import headline_differences, paired_difference
-    from eval.metrics import causal_from_units
+    from selfexplain.eval.differences import headline_differences, paired_difference
+    from selfexplain.eval.metrics import causal_from_units
 
     right, wrong = [True, True, True, True], [True, True, False, True]  # [gold, predicted, exact, content]
     ones, zeros = [right] * 40, [wrong] * 40
@@ -210,7 +210,7 @@ def test_paired_differences_have_known_answers_and_pick_the_best_control():
 def test_report_headline_flags_one_output_explainers_and_small_sets():
     """A trained row that gave one output for every record is called failed (a control doing so is not);
     a matrix of small test sets says it demonstrates the machinery and points to the study."""
-    from eval.report import headline_lines
+    from selfexplain.eval.report import headline_lines
 
     cell = {"n": 24, "distinct_outputs": 1, "top1": 0.1, "self": True}
     matrix = {"tasks": {"feature_descriptions": {"targets": ["a"], "metrics": ["top1"], "rows": {
@@ -228,10 +228,10 @@ def test_sweep_table_pairs_each_run_with_its_best_control_and_the_reference(tmp_
     import dataclasses
     import json
 
-    from eval.matrix import Cell
-    from eval.metrics import causal_from_units
-    from eval.sweep import sweep_table
-    from groundtruth.layout import RunLayout
+    from selfexplain.eval.matrix import Cell
+    from selfexplain.eval.metrics import causal_from_units
+    from selfexplain.eval.sweep import sweep_table
+    from selfexplain.groundtruth.layout import RunLayout
 
     def write(run, row, kind, exact):  # 10 changed records, the first `exact` answered exactly
         units = [[True, True, i < exact, i < exact] for i in range(10)]

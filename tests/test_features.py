@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from groundtruth.errors import DataSourceError
-from groundtruth.features.activations import ActivationBatch, corpus_activations
-from groundtruth.features.describers import DESCRIBERS, DescriberSettings, best_description, top_tokens, wordnet_describer
-from groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, EndpointError
-from groundtruth.features.exemplars import FeatureExemplars, Window, merge_exemplars, mine_exemplars
-from groundtruth.features.neuronpedia import load_neuronpedia
-from groundtruth.features.simulators import LexicalSimulator, LLMSimulator, simulation_score
-from groundtruth.sources.wordnet import category_members, load_synsets, parse_data_line
+from selfexplain.groundtruth.errors import DataSourceError
+from selfexplain.groundtruth.features.activations import ActivationBatch, corpus_activations
+from selfexplain.groundtruth.features.describers import DESCRIBERS, DescriberSettings, best_description, top_tokens, wordnet_describer
+from selfexplain.groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, EndpointError
+from selfexplain.groundtruth.features.exemplars import FeatureExemplars, Window, merge_exemplars, mine_exemplars
+from selfexplain.groundtruth.features.neuronpedia import load_neuronpedia
+from selfexplain.groundtruth.features.simulators import LexicalSimulator, LLMSimulator, simulation_score
+from selfexplain.groundtruth.sources.wordnet import category_members, load_synsets, parse_data_line
 
 MEMBERS = {"noun.animal": frozenset({"dog", "cat", "horse", "mule", "ox"}), "noun.location": frozenset({"paris", "rome", "city"})}
 lexical = LexicalSimulator(members=lambda c: MEMBERS.get(c, frozenset()))
@@ -116,7 +116,7 @@ def test_streaming_exemplars_equal_the_dense_reference_and_merge_like_one_pass()
 
 
 def test_corpus_activations_drop_the_first_position_and_match_the_residual_stream(tiny):
-    from groundtruth.patching import layer_states
+    from selfexplain.groundtruth.patching import layer_states
 
     model, tok = tiny
     texts = ["the cat sat on the mat", "a dog"]
@@ -132,7 +132,7 @@ def test_corpus_activations_drop_the_first_position_and_match_the_residual_strea
 
 
 def test_sae_trains_on_activations_with_few_dead_features_and_round_trips(tmp_path):
-    from groundtruth.features.sae import (
+    from selfexplain.groundtruth.features.sae import (
         SAEConfig,
         decoder_directions,
         encode,
@@ -216,7 +216,7 @@ def fake_llm(prompt: str) -> str:
 
 
 def test_llm_describer_simulator_and_judge_through_a_fake_endpoint():
-    from eval.judges import make_judge
+    from selfexplain.eval.judges import make_judge
 
     ex = animal_feature()
     with FakeChatServer(fake_llm, fail_first=1) as endpoint:
@@ -232,7 +232,7 @@ def test_llm_describer_simulator_and_judge_through_a_fake_endpoint():
 
 
 def test_embedding_judge_prefers_the_matching_description():
-    from eval.judges import make_judge
+    from selfexplain.eval.judges import make_judge
 
     judge = make_judge("embedding")
     gold = ["words for animals, such as dog and horse", 'the tokens "Paris" and "Rome"']
@@ -261,7 +261,7 @@ def test_neuronpedia_export_loads_and_bad_rows_are_named(tmp_path):
 
 
 def feature_record(layer: int, feature: int, vector, description: str):
-    from groundtruth.records import Record
+    from selfexplain.groundtruth.records import Record
 
     ex = animal_feature()
     return Record(record_id=f"L{layer}-F{feature}", task="feature_descriptions", target="t", split="raw",
@@ -271,7 +271,7 @@ def feature_record(layer: int, feature: int, vector, description: str):
 
 
 def test_features_are_held_out_whole_per_layer():
-    from groundtruth.features.task import FeatureConfig, split_features
+    from selfexplain.groundtruth.features.task import FeatureConfig, split_features
 
     records = [feature_record(layer, f, [1.0, 0.0], f"d{f}") for layer in (2, 5) for f in range(20)]
     train, test = split_features(records, FeatureConfig(test_features_per_layer=4, max_train_features_per_layer=10), seed=0)
@@ -282,7 +282,7 @@ def test_features_are_held_out_whole_per_layer():
 
 
 def test_nearest_neighbour_takes_the_label_of_the_largest_dot_product_in_the_same_layer():
-    from eval.baselines import BASELINES
+    from selfexplain.eval.baselines import BASELINES
 
     train = [feature_record(1, 0, [1, 0], "one-x"), feature_record(1, 1, [0, 1], "one-y"), feature_record(2, 2, [5, 5], "two")]
     test = [feature_record(1, 9, [0.2, 0.9], "?"), feature_record(1, 8, [3, -1], "?"), feature_record(2, 7, [-1, 0], "?")]
@@ -291,7 +291,7 @@ def test_nearest_neighbour_takes_the_label_of_the_largest_dot_product_in_the_sam
 
 
 def test_description_scores_rank_the_right_description_first():
-    from eval.metrics import score_descriptions
+    from selfexplain.eval.metrics import score_descriptions
 
     class WordJudge:  # 1 when the two texts share a word, else 0
         def grade(self, predictions, golds):
@@ -304,7 +304,7 @@ def test_description_scores_rank_the_right_description_first():
 
 
 def test_ood_sets_read_the_peak_activation_and_swap_the_peak_token():
-    from groundtruth.features.ood import act_records, dact_pair, dact_records
+    from selfexplain.groundtruth.features.ood import act_records, dact_pair, dact_records
 
     record = feature_record(1, 0, [1.0, 0.0], "animals")
     ex = animal_feature()
@@ -325,16 +325,16 @@ def test_ood_sets_read_the_peak_activation_and_swap_the_peak_token():
 
 
 def test_selfie_reports_the_best_scale():
-    from distributed.eval_pool import best_scale
+    from selfexplain.distributed.eval_pool import best_scale
 
     scale, metrics = best_scale({1.0: {"judge": 0.4}, 10.0: {"judge": 0.7}, 50.0: {"judge": 0.7}}, "judge")
     assert scale == 10.0 and metrics["judge"] == 0.7 and metrics["judge_by_scale"] == {"1.0": 0.4, "10.0": 0.7, "50.0": 0.7}
 
 
 def test_data_efficiency_subsets_are_the_first_records_of_each_layer(tmp_path):
-    from groundtruth.models import ModelSpec
-    from groundtruth.records import write_split
-    from training.job import TrainJob
+    from selfexplain.groundtruth.models import ModelSpec
+    from selfexplain.groundtruth.records import write_split
+    from selfexplain.training.job import TrainJob
 
     records = [feature_record(layer, f, [1.0, 0.0], f"d{f}") for layer in (1, 2) for f in range(5)]
     write_split(tmp_path / "train", records, "h", 100)
@@ -349,8 +349,8 @@ def test_data_efficiency_subsets_are_the_first_records_of_each_layer(tmp_path):
 MINE_AT_SCALE = r"""
 import json, resource, sys
 import numpy as np, torch
-from groundtruth.features.activations import ActivationBatch
-from groundtruth.features.exemplars import mine_exemplars
+from selfexplain.groundtruth.features.activations import ActivationBatch
+from selfexplain.groundtruth.features.exemplars import mine_exemplars
 
 torch.set_num_threads(1)
 d_in, d_sae, per_text, n_texts = 32, 131_072, 32, 256
@@ -389,12 +389,12 @@ def test_the_feature_recipe_runs_in_one_process_and_redoes_only_what_is_missing(
     import dataclasses
     import shutil
 
-    from groundtruth.features import recipe
-    from groundtruth.features.sae import SAEConfig
-    from groundtruth.features.task import FeatureConfig
-    from groundtruth.models import ModelSpec
-    from groundtruth.records import iter_records
-    from groundtruth.stages import StageContext, run_in_process
+    from selfexplain.groundtruth.features import recipe
+    from selfexplain.groundtruth.features.sae import SAEConfig
+    from selfexplain.groundtruth.features.task import FeatureConfig
+    from selfexplain.groundtruth.models import ModelSpec
+    from selfexplain.groundtruth.records import iter_records
+    from selfexplain.groundtruth.stages import StageContext, run_in_process
 
     cfg = FeatureConfig(layers=[1], corpus=["wordnet"], corpus_texts=120, texts_per_shard=40, max_tokens=24,
                         sae=SAEConfig(d_sae=64, k=4, steps=80, batch_size=64), top_k=6, negatives=4, min_exemplars=3,
@@ -443,7 +443,7 @@ def test_discriminative_metric_ranks_a_description_against_other_features_exempl
     descriptions rank first; swapped ones rank last; a description that fits no feature ties and counts as last."""
     import dataclasses
 
-    from eval.metrics import score_descriptions
+    from selfexplain.eval.metrics import score_descriptions
 
     class NoJudge:
         def grade(self, predictions, golds):

@@ -9,14 +9,14 @@ import torch
 from conftest import make_records
 
 from benchmarks.gpu_stages import QWEN3_TEMPLATE
-from distributed.config import load_config
-from groundtruth.ablation import AblationConfig, build_items, run_ablation
-from groundtruth.dataset import DegenerateSetError, finalize, label_stats
-from groundtruth.generation import prompt_string
-from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import block_vector
-from groundtruth.records import write_split
-from groundtruth.tasks import TASKS
+from selfexplain.distributed.config import load_config
+from selfexplain.groundtruth.ablation import AblationConfig, build_items, run_ablation
+from selfexplain.groundtruth.dataset import DegenerateSetError, finalize, label_stats
+from selfexplain.groundtruth.generation import prompt_string
+from selfexplain.groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.patching import block_vector
+from selfexplain.groundtruth.records import write_split
+from selfexplain.groundtruth.tasks import TASKS
 
 @pytest.mark.parametrize("recipe", ["input_ablation", "activation_patching"])
 def test_paper_recipes_render_qwen3_prompts_without_thinking(recipe):
@@ -91,7 +91,7 @@ def test_a_train_split_of_one_class_is_refused_with_its_numbers(tmp_path):
 
 
 def test_near_ties_are_counted_and_can_be_dropped(tmp_path):
-    from groundtruth.patching_task import PatchingConfig
+    from selfexplain.groundtruth.patching_task import PatchingConfig
 
     records = make_records(20)
     for i, r in enumerate(records):
@@ -104,7 +104,7 @@ def test_near_ties_are_counted_and_can_be_dropped(tmp_path):
 
 
 def test_random_init_models_have_the_real_shapes():
-    from groundtruth.models import hidden_size
+    from selfexplain.groundtruth.models import hidden_size
 
     with torch.device("meta"):
         smol, _ = load_model(ModelSpec("random:smollm2-135m-instruct"), "keep")

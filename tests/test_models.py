@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from groundtruth.models import ModelSpec, ModelSpecError, describe, load_model
+from selfexplain.groundtruth.models import ModelSpec, ModelSpecError, describe, load_model
 
 
 def test_tiny_llama_is_deterministic_and_configurable():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from groundtruth import generation
-from groundtruth.models import gpu_memory_map
-from groundtruth.patching import clean_runs
+from selfexplain.groundtruth import generation
+from selfexplain.groundtruth.models import gpu_memory_map
+from selfexplain.groundtruth.patching import clean_runs
 
 
 def _index_devices(monkeypatch) -> list:
@@ -38,7 +38,7 @@ def test_decoding_cuts_finished_rows_with_a_host_index(tiny, monkeypatch):
 
 
 def test_clean_runs_ask_for_the_last_positions_with_a_host_index(monkeypatch):
-    from groundtruth.models import ModelSpec, load_model
+    from selfexplain.groundtruth.models import ModelSpec, load_model
 
     model, _ = load_model(ModelSpec("tiny-llama"), "cpu")
     model.to("meta")  # the whole model elsewhere than the host: its head's input is not on the host

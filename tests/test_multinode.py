@@ -13,12 +13,12 @@ from collections import Counter
 import pytest
 import yaml
 
-from distributed.config import load_config
-from distributed.gt_pool import FAULT_ENV
-from distributed.pipeline import run
-from distributed.ray_session import worker_env
-from groundtruth.ablation import build_items
-from groundtruth.records import iter_records, safe_key
+from selfexplain.distributed.config import load_config
+from selfexplain.distributed.gt_pool import FAULT_ENV
+from selfexplain.distributed.pipeline import run
+from selfexplain.distributed.ray_session import worker_env
+from selfexplain.groundtruth.ablation import build_items
+from selfexplain.groundtruth.records import iter_records, safe_key
 
 CONFIG = {
     "name": "multinode",

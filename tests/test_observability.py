@@ -4,7 +4,7 @@ import tempfile
 import time
 import urllib.request
 
-from distributed.actor_pool import run_pool
+from selfexplain.distributed.actor_pool import run_pool
 
 
 def _scrape(port: int) -> str:

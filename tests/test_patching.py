@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from groundtruth.models import ModelSpec, load_model
-from groundtruth.generation import MIN_SHARED_PREFIX, shared_prefix
-from groundtruth.patching import (Intervention, PairPatches, block_vector, clean_runs, decided_tokens, layer_blocks,
+from selfexplain.groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.generation import MIN_SHARED_PREFIX, shared_prefix
+from selfexplain.groundtruth.patching import (Intervention, PairPatches, block_vector, clean_runs, decided_tokens, layer_blocks,
                                   layer_states, patch_fast, patch_pairs, patch_slow)
 
 
@@ -76,10 +76,10 @@ def test_pairs_of_one_length_share_their_clean_runs_and_patched_forwards(arch, m
     """Four pairs of one length run two by two (CLEAN_ROWS 4), their preamble once per group; a pair of two
     lengths runs alone; each pair's states match its own clean runs. Patched together (patch_pairs, at
     most 6 rows a forward), every pair gets the hooked reference's labels."""
-    import groundtruth.patching
+    import selfexplain.groundtruth.patching as patching_mod
 
-    monkeypatch.setattr(groundtruth.patching, "CLEAN_ROWS", 4)
-    monkeypatch.setattr(groundtruth.patching, "PATCH_ROWS", 6)
+    monkeypatch.setattr(patching_mod, "CLEAN_ROWS", 4)
+    monkeypatch.setattr(patching_mod, "PATCH_ROWS", 6)
     model, _ = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,seed=3"))
     for p in model.parameters():
         p.data *= 3
@@ -91,7 +91,7 @@ def test_pairs_of_one_length_share_their_clean_runs_and_patched_forwards(arch, m
     handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                              with_kwargs=True)
     try:
-        groups = list(groundtruth.patching.pair_clean_runs(model, pairs))
+        groups = list(patching_mod.pair_clean_runs(model, pairs))
     finally:
         handle.remove()
     assert calls == [(1, len(preamble)), (4, 5)] * 2 + [(1, len(preamble)), (2, 6)], "2 groups of 2 pairs, then the odd pair"
@@ -116,10 +116,10 @@ def test_pairs_of_one_length_share_their_clean_runs_and_patched_forwards(arch, m
 # ---------------------------------------------------------------- the ground-truth task
 import json  # noqa: E402
 
-from groundtruth.dataset import balance  # noqa: E402
-from groundtruth.patching_task import PatchItem, PatchingConfig, align, encode_side, run_patching  # noqa: E402
-from groundtruth.records import Record  # noqa: E402
-from groundtruth.sources.facts import Fact, FactPair, load_counterfact, make_pairs  # noqa: E402
+from selfexplain.groundtruth.dataset import balance  # noqa: E402
+from selfexplain.groundtruth.patching_task import PatchItem, PatchingConfig, align, encode_side, run_patching  # noqa: E402
+from selfexplain.groundtruth.records import Record  # noqa: E402
+from selfexplain.groundtruth.sources.facts import Fact, FactPair, load_counterfact, make_pairs  # noqa: E402
 
 PAIR = FactPair(Fact("France", "capital", "The capital of {} is", "Paris"),
                 Fact("Spain", "capital", "The capital of {} is", "Madrid"), ("Madrid", "Paris", "Rome"))
@@ -224,7 +224,7 @@ def test_balancing_equalises_the_label_mix_within_each_cell():
     """Where the cell predicts the label (subject_final mostly changes, relation mostly not), the balanced
     set holds each cell at the target ratio, so the cell alone predicts at the majority rate; the old
     balancing (per class over cells) kept the cell a 0.8-accurate predictor. Empty answers are dropped."""
-    from groundtruth.dataset import SplitConfig, label_stats
+    from selfexplain.groundtruth.dataset import SplitConfig, label_stats
 
     def rec(i, cell, changed):
         return Record(f"r{i:04d}", "activation_patching", "t", "train", "s", "p", "q", "e", changed, "a",
@@ -246,8 +246,8 @@ def test_balancing_equalises_the_label_mix_within_each_cell():
 def test_patching_pairs_never_share_a_prompt_across_the_split():
     """No prompt of a test pair is in train in either role (x or x'): the counterfactual x' is drawn
     from its x's split. The old split by x alone put most test x' into train pairs."""
-    from groundtruth.dataset import split_of
-    from groundtruth.patching_task import PatchingConfig, build_items
+    from selfexplain.groundtruth.dataset import split_of
+    from selfexplain.groundtruth.patching_task import PatchingConfig, build_items
 
     cfg = PatchingConfig(test_fraction=0.3, pairs_per_fact=2)
     items = build_items(cfg, seed=0)
@@ -259,7 +259,7 @@ def test_patching_pairs_never_share_a_prompt_across_the_split():
 
 
 def test_answers_are_whole_words_where_the_token_begins_one_option():
-    from groundtruth.patching_task import whole_answer
+    from selfexplain.groundtruth.patching_task import whole_answer
 
     class Tok:
         def decode(self, ids):

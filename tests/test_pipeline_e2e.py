@@ -12,14 +12,14 @@ import pytest
 import wandb_workspaces.reports.v2 as wr
 import yaml
 
-from distributed.cli import main as cli_main
-from distributed.config import load_config
-from distributed.gt_pool import FAULT_ENV
-from distributed.pipeline import run
-from distributed.tracking import figure_key, train_key, train_logs
-from distributed.wandb_report import build_report
-from groundtruth.ablation import build_items
-from groundtruth.records import iter_records, read_manifest, safe_key, sha256_file
+from selfexplain.distributed.cli import main as cli_main
+from selfexplain.distributed.config import load_config
+from selfexplain.distributed.gt_pool import FAULT_ENV
+from selfexplain.distributed.pipeline import run
+from selfexplain.distributed.tracking import figure_key, train_key, train_logs
+from selfexplain.distributed.wandb_report import build_report
+from selfexplain.groundtruth.ablation import build_items
+from selfexplain.groundtruth.records import iter_records, read_manifest, safe_key, sha256_file
 
 CONFIG = {
     "name": "e2e",

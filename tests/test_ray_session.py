@@ -4,8 +4,8 @@ import os
 import subprocess
 import sys
 
-from distributed.ray_session import worker_env
-from training.allocator import SETTINGS
+from selfexplain.distributed.ray_session import worker_env
+from selfexplain.training.allocator import SETTINGS
 
 # Ray Train's loop runs in a non-main thread. Here such a thread allocates and frees the same four
 # buffers (64 MiB) 20 times, after `setup`; its process prints the minor page faults that took.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import make_records
-from groundtruth.records import (MANIFEST, ShardError, complete_shards, iter_records, read_shard, safe_key,
+from selfexplain.groundtruth.records import (MANIFEST, ShardError, complete_shards, iter_records, read_shard, safe_key,
                                  write_manifest, write_shard, write_split)
 
 

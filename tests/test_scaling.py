@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from distributed.cli import main as cli_main
-from distributed.scaling import KNOWN_SHAPES, memory_per_rank_gb, shape_of
-from groundtruth.models import ModelSpec, load_model
+from selfexplain.distributed.cli import main as cli_main
+from selfexplain.distributed.scaling import KNOWN_SHAPES, memory_per_rank_gb, shape_of
+from selfexplain.groundtruth.models import ModelSpec, load_model
 
 
 @pytest.mark.parametrize("source", ["tiny-llama:hidden=48,layers=3", "tiny-llama:hidden=32,layers=2,heads=4"])

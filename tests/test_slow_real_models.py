@@ -1,9 +1,9 @@
 """Checks on the real packaged models (slow: the first run dequantises the GGUF, ~25 s)."""
 import pytest
 
-from groundtruth.ablation import AblationConfig, build_items, run_ablation
-from groundtruth.generation import greedy_generate, render_prompt
-from groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.ablation import AblationConfig, build_items, run_ablation
+from selfexplain.groundtruth.generation import greedy_generate, render_prompt
+from selfexplain.groundtruth.models import ModelSpec, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def fast_equals_slow(model, tok, text: str, counterfactual: str):
     returns (x, interventions, clean token, patched tokens)."""
     import torch
 
-    from groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
+    from selfexplain.groundtruth.patching import Intervention, decided_tokens, layer_blocks, patch_fast, patch_slow
 
     x, x_prime = (torch.tensor(tok(t)["input_ids"]) for t in (text, counterfactual))
     blocks = layer_blocks(model.config.num_hidden_layers, 4)
@@ -55,7 +55,7 @@ def test_smollm2_fast_patcher_matches_reference_and_flips_the_capital(smollm2):
 
 
 def test_smollm2_patching_task_labels_are_not_degenerate(smollm2):
-    from groundtruth.patching_task import PatchingConfig, build_items as patch_items, run_patching
+    from selfexplain.groundtruth.patching_task import PatchingConfig, build_items as patch_items, run_patching
 
     model, tok = smollm2
     cfg = PatchingConfig(max_facts=4, relations=["capital"])

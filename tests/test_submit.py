@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed.cli import main as cli_main
-from distributed.submit import AGENT_NOT_READY, REPO, runtime_env, submit, submit_when_agent_ready
+from selfexplain.distributed.cli import main as cli_main
+from selfexplain.distributed.submit import AGENT_NOT_READY, REPO, runtime_env, submit, submit_when_agent_ready
 
 TINY = [  # the quickstart config shrunk to tiny models and one task, through --set alone
     "models.smollm2.source=tiny-llama:hidden=32,layers=2", "models.gemma.source=tiny-llama:hidden=48,layers=2,seed=1",
@@ -28,7 +28,7 @@ def test_submit_dry_run_shows_the_job_and_ships_the_repository_without_heavy_fol
                      "--set", "train.lr=2e-4", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "address: http://head:8265" in out
-    assert "entrypoint: python -m distributed.cli run configs/quickstart.yaml --set train.lr=2e-4 --set ray.address=auto" in out
+    assert "entrypoint: python -m selfexplain.distributed.cli run configs/quickstart.yaml --set train.lr=2e-4 --set ray.address=auto" in out
     env = runtime_env()
     assert env["working_dir"] == str(REPO) and {".venv/", "runs/", ".git/"} <= set(env["excludes"])
     assert env["env_vars"]["WANDB_MODE"] == "offline", "cluster/runtime_env.yaml is merged in"

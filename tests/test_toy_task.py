@@ -9,11 +9,11 @@ from pathlib import Path
 
 import yaml
 
-from groundtruth.dataset import UNANSWERED, SplitConfig
-from groundtruth.explanations import format_explanation
-from groundtruth.generation import greedy_generate, render_prompt
-from groundtruth.records import Record, safe_key
-from groundtruth.tasks import TASK_MODULES_ENV, TaskSpec, TaskWork, register_task
+from selfexplain.groundtruth.dataset import UNANSWERED, SplitConfig
+from selfexplain.groundtruth.explanations import format_explanation
+from selfexplain.groundtruth.generation import greedy_generate, render_prompt
+from selfexplain.groundtruth.records import Record, safe_key
+from selfexplain.groundtruth.tasks import TASK_MODULES_ENV, TaskSpec, TaskWork, register_task
 
 TASK = "toy_last_word"
 
@@ -59,8 +59,8 @@ register_task(TaskSpec(TASK, ToyConfig, "if the last word were removed, how woul
 
 
 def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
-    from distributed.config import load_config
-    from distributed.pipeline import run as run_pipeline
+    from selfexplain.distributed.config import load_config
+    from selfexplain.distributed.pipeline import run as run_pipeline
 
     # Ray workers import this module by name (task_modules): it must be on their path. Loading the config
     # notes the module in the environment for worker processes: restored after the test, like PYTHONPATH.

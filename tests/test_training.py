@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_records, make_train_job as make_job
-from groundtruth.models import ModelSpec, load_model
-from training.batches import IGNORE, collate, encode_example, micro_batch_order, padding_share
-from training.explainer import ProjectionConfig
-from training.export import CheckpointMismatch, export_differences, export_matches, job_identity, load_explainer
-from training.loss import ExplainerLM
-from training.job import TrainConfig, deepspeed_config
-from training.step import init_process_group_if_needed, initialize_engine, run_training
+from selfexplain.groundtruth.models import ModelSpec, load_model
+from selfexplain.training.batches import IGNORE, collate, encode_example, micro_batch_order, padding_share
+from selfexplain.training.explainer import ProjectionConfig
+from selfexplain.training.export import CheckpointMismatch, export_differences, export_matches, job_identity, load_explainer
+from selfexplain.training.loss import ExplainerLM
+from selfexplain.training.job import TrainConfig, deepspeed_config
+from selfexplain.training.step import init_process_group_if_needed, initialize_engine, run_training
 
 
 def test_labels_cover_exactly_the_explanation_and_eos(tiny):
@@ -131,7 +131,7 @@ def test_a_finished_job_frees_its_model(tmp_path, monkeypatch):
     import gc
     import weakref
 
-    import training.step as step
+    import selfexplain.training.step as step
 
     wrappers = []
 
@@ -169,7 +169,7 @@ def test_export_of_another_config_is_refused(tmp_path):
 
 
 def test_lora_trains_adapters_only_and_exports_them_alone(tmp_path):
-    from training.lora import LoraConfig, LoraLinear, apply_lora, merge_lora_
+    from selfexplain.training.lora import LoraConfig, LoraLinear, apply_lora, merge_lora_
 
     model, _ = load_model(ModelSpec("tiny-llama"))
     ids = torch.tensor([[5, 9, 60, 7]])
@@ -204,8 +204,8 @@ def test_lora_trains_adapters_only_and_exports_them_alone(tmp_path):
 def test_an_export_holds_only_what_trained_and_rebuilds_the_model(tmp_path, source):
     from safetensors.torch import save_file
 
-    from training.explainer import add_vector_tokens
-    from training.export import METADATA, TRAINED, trained_tensors
+    from selfexplain.training.explainer import add_vector_tokens
+    from selfexplain.training.export import METADATA, TRAINED, trained_tensors
 
     model, tok = load_model(ModelSpec(source))
     add_vector_tokens(model, tok)  # 3 rows more, initialised at random
@@ -233,7 +233,7 @@ def test_an_export_holds_only_what_trained_and_rebuilds_the_model(tmp_path, sour
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tmp_path, stage, monkeypatch):
-    import training.step as step
+    import selfexplain.training.step as step
 
     calls = {}
     original = step.load_model
@@ -261,7 +261,7 @@ def test_a_tiny_model_loads_partitioned_under_zero3_with_the_weights_it_has_anyw
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from groundtruth.models import KEEP
+    from selfexplain.groundtruth.models import KEEP
 
     init_process_group_if_needed()
     spec = ModelSpec("tiny-llama:hidden=32,layers=2,vocab=300")

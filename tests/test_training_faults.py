@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from conftest import child_env, make_train_job
-from distributed.config import RayConfig
-from distributed.ray_session import ray_session
-from distributed.train_job import fit_with_ray
-from training import checkpoints
-from training.preemption import PREEMPTED_EXIT_CODE, TRAIN_FAULT_ENV
-from training.step import run_training
+from selfexplain.distributed.config import RayConfig
+from selfexplain.distributed.ray_session import ray_session
+from selfexplain.distributed.train_job import fit_with_ray
+from selfexplain.training import checkpoints
+from selfexplain.training.preemption import PREEMPTED_EXIT_CODE, TRAIN_FAULT_ENV
+from selfexplain.training.step import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_resumes_there(tmp_path
     job = make_train_job(tmp_path, max_steps=100_000, checkpoint_every=10**6, log_every=5)
     spec = tmp_path / "job.json"
     spec.write_text(job.to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "training.step", str(spec)], cwd=ROOT, env=child_env())
+    proc = subprocess.Popen([sys.executable, "-m", "selfexplain.training.step", str(spec)], cwd=ROOT, env=child_env())
     log, deadline = Path(job.out_dir) / "train_log.jsonl", time.time() + 180
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # 10 steps done
         assert proc.poll() is None and time.time() < deadline, "training stopped or stalled before the signal"
@@ -80,7 +80,7 @@ def test_resuming_on_another_number_of_ranks_converts_to_a_universal_checkpoint(
     spec = tmp_path / "more.json"
     spec.write_text(more.to_json())
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.step", str(spec)],
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "selfexplain.training.step", str(spec)],
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step 4/6 (a step0000004 of another world size" in done.stdout
@@ -101,7 +101,7 @@ def test_sigterm_to_the_pipeline_checkpoints_its_ray_train_ranks_and_a_rerun_res
               "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"mode": "disabled"}}
     path = tmp_path / "preempt.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = [sys.executable, "-m", "distributed.cli"]
+    cli = [sys.executable, "-m", "selfexplain.distributed.cli"]
     proc = subprocess.Popen([*cli, "run", str(path)], cwd=ROOT, env=child_env())
     folder = tmp_path / "run" / "explainers" / "input_ablation" / "a_on_a"
     log, deadline = folder / "train_log.jsonl", time.time() + 300

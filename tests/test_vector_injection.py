@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.models import ModelSpec, load_model
 from torch import nn
 
-from training.explainer import (Projection, add_vector_tokens, embedding_norm, key_layers, projected_inputs,
+from selfexplain.training.explainer import (Projection, add_vector_tokens, embedding_norm, key_layers, projected_inputs,
                                 vector_key)
 
 

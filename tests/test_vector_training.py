@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval.generate import Ask, explain, explain_all
-from groundtruth.explanations import format_explanation
-from groundtruth.models import ModelSpec, load_model
-from groundtruth.records import Record, write_split
-from training.batches import encode_prompt
-from training.explainer import Projection, ProjectionConfig, add_vector_tokens, inject, vector_key
-from training.export import load_explainer
-from training.job import TrainConfig, TrainJob
-from training.step import run_training
+from selfexplain.eval.generate import Ask, explain, explain_all
+from selfexplain.groundtruth.explanations import format_explanation
+from selfexplain.groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.records import Record, write_split
+from selfexplain.training.batches import encode_prompt
+from selfexplain.training.explainer import Projection, ProjectionConfig, add_vector_tokens, inject, vector_key
+from selfexplain.training.export import load_explainer
+from selfexplain.training.job import TrainConfig, TrainJob
+from selfexplain.training.step import run_training
 
 D_TARGET = 48
 
@@ -52,16 +52,16 @@ def vector_job(tmp_path, kind: str, **train) -> TrainJob:
 @pytest.fixture()
 def partition_everything(monkeypatch):
     """ZeRO-3 partitions even tiny tensors (it would keep these maps and embeddings whole otherwise)."""
-    import training.step
+    import selfexplain.training.step as step_mod
 
-    original = training.step.deepspeed_config
+    original = step_mod.deepspeed_config
 
     def config(cfg, world):
         out = original(cfg, world)
         out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         return out
 
-    monkeypatch.setattr(training.step, "deepspeed_config", config)
+    monkeypatch.setattr(step_mod, "deepspeed_config", config)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -126,8 +126,8 @@ def test_an_lstsq_projection_is_fitted_once_and_stays_frozen(tmp_path):
 def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, monkeypatch):
     import dataclasses
 
-    import training.projection_fit
-    from training.vectors import prefit_projections
+    import selfexplain.training.projection_fit as projection_fit_mod
+    from selfexplain.training.vectors import prefit_projections
 
     patching = vector_job(tmp_path, "lstsq")
     features_data = tmp_path / "features" / "train"
@@ -136,8 +136,8 @@ def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, 
     features = dataclasses.replace(patching, task="feature_descriptions", data_dir=str(features_data),
                                    out_dir=str(tmp_path / "job-features"))
     calls = []
-    original = training.projection_fit.fit_projection
-    monkeypatch.setattr(training.projection_fit, "fit_projection", lambda keys, *a: calls.append(keys) or original(keys, *a))
+    original = projection_fit_mod.fit_projection
+    monkeypatch.setattr(projection_fit_mod, "fit_projection", lambda keys, *a: calls.append(keys) or original(keys, *a))
     prefit_projections([patching, features])
     assert calls == [["0-1", "2-3", "3"]], "both models ran over the fit passages once"
     shared = original(["0-1", "2-3", "3"], patching.target_spec, patching.explainer_spec, patching.train.projection,
@@ -210,7 +210,7 @@ def test_torchrun_ranks_fit_an_lstsq_projection_once(tmp_path):
     spec = tmp_path / "job.json"
     spec.write_text(job.to_json())
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.step", str(spec)],
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "selfexplain.training.step", str(spec)],
                           cwd=Path(__file__).resolve().parents[1], env=child_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -223,9 +223,9 @@ def test_torchrun_ranks_fit_an_lstsq_projection_once(tmp_path):
 def test_selfexplain_jobs_fits_each_pairs_projection_before_the_ranks_start(tmp_path, capsys):
     import yaml
 
-    from distributed.config import load_config
-    from distributed.train_job import write_job_files
-    from groundtruth.errors import DataSourceError
+    from selfexplain.distributed.config import load_config
+    from selfexplain.distributed.train_job import write_job_files
+    from selfexplain.groundtruth.errors import DataSourceError
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
@@ -253,12 +253,12 @@ def test_a_zero3_export_gathers_only_what_it_keeps(tmp_path, partition_everythin
     it keeps, never a frozen weight it does not write (for a 70B explainer: 141 GB onto rank 0's host)."""
     import deepspeed
 
-    import training.step
-    from training.lora import LoraConfig
+    import selfexplain.training.step as step_mod
+    from selfexplain.training.lora import LoraConfig
 
     gathered: list[set] = []
     exporting = []
-    original_gather, original_export = deepspeed.zero.GatheredParameters, training.step.export_explainer
+    original_gather, original_export = deepspeed.zero.GatheredParameters, step_mod.export_explainer
 
     def gather(params, *args, **kwargs):
         if exporting:
@@ -275,7 +275,7 @@ def test_a_zero3_export_gathers_only_what_it_keeps(tmp_path, partition_everythin
             gathered[:] = [{names.get(i, "?") for i in ids} for ids in gathered]
 
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gather)
-    monkeypatch.setattr(training.step, "export_explainer", export)
+    monkeypatch.setattr(step_mod, "export_explainer", export)
     job = vector_job(tmp_path, "random", max_steps=2, zero_stage=3, train_embeddings=False,
                      lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     run_training(job)
@@ -292,8 +292,8 @@ def test_a_zero3_export_gathers_only_what_it_keeps(tmp_path, partition_everythin
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_pi_computes_in_the_training_precision_at_every_zero_stage(tmp_path, stage, partition_everything):
-    from training.job import deepspeed_config
-    from training.step import _prepare, init_process_group_if_needed
+    from selfexplain.training.job import deepspeed_config
+    from selfexplain.training.step import _prepare, init_process_group_if_needed
 
     job = vector_job(tmp_path, "random", max_steps=1, zero_stage=stage, precision="bf16")
     init_process_group_if_needed()

@@ -9,10 +9,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from groundtruth.errors import ConfigError
-from groundtruth.generation import PromptFormat, render_prompt
-from groundtruth.records import Record
-from groundtruth.tasks import task_spec
+from selfexplain.groundtruth.errors import ConfigError
+from selfexplain.groundtruth.generation import PromptFormat, render_prompt
+from selfexplain.groundtruth.records import Record
+from selfexplain.groundtruth.tasks import task_spec
 
 from .explainer import SPECIAL_TOKENS, VECTOR_TEXT, vector_key
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from groundtruth.errors import BadInput
+from selfexplain.groundtruth.errors import BadInput
 
 META = "selfexplain.json"
 

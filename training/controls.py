@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from groundtruth.records import Record
-from groundtruth.registry import register
-from groundtruth.taskspec import TaskSpec
+from selfexplain.groundtruth.records import Record
+from selfexplain.groundtruth.registry import register
+from selfexplain.groundtruth.taskspec import TaskSpec
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from safetensors.torch import load_file, save
 
-from groundtruth.errors import BadInput
-from groundtruth.models import ModelSpec, load_model, model_device
-from groundtruth.records import data_fingerprint
-from groundtruth.tasks import TASKS
+from selfexplain.groundtruth.errors import BadInput
+from selfexplain.groundtruth.models import ModelSpec, load_model, model_device
+from selfexplain.groundtruth.records import data_fingerprint
+from selfexplain.groundtruth.tasks import TASKS
 
 from .explainer import SPECIAL_TOKENS
 

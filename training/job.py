@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-from groundtruth.generation import PromptFormat
-from groundtruth.layout import CHECKPOINTS, EXPORT, PROJECTION_INIT, STOP, TRAIN_LOG
-from groundtruth.models import ModelSpec
-from groundtruth.records import iter_records
+from selfexplain.groundtruth.generation import PromptFormat
+from selfexplain.groundtruth.layout import CHECKPOINTS, EXPORT, PROJECTION_INIT, STOP, TRAIN_LOG
+from selfexplain.groundtruth.models import ModelSpec
+from selfexplain.groundtruth.records import iter_records
 
 from .controls import TRAINED_CONTROLS
 from .explainer import ProjectionConfig

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from groundtruth.errors import ConfigError
+from selfexplain.groundtruth.errors import ConfigError
 
 
 @dataclass

@@ -4,7 +4,7 @@ SLURM and Kubernetes preempt with SIGTERM (then SIGKILL after a grace period, 30
 `PreemptionWatch` turns SIGTERM into a flag; the training loop asks every step whether any rank has
 it and, if so, every rank writes a checkpoint at the step just finished and the job exits with 143
 (128 + SIGTERM), so a resubmitted job loses no finished step. Signal handlers can only be set from a
-process's main thread: under torchrun, `python -m training.step` or the in-process path the loop's
+process's main thread: under torchrun, `python -m selfexplain.training.step` or the in-process path the loop's
 own process catches SIGTERM. Under Ray Train the loop runs in a worker thread, so the driver catches it
 and writes each running job's stop file (`relay_to`), which the ranks read as the same signal.
 """

@@ -17,10 +17,10 @@ from typing import Optional
 
 import torch
 
-from groundtruth.errors import ConfigError
-from groundtruth.models import ModelSpec, load_model
-from groundtruth.patching import clean_runs, decoder_layers
-from groundtruth.sources.corpus import load_passages
+from selfexplain.groundtruth.errors import ConfigError
+from selfexplain.groundtruth.models import ModelSpec, load_model
+from selfexplain.groundtruth.patching import clean_runs, decoder_layers
+from selfexplain.groundtruth.sources.corpus import load_passages
 
 from .explainer import Projection, ProjectionConfig, ProjectionKind, key_layers
 

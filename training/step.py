@@ -2,7 +2,7 @@
 What a job is lives in training/job.py; how its explainer reads vectors in training/vectors.py.
 
 The loop knows nothing of Ray: `run_training(job)` runs on every rank of an already initialised
-process group (Ray Train sets one up and says which device is the rank's; `python -m training.step
+process group (Ray Train sets one up and says which device is the rank's; `python -m selfexplain.training.step
 JOB.json` under torchrun, or alone as a single process, sets one up itself).
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
-from groundtruth.dataset import DegenerateSetError
-from groundtruth.errors import ConfigError
-from groundtruth.models import KEEP, hidden_size, load_model
+from selfexplain.groundtruth.dataset import DegenerateSetError
+from selfexplain.groundtruth.errors import ConfigError
+from selfexplain.groundtruth.models import KEEP, hidden_size, load_model
 
 from . import checkpoints
 from .allocator import tune_this_process
@@ -317,11 +317,11 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m training.step JOB.json`: one rank of a job, e.g. under torchrun (no Ray)."""
+    """`python -m selfexplain.training.step JOB.json`: one rank of a job, e.g. under torchrun (no Ray)."""
     tune_this_process()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.exit("usage: python -m training.step JOB.json   (run under torchrun for several ranks)")
+        sys.exit("usage: python -m selfexplain.training.step JOB.json   (run under torchrun for several ranks)")
     job = TrainJob.from_json(Path(argv[0]).read_text())
     job.stop_file.unlink(missing_ok=True)  # left by a preempted Ray run; every rank clears it before the rendezvous
     summary = run_training(job)
