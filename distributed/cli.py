@@ -4,6 +4,7 @@
     selfexplain train configs/quickstart.yaml --set train.lr=1e-4 --set train.zero_stage=3
     selfexplain run configs/paper/input_ablation.yaml --dry-run
     selfexplain submit configs/paper/input_ablation.yaml --address http://head:8265 --follow
+    selfexplain convert-export runs/old/explainers/*/*/export
 """
 from __future__ import annotations
 
@@ -55,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="have Ray install this package's requirements for the job (an image without the stack)")
     _add_overrides(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime env; submit nothing")
+    cmd = sub.add_parser("convert-export", help=CONVERT, description=CONVERT)
+    cmd.add_argument("folders", nargs="+", help="export folders, e.g. runs/<name>/explainers/<task>/<pair>/export")
     return parser
 
 
 SUBMIT = "run the whole pipeline as a Ray job on a running cluster (ships this repository)"
+CONVERT = ("rewrite explainer exports of an earlier selfexplain as Hugging Face / PEFT folders, in place "
+           "(no retraining; the base model must be loadable here)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -66,6 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "submit":
         return _submit(args)
+    if args.command == "convert-export":
+        return _convert(args.folders)
     from .config import load_config
     from .pipeline import STAGES, plan, run
     from .preflight import input_problems
@@ -95,6 +102,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         if bad is None:
             raise
         return _bad_input(bad)
+    return 0
+
+
+def _convert(folders: list[str]) -> int:
+    from selfexplain.training.convert import convert_export
+
+    for folder in folders:
+        try:
+            print(f"{folder}: {'converted' if convert_export(folder) else 'already current'}")
+        except BadInput as err:
+            return _bad_input(err)
     return 0
 
 

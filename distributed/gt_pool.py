@@ -33,6 +33,7 @@ from .actor_pool import run_pool
 from .config import RunConfig
 from .ray_session import torch_threads
 from .target_actor import target_actor_class
+from .tracking import log_progress
 from .typed_yaml import stable_hash
 
 EVAL_ONLY_FIELDS = ("judge", "data_efficiency", "discriminative_k")  # task fields that do not change the ground truth
@@ -135,6 +136,7 @@ def _run_tasks(fn, args: list[tuple], desc: str) -> None:
             ready, pending = ray.wait(pending, num_returns=1)
             ray.get(ready[0])
             bar.update(1)
+            log_progress(desc, {"units_done": bar.n, "units_total": bar.total})
 
 
 def run_staged(cfg: RunConfig, recipe: StagedRecipe, ctx: StageContext) -> dict:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from selfexplain.eval.baselines import BASELINES
 from selfexplain.eval.matrix import add_projection_errors, build_matrix, write_matrix
-from selfexplain.eval.report import write_report
+from selfexplain.eval.report import export_results, write_report
 from selfexplain.eval.rows import control_placeholders, plan_rows
 from selfexplain.groundtruth.errors import BadInput
 from selfexplain.groundtruth.models import describe
 from selfexplain.groundtruth.tasks import TASKS
-from selfexplain.training.export import METADATA
+from selfexplain.training.export import METADATA, CheckpointMismatch, read_metadata
 from selfexplain.training.job import deepspeed_config
+from selfexplain.training.model_card import write_model_card
 
 from .config import RunConfig, save_resolved
 from .eval_pool import run_eval_stage
@@ -21,7 +22,7 @@ from .gt_pool import run_groundtruth
 from .preflight import check_inputs
 from .ray_session import ray_session
 from .scaling import scale_plan
-from .tracking import log_to_wandb
+from .tracking import log_to_wandb, pipeline_run
 from .train_job import describe_job, run_train_stage, train_jobs
 from .typed_yaml import to_dict
 
@@ -57,12 +58,23 @@ def eval_and_matrix(cfg: RunConfig) -> dict:
     return matrix
 
 
+def update_model_cards(cfg: RunConfig, matrix: dict) -> None:
+    """Each export's model card gains its matrix cells, controls and baselines beside them."""
+    for job in train_jobs(cfg):
+        try:
+            meta = read_metadata(job.export_dir)
+        except CheckpointMismatch:  # not exported, or of an earlier format (eval named the conversion)
+            continue
+        write_model_card(job.export_dir, meta, export_results(matrix, job.task, job.explainer, job.target) or None)
+
+
 def report(cfg: RunConfig) -> Path:
     path = cfg.layout.matrix
     if not path.exists():
         raise BadInput(f"{path} does not exist: run the eval stage first")
     matrix = json.loads(path.read_text())
     md = write_report(cfg.layout, matrix, cfg.name)
+    update_model_cards(cfg, matrix)
     wandb_dir = log_to_wandb(cfg, matrix, cfg.layout.figures())
     print(f"[report] {md}" + (f"; W&B run in {wandb_dir}" if wandb_dir else ""), flush=True)
     return md
@@ -73,15 +85,16 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
     inputs; config.resolved.yaml is written when they succeed, so it describes what the folder holds."""
     check_inputs(cfg, stages)
     needs_ray = any(s in stages for s in ("groundtruth", "eval")) or ("train" in stages and cfg.train.use_ray)
-    with ray_session(cfg.ray) if needs_ray else nullcontext():
-        if "groundtruth" in stages:
-            run_groundtruth(cfg)
-        if "train" in stages:
-            run_train_stage(cfg)
-        if "eval" in stages:
-            eval_and_matrix(cfg)
-    if "report" in stages:
-        report(cfg)
+    with pipeline_run(cfg):  # W&B: ground truth's and eval's progress as they go, then the results
+        with ray_session(cfg.ray) if needs_ray else nullcontext():
+            if "groundtruth" in stages:
+                run_groundtruth(cfg)
+            if "train" in stages:
+                run_train_stage(cfg)
+            if "eval" in stages:
+                eval_and_matrix(cfg)
+        if "report" in stages:
+            report(cfg)
     save_resolved(cfg)
 
 

@@ -1,21 +1,63 @@
-"""Weights & Biases: one run per pipeline run, offline by default (synced later with `wandb sync`)."""
+"""Weights & Biases, offline by default (`wandb sync` uploads): a pipeline run per command, grouped with
+one run per training job (training/live_log.py: loss, learning rate, tokens/s and memory at every step).
+The pipeline run gets ground truth's and eval's progress as it happens (units, records, rate), then the
+matrix, summary scalars, charts and figures, and a table linking the training jobs' runs."""
 from __future__ import annotations
 
-import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from selfexplain.eval.matrix import cells_of, data_efficiency, headline
 from selfexplain.groundtruth.layout import RunLayout
+from selfexplain.training.job import WandbRun
+from selfexplain.training.live_log import job_run_name
 
 from .config import RunConfig
 from .typed_yaml import to_dict
 
+_PIPELINE_RUN = None
+"""The pipeline's W&B run while a command's stages run (pipeline_run), for progress and results."""
 
-def train_key(job: str, what: str) -> str:
-    """History key of a training job's loss or step; job is '<task>/<explainer>_on_<target>'."""
-    return f"train/{job}/{what}"
+
+def job_wandb(cfg: RunConfig) -> Optional[WandbRun]:
+    """Where the run's training jobs log their curves: the pipeline's project, in its group (none when
+    W&B is off)."""
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if not cfg.wandb.enabled or mode == "disabled":
+        return None
+    return WandbRun(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, group=cfg.name,
+                    dir=str(cfg.run_dir))
+
+
+@contextmanager
+def pipeline_run(cfg: RunConfig) -> Iterator[None]:
+    """The pipeline's W&B run, open while a command's stages run."""
+    global _PIPELINE_RUN
+    where = job_wandb(cfg)
+    if where is None or _PIPELINE_RUN is not None:
+        yield
+        return
+    import wandb
+
+    Path(where.dir).mkdir(parents=True, exist_ok=True)
+    _PIPELINE_RUN = wandb.init(project=where.project, entity=where.entity, mode=where.mode, group=where.group,
+                               name=cfg.name, dir=where.dir, config=to_dict(cfg), job_type="pipeline",
+                               reinit="create_new", settings=wandb.Settings(silent=True))
+    try:
+        yield
+    finally:
+        _PIPELINE_RUN.finish()
+        _PIPELINE_RUN = None
+
+
+def log_progress(stage: str, values: dict) -> None:
+    """A stage's progress into the open pipeline run (nothing when none is open), e.g. stage
+    'groundtruth input_ablation/smollm2', values {'units_done': 3, 'records': 27, 'records_per_s': 4.1}."""
+    if _PIPELINE_RUN is not None:
+        prefix = "progress/" + stage.replace(" ", "/")
+        _PIPELINE_RUN.log({f"{prefix}/{k}": v for k, v in values.items()})
 
 
 def figure_key(image: Path) -> str:
@@ -29,15 +71,19 @@ def train_logs(layout: RunLayout) -> dict[str, Path]:
 
 
 def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[Path]:
-    """Log the matrix as a table, summary scalars per cell, bar charts and heatmaps; return the run folder."""
-    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
-        return None
+    """Log the matrix as a table, summary scalars per cell, bar charts, heatmaps and the training jobs'
+    runs into the pipeline run; return its folder."""
+    with pipeline_run(cfg):
+        run = _PIPELINE_RUN
+        if run is None:
+            return None
+        _log_results(run, cfg, matrix, images)
+        return Path(run.dir).parent
+
+
+def _log_results(run, cfg: RunConfig, matrix: dict, images: list[Path]) -> None:
     import wandb
 
-    os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name, dir=str(cfg.run_dir),
-                     config=to_dict(cfg), job_type="pipeline", reinit="finish_previous")
     cells = cells_of(matrix)
     metric_names = sorted({k for c in cells for k in c.metrics})
     table = wandb.Table(columns=["task", "row", "kind", "explainer", "target", "self", *metric_names])
@@ -62,10 +108,6 @@ def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[P
                 curve, "examples_per_layer", metric, title=f"{task}: {metric} vs train examples per layer ({name})")})
     for image in images:
         run.log({figure_key(image): wandb.Image(str(image))})
-    for name, log in train_logs(cfg.layout).items():
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
-            run.log({train_key(name, "loss"): entry["loss"], train_key(name, "step"): entry["step"]})
-    folder = Path(run.dir).parent
-    run.finish()
-    return folder
+    jobs = wandb.Table(columns=["job", "W&B run", "group"],
+                       data=[[name, job_run_name(cfg.name, name), cfg.name] for name in train_logs(cfg.layout)])
+    run.log({"training_jobs": jobs})

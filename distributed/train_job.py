@@ -19,6 +19,7 @@ from selfexplain.training.vectors import fit_for_job, prefit_projections
 
 from .config import RunConfig
 from .ray_session import torch_threads
+from .tracking import job_wandb
 
 
 def train_jobs(cfg: RunConfig) -> list[TrainJob]:
@@ -39,7 +40,7 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
                         data_dir=str(cfg.layout.split(task, target, "train")),
                         out_dir=str(cfg.layout.explainer(task, target, explainer, n, control)),
                         train=cfg.train.for_task(task), seed=cfg.seed, target_spec=cfg.models[target], max_records_per_layer=n,
-                        control=control))
+                        control=control, wandb=job_wandb(cfg)))
     return jobs
 
 

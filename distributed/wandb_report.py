@@ -1,8 +1,8 @@
 """`selfexplain report CONFIG --wandb`: a W&B report laid out from a finished run.
 
 One section per task: the explainer x target matrix (from matrix.json, per metric), its heatmap and
-data-efficiency figure, and the learning curves of the task's explainers; every panel reads the keys
-`tracking.log_to_wandb` logged (the key functions are shared). Publishing needs W&B online (a login
+data-efficiency figure, and the learning curves of the task's explainers, read from their training jobs'
+runs (training/live_log.py; the run names and keys are shared). Publishing needs W&B online (a login
 and wandb.mode: online); building the report object needs neither, and is what the tests check.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ from selfexplain.eval.report import headline_lines, matrix_table
 from selfexplain.groundtruth.errors import BadInput
 
 from .config import RunConfig
-from .tracking import figure_key, train_key, train_logs
+from selfexplain.training.live_log import job_run_name
+
+from .tracking import figure_key, train_logs
 
 
 def build_report(cfg: RunConfig, matrix: dict, entity: str):
@@ -34,10 +36,15 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
             blocks += [wr.H3(name), wr.MarkdownBlock("\n".join(matrix_table(table, name)))]
         figures = [cfg.layout.figure(kind, task) for kind in ("heatmap", "efficiency")]
         panels: list = [wr.MediaBrowser(title=path.stem, media_keys=[figure_key(path)]) for path in figures if path.exists()]
-        panels += [wr.LinePlot(title=f"loss: {job}", x=wr.Metric(train_key(job, "step")), y=[wr.Metric(train_key(job, "loss"))])
-                   for job in logs if job.split("/")[0] == task.split(":")[0] and ":" not in task]
         if panels:
             blocks.append(wr.PanelGrid(runsets=[runset], panels=panels))
+        if ":" not in task and any(job.split("/")[0] == task for job in logs):
+            # one line per training job of the task: its run's per-step loss
+            jobs = wr.Runset(entity=entity, project=cfg.wandb.project, name=f"{task} training",
+                             query=job_run_name(cfg.name, f"{task}/"))
+            blocks.append(wr.PanelGrid(runsets=[jobs], panels=[
+                wr.LinePlot(title=f"{task}: training loss", x=wr.Metric("Step"), y=[wr.Metric("train/loss")]),
+                wr.LinePlot(title=f"{task}: tokens/s", x=wr.Metric("Step"), y=[wr.Metric("train/tokens_per_s")])]))
     return wr.Report(project=cfg.wandb.project, entity=entity, title=f"selfexplain: {cfg.name}",
                      description="Explainer x target matrices, figures and learning curves", blocks=blocks)
 

@@ -85,6 +85,26 @@ def matrix_table(table: dict, metric: str) -> list[str]:
     return lines
 
 
+def export_results(matrix: dict, task: str, explainer: str, target: str) -> list[str]:
+    """An explainer export's model-card results: per table of its task (out-of-distribution sets too), the
+    rows of this explainer (trained, its controls, untrained) and the baselines on its target, each metric
+    with its interval; empty when the matrix has no cell of it."""
+    lines = []
+    for name, table in matrix["tasks"].items():
+        if name.split(":")[0] != task.split(":")[0]:
+            continue
+        rows = {row_name: row["cells"][target] for row_name, row in table["rows"].items()
+                if target in row["cells"] and (row["explainer"] == explainer or row["kind"] == "baseline")}
+        if not any(table["rows"][r]["explainer"] == explainer for r in rows):
+            continue
+        metrics = table["metrics"]
+        lines += [f"`{name}` on target `{target}` (95% bootstrap intervals; controls and baselines beside the trained row):",
+                  "", f"| row | {' | '.join(metrics)} |", "|---|" + "---|" * len(metrics)]
+        lines += [f"| {r} | {' | '.join(with_interval(cell, m) for m in metrics)} |" for r, cell in rows.items()]
+        lines.append("")
+    return lines
+
+
 def _feature_stats(stats: dict) -> list[str]:
     lines = []
     for layer, m in stats["sae"].items():

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .decode_attention import decode_attention
+from .kv_cache import cache_kwargs
 from .models import model_device
 
 PromptFormat = Literal["auto", "chat", "plain"]
@@ -98,11 +99,11 @@ def _run_prompts(model, batch: Sequence[Sequence[int]], pad_id: int, stop_at: Co
     mask = torch.cat([torch.ones(len(batch), shared, dtype=torch.long), own_mask], dim=1).to(device)
     cache = DynamicCache(config=model.config)
     if shared:
-        model(input_ids=torch.tensor([list(batch[0][:shared])], device=device), past_key_values=cache,
+        model(input_ids=torch.tensor([list(batch[0][:shared])], device=device), **cache_kwargs(model, cache),
               use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(batch))
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]  # as generate() numbers them
-    out = model(input_ids=own_ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=own_ids.to(device), attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
                 use_cache=True, logits_to_keep=1)
     return cache, mask, out.logits[:, -1].float()
 
@@ -197,7 +198,7 @@ def _decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, max_new_toke
             rows = [rows[i] for i in writing]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
                        use_cache=True).logits[:, -1].float()
     return tokens_of
 

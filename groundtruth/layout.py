@@ -6,7 +6,7 @@
                                                  label_stats.json
       explainers/<task>/<explainer>_on_<target>[_<n>_per_layer]/
                                                  export/ (weights, projection.pt, selfexplain.json),
-                                                 checkpoints/, projection_init.pt, train_log.jsonl, STOP
+                                                 checkpoints/, projection_init.safetensors, train_log.jsonl, STOP
       jobs/<task>__<explainer folder>.json        one JOB.json per explainer (torchrun / SLURM)
       ray_train/                                 Ray Train's own storage
       eval/<task or task_set>/<target>/<row>.json one scored cell and its predictions
@@ -25,7 +25,7 @@ RAW = "raw"  # a per-item task's shards before balancing and splitting
 # inside an explainer's folder
 EXPORT = "export"
 CHECKPOINTS = "checkpoints"
-PROJECTION_INIT = "projection_init.pt"
+PROJECTION_INIT = "projection_init.safetensors"
 TRAIN_LOG = "train_log.jsonl"
 STOP = "STOP"  # written by a driver on SIGTERM: the ranks checkpoint and stop
 

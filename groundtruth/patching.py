@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .generation import shared_prefix
+from .kv_cache import cache_kwargs, cache_of
 from .models import model_device
 
 
@@ -105,17 +106,17 @@ def clean_runs(model, prompts: list[torch.Tensor], keep_cache: tuple[int, ...] =
     if shared:
         prefix_states, prefix_out = _hooked_forward(model, prompts[0][None, :shared].to(device), use_cache=True,
                                                     logits_to_keep=1)
-        past = prefix_out.past_key_values
+        past = cache_of(prefix_out)
         past.batch_repeat_interleave(len(prompts))
     # no mask for prompts of one length: the model's plain causal path, exactly what patch_slow runs
     states, out = _hooked_forward(model, input_ids.to(device), attention_mask=mask.to(device) if len(ends) > 1 else None,
-                                  past_key_values=past, use_cache=cache or past is not None,
+                                  **cache_kwargs(model, past), use_cache=cache or past is not None,
                                   logits_to_keep=torch.tensor(ends))  # host index: the head may sit on another GPU
     if prefix_states is not None:
         states = torch.cat([prefix_states.expand(-1, len(prompts), -1, -1), states], dim=2)
     logits = out.logits  # [B, len(ends), V]
     last = decide(torch.stack([logits[row, ends.index(n - 1)] for row, n in enumerate(lengths)]))
-    caches = _rows(out.past_key_values, keep_cache) if cache else {}
+    caches = _rows(cache_of(out), keep_cache) if cache else {}
     return [CleanRun(states[:, row, :shared + n], last[row], caches.get(row)) for row, n in enumerate(lengths)]
 
 
@@ -242,7 +243,7 @@ def prefix_cache(model, x: torch.Tensor, prefix: int, clean: CleanRun):
         cache = copy.deepcopy(clean.cache)
         cache.crop(prefix - len(x))  # a negative count drops that many positions from the end
         return cache
-    return model(input_ids=x[None, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+    return cache_of(model(input_ids=x[None, :prefix], use_cache=True, logits_to_keep=1))
 
 
 def _holds_every_position(cache, length: int) -> bool:
@@ -336,7 +337,8 @@ def _patched_block(model, pairs: list[PairPatches], rows: list[tuple[int, int]],
     handles = [layers[layer].register_forward_hook(_overwrite_hook(where, vectors)) for layer in block]
     try:
         # one unpadded batch of copies of x: no attention mask needed; only the last position's logits
-        return model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
+        return model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=cache is not None,
+                     logits_to_keep=1).logits[:, -1]
     finally:
         for handle in handles:
             handle.remove()

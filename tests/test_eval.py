@@ -250,3 +250,30 @@ def test_sweep_table_pairs_each_run_with_its_best_control_and_the_reference(tmp_
     assert "| trained, zero v |" in table
     assert ref_line.split(" | ")[3].startswith("+0.300") and ref_line.endswith("| - |"), ref_line
     assert longer_line.split(" | ")[3].startswith("+0.000") and longer_line.split(" | ")[4].startswith("+0.300"), longer_line
+
+
+def test_a_model_card_links_a_hub_base_model_and_shows_its_cells_beside_controls_and_baselines():
+    from huggingface_hub import ModelCard
+
+    from selfexplain.eval.report import export_results
+    from selfexplain.training.model_card import model_card
+
+    def row(kind, explainer, value):
+        return {"kind": kind, "explainer": explainer,
+                "cells": {"t": {"accuracy": value, "accuracy_lo": value - 0.1, "accuracy_hi": value + 0.1}}}
+
+    matrix = {"tasks": {"activation_patching": {"metrics": ["accuracy"], "rows": {
+        "a trained": row("trained", "a", 0.7), "a trained, no vector": row("no_vector", "a", 0.5),
+        "b trained": row("trained", "b", 0.6), "majority": row("baseline", "majority", 0.4)}},
+        "input_ablation": {"metrics": ["exact_match"], "rows": {"a trained": row("trained", "a", 0.9)}}}}
+    lines = export_results(matrix, "activation_patching", "a", "t")
+    meta = {"explainer_spec": {"source": "meta-llama/Llama-3.1-8B"}, "weights": "lora", "task": "activation_patching",
+            "explainer": "a", "target": "t", "data": "0" * 64, "steps": 10, "vector_tokens": True,
+            "train": {"lora": {"r": 128}, "lr": 5e-5, "precision": "bf16"}}
+    card = ModelCard(model_card(meta, lines))
+    assert card.data.base_model == "meta-llama/Llama-3.1-8B" and card.data.library_name == "peft"
+    assert "| a trained | 0.700 [0.60, 0.80] |" in card.text and "| a trained, no vector | 0.500 [0.40, 0.60] |" in card.text
+    assert "| majority | 0.400 [0.30, 0.50] |" in card.text
+    assert "b trained" not in card.text and "exact_match" not in card.text, "only this explainer's task and rows"
+    assert "injecting(model, vec_id, mapped)" in card.text
+    assert export_results(matrix, "activation_patching", "c", "t") == [], "no cell of it: no results"

@@ -255,9 +255,9 @@ def test_neuronpedia_export_loads_and_bad_rows_are_named(tmp_path):
     path.write_text(json.dumps(export + [{"layer": "4-x", "description": "no index"}]))
     with pytest.raises(ValueError, match="explanation 3"):
         load_neuronpedia(str(path))
-    no_text = [{"layer": "5-x", "index": "1", "description": None}, {"layer": "5-x", "index": "2"}]
-    path.write_text(json.dumps(export + no_text))
-    assert load_neuronpedia(str(path)) == table, "a row without a description is skipped, never labelled 'None'"
+    path.write_text(json.dumps(export + [{"layer": "5-x", "index": "1", "description": None}]))
+    with pytest.raises(ValueError, match="explanation 3: description must be a non-empty string"):
+        load_neuronpedia(str(path))  # never a feature labelled None
 
 
 def feature_record(layer: int, feature: int, vector, description: str):

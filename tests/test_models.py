@@ -43,3 +43,60 @@ def test_local_folder_round_trip(tmp_path, tiny):
 def test_folder_without_config_fails_clearly(tmp_path):
     with pytest.raises(ModelSpecError, match="has no config.json"):
         load_model(ModelSpec(str(tmp_path)))
+
+
+def test_the_kv_cache_goes_by_the_name_the_model_takes(tiny):
+    """transformers renamed past_key_values to cache: a model whose forward takes `cache` gets it (no
+    deprecation warning from the pinned version), one that takes only `past_key_values` (the GPU image's
+    5.17) gets that; outputs are read under the name their class declares."""
+    import logging
+    import warnings
+    from dataclasses import dataclass
+
+    from selfexplain.groundtruth.generation import greedy_generate
+    from selfexplain.groundtruth.kv_cache import cache_kwargs, cache_of
+    from selfexplain.groundtruth.patching import clean_runs
+
+    model, tok = tiny
+
+    class OldModel:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    @dataclass
+    class OldOutput:
+        past_key_values: object = None
+
+    assert cache_kwargs(OldModel(), "kv") == {"past_key_values": "kv"} and cache_of(OldOutput("kv")) == "kv"
+    assert cache_kwargs(model, "kv") == {"cache": "kv"}
+    out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert cache_of(out) is not None and cache_of(out).get_seq_length() == 3
+    def deprecations(run) -> list[str]:
+        """What transformers says is deprecated while `run` runs: its logger and Python warnings."""
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())
+        logging.Logger.warning_once.cache_clear()  # transformers warns once per process: each run must be able to
+        logger = logging.getLogger("transformers")
+        level = logger.level  # other tests quieten transformers
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        return [m for m in seen + [str(w.message) for w in caught] if "deprecated" in m]
+
+    prompts = [tok("Hello there").input_ids, tok("Hello you").input_ids]
+    assert deprecations(lambda: greedy_generate(model, tok, prompts, max_new_tokens=3)) == []
+    same_length = [torch.tensor(tok(text).input_ids) for text in ("The cat sat", "The dog sat")]
+    assert deprecations(lambda: clean_runs(model, same_length, keep_cache=(0,))[0].cache.get_seq_length()) == []
+
+    def old_names():
+        out = model(input_ids=torch.tensor([[5, 6]]), use_cache=True)
+        model(input_ids=torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True)
+
+    assert len(deprecations(old_names)) == 2, "the check can see the old names"

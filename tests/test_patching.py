@@ -202,7 +202,7 @@ def test_counterfact_loader_reads_the_published_format(tmp_path):
         assert p.x.template == p.x_prime.template
         assert {p.x.answer, p.x_prime.answer} <= set(p.options) and len(p.options) == 3
     path.write_text(json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is"}}]))
-    with pytest.raises(ValueError, match="record 0 lacks requested_rewrite field 'subject'"):
+    with pytest.raises(ValueError, match="record 0: requested_rewrite.subject must be a non-empty string"):
         load_counterfact(str(path))
 
 

@@ -9,17 +9,20 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import wandb_workspaces.reports.v2 as wr
 import yaml
+from wandb_log import history, run_info
 
 from selfexplain.distributed.cli import main as cli_main
 from selfexplain.distributed.config import load_config
 from selfexplain.distributed.gt_pool import FAULT_ENV
 from selfexplain.distributed.pipeline import run
-from selfexplain.distributed.tracking import figure_key, train_key, train_logs
+from selfexplain.distributed.tracking import figure_key, train_logs
 from selfexplain.distributed.wandb_report import build_report
 from selfexplain.groundtruth.ablation import build_items
 from selfexplain.groundtruth.records import iter_records, read_manifest, safe_key, sha256_file
+from selfexplain.training.live_log import job_run_name
 
 CONFIG = {
     "name": "e2e",
@@ -104,7 +107,18 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert 0 < patch_stats["train"]["changed_rate"] < 1 and "near_ties" in patch_stats["raw"]
     assert list(patching["projection_fit_error"]) == ["b<-a"]
     cross = cfg.run_dir / "explainers" / "activation_patching" / "b_on_a" / "export"
-    assert (cross / "projection.pt").exists()
+    assert (cross / "projection.safetensors").exists()
+    # a full fine-tune's export is a model folder: transformers loads it as load_explainer does; report fills its card
+    from transformers import AutoModelForCausalLM
+
+    from selfexplain.training.explainer import VECTOR_TEXT
+    from selfexplain.training.export import load_explainer
+
+    mine, tok, _ = load_explainer(cross)
+    ids = tok(f"Explain {VECTOR_TEXT}", return_tensors="pt").input_ids
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(cross)(input_ids=ids).logits, mine(input_ids=ids).logits)
+    card = (cross / "README.md").read_text()
+    assert "| b trained |" in card and "| b trained, zero v |" in card and "| majority |" in card and "| a trained |" not in card
     assert json.loads((cross / "selfexplain.json").read_text())["projection"]["kind"] == "lstsq"
     assert "lstsq projection b<-a" in (cfg.run_dir / "report.md").read_text()
     assert list((cfg.run_dir / "wandb").glob("offline-run-*"))
@@ -143,8 +157,29 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     report = build_report(cfg, matrix, entity="someone")
     assert [b.text for b in report.blocks if isinstance(b, wr.H1)] == list(matrix["tasks"])
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
-    curves = {p.y[0].name for g in grids for p in g.panels if isinstance(p, wr.LinePlot)}
-    assert curves == {train_key(job, "loss") for job in train_logs(cfg.layout)} and len(curves) == 7
+    curves = {(g.runsets[0].query, p.y[0].name) for g in grids for p in g.panels if isinstance(p, wr.LinePlot)}
+    jobs = train_logs(cfg.layout)
+    assert {query for query, key in curves if key == "train/loss"} == {
+        job_run_name(cfg.name, job.split("/")[0] + "/") for job in jobs}, "each task's loss curves: its jobs' runs"
+    # ... and the runs are there: one per training job, grouped under the pipeline run, a history row per step
+    # logged while the job trained (each before its export was written), beside the pipeline's own run
+    runs = {}
+    for log in (cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
+        info = run_info(log)
+        runs.setdefault(info["job_type"], []).append((info, history(log)))
+    assert len(jobs) == 7 and sorted(i["name"] for i, _ in runs["train"]) == sorted(job_run_name(cfg.name, j) for j in jobs)
+    assert {i["group"] for kind in runs.values() for i, _ in kind} == {cfg.name}
+    for info, rows in runs["train"]:
+        export = cfg.run_dir / "explainers" / info["name"].removeprefix(f"{cfg.name}/") / "export"
+        assert [r["_step"] for r in rows] == [1, 2, 3, 4] and all(r["train/tokens_per_s"] > 0 for r in rows)
+        assert all("train/loss" in r and "train/lr" in r and "train/memory_gb" in r for r in rows)
+        assert rows[-1]["_timestamp"] <= (export / "selfexplain.json").stat().st_mtime, "logged as it trained"
+    pipeline_rows = [r for _, rows in runs["pipeline"] for r in rows]
+    progress = {k for r in pipeline_rows for k in r if k.startswith("progress/groundtruth/input_ablation/a/")}
+    assert {"progress/groundtruth/input_ablation/a/records", "progress/groundtruth/input_ablation/a/records_per_s"} <= progress
+    assert any(k.startswith("progress/eval") for r in pipeline_rows for k in r)
+    tables = {k: v["nrows"] for r in pipeline_rows for k, v in r.items() if isinstance(v, dict) and v.get("_type") == "table-file"}
+    assert tables["training_jobs"] == 7 and tables["matrix"] > 0, "the pipeline run links its jobs beside the matrix"
     media = {k for g in grids for p in g.panels if isinstance(p, wr.MediaBrowser) for k in p.media_keys}
     assert media == {figure_key(p) for p in cfg.run_dir.glob("*.png")} and "figures/efficiency_feature_descriptions" in media
     capsys.readouterr()
@@ -152,7 +187,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert "a report lives on the W&B server" in capsys.readouterr().err
 
     # a rerun of finished stages is a no-op: no shard, export or eval cell is rewritten
-    watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/trained.safetensors")) \
+    watched = list(gt.rglob("*.tar")) + list(cfg.run_dir.glob("explainers/*/*/export/*.safetensors")) \
         + list(cfg.run_dir.glob("eval/*/*/*.json")) + list(fgt.rglob("*.tar")) + list(fgt.rglob("layer_*.npy"))
     assert any("export" in str(p) for p in watched), "the exports are among what is watched"
     before = {p: p.stat().st_mtime_ns for p in watched}

@@ -73,3 +73,45 @@ def test_gemma_fast_patcher_matches_the_reference():
     _, _, clean, slow = fast_equals_slow(model, tok, "The official language of Brazil is",
                                          "The official language of Japan is")
     assert any(token != clean for token in slow), "some patch changes Gemma's answer"
+
+
+def test_a_smollm2_lora_export_loads_with_peft_as_load_explainer_does(tmp_path):
+    """The packaged model's GGUF tokenizer, saved with the vector tokens, reloads as the same tokenizer, and
+    the adapter folder rebuilds on a fresh SmolLM2 the model training left (same logits)."""
+    import dataclasses
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from selfexplain.training.explainer import VECTOR_TEXT, add_vector_tokens
+    from selfexplain.training.export import FORMAT, METADATA, load_explainer
+    from selfexplain.training.export_format import write_weights
+    from selfexplain.training.lora import LoraConfig, apply_lora
+
+    spec, lora = ModelSpec("smollm2-135m-instruct"), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    model, tok = load_model(spec)
+    add_vector_tokens(model, tok)
+    model = apply_lora(model, lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.02)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    weights = write_weights(folder, model, tok, model.state_dict(), {n for n, p in model.named_parameters() if p.requires_grad},
+                            lora, spec.source)
+    (folder / METADATA).write_text(json.dumps({"explainer_spec": dataclasses.asdict(spec), "format": FORMAT,
+                                               "weights": weights, "vector_tokens": True}))
+    text = f"The capital of France is {VECTOR_TEXT} Paris"
+    ids = tok(text, return_tensors="pt").input_ids
+    want = model(input_ids=ids).logits
+    direct_tok = AutoTokenizer.from_pretrained(folder)
+    assert direct_tok(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    base, _ = load_model(spec)
+    base.resize_token_embeddings(len(direct_tok))
+    assert torch.allclose(PeftModel.from_pretrained(base, str(folder))(input_ids=ids).logits, want, atol=1e-4)
+    loaded, _, _ = load_explainer(folder)
+    assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-4)

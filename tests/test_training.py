@@ -168,67 +168,172 @@ def test_export_of_another_config_is_refused(tmp_path):
     assert "projection" not in job_identity(job)["train"]
 
 
-def test_lora_trains_adapters_only_and_exports_them_alone(tmp_path):
-    from selfexplain.training.lora import LoraConfig, LoraLinear, apply_lora, merge_lora_
+def test_lora_adapters_are_w_plus_scaled_ba_and_train_alone(tmp_path):
+    from selfexplain.training.lora import LoraConfig, adapted_layers, apply_lora
 
     model, _ = load_model(ModelSpec("tiny-llama"))
     ids = torch.tensor([[5, 9, 60, 7]])
     reference = model(input_ids=ids).logits
-    n = apply_lora(model, LoraConfig(r=4, alpha=8))
-    assert n == 7 * 2 and isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    assert adapted_layers(model) == 7 * 2
     assert torch.allclose(model(input_ids=ids).logits, reference), "B = 0: adapters start as a no-op"
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(name.endswith(("lora_a", "lora_b")) for name in trainable)
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    torch.manual_seed(1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.lora_b.normal_()
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_()
     adapted = model(input_ids=ids).logits
-    assert merge_lora_(model) == 14 and not any(isinstance(m, LoraLinear) for m in model.modules())
-    assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4), "merged weights = base + adapters"
     assert not torch.allclose(adapted, reference)
+    # the slow obvious reference: every adapted weight replaced by W + (alpha / r) B A in a plain copy
+    by_hand, _ = load_model(ModelSpec("tiny-llama"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in by_hand.named_parameters():
+            layer = "base_model.model." + name.removesuffix(".weight")
+            if f"{layer}.lora_A.default.weight" in params:
+                a, b = params[f"{layer}.lora_A.default.weight"], params[f"{layer}.lora_B.default.weight"]
+                p.add_(8 / 4 * b @ a)
+    assert torch.allclose(by_hand(input_ids=ids).logits, adapted, atol=1e-5)
+
+
+def test_a_lora_export_is_a_peft_adapter_folder_that_peft_loads_alone(tmp_path):
+    from peft import PeftModel
+
+    from selfexplain.training.lora import LoraConfig
 
     job = make_job(tmp_path, max_steps=6, lora=LoraConfig(r=8, alpha=16), train_embeddings=False)
     run_training(job)
-    saved = load_file(job.export_dir / "trained.safetensors")
-    assert saved and all(k.endswith(("lora_a", "lora_b")) or k.startswith("vector_token_rows") for k in saved)
-    exported, _, _ = load_explainer(job.export_dir, {"task": "input_ablation"})
-    assert not any("lora" in name for name, _ in exported.named_parameters())
+    export = Path(job.export_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "selfexplain.json", "README.md",
+            "tokenizer.json"} <= {f.name for f in export.iterdir()}
+    saved = load_file(export / "adapter_model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), "adapters only: nothing frozen"
+    exported, tok, _ = load_explainer(export, {"task": "input_ablation"})
+    assert not any("lora" in name for name, _ in exported.named_parameters()), "merged into the base weights"
     base, _ = load_model(ModelSpec("tiny-llama"))
     changed = [n for n, p in exported.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert any("q_proj" in n for n in changed), "adapted weights moved"
     assert not any("norm" in n or "embed" in n for n in changed), "frozen weights (embeddings included) did not"
+    direct = PeftModel.from_pretrained(base, str(export))
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert torch.allclose(direct(input_ids=ids).logits, exported(input_ids=ids).logits, atol=1e-5)
+    check_hub_folder(export, library="peft", base_model=None)
+
+
+def check_hub_folder(folder: Path, library: str, base_model) -> None:
+    """What `huggingface-cli upload REPO FOLDER` publishes as it is: a model card whose metadata header the
+    Hub parses (library, pipeline tag, tags; base_model only a hub id), and nothing it would skip or choke on."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == library and card.data.pipeline_tag == "text-generation"
+    assert "selfexplain" in card.data.tags and card.data.to_dict().get("base_model") == base_model
+    assert "## Results" in card.text and "load_explainer" in card.text
+    assert not [f.name for f in folder.iterdir() if f.name.startswith(".") or f.is_dir()]
 
 
 @pytest.mark.parametrize("source", ["tiny-llama", "tiny-gemma"])  # an untied and a tied LM head
-def test_an_export_holds_only_what_trained_and_rebuilds_the_model(tmp_path, source):
-    from safetensors.torch import save_file
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_export_folder_loads_with_transformers_or_peft_as_load_explainer_does(tmp_path, source, lora):
+    """The model training left (vector tokens added at random, some weights moved) is what both the
+    ecosystem's loaders and load_explainer rebuild from the folder: same tokenizer, same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selfexplain.training.explainer import add_vector_tokens
-    from selfexplain.training.export import METADATA, TRAINED, trained_tensors
+    from selfexplain.training.explainer import VECTOR_TEXT, add_vector_tokens
+    from selfexplain.training.export import FORMAT, METADATA
+    from selfexplain.training.export_format import write_weights
+    from selfexplain.training.lora import LoraConfig, apply_lora
 
     model, tok = load_model(ModelSpec(source))
-    add_vector_tokens(model, tok)  # 3 rows more, initialised at random
-    model.get_input_embeddings().weight.requires_grad_(False)  # train_embeddings: false (an untied head trains)
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    add_vector_tokens(model, tok)  # 3 rows more, initialised at random; train_embeddings: false
+    if lora:
+        model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    model.get_input_embeddings().weight.requires_grad_(False)
+    torch.manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p))
-    tensors = trained_tensors(model, tok, model.state_dict())
-    assert "model.embed_tokens.weight" not in tensors and ("lm_head.weight" in tensors) == (not tied)
-    assert tensors["vector_token_rows.input"].shape == (3, model.config.hidden_size)
-    assert "vector_token_rows.output" not in tensors, "a tied head shares the input rows; an untied one trained"
+                p.add_(torch.randn_like(p) * 0.1)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
     folder = tmp_path / "export"
     folder.mkdir()
-    save_file(tensors, folder / TRAINED)
-    (folder / METADATA).write_text(json.dumps({"explainer_spec": dataclasses.asdict(ModelSpec(source)),
-                                               "train": {"lora": None}, "vector_tokens": True}))
+    weights = write_weights(folder, model, tok, model.state_dict(), trained, LoraConfig(r=4, alpha=8) if lora else None,
+                            source)
+    (folder / METADATA).write_text(json.dumps({"explainer_spec": dataclasses.asdict(ModelSpec(source)), "format": FORMAT,
+                                               "weights": weights, "vector_tokens": True}))
+    ids = tok(f"Explain {VECTOR_TEXT} now", return_tensors="pt").input_ids
+    want = model(input_ids=ids).logits
     loaded, loaded_tok, _ = load_explainer(folder)
-    assert len(loaded_tok) == len(tok)
-    rebuilt = loaded.state_dict()
-    assert all(torch.equal(rebuilt[name], value) for name, value in model.state_dict().items()), \
-        "base + trained tensors + the vector rows = the trained model"
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+    direct_tok = AutoTokenizer.from_pretrained(folder)
+    assert direct_tok(f"Explain {VECTOR_TEXT} now", return_tensors="pt").input_ids.tolist() == ids.tolist()
+    if lora:
+        adapter = load_file(folder / "adapter_model.safetensors")
+        rows = [k for k in adapter if "trainable_tokens" in k]
+        assert len(rows) == (1 if source == "tiny-gemma" else 2), "a tied head shares the input rows"
+        base, _ = load_model(ModelSpec(source))
+        base.resize_token_embeddings(len(direct_tok))  # rows added at random: the adapter carries their values
+        direct = PeftModel.from_pretrained(base, str(folder))
+    else:
+        direct = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.allclose(direct(input_ids=ids).logits, want, atol=1e-5)
+
+
+def test_an_export_of_the_earlier_format_is_refused_with_how_to_convert(tmp_path):
+    job = make_job(tmp_path, max_steps=2)
+    run_training(job)
+    meta = json.loads((job.export_dir / "selfexplain.json").read_text())
+    for produced in ("format", "weights"):
+        meta.pop(produced)
+    (job.export_dir / "selfexplain.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatch, match=r"earlier selfexplain \(format 1.*selfexplain convert-export"):
+        load_explainer(job.export_dir)
+    assert export_matches(job), "the stage does not retrain it silently: eval names the conversion"
+
+
+def test_convert_export_rewrites_a_format_1_lora_export_into_the_model_it_held(tmp_path, capsys):
+    """A format-1 export written by hand (adapters as lora_a / lora_b, untrained [vec] rows, projection.pt)
+    converts, without retraining, into a folder whose model is W + (alpha / r) B A with those rows."""
+    from selfexplain.distributed.cli import main as cli_main
+    from selfexplain.training.explainer import VECTOR_TEXT, Projection, add_vector_tokens
+    from safetensors.torch import save_file
+
+    expected, tok = load_model(ModelSpec("tiny-llama"))
+    ids_ = add_vector_tokens(expected, tok)
+    rows = [ids_.begin, ids_.vec, ids_.end]
+    torch.manual_seed(3)
+    tensors = {"vector_token_rows.input": torch.randn(3, 32), "vector_token_rows.output": torch.randn(3, 32)}
+    with torch.no_grad():
+        expected.get_input_embeddings().weight[rows] = tensors["vector_token_rows.input"]
+        expected.get_output_embeddings().weight[rows] = tensors["vector_token_rows.output"]
+        for i, layer in enumerate(expected.model.layers):
+            a, b = torch.randn(4, 32) * 0.1, torch.randn(32, 4) * 0.1
+            tensors |= {f"model.layers.{i}.self_attn.q_proj.lora_a": a, f"model.layers.{i}.self_attn.q_proj.lora_b": b}
+            layer.self_attn.q_proj.weight.add_(8 / 4 * b @ a)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    save_file(tensors, folder / "trained.safetensors")
+    pi = Projection("random", ["1"], 32, 32)
+    torch.save({"kind": "random", "keys": ["1"], "d_target": 32, "d_explainer": 32, "maps": {"1": pi.weight("1").detach()},
+                "fit_error": {}, "norm": None}, folder / "projection.pt")
+    meta = {"explainer_spec": dataclasses.asdict(ModelSpec("tiny-llama")), "vector_tokens": True, "task": "activation_patching",
+            "explainer": "tiny", "target": "t", "data": "0" * 64, "steps": 3,
+            "projection": {"kind": "random", "keys": ["1"], "fit_error": {}, "norm": None},
+            "train": {"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}, "lr": 1e-3, "precision": "fp32"}}
+    (folder / "selfexplain.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatch, match="convert-export"):
+        load_explainer(folder)
+    assert cli_main(["convert-export", str(folder)]) == 0 and "converted" in capsys.readouterr().out
+    assert not (folder / "trained.safetensors").exists() and (folder / "adapter_config.json").exists()
+    model, loaded_tok, projection = load_explainer(folder)
+    ids = loaded_tok(f"Explain {VECTOR_TEXT} now", return_tensors="pt").input_ids
+    assert torch.allclose(model(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5)
+    assert torch.equal(projection.weight("1"), pi.weight("1").detach())
+    assert cli_main(["convert-export", str(folder)]) == 0 and "already current" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stage", [2, 3])

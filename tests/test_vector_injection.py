@@ -85,8 +85,8 @@ def test_lstsq_recovers_a_linear_map():
 def test_projection_round_trips_through_its_file(tmp_path):
     projection = Projection("random", ["0-3", "4-7"], 48, 32)
     projection.fit_error["0-3"] = {"fit": 0.5}
-    projection.save(tmp_path / "projection.pt")
-    loaded = Projection.load(tmp_path / "projection.pt")
+    projection.save(tmp_path / "projection.safetensors")
+    loaded = Projection.load(tmp_path / "projection.safetensors")
     assert loaded.keys == ["0-3", "4-7"] and loaded.fit_error == {"0-3": {"fit": 0.5}}
     vectors = torch.randn(3, 48)
     assert torch.equal(loaded(vectors, ["0-3", "4-7", "0-3"]), projection(vectors, ["0-3", "4-7", "0-3"]))

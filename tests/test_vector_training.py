@@ -282,12 +282,15 @@ def test_a_zero3_export_gathers_only_what_it_keeps(tmp_path, partition_everythin
     names = set().union(*gathered)
     assert names and all(len(g) == 1 for g in gathered), "one parameter at a time"
     kept = {n for n in names if "lora_" in n or n.startswith("projection.")}
-    assert names - kept == {"model.model.embed_tokens.weight", "model.lm_head.weight"}, names - kept
-    assert not any(n.endswith("base.weight") or "mlp" in n or "norm" in n for n in names)
+    assert names - kept == {"model.base_model.model.model.embed_tokens.weight",
+                            "model.base_model.model.lm_head.weight"}, names - kept
+    assert not any(n.endswith("base_layer.weight") or "mlp" in n or "norm" in n for n in names)
     model, tok, projection = load_explainer(job.export_dir, {"task": "activation_patching"})
-    saved = load_file(job.export_dir / "trained.safetensors")
-    assert {k for k in saved if k.startswith("vector_token_rows")} == {"vector_token_rows.input", "vector_token_rows.output"}
-    assert sum(k.endswith("lora_a") for k in saved) == 2 * 2 and projection.keys == ["0-1", "2-3"]
+    saved = load_file(job.export_dir / "adapter_model.safetensors")
+    assert {k for k in saved if "trainable_tokens" in k} == {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta"}, "the [vec] rows of both untied matrices"
+    assert sum(".lora_A." in k for k in saved) == 2 * 2 and projection.keys == ["0-1", "2-3"]
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

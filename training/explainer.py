@@ -7,6 +7,7 @@ projection maps the target's hidden size to the explainer's (docs/METHOD.md sect
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,20 +181,33 @@ class Projection(nn.Module):
         return part
 
     def save(self, path: Path) -> None:
-        """Weights and settings in one file (torch.load(weights_only=True) reads it back)."""
-        torch.save({"kind": self.kind, "keys": self.keys, "d_target": self.d_target, "d_explainer": self.d_explainer,
-                    "maps": {k: self.weight(k).detach().float().cpu() for k in self.maps},
-                    "fit_error": self.fit_error, "norm": self.norm}, path)
+        """One safetensors file: each key's map [d_explainer, d_target] (float32) under its key, the settings
+        as JSON in the header's metadata (any safetensors reader opens it; `load` rebuilds the module)."""
+        from safetensors.torch import save
+
+        settings = {"kind": self.kind, "keys": self.keys, "d_target": self.d_target, "d_explainer": self.d_explainer,
+                    "fit_error": self.fit_error, "norm": self.norm}
+        maps = {k: self.weight(k).detach().float().cpu().contiguous() for k in self.maps}
+        # bytes written through Python, not save_file: that creates the file 0600, whatever the umask
+        Path(path).write_bytes(save(maps, metadata={"selfexplain.projection": json.dumps(settings)}))
 
     @classmethod
     def load(cls, path: Path, trainable: bool = False) -> "Projection":
-        saved = torch.load(path, weights_only=True)
-        projection = cls(saved["kind"], saved["keys"], saved["d_target"], saved["d_explainer"], trainable=trainable)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            header = (f.metadata() or {}).get("selfexplain.projection")
+            if header is None:
+                raise ValueError(f"{path} holds no projection settings (metadata 'selfexplain.projection')")
+            settings = json.loads(header)
+            maps = {key: f.get_tensor(key) for key in f.keys()}
+        projection = cls(settings["kind"], settings["keys"], settings["d_target"], settings["d_explainer"],
+                         trainable=trainable)
         with torch.no_grad():
-            for key, weight in saved["maps"].items():
+            for key, weight in maps.items():
                 projection.weight(key).copy_(weight)
-        projection.fit_error = saved["fit_error"]
-        projection.norm = saved.get("norm")
+        projection.fit_error = settings["fit_error"]
+        projection.norm = settings.get("norm")
         return projection
 
 

@@ -1,5 +1,6 @@
-"""Trained explainers as the tensors training changed (safetensors, in the training precision), with
-metadata that names the base model they apply to and ties them to their config."""
+"""Trained explainers as folders the ecosystem loads (training/export_format.py: a Hugging Face model folder
+or a PEFT adapter folder, with the tokenizer), beside Pi (safetensors), the job's identity (selfexplain.json,
+which ties the export to its config) and a model card (README.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,23 +11,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from safetensors.torch import load_file, save
 
 from selfexplain.groundtruth.errors import BadInput
-from selfexplain.groundtruth.models import ModelSpec, load_model, model_device
+from selfexplain.groundtruth.models import ModelSpec, model_device
 from selfexplain.groundtruth.records import data_fingerprint
 from selfexplain.groundtruth.tasks import TASKS
 
-from .explainer import SPECIAL_TOKENS
+from .export_format import embedding_params, has_vector_tokens, read_weights, write_weights
+from .model_card import write_model_card
 
 if TYPE_CHECKING:
     from .job import TrainJob
 
 METADATA = "selfexplain.json"
-PROJECTION = "projection.pt"  # Pi, next to the weights, for explainers of vector tasks
-TRAINED = "trained.safetensors"
-"""The tensors training changed, in the training precision; METADATA names the base model they apply to."""
-VECTOR_ROWS = "vector_token_rows"  # rows of the [begin][vec][end] tokens in embeddings that did not train
+"""The job's identity (what the export must match to be reused), what the run produced, and the format."""
+PROJECTION = "projection.safetensors"  # Pi, next to the weights, for explainers of vector tasks
+FORMAT = 2
+"""Version of the export folder's layout; 1 (no 'format' field) held `trained.safetensors` and `projection.pt`,
+which `selfexplain convert-export` rewrites."""
+LEGACY_WEIGHTS = "trained.safetensors"
 
 
 class CheckpointMismatch(BadInput, ValueError):
@@ -57,53 +60,20 @@ def job_identity(job: "TrainJob") -> dict:
       | ({"control": job.control} if job.control else {})
 
 
-def _param_name(model, weight) -> Optional[str]:
-    return next((name for name, p in model.named_parameters() if p is weight), None)
-
-
-def has_vector_tokens(tokenizer) -> bool:
-    return all(t in tokenizer.get_vocab() for t in SPECIAL_TOKENS)
-
-
-def trained_tensors(model, tokenizer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What training changed, from a full state dict of the model (gathered under ZeRO-3): every
-    parameter that required grad (LoRA adapters as they are), plus the [begin][vec][end] rows of
-    embeddings that did not train (the rows were added for them and initialised at random)."""
-    out = {name: state[name] for name, p in model.named_parameters() if p.requires_grad}
-    if has_vector_tokens(tokenizer):
-        out.update(_untrained_vector_rows(model, tokenizer, state, trained=set(out)))
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
-
-
-def _untrained_vector_rows(model, tokenizer, state: dict[str, torch.Tensor],
-                           trained: set[str]) -> dict[str, torch.Tensor]:
-    """The [begin][vec][end] rows of each embedding matrix that did not train, keyed by side."""
-    rows = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    embeddings = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
-    if embeddings["output"] is not None and embeddings["output"].weight is embeddings["input"].weight:
-        del embeddings["output"]  # tied: one matrix
-    out = {}
-    for side, module in embeddings.items():
-        name = _param_name(model, module.weight) if module is not None else None
-        if name is not None and name not in trained and name in state and state[name].shape[0] > max(rows):
-            out[f"{VECTOR_ROWS}.{side}"] = state[name][rows]
-    return out
-
-
-def _zero3_exported(wrapper, tokenizer, rank: int) -> dict[str, torch.Tensor]:
+def _zero3_exported(wrapper, tokenizer, rank: int, full: bool) -> dict[str, torch.Tensor]:
     """What an export holds, gathered from ZeRO-3 partitions one parameter at a time onto rank 0's host:
-    the parameters that trained, Pi, and the embedding matrices whose [vec] rows it keeps. Never the
-    frozen rest (a 70B LoRA explainer: ~3 GB of adapters, not 141 GB of weights). Every rank calls it,
-    and every rank walks the same parameters in the same order (each gather is a collective)."""
+    every weight for a full fine-tune (a model folder is whole); for an adapter only the parameters that
+    trained, Pi, and the embedding matrices whose [vec] rows it keeps, never the frozen rest (a 70B LoRA
+    explainer: ~3 GB of adapters, not 141 GB of weights). Every rank calls it and walks the same parameters
+    in the same order (each gather is a collective)."""
     import deepspeed
 
-    model = wrapper.model
     rows_of = set()
     if has_vector_tokens(tokenizer):
-        rows_of = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        rows_of = {f"model.{param}" for _, param in embedding_params(wrapper.model).values()}
     out = {}
     for name, p in wrapper.named_parameters():
-        if not (p.requires_grad or name.startswith("projection.") or id(p) in rows_of):
+        if not (full or p.requires_grad or name.startswith("projection.") or name in rows_of):
             continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank == 0:
@@ -112,12 +82,12 @@ def _zero3_exported(wrapper, tokenizer, rank: int) -> dict[str, torch.Tensor]:
 
 
 def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, steps: int) -> Path:
-    """Write job.export_dir atomically: the trained tensors in the training precision (safetensors), Pi,
-    and the metadata naming the base model they apply to (under ZeRO-3 what they need is gathered first).
-    Call on every rank."""
+    """Write job.export_dir atomically: the weights as a model or adapter folder with the tokenizer (in
+    the training precision), Pi, the job's identity and a model card (under ZeRO-3 what they need is
+    gathered first). Call on every rank."""
     state, projection_state = None, None
     if engine.zero_optimization_stage() == 3:
-        gathered = _zero3_exported(wrapper, tokenizer, rank)  # collective: every rank takes part
+        gathered = _zero3_exported(wrapper, tokenizer, rank, full=job.train.lora is None)  # collective
         if rank == 0:
             state = {k.removeprefix("model."): v for k, v in gathered.items() if k.startswith("model.")}
             projection_state = {k.removeprefix("projection."): v for k, v in gathered.items() if k.startswith("projection.")}
@@ -127,10 +97,12 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = state if state is not None else wrapper.model.state_dict()
-    # bytes written through Python, not save_file: that creates the file 0600, whatever the umask
-    (tmp / TRAINED).write_bytes(save(trained_tensors(wrapper.model, tokenizer, state)))
-    meta = {**job_identity(job), "steps": steps, "vector_tokens": has_vector_tokens(tokenizer)}
+    model = wrapper.model
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = write_weights(tmp, model, tokenizer, state if state is not None else model.state_dict(), trained,
+                            job.train.lora, job.explainer_spec.source)
+    meta = {**job_identity(job), "steps": steps, "vector_tokens": has_vector_tokens(tokenizer), "format": FORMAT,
+            "weights": weights}
     projection = wrapper.projection
     if projection is not None:
         if projection_state:  # ZeRO-3: the module's own parameters are partitioned; save a gathered copy
@@ -144,6 +116,12 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
         meta["projection"] = {"kind": projection.kind, "keys": projection.keys, "fit_error": projection.fit_error,
                               "norm": projection.norm}
     (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    write_model_card(tmp, meta)
+    # as readable as any file the run writes: safetensors' own writer (save_pretrained) creates files 0600
+    mode = (tmp / METADATA).stat().st_mode & 0o777
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -156,7 +134,7 @@ def export_differences(job: "TrainJob") -> Optional[list[str]]:
     if not meta.exists():
         return None
     saved = json.loads(meta.read_text())
-    for produced in ("steps", "projection", "vector_tokens"):  # what the run made, not what defines it
+    for produced in ("steps", "projection", "vector_tokens", "format", "weights"):  # made by the run, not its identity
         saved.pop(produced, None)
     return _differing(saved, job_identity(job))
 
@@ -183,25 +161,18 @@ def load_explainer(folder: Path, expect: Optional[dict] = None, device: Optional
 
         model, tokenizer, projection = load_explainer("runs/quickstart/explainers/<task>/<name>/export")
 
-    The base model named in the metadata is loaded (it must be loadable here: packaged, cached or on the
-    hub), given the [begin][vec][end] tokens, and the trained tensors are applied (LoRA adapters merged).
+    A model folder loads as it is; an adapter loads onto the base model named in the metadata (it must be
+    loadable here: packaged, cached or on the hub), given the [begin][vec][end] tokens, and merges in.
     `expect` holds metadata fields that must agree (e.g. task, target, explainer_spec); a mismatch fails
-    naming the differing fields. A full-weights export of earlier versions loads as it is.
+    naming the differing fields.
     """
-    meta_path = Path(folder) / METADATA
-    if not meta_path.exists():
-        raise CheckpointMismatch(f"{folder} is not a finished explainer export (no {METADATA}); rerun the train stage")
-    meta = json.loads(meta_path.read_text())
+    meta = read_metadata(Path(folder))
     wrong = {k: (meta.get(k), v) for k, v in (expect or {}).items() if meta.get(k) != v}
     if wrong:
         detail = "; ".join(f"{k}: checkpoint has {have!r}, config says {want!r}" for k, (have, want) in wrong.items())
         raise CheckpointMismatch(f"explainer {folder} does not match its config ({detail}); retrain or fix the config")
     base = ModelSpec(**meta["explainer_spec"])  # its dtype and chat template settings, read from the export
-    if (Path(folder) / TRAINED).exists():
-        model, tokenizer = _base_with_trained(Path(folder), meta, base, device)
-    else:
-        model, tokenizer = load_model(ModelSpec(str(folder), base.dtype, chat_template_kwargs=base.chat_template_kwargs),
-                                      device)
+    model, tokenizer = read_weights(Path(folder), meta["weights"], base, meta.get("vector_tokens", False), device)
     projection = None
     if "projection" in meta:
         from .explainer import Projection
@@ -212,31 +183,17 @@ def load_explainer(folder: Path, expect: Optional[dict] = None, device: Optional
     return model, tokenizer, projection
 
 
-@torch.no_grad()
-def _base_with_trained(folder: Path, meta: dict, base: ModelSpec, device: Optional[str]):
-    """The base model, with the vector tokens added where training added them (the same ids), and the
-    trained tensors of the export applied."""
-    from .explainer import add_vector_tokens
-    from .lora import LoraConfig, apply_lora, merge_lora_
-
-    model, tokenizer = load_model(base, device)
-    tensors = load_file(folder / TRAINED)
-    if meta.get("vector_tokens"):
-        ids = add_vector_tokens(model, tokenizer)
-        rows = [ids.begin, ids.vec, ids.end]
-        for side, module in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
-            saved = tensors.pop(f"{VECTOR_ROWS}.{side}", None)
-            if saved is not None:
-                module.weight[rows] = saved.to(module.weight.device, module.weight.dtype)
-    lora = meta["train"].get("lora")
-    if lora is not None:
-        apply_lora(model, LoraConfig(**lora))
-    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
-    if unexpected:
-        raise CheckpointMismatch(f"{folder / TRAINED} holds tensors {unexpected[:5]} that {base.source} does not have; "
-                                 "was it trained from another base model?")
-    if lora is not None:
-        merge_lora_(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval(), tokenizer
+def read_metadata(folder: Path) -> dict:
+    """An export's selfexplain.json, refusing a folder that is not a finished export of this format."""
+    meta_path = folder / METADATA
+    if not meta_path.exists():
+        raise CheckpointMismatch(f"{folder} is not a finished explainer export (no {METADATA}); rerun the train stage")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatch(f"{meta_path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointMismatch(
+            f"{folder} is an export of an earlier selfexplain (format {meta.get('format', 1)}, {LEGACY_WEIGHTS}); "
+            f"`selfexplain convert-export {folder}` rewrites it as a Hugging Face / PEFT folder")
+    return meta

@@ -119,6 +119,17 @@ def precision_conflict(dtype: str, precision: str) -> Optional[str]:
 
 
 @dataclass
+class WandbRun:
+    """Where a job's W&B run goes: the pipeline's project, entity and mode, and its group."""
+
+    project: str
+    entity: Optional[str]
+    mode: str  # offline | online
+    group: str  # the pipeline run's group: the W&B UI shows a run's jobs together
+    dir: str  # the run folder (its wandb/ holds the offline runs)
+
+
+@dataclass
 class TrainJob:
     """One explainer to fine-tune on one target's records: all a rank needs to know."""
 
@@ -133,6 +144,7 @@ class TrainJob:
     target_spec: Optional[ModelSpec] = None  # the target, for fitting an lstsq projection
     max_records_per_layer: Optional[int] = None  # train on the first n records of each layer (data-efficiency curve)
     control: Optional[str] = None  # a trained control (training/controls.py): its records are rewritten
+    wandb: Optional[WandbRun] = None  # where rank 0 logs live curves (none: train_log.jsonl only)
 
     def records(self) -> list:
         """The job's train records: all of data_dir, or the first max_records_per_layer of each layer
@@ -186,6 +198,7 @@ class TrainJob:
         raw = json.loads(text)
         raw["explainer_spec"] = ModelSpec(**raw["explainer_spec"])
         raw["target_spec"] = ModelSpec(**raw["target_spec"]) if raw.get("target_spec") else None
+        raw["wandb"] = WandbRun(**raw["wandb"]) if raw.get("wandb") else None
         train = raw["train"]
         raw["train"] = TrainConfig(**{**train, "projection": ProjectionConfig(**train["projection"]),
                                       "lora": LoraConfig(**train["lora"]) if train.get("lora") else None})

@@ -29,7 +29,8 @@ from .batches import collate, encode_example, micro_batch_order
 from .explainer import add_vector_tokens
 from .export import export_explainer
 from .job import TrainJob, deepspeed_config, precision_conflict
-from .lora import apply_lora
+from .live_log import JobCurves, memory_gb
+from .lora import adapted_layers, apply_lora
 from .loss import ExplainerLM
 from .preemption import PreemptionWatch, TrainingPreempted, crash_if_injected
 from .vectors import job_projection, match_injection_norm
@@ -160,9 +161,10 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
         match_injection_norm(projection, job, model).to(torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
         wrapper_args = {"vec_id": add_vector_tokens(model, tokenizer).vec, "projection": projection}
     if cfg.lora is not None:
-        adapted = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora)
         if rank == 0:
-            print(f"[train {job.explainer}<-{job.target}] LoRA r={cfg.lora.r} on {adapted} linear layers", flush=True)
+            print(f"[train {job.explainer}<-{job.target}] LoRA r={cfg.lora.r} on {adapted_layers(model)} linear layers",
+                  flush=True)
     model.get_input_embeddings().weight.requires_grad_(cfg.train_embeddings)
     if cfg.gradient_checkpointing:
         # non-reentrant: gradients reach adapters and Pi even where no input requires grad (frozen embeddings)
@@ -217,10 +219,10 @@ def initialize_engine(wrapper: torch.nn.Module, ds_config: dict, world: int):
     return engine
 
 
-def _optimizer_step(job: TrainJob, run: Prepared, step: int, rank: int, world: int, order_of) -> float:
-    """One optimizer step (grad_accum micro-batches); returns the mean micro-batch loss."""
+def _optimizer_step(job: TrainJob, run: Prepared, step: int, rank: int, world: int, order_of) -> tuple[float, int]:
+    """One optimizer step (grad_accum micro-batches); returns the mean micro-batch loss and the tokens read."""
     cfg, engine = job.train, run.engine
-    losses = []
+    losses, tokens = [], 0
     for micro_index in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
         epoch, within = divmod(micro_index, run.per_epoch)
         rows = order_of(epoch)[within]
@@ -229,16 +231,24 @@ def _optimizer_step(job: TrainJob, run: Prepared, step: int, rank: int, world: i
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    return sum(losses) / len(losses)
+        tokens += int(batch["attention_mask"].sum())
+    return sum(losses) / len(losses), tokens
 
 
-def _log(job: TrainJob, run: Prepared, step: int, loss: float, seconds: float, rank: int, world: int,
-         report: Optional[Callable[[dict], None]]) -> None:
+def _log(job: TrainJob, run: Prepared, step: int, loss: float, tokens: int, step_seconds: float, seconds: float,
+         rank: int, world: int, curves: JobCurves, report: Optional[Callable[[dict], None]]) -> None:
+    """Every step: the ranks' mean loss and summed tokens to the job's W&B run (rank 0); every log_every
+    steps and the last also to train_log.jsonl, the console and the launcher's report."""
     import torch.distributed as dist
 
-    mean = torch.tensor([loss], device=run.engine.device)  # NCCL reduces device tensors only
-    dist.all_reduce(mean)
-    entry = {"step": step, "loss": mean.item() / world, "seconds": round(seconds, 2)}
+    reduced = torch.tensor([loss, float(tokens)], device=run.engine.device)  # NCCL reduces device tensors only
+    dist.all_reduce(reduced)
+    mean_loss, all_tokens = reduced[0].item() / world, reduced[1].item()
+    curves.log(step, {"loss": mean_loss, "lr": run.engine.get_lr()[0], "tokens_per_s": all_tokens / max(step_seconds, 1e-9),
+                      "memory_gb": memory_gb(run.engine.device), "epoch": step * job.train.grad_accum / run.per_epoch})
+    if step % job.train.log_every and step != run.total_steps:
+        return
+    entry = {"step": step, "loss": mean_loss, "seconds": round(seconds, 2)}
     if rank == 0:
         with open(job.train_log, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -270,12 +280,33 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
                                               job.seed, epoch, cfg.length_window)
         return orders[epoch]
 
-    started, last_loss = time.time(), float("nan")
+    started = time.time()
+    curves = JobCurves(job, rank)
+    try:
+        step, last_loss = _steps(job, run, step, rank, world, order_of, watch, curves, report, started)
+        export_explainer(run.engine, run.wrapper, run.tokenizer, job, rank, steps=step)
+    finally:  # a preempted or failed job's curves end where it stopped
+        curves.finish()
+    dist.barrier()
+    # Without destroy() the engine outlives this function: DeepSpeed keeps hooks on it and turns Python's
+    # cyclic GC off while any engine is live, so a process training job after job (a Ray Train group, the
+    # in-process path) kept every model and optimizer state and was OOM-killed at the tenth job.
+    run.engine.destroy()
+    if rank == 0 and not cfg.keep_checkpoints_after_export:
+        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+    return {"steps": step, "loss": last_loss, "seconds": time.time() - started, "world": world}
+
+
+def _steps(job: TrainJob, run: Prepared, step: int, rank: int, world: int, order_of, watch: PreemptionWatch,
+           curves: JobCurves, report: Optional[Callable[[dict], None]], started: float) -> tuple[int, float]:
+    """Optimizer steps from `step` to the last, logging and checkpointing; returns the last step and loss."""
+    cfg, last_loss = job.train, float("nan")
     while step < run.total_steps:
-        last_loss = _optimizer_step(job, run, step, rank, world, order_of)
+        step_started = time.time()
+        last_loss, tokens = _optimizer_step(job, run, step, rank, world, order_of)
         step += 1
-        if step % cfg.log_every == 0 or step == run.total_steps:
-            _log(job, run, step, last_loss, time.time() - started, rank, world, report)
+        _log(job, run, step, last_loss, tokens, time.time() - step_started, time.time() - started, rank, world, curves,
+             report)
         # The last step is exported instead; its checkpoint is only worth writing if kept afterwards.
         final_kept = step == run.total_steps and cfg.keep_checkpoints_after_export
         saved = (step % cfg.checkpoint_every == 0 and step < run.total_steps) or final_kept
@@ -288,15 +319,7 @@ def _train(job: TrainJob, report: Optional[Callable[[dict], None]], watch: Preem
                 print(f"[train {job.explainer}<-{job.target}] SIGTERM: checkpoint at step {step} written, exiting", flush=True)
             raise TrainingPreempted(step)
         crash_if_injected(rank, step)
-    export_explainer(run.engine, run.wrapper, run.tokenizer, job, rank, steps=step)
-    dist.barrier()
-    # Without destroy() the engine outlives this function: DeepSpeed keeps hooks on it and turns Python's
-    # cyclic GC off while any engine is live, so a process training job after job (a Ray Train group, the
-    # in-process path) kept every model and optimizer state and was OOM-killed at the tenth job.
-    run.engine.destroy()
-    if rank == 0 and not cfg.keep_checkpoints_after_export:
-        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-    return {"steps": step, "loss": last_loss, "seconds": time.time() - started, "world": world}
+    return step, last_loss
 
 
 def skip_inference_allreduce_op() -> None:

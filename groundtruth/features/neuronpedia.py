@@ -7,40 +7,49 @@ An export is a JSON array (or JSON lines, optionally gzipped) of explanation obj
 from __future__ import annotations
 
 import gzip
-import json
 import re
 from pathlib import Path
 
 from ..errors import DataSourceError
+from ..sources.fields import parse_json, text_field
 
 _LAYER = re.compile(r"^(\d+)")
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path: Path) -> list:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+    except (UnicodeDecodeError, OSError) as err:  # OSError: a .gz that is not gzip
+        raise DataSourceError(f"{path}: not UTF-8 JSON text ({err})") from None
+    if text.lstrip().startswith("["):
+        return parse_json(text, str(path))
+    return [parse_json(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def load_neuronpedia(path: str) -> dict[tuple[int, int], list[str]]:
-    """(layer, feature) -> descriptions, in file order. A row without a usable layer or index fails with its
-    number; a row without a description is skipped."""
+    """(layer, feature) -> descriptions, in file order. Every row is checked: an object whose layer id starts
+    with the layer number, whose index is a feature number, and whose description is a non-empty string;
+    a file without one such row is an error, not an empty label set."""
     file = Path(path)
     if not file.is_file():
         raise DataSourceError(f"Neuronpedia export {path} does not exist")
     table: dict[tuple[int, int], list[str]] = {}
     for i, row in enumerate(_rows(file)):
-        try:
-            layer_id, index, description = str(row["layer"]), int(row["index"]), row.get("description")
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataSourceError(f"{path}: explanation {i} lacks a usable 'layer', 'index' or 'description' ({err!r})") from None
-        match = _LAYER.match(layer_id)
-        if not match:
-            raise DataSourceError(f"{path}: explanation {i}: layer {layer_id!r} does not start with a layer number")
-        if isinstance(description, str) and description.strip():  # a row without one is skipped, never "None"
-            table.setdefault((int(match.group(1)), index), []).append(description.strip())
+        where = f"{path}: explanation {i}"
+        if not isinstance(row, dict):
+            raise DataSourceError(f"{where} must be an object, got {row!r}")
+        layer, index = row.get("layer"), row.get("index")
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            layer = str(layer)
+        match = _LAYER.match(layer) if isinstance(layer, str) else None
+        if match is None:
+            raise DataSourceError(f"{where}: layer {layer!r} must be a layer id starting with its number, e.g. '12-res'")
+        if not (isinstance(index, int) and not isinstance(index, bool) or isinstance(index, str) and index.isdigit()):
+            raise DataSourceError(f"{where}: index {index!r} must be a feature number")
+        description = text_field(row.get("description"), "description", where)
+        table.setdefault((int(match.group(1)), int(index)), []).append(description.strip())
+    if not table:
+        raise DataSourceError(f"Neuronpedia export {path} holds no explanations")
     return table

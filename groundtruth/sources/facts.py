@@ -9,7 +9,6 @@ records with `requested_rewrite: {prompt, subject, relation_id, target_true: {st
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Callable, Optional
 
 from ..errors import ConfigError, DataSourceError
 from .countries import load_countries
+from .fields import read_json, text_field
 
 
 @dataclass(frozen=True)
@@ -70,29 +70,34 @@ def country_facts(relations: list[str]) -> list[Fact]:
 
 
 def load_counterfact(path: str) -> list[Fact]:
-    """Facts from CounterFact's published JSON (a list of records; only `requested_rewrite` is used)."""
+    """Facts from CounterFact's published JSON (a list of records; only `requested_rewrite` is used). Every
+    field read is checked: a prompt holds exactly one "{}" for the subject; subject, relation id and true
+    object are non-empty strings."""
     file = Path(path)
     if not file.exists():
         raise DataSourceError(f"CounterFact file {file} does not exist (the published counterfact.json)")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataSourceError(f"{file} is not valid JSON: {err}") from None
+    raw = read_json(file)
     if not isinstance(raw, list):
         raise DataSourceError(f"{file}: expected a JSON list of CounterFact records, got {type(raw).__name__}")
-    facts = []
-    for n, rec in enumerate(raw):
-        try:
-            rw = rec["requested_rewrite"]
-            template, subject = rw["prompt"], rw["subject"]
-            facts.append(Fact(subject, rw["relation_id"], template, rw["target_true"]["str"].strip()))
-        except (KeyError, TypeError) as err:
-            raise DataSourceError(f"{file}: record {n} lacks requested_rewrite field {err}") from None
-        if "{}" not in template:
-            raise DataSourceError(f"{file}: record {n} prompt {template!r} has no '{{}}' for the subject")
+    facts = [_counterfact_fact(rec, f"{file}: record {n}") for n, rec in enumerate(raw)]
     if not facts:
         raise DataSourceError(f"{file} holds no CounterFact records")
     return facts
+
+
+def _counterfact_fact(rec, where: str) -> Fact:
+    rewrite = rec.get("requested_rewrite") if isinstance(rec, dict) else None
+    if not isinstance(rewrite, dict):
+        raise DataSourceError(f"{where}: requested_rewrite must be an object, got {rewrite!r}")
+    template = text_field(rewrite.get("prompt"), "requested_rewrite.prompt", where)
+    if template.count("{}") != 1:
+        raise DataSourceError(f"{where}: requested_rewrite.prompt {template!r} must hold exactly one '{{}}' "
+                              "for the subject")
+    subject = text_field(rewrite.get("subject"), "requested_rewrite.subject", where)
+    relation = text_field(rewrite.get("relation_id"), "requested_rewrite.relation_id", where)
+    target = rewrite.get("target_true")
+    answer = text_field(target.get("str") if isinstance(target, dict) else None, "requested_rewrite.target_true.str", where)
+    return Fact(subject, relation, template, answer.strip())
 
 
 def make_pairs(facts: list[Fact], pairs_per_fact: int, n_options: int, seed: int,

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..errors import DataSourceError
 from .countries import load_countries
+from .fields import text_field
 
 LETTERS = "ABCD"
 
@@ -89,7 +90,7 @@ def _read_csv(file: Path):
     for lineno, row in enumerate(rows, 1):
         if len(row) != 6 or row[5].strip() not in LETTERS:
             raise DataSourceError(f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer letter), got {row!r}")
-        yield row[0], tuple(row[1:5]), LETTERS.index(row[5].strip()), subject
+        yield _question(row[0], row[1:5], LETTERS.index(row[5].strip()), subject, f"{file}:{lineno}")
 
 
 def _read_parquet(file: Path):
@@ -97,13 +98,24 @@ def _read_parquet(file: Path):
 
     table = pq.read_table(file).to_pylist()
     for rownum, row in enumerate(table):
+        where = f"{file}: row {rownum}"
         missing = {"question", "choices", "answer"} - set(row)
         if missing:
-            raise DataSourceError(f"{file}: row {rownum} lacks columns {sorted(missing)}")
+            raise DataSourceError(f"{where} lacks columns {sorted(missing)}")
         answer = row["answer"]
-        if not (answer in range(4) if isinstance(answer, int) else answer in tuple(LETTERS)):
-            raise DataSourceError(f"{file}: row {rownum} has answer {answer!r}, expected 0-3 or A-D")
+        valid = answer in range(4) if isinstance(answer, int) and not isinstance(answer, bool) else \
+            isinstance(answer, str) and answer in tuple(LETTERS)
+        if not valid:
+            raise DataSourceError(f"{where} has answer {answer!r}, expected 0-3 or A-D")
         answer = LETTERS.index(answer) if isinstance(answer, str) else int(answer)
-        if len(row["choices"]) != 4:
-            raise DataSourceError(f"{file}: row {rownum} has {len(row['choices'])} choices, expected 4")
-        yield row["question"], tuple(row["choices"]), answer, row.get("subject") or file.stem
+        subject = row.get("subject")
+        yield _question(row["question"], row["choices"], answer,
+                        file.stem if subject is None else text_field(subject, "subject", where), where)
+
+
+def _question(question, choices, answer: int, subject: str, where: str) -> tuple[str, tuple[str, ...], int, str]:
+    """One question's fields, checked: a non-empty question and four non-empty choices."""
+    if not isinstance(choices, (list, tuple)) or len(choices) != 4:
+        raise DataSourceError(f"{where}: choices must be 4 strings, got {choices!r}")
+    return (text_field(question, "question", where),
+            tuple(text_field(c, f"choice {LETTERS[i]}", where) for i, c in enumerate(choices)), answer, subject)
