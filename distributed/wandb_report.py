@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from selfexplain.eval.matrix import headline
-from selfexplain.eval.report import headline_lines, matrix_table
+from selfexplain.eval.headline import headline_lines
+from selfexplain.eval.report import matrix_table
 from selfexplain.groundtruth.errors import BadInput
 
 from .config import RunConfig
@@ -34,7 +35,7 @@ def build_report(cfg: RunConfig, matrix: dict, entity: str):
         blocks += [wr.H1(task), wr.P(f"Headline metric: {metric}.")]
         for name in table.get("metrics", [metric]):
             blocks += [wr.H3(name), wr.MarkdownBlock("\n".join(matrix_table(table, name)))]
-        figures = [cfg.layout.figure(kind, task) for kind in ("heatmap", "efficiency")]
+        figures = [cfg.layout.figure(kind, task) for kind in ("heatmap", "efficiency", "headline")]
         panels: list = [wr.MediaBrowser(title=path.stem, media_keys=[figure_key(path)]) for path in figures if path.exists()]
         if panels:
             blocks.append(wr.PanelGrid(runsets=[runset], panels=panels))

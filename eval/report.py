@@ -5,8 +5,8 @@ from pathlib import Path
 
 from selfexplain.groundtruth.layout import RunLayout
 
+from .headline import appendix_lines, headline_lines, test_sizes
 from .matrix import data_efficiency, headline
-from .rows import ROW_KINDS
 
 
 def with_interval(cell: dict, metric: str, digits: int = 3, sep: str = " ") -> str:
@@ -123,40 +123,6 @@ def _feature_stats(stats: dict) -> list[str]:
     return lines + [""]
 
 
-SMOKE_SCALE = 100
-"""Below this many test records per cell, the report says its matrix demonstrates the machinery."""
-
-
-def test_sizes(table: dict) -> dict[str, int]:
-    """Test records (features) per target of a task table."""
-    return {t: next((r["cells"][t]["n"] for r in table["rows"].values() if t in r["cells"]), 0) for t in table["targets"]}
-
-
-def headline_lines(matrix: dict) -> list[str]:
-    """The report's opening: the paired differences per task and target, and what the sizes allow."""
-    lines = ["## Headline", "", "Each trained explainer minus its best control (the control row or baseline that "
-             "scores best), and the self-explainer minus each cross-explainer, on the same test records; "
-             "paired bootstrap 95% intervals.", ""]
-    smallest = min((n for table in matrix["tasks"].values() for n in test_sizes(table).values()), default=0)
-    if smallest < SMOKE_SCALE:
-        lines += [f"As few as {smallest} test records (features) per cell: differences of about 0.1 cannot be told "
-                  "from zero here. At smoke scale (the quickstart) the matrix demonstrates the machinery, not a "
-                  "finding; docs/RESULTS.md holds the study (configs/study_cpu.yaml) and what it shows.", ""]
-    for task, table in matrix["tasks"].items():
-        for d in table.get("differences", []):
-            lines.append(f"- {task}, target {d['target']} ({d['comparison']}): {d['reading']}")
-        failed = [f"{name} on {t}" for name, row in table["rows"].items() for t, c in row["cells"].items()
-                  if c.get("distinct_outputs") == 1 and c.get("n", 0) > 1 and _explains(row["kind"])]
-        if failed:
-            lines.append(f"- {task}: one output for every test record (a failed explainer): {', '.join(failed)}")
-    return lines + [""]
-
-
-def _explains(kind: str) -> bool:
-    """A trained explainer's own row (not a control, not a baseline): one output for all is its failure."""
-    return kind in ROW_KINDS and not ROW_KINDS[kind].control
-
-
 def distinct_outputs_line(table: dict) -> str:
     """How many different explanations each row gave, per target (1: the row ignores its input)."""
     parts = [f"{name}: " + "/".join(str(c.get("distinct_outputs", "-")) for c in row["cells"].values())
@@ -169,7 +135,7 @@ def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
     lines = [f"# selfexplain report: {config_name}", "",
              "Rows are explainers (trained on the column's target, untrained, or a baseline); columns are",
              "target models. A self cell is an explainer explaining the model it is a copy of.", "",
-             *headline_lines(matrix)]
+             *headline_lines(matrix, layout)]
     for task, table in matrix["tasks"].items():
         png = heatmap(task, table, layout.figure("heatmap", task), headline(table))
         lines += [f"## {task}", "", f"![{task} heatmap]({png.name})", ""]
@@ -206,6 +172,7 @@ def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
                           + (f"; {s['unanswered']} unanswered (dropped)" if s.get("unanswered") else "")
                           + (f"; {s['near_ties']} near-ties (logit margin < {s['near_tie_margin']})" if s.get("near_ties") else "")]
             lines.append("")
+    lines += appendix_lines(matrix)
     path = layout.report
     path.write_text("\n".join(lines) + "\n")
     return path

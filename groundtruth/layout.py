@@ -31,7 +31,7 @@ STOP = "STOP"  # written by a driver on SIGTERM: the ranks checkpoint and stop
 
 
 def figure_name(kind: str, task: str) -> str:
-    """File name of a report figure ('heatmap' or 'efficiency') of a matrix task ('<task>:<set>' too)."""
+    """File name of a report figure ('heatmap', 'efficiency', 'headline') of a matrix task ('<task>:<set>' too)."""
     return f"{kind}_{task.replace(':', '_')}.png"
 
 
@@ -90,7 +90,7 @@ class RunLayout:
         return self.root / figure_name(kind, task)
 
     def figures(self) -> list[Path]:
-        return sorted(self.root.glob("heatmap_*.png")) + sorted(self.root.glob("efficiency_*.png"))
+        return [p for kind in ("heatmap", "efficiency", "headline") for p in sorted(self.root.glob(f"{kind}_*.png"))]
 
     @property
     def wandb(self) -> Path:

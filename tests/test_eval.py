@@ -210,7 +210,7 @@ def test_paired_differences_have_known_answers_and_pick_the_best_control():
 def test_report_headline_flags_one_output_explainers_and_small_sets():
     """A trained row that gave one output for every record is called failed (a control doing so is not);
     a matrix of small test sets says it demonstrates the machinery and points to the study."""
-    from selfexplain.eval.report import headline_lines
+    from selfexplain.eval.headline import headline_lines
 
     cell = {"n": 24, "distinct_outputs": 1, "top1": 0.1, "self": True}
     matrix = {"tasks": {"feature_descriptions": {"targets": ["a"], "metrics": ["top1"], "rows": {
@@ -277,3 +277,29 @@ def test_a_model_card_links_a_hub_base_model_and_shows_its_cells_beside_controls
     assert "b trained" not in card.text and "exact_match" not in card.text, "only this explainer's task and rows"
     assert "injecting(model, vec_id, mapped)" in card.text
     assert export_results(matrix, "activation_patching", "c", "t") == [], "no cell of it: no results"
+
+
+def test_headline_is_one_table_per_task_with_significant_differences_in_bold(tmp_path):
+    from selfexplain.eval.headline import appendix_lines, headline_lines, headline_table
+    from selfexplain.groundtruth.layout import RunLayout
+
+    def diff(comparison, first, second, value, lo, hi):
+        return {"comparison": comparison, "target": "a", "metric": "exact_match", "first": first, "second": second,
+                "difference": value, "lo": lo, "hi": hi, "reading": f"{first} vs {second}"}
+
+    table = {"targets": ["a"], "metrics": ["exact_match"], "rows": {}, "differences": [
+        diff("trained - best control", "a trained", "a trained, zero v", 0.2, 0.05, 0.35),
+        diff("trained - best control", "b trained", "majority", -0.01, -0.1, 0.08),
+        diff("self - cross", "a trained", "b trained", 0.1, -0.02, 0.22)]}
+    lines = headline_table("activation_patching", table)
+    assert lines[0] == "| explainer | target | metric | trained - best control | self - cross |"
+    assert lines[2] == ("| a trained | a | exact_match | **+0.200 [+0.050, +0.350]** vs a trained, zero v | "
+                        "+0.100 [-0.020, +0.220] vs b trained |")
+    assert lines[3] == "| b trained | a | exact_match | -0.010 [-0.100, +0.080] vs majority | - |"
+    layout = RunLayout(tmp_path)
+    text = "\n".join(headline_lines({"tasks": {"activation_patching": table}}, layout))
+    assert "### activation_patching" in text and "![activation_patching headline](headline_activation_patching.png)" in text
+    assert layout.figure("headline", "activation_patching").stat().st_size > 0
+    assert layout.figure("headline", "activation_patching") in layout.figures()
+    assert "- activation_patching, target a (self - cross): a trained vs b trained" in appendix_lines(
+        {"tasks": {"activation_patching": table}})
