@@ -5,19 +5,21 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from selfexplain.eval.agreement import agreement
 from selfexplain.eval.baselines import BASELINES
 from selfexplain.eval.matrix import add_projection_errors, build_matrix, write_matrix
 from selfexplain.eval.report import export_results, write_report
 from selfexplain.eval.rows import control_placeholders, plan_rows
 from selfexplain.groundtruth.errors import BadInput
 from selfexplain.groundtruth.models import describe
+from selfexplain.groundtruth.records import iter_records
 from selfexplain.groundtruth.tasks import TASKS
 from selfexplain.training.export import METADATA, CheckpointMismatch, read_metadata
 from selfexplain.training.job import deepspeed_config
 from selfexplain.training.model_card import write_model_card
 
 from .config import RunConfig, save_resolved
-from .eval_pool import run_eval_stage
+from .eval_pool import run_eval_stage, test_records
 from .gt_pool import run_groundtruth
 from .preflight import check_inputs
 from .ray_session import ray_session
@@ -51,9 +53,28 @@ def collect_projection_errors(cfg: RunConfig) -> dict:
     return errors
 
 
+def collect_agreement(cfg: RunConfig) -> dict:
+    """(task, target, other model) -> per test record of the target, whether the other model as a target
+    labels the same item alike (eval/agreement.py); for every cross-explainer's model that is a target too."""
+    out = {}
+    for task in cfg.tasks:
+        for target in cfg.targets:
+            others = [m for m in cfg.explainers if m != target and m in cfg.targets]
+            test = test_records(cfg, task, target) if others else []
+            for other in others:
+                splits = ("raw",) if cfg.layout.split(task, other, "raw").exists() else ("train", "test")
+                records = [r for s in splits if cfg.layout.split(task, other, s).exists()
+                           for r in iter_records(cfg.layout.split(task, other, s))]
+                flags = agreement(task, test, records)
+                if flags is not None:
+                    out[(task, target, other)] = flags
+    return out
+
+
 def eval_and_matrix(cfg: RunConfig) -> dict:
     cells = run_eval_stage(cfg)
-    matrix = add_projection_errors(build_matrix(cells, collect_label_stats(cfg)), collect_projection_errors(cfg))
+    matrix = add_projection_errors(build_matrix(cells, collect_label_stats(cfg), collect_agreement(cfg)),
+                                   collect_projection_errors(cfg))
     write_matrix(cfg.layout.matrix, matrix)
     return matrix
 

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .agreement import AGREE, DISAGREE, subset
 from .baselines import BASELINES
 from .metrics import BOOTSTRAP_RESAMPLES, form_of
 from .rows import ROW_KINDS
@@ -53,18 +54,23 @@ def _is_control(cell) -> bool:
     return cell.kind in ROW_KINDS and ROW_KINDS[cell.kind].control
 
 
-def _compare(first, second, metric: str, aggregate, comparison: str) -> Optional[dict]:
-    d = paired_difference(first.units, second.units, aggregate, metric)
+def _compare(first, second, metric: str, aggregate, comparison: str, flags: Optional[list] = None,
+             want: Optional[bool] = None) -> Optional[dict]:
+    """first - second on their units, or (flags given) on the units of records whose flag is `want`."""
+    a, b = (first.units, second.units) if flags is None else (subset(first.units, flags, want), subset(second.units, flags, want))
+    d = paired_difference(a, b, aggregate, metric)
     if d is None:
         return None
     return {"comparison": comparison, "target": first.target, "metric": metric, "first": first.row,
-            "second": second.row, **d, "reading": reading(first.row, second.row, metric, d)}
+            "second": second.row, **d, "n": len(a), "reading": reading(first.row, second.row, metric, d)}
 
 
-def headline_differences(cells: list) -> dict[str, list[dict]]:
+def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[str, list[dict]]:
     """matrix task -> its comparisons: per target and compared metric, each trained explainer against the
     control row that scores best on that metric (its own rows or a baseline), and the self-explainer
-    against each other explainer trained on the same target. Cells without units are left out."""
+    against each other explainer trained on the same target: on all records, and where `agreement`
+    ((task, target, other model) -> a flag per test record, eval/agreement.py) says, on the records where
+    the other model as a target agrees and where it disagrees. Cells without units are left out."""
     out: dict[str, list[dict]] = {}
     for task in dict.fromkeys(c.task for c in cells):
         form = form_of(task)
@@ -82,6 +88,14 @@ def headline_differences(cells: list) -> dict[str, list[dict]]:
                         out.setdefault(task, []).extend([found] if found else [])
                 own = next((c for c in trained if c.explainer == target), None)
                 for cross in (c for c in trained if own is not None and c is not own):
-                    found = _compare(own, cross, metric, form.aggregate, "self - cross")
-                    out.setdefault(task, []).extend([found] if found else [])
+                    out.setdefault(task, []).extend(_self_vs_cross(own, cross, metric, form.aggregate, agreement or {}))
     return out
+
+
+def _self_vs_cross(own, cross, metric: str, aggregate, agreement: dict) -> list[dict]:
+    found = [_compare(own, cross, metric, aggregate, "self - cross")]
+    flags = agreement.get((own.task, own.target, cross.explainer))
+    if flags is not None and len(flags) == len(own.units):
+        found += [_compare(own, cross, metric, aggregate, f"self - cross, {name}", flags, want)
+                  for name, want in ((AGREE, True), (DISAGREE, False))]
+    return [d for d in found if d]

@@ -46,6 +46,17 @@ def headline_table(task: str, table: dict) -> list[str]:
     return lines
 
 
+def agreement_lines(table: dict) -> list[str]:
+    """How many test records the self vs cross split puts on each side, per target and cross model."""
+    counts = [f"target {target} vs {other} as a target: {c['agree']} agree, {c['disagree']} disagree"
+              + (f", {c['unmatched']} without the item" if c["unmatched"] else "")
+              for target, others in table.get("agreement", {}).items() for other, c in others.items()]
+    if not counts:
+        return []
+    return ["Agree / disagree: whether the cross-explainer's model, as a target, labels the same item alike "
+            "(where both answer alike, either model can explain by simulating itself): " + "; ".join(counts) + ".", ""]
+
+
 def headline_figure(task: str, table: dict, path: Path) -> Optional[Path]:
     """The task's comparisons as intervals around zero (filled: significant); None when it has none."""
     diffs = table.get("differences", [])
@@ -89,7 +100,7 @@ def headline_lines(matrix: dict, layout: Optional[RunLayout] = None) -> list[str
     for task, table in matrix["tasks"].items():
         rows = headline_table(task, table)
         if rows:
-            lines += [f"### {task}", "", *rows, ""]
+            lines += [f"### {task}", "", *rows, "", *agreement_lines(table)]
             png = headline_figure(task, table, layout.figure("headline", task)) if layout is not None else None
             lines += [f"![{task} headline]({png.name})", ""] if png else []
         failed = [f"{name} on {t}" for name, row in table["rows"].items() for t, c in row["cells"].items()

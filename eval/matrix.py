@@ -9,6 +9,7 @@ from typing import Optional
 
 from selfexplain.groundtruth.records import write_atomic
 
+from .agreement import agreement_counts
 from .differences import headline_differences
 from .metrics import metrics_of
 from .rows import ROW_KINDS
@@ -31,8 +32,10 @@ class Cell:
         return self.kind == "trained" and self.explainer == self.target
 
 
-def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
-    """matrix.json content: per task, its targets, rows (cells by target) and label statistics."""
+def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict] = None) -> dict:
+    """matrix.json content: per task, its targets, rows (cells by target), label statistics and the
+    headline differences; with `agreement` ((task, target, other model) -> a flag per test record), self
+    vs cross also on the records where the models agree and where they disagree, and the counts."""
     tasks: dict = {}
     for cell in cells:  # targets in the order cells first name them
         task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "metrics": list(metrics_of(cell.task)),
@@ -44,8 +47,11 @@ def build_matrix(cells: list[Cell], label_stats: dict) -> dict:
                                              c.row)):
         row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
-    for task, comparisons in headline_differences(cells).items():
+    for task, comparisons in headline_differences(cells, agreement).items():
         tasks[task]["differences"] = comparisons
+    for (task, target, other), flags in (agreement or {}).items():
+        if task in tasks:
+            tasks[task].setdefault("agreement", {}).setdefault(target, {})[other] = agreement_counts(flags)
     return {"tasks": tasks}
 
 

@@ -250,9 +250,14 @@ def run_ablation(
     return records
 
 
+def same_item(record: Record) -> str:
+    """The item (question or fact, span, kind) without the target's name: every target runs every item."""
+    return record.record_id.split(f"-{TASK}-", 1)[1]
+
+
 SPEC = TaskSpec(
     TASK, AblationConfig, "if this part of the input were removed, how would the output change?", "causal",
     templates=("{prompt}\n\n{question}",), explanation_tokens=50,
     # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with and without the span)
     work=TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042, passes=lambda cfg: 2),
-    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input"))
+    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input"), same_item=same_item)

@@ -233,6 +233,13 @@ def _pair_records(tokenizer, item: PatchItem, x: PatchPrompt, xp: PatchPrompt, p
     return records
 
 
+def same_item(record: Record) -> str:
+    """(pair, block, token): the block is the same share of depth in any model; the token is named by its
+    type and text, as positions differ between tokenizers."""
+    q = record.query
+    return f"{record.source_id}|{q['counterfactual_subject']}|b{q['block']}|{record.token_type}|{q['token'].strip()}"
+
+
 def balance_cell(record: Record) -> str:
     """The (token type, block) cell a record counts in when balancing."""
     return f"{record.token_type}/block{record.query.get('block')}"
@@ -254,5 +261,5 @@ SPEC = TaskSpec(
     # (position, block)
     work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919,
                   passes=lambda cfg: 2 + 40 * cfg.num_blocks),
-    build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell,
+    build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell, same_item=same_item,
     identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"))

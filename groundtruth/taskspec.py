@@ -94,3 +94,8 @@ class TaskSpec:
     """Splits eval scores: test, then out-of-distribution sets."""
     selfie: bool = False
     """Eval adds the SelfIE row (untrained explainer, scaled v)."""
+    same_item: Optional[Callable[[Record], str]] = None
+    """A record's item as any target would have it (the same input and intervention, whatever the model's
+    tokenizer or depth): eval splits self vs cross by whether the cross-explainer's model, as a target,
+    gives the same label for the same item. None: no such split (the item is the target's own, e.g. one
+    of its SAE features)."""

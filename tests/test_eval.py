@@ -303,3 +303,51 @@ def test_headline_is_one_table_per_task_with_significant_differences_in_bold(tmp
     assert layout.figure("headline", "activation_patching") in layout.figures()
     assert "- activation_patching, target a (self - cross): a trained vs b trained" in appendix_lines(
         {"tasks": {"activation_patching": table}})
+
+
+def test_self_vs_cross_is_split_by_whether_the_cross_model_as_a_target_labels_the_item_alike():
+    """agreement() matches items across targets by the task's same_item key (patching: pair, block, token
+    type and text, not the tokenizer's position), and the split comparisons are the paired differences of
+    exactly those records."""
+    from selfexplain.eval.agreement import agreement
+    from selfexplain.eval.differences import headline_differences, paired_difference
+    from selfexplain.eval.headline import headline_lines
+    from selfexplain.eval.matrix import Cell, build_matrix
+    from selfexplain.eval.metrics import form_of
+    from selfexplain.groundtruth.records import Record
+
+    def patch(target, pair, block, position, token, explanation):
+        subject, other = pair
+        return Record(record_id=f"{target}-activation_patching-{subject}_{other}-b{block}-t{position}",
+                      task="activation_patching", target=target, split="test", source_id=f"capital:{subject}", prompt="",
+                      question="", explanation=explanation, changed=True, output_before="", output_after="",
+                      token_type="subject_final", query={"counterfactual_subject": other, "block": str(block), "token": token})
+
+    mine = [patch("a", ("Norway", "Greece"), 0, 12, " Norway", "change to Athens"),
+            patch("a", ("Norway", "Greece"), 1, 12, " Norway", "change to Athens"),
+            patch("a", ("Mali", "Peru"), 0, 9, " Mali", "no change"),
+            patch("a", ("Chad", "Iran"), 0, 9, " Chad", "no change")]
+    theirs = [patch("b", ("Norway", "Greece"), 0, 15, " Norway", "change to Athens"),  # another position: same item
+              patch("b", ("Norway", "Greece"), 1, 15, " Norway", "no change"),
+              patch("b", ("Mali", "Peru"), 0, 11, " Mali", "no change")]
+    flags = agreement("activation_patching", mine, theirs)
+    assert flags == [True, False, True, None]
+    assert agreement("feature_descriptions", mine, theirs) is None, "a target's own features have no counterpart"
+
+    def cell(explainer, units):
+        return Cell("activation_patching", f"{explainer} trained", "trained", explainer, "a", {"exact_match": 0.5, "n": 4}, units)
+
+    form = form_of("activation_patching")
+    unit = lambda exact: [True, True, bool(exact), bool(exact)]  # noqa: E731  [gold, predicted, exact, content]
+    own, cross = cell("a", [unit(1), unit(1), unit(0), unit(1)]), cell("b", [unit(0), unit(1), unit(1), unit(0)])
+    found = {d["comparison"]: d for d in headline_differences([own, cross], {("activation_patching", "a", "b"): flags})[
+        "activation_patching"] if d["metric"] == "exact_match"}
+    assert found["self - cross, agree"]["n"] == 2 and found["self - cross, disagree"]["n"] == 1
+    expected = paired_difference([own.units[0], own.units[2]], [cross.units[0], cross.units[2]], form.aggregate,
+                                 "exact_match")
+    assert {k: found["self - cross, agree"][k] for k in ("difference", "lo", "hi")} == expected
+    matrix = build_matrix([own, cross], {}, {("activation_patching", "a", "b"): flags})
+    assert matrix["tasks"]["activation_patching"]["agreement"] == {"a": {"b": {"agree": 2, "disagree": 1, "unmatched": 1}}}
+    text = "\n".join(headline_lines(matrix))
+    assert "| self - cross, agree | self - cross, disagree |" in text
+    assert "target a vs b as a target: 2 agree, 1 disagree, 1 without the item" in text
