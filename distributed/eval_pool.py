@@ -8,19 +8,18 @@ under eval/<task>/<target>/<row>.json with a hash of what it depends on, so a re
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from selfexplain.eval.baselines import BASELINES
-from selfexplain.eval.matrix import Cell
+from selfexplain.eval.matrix import Cell, load_cell, save_cell
 from selfexplain.eval.metrics import make_scorer, metrics_of
 from selfexplain.eval.rows import ROW_KINDS, plan_rows, row_records
 from selfexplain.groundtruth.dataset import stratified_sample
 from selfexplain.groundtruth.models import prepare
-from selfexplain.groundtruth.records import Record, ShardError, iter_records, read_manifest, write_atomic
+from selfexplain.groundtruth.records import Record, ShardError, iter_records, read_manifest
 from selfexplain.groundtruth.tasks import TASKS
 from selfexplain.training.export import METADATA, load_explainer, reads_vectors
 from selfexplain.training.job import TrainJob
@@ -126,17 +125,6 @@ def best_scale(scored: dict[float, dict], metric: str) -> tuple[float, dict]:
     return scale, {**scored[scale], "scale": scale, f"{metric}_by_scale": {str(s): m.get(metric) for s, m in scored.items()}}
 
 
-def _save_cell(path: Path, key: str, cell: Cell, predictions: list[str]) -> None:
-    write_atomic(path, json.dumps({"key": key, "cell": dataclasses.asdict(cell), "predictions": predictions}, indent=1))
-
-
-def _load_cell(path: Path, key: str) -> Optional[Cell]:
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    return Cell(**saved["cell"]) if saved.get("key") == key else None
-
-
 @dataclass
 class EvalPlan:
     """What the eval stage has to do: cells already scored, units to generate, the records of each set."""
@@ -152,12 +140,12 @@ def _baseline_cells(cfg: RunConfig, task: str, cell_task: str, target: str, test
     cells, train = [], None
     for name in (b for b in cfg.eval.baselines if BASELINES[b].applies_to(task)):
         path = cfg.layout.eval_cell(cell_task, target, name)
-        cell = _load_cell(path, data_key)
+        cell = load_cell(path, data_key)
         if cell is None:
             train = train if train is not None else list(iter_records(cfg.layout.split(task, target, "train")))
             preds = BASELINES[name].predict(train, test)
             cell = Cell(cell_task, name, "baseline", name, target, *score(preds, test))
-            _save_cell(path, data_key, cell, preds)
+            save_cell(path, data_key, cell, preds)
         cells.append(cell)
     return cells
 
@@ -179,7 +167,7 @@ def _explainer_rows(cfg: RunConfig, plan: EvalPlan, task: str, split: str, targe
                                dataclasses.asdict(cfg.train.projection) if reads_vectors(task) else None,
                                cfg.eval.selfie_scales if kind.scaled else None])
             path = cfg.layout.eval_cell(cell_task, target, row.label)
-            done = _load_cell(path, key)
+            done = load_cell(path, key)
             if done:
                 plan.cells.append(done)
             else:
@@ -234,7 +222,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
         for unit, predictions in zip(group, results):
             cell, kept = _scored_cell(cfg, unit, predictions, plan.records_of[(unit.cell_task, unit.target)],
                                       scorers[unit.task])
-            _save_cell(Path(unit.path), unit.key, cell, kept)
+            save_cell(Path(unit.path), unit.key, cell, kept)
             plan.cells.append(cell)
             explained += len(kept)
         return explained

@@ -83,7 +83,8 @@ def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[
                     controls = [c for c in here if _is_control(c) and (c.kind == "baseline" or c.explainer == cell.explainer)
                                 and c.metrics.get(metric) is not None]
                     if controls:
-                        best = max(controls, key=lambda c: c.metrics[metric])
+                        # ties go by row name, so any order of the same cells names the same control
+                        best = max(controls, key=lambda c: (c.metrics[metric], c.row))
                         found = _compare(cell, best, metric, form.aggregate, "trained - best control")
                         out.setdefault(task, []).extend([found] if found else [])
                 own = next((c for c in trained if c.explainer == target), None)

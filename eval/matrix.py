@@ -2,6 +2,7 @@
 baseline explainers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,19 @@ class Cell:
         return self.kind == "trained" and self.explainer == self.target
 
 
+def save_cell(path: Path, key: str, cell: Cell, predictions: list[str]) -> None:
+    """One scored cell, its per-record units and predictions, under the key of the data it scored."""
+    write_atomic(path, json.dumps({"key": key, "cell": dataclasses.asdict(cell), "predictions": predictions}, indent=1))
+
+
+def load_cell(path: Path, key: Optional[str] = None) -> Optional[Cell]:
+    """A saved cell; None when the file is missing or (given a key) scored other data."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return Cell(**saved["cell"]) if key is None or saved.get("key") == key else None
+
+
 def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict] = None) -> dict:
     """matrix.json content: per task, its targets, rows (cells by target), label statistics and the
     headline differences; with `agreement` ((task, target, other model) -> a flag per test record), self
@@ -51,7 +65,8 @@ def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict]
         tasks[task]["differences"] = comparisons
     for (task, target, other), flags in (agreement or {}).items():
         if task in tasks:
-            tasks[task].setdefault("agreement", {}).setdefault(target, {})[other] = agreement_counts(flags)
+            tasks[task].setdefault("agreement", {}).setdefault(target, {})[other] = {**agreement_counts(flags),
+                                                                                   "flags": flags}
     return {"tasks": tasks}
 
 

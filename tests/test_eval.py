@@ -347,7 +347,40 @@ def test_self_vs_cross_is_split_by_whether_the_cross_model_as_a_target_labels_th
                                  "exact_match")
     assert {k: found["self - cross, agree"][k] for k in ("difference", "lo", "hi")} == expected
     matrix = build_matrix([own, cross], {}, {("activation_patching", "a", "b"): flags})
-    assert matrix["tasks"]["activation_patching"]["agreement"] == {"a": {"b": {"agree": 2, "disagree": 1, "unmatched": 1}}}
+    assert matrix["tasks"]["activation_patching"]["agreement"] == {"a": {"b": {"agree": 2, "disagree": 1, "unmatched": 1,
+                                                                          "flags": flags}}}
     text = "\n".join(headline_lines(matrix))
     assert "| self - cross, agree | self - cross, disagree |" in text
     assert "target a vs b as a target: 2 agree, 1 disagree, 1 without the item" in text
+
+
+def test_audit_recomputes_a_committed_headline_from_its_cells_and_names_a_number_that_differs(tmp_path, capsys):
+    """The folder a study commits (matrix.json and the eval cells with their units) is enough to recompute
+    every difference; cells read in another order name the same best control (ties go by name)."""
+    from selfexplain.eval.audit import main as audit
+    from selfexplain.eval.matrix import Cell, build_matrix, save_cell, write_matrix
+    from selfexplain.eval.metrics import causal_from_units
+
+    right, wrong = [True, True, True, True], [True, True, False, True]
+    rows = {"a trained": ("trained", "a", [right] * 7 + [wrong] * 3), "b trained": ("trained", "b", [right] * 5 + [wrong] * 5),
+            "a trained, zero v": ("zero_vector", "a", [wrong] * 4 + [right] * 4 + [wrong] * 2),
+            "majority": ("baseline", "majority", [right] * 4 + [wrong] * 6)}  # tied with zero v on exact_match
+    cells = [Cell("input_ablation", row, kind, explainer, "a", causal_from_units(units), units)
+             for row, (kind, explainer, units) in rows.items()]
+    flags = [True, False] * 5
+    matrix = build_matrix(list(reversed(cells)), {}, {("input_ablation", "a", "b"): flags})
+    folder = tmp_path / "study"
+    write_matrix(folder / "matrix.json", matrix)
+    for c in cells:
+        save_cell(folder / "eval" / c.task / c.target / f"{c.row.replace(' ', '_').replace(',', '')}.json", "k", c, [])
+    assert audit([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "| a trained | a | exact_match |" in out and "self - cross, disagree" in out
+    assert "differences recomputed, 0 differ" in out
+    best = {d["first"]: d["second"] for d in matrix["tasks"]["input_ablation"]["differences"]
+            if d["comparison"] == "trained - best control" and d["metric"] == "exact_match"}
+    assert best["a trained"] == "majority", "of two tied controls, the one last by name, in any order"
+    matrix["tasks"]["input_ablation"]["differences"][0]["lo"] += 0.01
+    write_matrix(folder / "matrix.json", matrix)
+    assert audit([str(folder)]) == 1
+    assert "differs from the committed matrix.json: input_ablation: trained - best control" in capsys.readouterr().err
