@@ -70,7 +70,8 @@ def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[
     control row that scores best on that metric (its own rows or a baseline), and the self-explainer
     against each other explainer trained on the same target: on all records, and where `agreement`
     ((task, target, other model) -> a flag per test record, eval/agreement.py) says, on the records where
-    the other model as a target agrees and where it disagrees. Cells without units are left out."""
+    the other model as a target agrees and where it disagrees (against the control: where it disagrees).
+    Cells without units are left out."""
     out: dict[str, list[dict]] = {}
     for task in dict.fromkeys(c.task for c in cells):
         form = form_of(task)
@@ -85,12 +86,24 @@ def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[
                     if controls:
                         # ties go by row name, so any order of the same cells names the same control
                         best = max(controls, key=lambda c: (c.metrics[metric], c.row))
-                        found = _compare(cell, best, metric, form.aggregate, "trained - best control")
-                        out.setdefault(task, []).extend([found] if found else [])
+                        out.setdefault(task, []).extend(_against_control(cell, best, metric, form.aggregate,
+                                                                         agreement or {}))
                 own = next((c for c in trained if c.explainer == target), None)
                 for cross in (c for c in trained if own is not None and c is not own):
                     out.setdefault(task, []).extend(_self_vs_cross(own, cross, metric, form.aggregate, agreement or {}))
     return out
+
+
+def _against_control(cell, best, metric: str, aggregate, agreement: dict) -> list[dict]:
+    """The trained row minus its best control on all records and on those where another model, as a target,
+    labels the item otherwise: for a cross-explainer its own model; for a self-explainer each other model."""
+    found = [_compare(cell, best, metric, aggregate, "trained - best control")]
+    for (task, target, other), flags in agreement.items():
+        mine = other == cell.explainer or cell.explainer == target
+        if (task, target) == (cell.task, cell.target) and mine and len(flags) == len(cell.units):
+            d = _compare(cell, best, metric, aggregate, f"trained - best control, {DISAGREE}", flags, False)
+            found.append(d and {**d, "other": other})
+    return [d for d in found if d]
 
 
 def _self_vs_cross(own, cross, metric: str, aggregate, agreement: dict) -> list[dict]:

@@ -27,7 +27,9 @@ def significant(d: dict) -> bool:
 
 def _entry(d: dict) -> str:
     text = f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-    return (f"**{text}**" if significant(d) else text) + f" vs {d['second']}"
+    where = f", {d['n']} records" if ", " in d["comparison"] else ""  # a subset: how many it kept
+    where += f" where {d['other']} differs" if "other" in d else ""
+    return (f"**{text}**" if significant(d) else text) + f" vs {d['second']}{where}"
 
 
 def headline_table(task: str, table: dict) -> list[str]:

@@ -380,6 +380,10 @@ def test_audit_recomputes_a_committed_headline_from_its_cells_and_names_a_number
     best = {d["first"]: d["second"] for d in matrix["tasks"]["input_ablation"]["differences"]
             if d["comparison"] == "trained - best control" and d["metric"] == "exact_match"}
     assert best["a trained"] == "majority", "of two tied controls, the one last by name, in any order"
+    split = {d["first"]: d for d in matrix["tasks"]["input_ablation"]["differences"]
+             if d["comparison"] == "trained - best control, disagree" and d["metric"] == "exact_match"}
+    assert {first: (d["other"], d["n"]) for first, d in split.items()} == {"a trained": ("b", 5), "b trained": ("b", 5)}
+    assert "vs majority, 5 records where b differs" in out
     matrix["tasks"]["input_ablation"]["differences"][0]["lo"] += 0.01
     write_matrix(folder / "matrix.json", matrix)
     assert audit([str(folder)]) == 1
