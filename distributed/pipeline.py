@@ -56,16 +56,21 @@ def collect_projection_errors(cfg: RunConfig) -> dict:
 def collect_agreement(cfg: RunConfig) -> dict:
     """(task, target, other model) -> per test record of the target, whether the other model as a target
     labels the same item alike (eval/agreement.py); for every cross-explainer's model that is a target too."""
-    out = {}
+    out, made = {}, {}
+
+    def ground_truth(task: str, model: str) -> list:  # every record the model made as a target, read once
+        if (task, model) not in made:
+            splits = ("raw",) if cfg.layout.split(task, model, "raw").exists() else ("train", "test")
+            made[(task, model)] = [r for s in splits if cfg.layout.split(task, model, s).exists()
+                                   for r in iter_records(cfg.layout.split(task, model, s))]
+        return made[(task, model)]
+
     for task in cfg.tasks:
         for target in cfg.targets:
             others = [m for m in cfg.explainers if m != target and m in cfg.targets]
             test = test_records(cfg, task, target) if others else []
             for other in others:
-                splits = ("raw",) if cfg.layout.split(task, other, "raw").exists() else ("train", "test")
-                records = [r for s in splits if cfg.layout.split(task, other, s).exists()
-                           for r in iter_records(cfg.layout.split(task, other, s))]
-                flags = agreement(task, test, records)
+                flags = agreement(task, test, ground_truth(task, other))
                 if flags is not None:
                     out[(task, target, other)] = flags
     return out

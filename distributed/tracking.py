@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 from selfexplain.eval.matrix import cells_of, data_efficiency, headline
 from selfexplain.groundtruth.layout import RunLayout
 from selfexplain.training.job import WandbRun
-from selfexplain.training.live_log import job_run_name
+from selfexplain.training.live_log import job_name, job_run_name
 
 from .config import RunConfig
 from .typed_yaml import to_dict
@@ -67,7 +67,7 @@ def figure_key(image: Path) -> str:
 
 def train_logs(layout: RunLayout) -> dict[str, Path]:
     """Every training job's loss log, by job name."""
-    return {f"{log.parent.parent.name}/{log.parent.name}": log for log in layout.train_logs()}
+    return {job_name(log.parent): log for log in layout.train_logs()}
 
 
 def log_to_wandb(cfg: RunConfig, matrix: dict, images: list[Path]) -> Optional[Path]:

@@ -20,7 +20,8 @@ def agreement(task: str, test: list[Record], other: Iterable[Record]) -> Optiona
     if same_item is None:
         return None
     labels = {same_item(r): r.explanation for r in other}
-    return [None if same_item(r) not in labels else labels[same_item(r)] == r.explanation for r in test]
+    keys = [same_item(r) for r in test]
+    return [None if k not in labels else labels[k] == r.explanation for k, r in zip(keys, test)]
 
 
 def agreement_counts(flags: list[Optional[bool]]) -> dict[str, int]:

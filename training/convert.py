@@ -60,16 +60,6 @@ def _rebuilt(folder: Path, meta: dict):
     return model, tokenizer, set(tensors)
 
 
-def _legacy_projection(path: Path) -> Projection:
-    saved = torch.load(path, weights_only=True)
-    projection = Projection(saved["kind"], saved["keys"], saved["d_target"], saved["d_explainer"], trainable=False)
-    with torch.no_grad():
-        for key, weight in saved["maps"].items():
-            projection.weight(key).copy_(weight)
-    projection.fit_error, projection.norm = saved["fit_error"], saved.get("norm")
-    return projection
-
-
 def convert_export(folder: Path) -> bool:
     """Rewrite a format-1 export in place (atomically); False when it already is of the current format."""
     folder = Path(folder)
@@ -91,7 +81,8 @@ def convert_export(folder: Path) -> bool:
         shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(LEGACY_PROJECTION, METADATA))
         weights = "full"
     if (folder / LEGACY_PROJECTION).exists():
-        _legacy_projection(folder / LEGACY_PROJECTION).save(tmp / PROJECTION)
+        saved = torch.load(folder / LEGACY_PROJECTION, weights_only=True)  # a dict: settings and "maps"
+        Projection.from_saved(saved, saved["maps"]).save(tmp / PROJECTION)
     meta.update(format=FORMAT, weights=weights)
     (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
     write_model_card(tmp, meta)

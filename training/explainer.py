@@ -201,6 +201,11 @@ class Projection(nn.Module):
                 raise ValueError(f"{path} holds no projection settings (metadata 'selfexplain.projection')")
             settings = json.loads(header)
             maps = {key: f.get_tensor(key) for key in f.keys()}
+        return cls.from_saved(settings, maps, trainable)
+
+    @classmethod
+    def from_saved(cls, settings: dict, maps: dict[str, torch.Tensor], trainable: bool = False) -> "Projection":
+        """A projection from its settings (kind, keys, sizes, fit_error, norm) and its maps by key."""
         projection = cls(settings["kind"], settings["keys"], settings["d_target"], settings["d_explainer"],
                          trainable=trainable)
         with torch.no_grad():

@@ -117,11 +117,6 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
                               "norm": projection.norm}
     (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
     write_model_card(tmp, meta)
-    # as readable as any file the run writes: safetensors' own writer (save_pretrained) creates files 0600
-    mode = (tmp / METADATA).stat().st_mode & 0o777
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            f.chmod(mode)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

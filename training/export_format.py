@@ -52,6 +52,7 @@ def write_weights(folder: Path, model: nn.Module, tokenizer, state: dict[str, to
     tokenizer.save_pretrained(folder)
     if lora is None:
         model.save_pretrained(folder, state_dict={k: v.detach().cpu() for k, v in state.items()})
+        _readable_like(folder, folder / "tokenizer_config.json")
         return "full"
     from peft import get_peft_model_state_dict
 
@@ -68,6 +69,15 @@ def write_weights(folder: Path, model: nn.Module, tokenizer, state: dict[str, to
     # bytes written through Python, not save_file: that creates the file 0600, whatever the umask
     (folder / ADAPTER_WEIGHTS).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in adapter.items()}))
     return "lora"
+
+
+def _readable_like(folder: Path, like: Path) -> None:
+    """Every file of `folder` with the mode of `like` (written through Python, so as the umask says):
+    safetensors' own writer, which save_pretrained uses, creates files 0600."""
+    mode = like.stat().st_mode & 0o777
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
 
 
 @torch.no_grad()

@@ -7,16 +7,16 @@ from __future__ import annotations
 import resource
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .job import TrainJob
 
 
-def job_name(job: TrainJob) -> str:
-    """'<task>/<explainer>_on_<target>' plus the variant folder (subset size, control), as the run folder names it."""
-    out = Path(job.out_dir)
+def job_name(out_dir: Path) -> str:
+    """A training job's name from its folder: '<task>/<explainer>_on_<target>' (plus the variant: subset size,
+    control), as the run folder names it."""
+    out = Path(out_dir)
     return f"{out.parent.name}/{out.name}"
 
 
@@ -43,7 +43,7 @@ class JobCurves:
 
         w = job.wandb
         self.run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, group=w.group, dir=w.dir,
-                              name=job_run_name(w.group, job_name(job)), job_type="train", reinit="create_new",
+                              name=job_run_name(w.group, job_name(job.out_dir)), job_type="train", reinit="create_new",
                               config={"task": job.task, "target": job.target, "explainer": job.explainer,
                                       "explainer_spec": job.explainer_spec.source, "control": job.control,
                                       "records_per_layer": job.max_records_per_layer, "seed": job.seed,
@@ -54,9 +54,8 @@ class JobCurves:
         if self.run is not None:
             self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
-    def finish(self, summary: Optional[dict] = None) -> None:
+    def finish(self) -> None:
         if self.run is not None:
-            self.run.summary.update(summary or {})
             self.run.finish()
             self.run = None
 

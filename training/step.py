@@ -237,16 +237,20 @@ def _optimizer_step(job: TrainJob, run: Prepared, step: int, rank: int, world: i
 
 def _log(job: TrainJob, run: Prepared, step: int, loss: float, tokens: int, step_seconds: float, seconds: float,
          rank: int, world: int, curves: JobCurves, report: Optional[Callable[[dict], None]]) -> None:
-    """Every step: the ranks' mean loss and summed tokens to the job's W&B run (rank 0); every log_every
-    steps and the last also to train_log.jsonl, the console and the launcher's report."""
+    """Every step where the job has a W&B run: the ranks' mean loss and summed tokens to it (rank 0); every
+    log_every steps and the last also to train_log.jsonl, the console and the launcher's report. Without a
+    W&B run the other steps add no collective to the loop."""
     import torch.distributed as dist
 
+    logged = step % job.train.log_every == 0 or step == run.total_steps
+    if job.wandb is None and not logged:  # the same answer on every rank: the all-reduce stays collective
+        return
     reduced = torch.tensor([loss, float(tokens)], device=run.engine.device)  # NCCL reduces device tensors only
     dist.all_reduce(reduced)
     mean_loss, all_tokens = reduced[0].item() / world, reduced[1].item()
     curves.log(step, {"loss": mean_loss, "lr": run.engine.get_lr()[0], "tokens_per_s": all_tokens / max(step_seconds, 1e-9),
                       "memory_gb": memory_gb(run.engine.device), "epoch": step * job.train.grad_accum / run.per_epoch})
-    if step % job.train.log_every and step != run.total_steps:
+    if not logged:
         return
     entry = {"step": step, "loss": mean_loss, "seconds": round(seconds, 2)}
     if rank == 0:
