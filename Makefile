@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart study sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
+.PHONY: install quickstart study study-features sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -44,6 +44,15 @@ quickstart: install
 
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
+
+# The large-SAE feature study of docs/RESULTS.md (about 2.5 hours); what it scored is then copied to
+# docs/results/study_features_cpu (matrix.json and the eval cells), where the audit recomputes it.
+study-features: install
+	$(VENV)/bin/selfexplain run configs/study_features_cpu.yaml
+	rm -rf docs/results/study_features_cpu && mkdir -p docs/results/study_features_cpu
+	cp -r runs/study_features_cpu/matrix.json runs/study_features_cpu/report.md runs/study_features_cpu/eval \
+		docs/results/study_features_cpu/
+	$(PY) -m selfexplain.eval.audit docs/results/study_features_cpu
 
 # The v-reading sweep of docs/RESULTS.md: name:overrides (comma-separated) per variant; one shared
 # ground truth (runs/sweep_cpu/groundtruth), copied into each variant's run folder.

@@ -201,7 +201,8 @@ def _scored_cell(cfg: RunConfig, unit: EvalUnit, predictions, test: list[Record]
         metrics, units = score(predictions, test)
     if kind.curve and getattr(cfg.tasks[unit.task], "data_efficiency", None):
         metrics["examples_per_layer"] = unit.job.records_per_layer()
-    return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics, units), predictions
+    size = None if kind.reads_base else unit.job.max_records_per_layer
+    return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics, units, size), predictions
 
 
 def run_eval_stage(cfg: RunConfig) -> list[Cell]:

@@ -11,7 +11,7 @@ from selfexplain.eval.matrix import add_projection_errors, build_matrix, write_m
 from selfexplain.eval.report import export_results, write_report
 from selfexplain.eval.rows import control_placeholders, plan_rows
 from selfexplain.groundtruth.errors import BadInput
-from selfexplain.groundtruth.models import describe
+from selfexplain.groundtruth.models import describe, random_twins
 from selfexplain.groundtruth.records import iter_records
 from selfexplain.groundtruth.tasks import TASKS
 from selfexplain.training.export import METADATA, CheckpointMismatch, read_metadata
@@ -78,7 +78,8 @@ def collect_agreement(cfg: RunConfig) -> dict:
 
 def eval_and_matrix(cfg: RunConfig) -> dict:
     cells = run_eval_stage(cfg)
-    matrix = add_projection_errors(build_matrix(cells, collect_label_stats(cfg), collect_agreement(cfg)),
+    twins = random_twins(cfg.models, cfg.targets)
+    matrix = add_projection_errors(build_matrix(cells, collect_label_stats(cfg), collect_agreement(cfg), twins),
                                    collect_projection_errors(cfg))
     write_matrix(cfg.layout.matrix, matrix)
     return matrix

@@ -4,7 +4,8 @@
 
 The folder holds the run's `matrix.json` and `eval/<task>/<target>/<row>.json` (each cell with its
 per-record units, as the eval stage saved it). The paired differences (and the agree / disagree split,
-whose per-record flags matrix.json keeps) are computed again from the units and compared with the
+whose per-record flags matrix.json keeps), the lift at each size of a data-efficiency curve and each
+trained target minus its random-weights twin are computed again from the units and compared with the
 committed ones; the headline tables are printed. Exit 1 when a number differs.
 """
 from __future__ import annotations
@@ -18,6 +19,12 @@ from .headline import headline_table
 from .matrix import build_matrix, load_cell
 
 
+COMPARED = {  # the parts of a task's table that hold differences, and what names one
+    "differences": lambda d: (d["comparison"], d["target"], d["metric"], d["first"], d["second"]),
+    "random_target": lambda d: ("trained - random target", d["target"], d["metric"], d["row"], d["random_target"]),
+}
+
+
 def committed_agreement(matrix: dict) -> dict:
     """(task, target, other model) -> flags, as matrix.json keeps them."""
     return {(task, target, other): entry["flags"] for task, table in matrix["tasks"].items()
@@ -29,15 +36,16 @@ def recompute(folder: Path) -> tuple[dict, list[str]]:
     committed = json.loads((folder / "matrix.json").read_text())
     cells = [load_cell(path) for path in sorted((folder / "eval").glob("*/*/*.json"))]
     labels = {task: table.get("label_stats", {}) for task, table in committed["tasks"].items()}
-    rebuilt = build_matrix([c for c in cells if c is not None], labels, committed_agreement(committed))
+    rebuilt = build_matrix([c for c in cells if c is not None], labels, committed_agreement(committed),
+                           committed.get("random_targets"))
     mismatched = []
     for task, table in committed["tasks"].items():
-        key = lambda d: (d["comparison"], d["target"], d["metric"], d["first"], d["second"])  # noqa: E731
-        mine = {key(d): d for d in rebuilt["tasks"].get(task, {}).get("differences", [])}
-        for d in table.get("differences", []):
-            again = mine.get(key(d))
-            if again is None or any(abs(again[k] - d[k]) > 1e-9 for k in ("difference", "lo", "hi")):
-                mismatched.append(f"{task}: {' / '.join(key(d))}")
+        for part, key in COMPARED.items():
+            mine = {key(d): d for d in rebuilt["tasks"].get(task, {}).get(part, [])}
+            for d in table.get(part, []):
+                again = mine.get(key(d))
+                if again is None or any(abs(again[k] - d[k]) > 1e-9 for k in ("difference", "lo", "hi")):
+                    mismatched.append(f"{task}: {' / '.join(key(d))}")
     return rebuilt, mismatched
 
 
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
             print(f"### {task}\n\n" + "\n".join(lines) + "\n")
     for line in mismatched:
         print(f"differs from the committed matrix.json: {line}", file=sys.stderr)
-    print(f"{sum(len(t.get('differences', [])) for t in rebuilt['tasks'].values())} differences recomputed, "
+    print(f"{sum(len(t.get(part, [])) for t in rebuilt['tasks'].values() for part in COMPARED)} differences recomputed, "
           f"{len(mismatched)} differ from the committed ones")
     return 1 if mismatched else 0
 

@@ -37,6 +37,26 @@ def paired_difference(a: list, b: list, aggregate: Callable[[list], dict], metri
     return {"difference": point_a - point_b, "lo": float(lo), "hi": float(hi)}
 
 
+def unpaired_difference(a: list, b: list, aggregate: Callable[[list], dict], metric: str,
+                        seed: int = 0) -> Optional[dict]:
+    """metric(a) - metric(b) for units of different records (two targets' test sets): each side resampled
+    on its own, the 2.5/97.5 percentiles of the difference over BOOTSTRAP_RESAMPLES draws."""
+    if not a or not b:
+        return None
+    point_a, point_b = aggregate(a).get(metric), aggregate(b).get(metric)
+    if point_a is None or point_b is None:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        x = aggregate([a[i] for i in rng.integers(0, len(a), len(a))]).get(metric)
+        y = aggregate([b[i] for i in rng.integers(0, len(b), len(b))]).get(metric)
+        if x is not None and y is not None:
+            draws.append(x - y)
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+    return {"difference": point_a - point_b, "lo": float(lo), "hi": float(hi)}
+
+
 def reading(first: str, second: str, metric: str, d: dict) -> str:
     """One line a reader can quote: who beats whom by how much, or that this size cannot tell."""
     interval = f"{abs(d['difference']):.3f} [{min(abs(d['lo']), abs(d['hi'])):.3f}, {max(abs(d['lo']), abs(d['hi'])):.3f}]"
@@ -54,6 +74,16 @@ def _is_control(cell) -> bool:
     return cell.kind in ROW_KINDS and ROW_KINDS[cell.kind].control
 
 
+def _controls(control, cell) -> bool:
+    """Whether `control` is a control row of the trained cell: a baseline, or one of the explainer's control
+    rows that reads its base model or the export of the same training size."""
+    if not _is_control(control):
+        return False
+    if control.kind == "baseline":
+        return True
+    return control.explainer == cell.explainer and (control.size == cell.size or ROW_KINDS[control.kind].reads_base)
+
+
 def _compare(first, second, metric: str, aggregate, comparison: str, flags: Optional[list] = None,
              want: Optional[bool] = None) -> Optional[dict]:
     """first - second on their units, or (flags given) on the units of records whose flag is `want`."""
@@ -62,16 +92,18 @@ def _compare(first, second, metric: str, aggregate, comparison: str, flags: Opti
     if d is None:
         return None
     return {"comparison": comparison, "target": first.target, "metric": metric, "first": first.row,
-            "second": second.row, **d, "n": len(a), "reading": reading(first.row, second.row, metric, d)}
+            "second": second.row, **d, "n": len(a), "reading": reading(first.row, second.row, metric, d),
+            **({"examples_per_layer": first.metrics["examples_per_layer"]} if "examples_per_layer" in first.metrics else {})}
 
 
 def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[str, list[dict]]:
-    """matrix task -> its comparisons: per target and compared metric, each trained explainer against the
-    control row that scores best on that metric (its own rows or a baseline), and the self-explainer
-    against each other explainer trained on the same target: on all records, and where `agreement`
-    ((task, target, other model) -> a flag per test record, eval/agreement.py) says, on the records where
-    the other model as a target agrees and where it disagrees (against the control: where it disagrees).
-    Cells without units are left out."""
+    """matrix task -> its comparisons: per target and compared metric, each trained explainer (at each
+    training size of the data-efficiency curve) against the control row that scores best on that metric
+    (its own rows at its size or reading its base model, or a baseline), and the self-explainer against
+    each other explainer trained on the same target at the same size: on all records, and where
+    `agreement` ((task, target, other model) -> a flag per test record, eval/agreement.py) says, on the
+    records where the other model as a target agrees and where it disagrees (against the control: where
+    it disagrees). Cells without units are left out."""
     out: dict[str, list[dict]] = {}
     for task in dict.fromkeys(c.task for c in cells):
         form = form_of(task)
@@ -81,16 +113,15 @@ def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[
             trained = [c for c in here if c.kind == "trained"]
             for metric in form.compared:
                 for cell in trained:
-                    controls = [c for c in here if _is_control(c) and (c.kind == "baseline" or c.explainer == cell.explainer)
-                                and c.metrics.get(metric) is not None]
+                    controls = [c for c in here if _controls(c, cell) and c.metrics.get(metric) is not None]
                     if controls:
                         # ties go by row name, so any order of the same cells names the same control
                         best = max(controls, key=lambda c: (c.metrics[metric], c.row))
                         out.setdefault(task, []).extend(_against_control(cell, best, metric, form.aggregate,
                                                                          agreement or {}))
-                own = next((c for c in trained if c.explainer == target), None)
-                for cross in (c for c in trained if own is not None and c is not own):
-                    out.setdefault(task, []).extend(_self_vs_cross(own, cross, metric, form.aggregate, agreement or {}))
+                for own in (c for c in trained if c.explainer == target):
+                    for cross in (c for c in trained if c.size == own.size and c is not own and c.explainer != target):
+                        out.setdefault(task, []).extend(_self_vs_cross(own, cross, metric, form.aggregate, agreement or {}))
     return out
 
 
@@ -113,3 +144,27 @@ def _self_vs_cross(own, cross, metric: str, aggregate, agreement: dict) -> list[
         found += [_compare(own, cross, metric, aggregate, f"self - cross, {name}", flags, want)
                   for name, want in ((AGREE, True), (DISAGREE, False))]
     return [d for d in found if d]
+
+
+def random_target_differences(cells: list, twins: dict[str, str]) -> dict[str, list[dict]]:
+    """matrix task -> per compared metric, each row that explains (trained explainers at full size, and
+    baselines that are not controls, e.g. gold: the labels' own score) on a trained target minus the same
+    row on its random-weights twin (`twins`: random target -> trained target), unpaired over the two test
+    sets. A metric that scores both alike cannot tell an explanation of computation from one of noise."""
+    out: dict[str, list[dict]] = {}
+    for task in dict.fromkeys(c.task for c in cells):
+        form = form_of(task)
+        explains = {(c.row, c.target): c for c in cells if c.task == task and c.units and c.size is None
+                    and not _is_control(c) and (c.kind == "baseline" or ROW_KINDS[c.kind].curve)}
+        for random_target, trained_target in twins.items():
+            for (row, target), cell in explains.items():
+                twin = explains.get((row, random_target))
+                if target != trained_target or twin is None:
+                    continue
+                for metric in form.compared:
+                    d = unpaired_difference(cell.units, twin.units, form.aggregate, metric)
+                    if d is not None:
+                        out.setdefault(task, []).append({
+                            "row": row, "target": trained_target, "random_target": random_target, "metric": metric, **d,
+                            "reading": reading(f"{row} on {trained_target}", f"{row} on {random_target}", metric, d)})
+    return out

@@ -11,7 +11,7 @@ from typing import Optional
 from selfexplain.groundtruth.records import write_atomic
 
 from .agreement import agreement_counts
-from .differences import headline_differences
+from .differences import headline_differences, random_target_differences
 from .metrics import metrics_of
 from .rows import ROW_KINDS
 
@@ -27,10 +27,12 @@ class Cell:
     units: Optional[list] = field(default=None, repr=False)
     """Per test record (per feature) what the metrics aggregate, for paired comparisons; kept in the cell's
     file, not in matrix.json."""
+    size: Optional[int] = None
+    """Records per layer the row's explainer was trained on, for a data-efficiency job's rows; None: all."""
 
     @property
     def is_self(self) -> bool:
-        return self.kind == "trained" and self.explainer == self.target
+        return self.kind == "trained" and self.explainer == self.target and self.size is None
 
 
 def save_cell(path: Path, key: str, cell: Cell, predictions: list[str]) -> None:
@@ -46,10 +48,13 @@ def load_cell(path: Path, key: Optional[str] = None) -> Optional[Cell]:
     return Cell(**saved["cell"]) if key is None or saved.get("key") == key else None
 
 
-def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict] = None) -> dict:
+def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict] = None,
+                 twins: Optional[dict[str, str]] = None) -> dict:
     """matrix.json content: per task, its targets, rows (cells by target), label statistics and the
     headline differences; with `agreement` ((task, target, other model) -> a flag per test record), self
-    vs cross also on the records where the models agree and where they disagree, and the counts."""
+    vs cross also on the records where the models agree and where they disagree, and the counts; with
+    `twins` (random-weights target -> the trained target it copies the shape of), each explaining row on
+    the trained target minus the same row on its twin."""
     tasks: dict = {}
     for cell in cells:  # targets in the order cells first name them
         task = tasks.setdefault(cell.task, {"targets": [], "rows": {}, "metrics": list(metrics_of(cell.task)),
@@ -57,9 +62,10 @@ def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict]
         if cell.target not in task["targets"]:
             task["targets"].append(cell.target)
     kind_order = {kind: i for i, kind in enumerate(ROW_KINDS)}  # rows in registration order, baselines last
-    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, len(kind_order)), c.metrics.get("examples_per_layer", 0),
+    for cell in sorted(cells, key=lambda c: (kind_order.get(c.kind, len(kind_order)), c.size is not None, c.size or 0,
                                              c.row)):
-        row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {}})
+        row = tasks[cell.task]["rows"].setdefault(cell.row, {"kind": cell.kind, "explainer": cell.explainer, "cells": {},
+                                                             **({"size": cell.size} if cell.size is not None else {})})
         row["cells"][cell.target] = {**cell.metrics, "self": cell.is_self}
     for task, comparisons in headline_differences(cells, agreement).items():
         tasks[task]["differences"] = comparisons
@@ -67,7 +73,9 @@ def build_matrix(cells: list[Cell], label_stats: dict, agreement: Optional[dict]
         if task in tasks:
             tasks[task].setdefault("agreement", {}).setdefault(target, {})[other] = {**agreement_counts(flags),
                                                                                    "flags": flags}
-    return {"tasks": tasks}
+    for task, comparisons in random_target_differences(cells, twins or {}).items():
+        tasks[task]["random_target"] = comparisons
+    return {"tasks": tasks, **({"random_targets": twins} if twins else {})}
 
 
 def headline(table: dict) -> str:
@@ -76,17 +84,30 @@ def headline(table: dict) -> str:
 
 
 def data_efficiency(table: dict) -> dict[str, list[tuple[int, float]]]:
-    """'explainer<-target' -> [(train examples per layer, headline metric)] from the trained and
-    subset rows of a task table (the self-explainers' curve), sorted by size; only curves of 2+ points."""
+    """'explainer<-target' -> [(train examples per layer, headline metric)] from the trained rows of a task
+    table at every size (the self-explainers' curve), sorted by size; only curves of 2+ points."""
     metric = headline(table)
     curves: dict[str, list[tuple[int, float]]] = {}
     for row in table["rows"].values():
-        if row["kind"] not in ("trained", "subset"):
+        if row["kind"] != "trained":
             continue
         for target, cell in row["cells"].items():
             if "examples_per_layer" in cell and row["explainer"] == target:
                 curves.setdefault(f"{row['explainer']}<-{target}", []).append((cell["examples_per_layer"], cell[metric]))
     return {k: sorted(v) for k, v in curves.items() if len(v) > 1}
+
+
+def lift_curves(table: dict) -> dict[str, dict[str, list[dict]]]:
+    """'explainer<-target' -> metric -> the trained row minus its best control at each training size
+    (the headline's comparisons on all records, each with its interval), sorted by train examples per
+    layer; only explainers with 2+ sizes."""
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for d in table.get("differences", []):
+        if d["comparison"] == "trained - best control" and "examples_per_layer" in d:
+            name = f"{table['rows'][d['first']]['explainer']}<-{d['target']}"
+            curves.setdefault(name, {}).setdefault(d["metric"], []).append(d)
+    return {name: {m: sorted(points, key=lambda d: d["examples_per_layer"]) for m, points in by.items()}
+            for name, by in curves.items() if len(next(iter(by.values()))) > 1}
 
 
 def add_projection_errors(matrix: dict, errors: dict) -> dict:
@@ -103,6 +124,7 @@ def write_matrix(path: Path, matrix: dict) -> None:
 
 def cells_of(matrix: dict) -> list[Cell]:
     """The cells of a matrix.json (inverse of build_matrix)."""
-    return [Cell(task, name, row["kind"], row["explainer"], target, {k: v for k, v in m.items() if k != "self"})
+    return [Cell(task, name, row["kind"], row["explainer"], target, {k: v for k, v in m.items() if k != "self"},
+                 size=row.get("size"))
             for task, t in matrix["tasks"].items() for name, row in t["rows"].items() for target, m in row["cells"].items()]
 

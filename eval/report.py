@@ -5,8 +5,8 @@ from pathlib import Path
 
 from selfexplain.groundtruth.layout import RunLayout
 
-from .headline import appendix_lines, headline_lines, test_sizes
-from .matrix import data_efficiency, headline
+from .headline import appendix_lines, headline_lines, significant, test_sizes
+from .matrix import data_efficiency, headline, lift_curves
 
 
 def with_interval(cell: dict, metric: str, digits: int = 3, sep: str = " ") -> str:
@@ -70,6 +70,38 @@ def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def random_target_lines(table: dict) -> list[str]:
+    """Each explaining row on a trained target minus the same row on its random-weights twin (unpaired
+    intervals): where a metric cannot tell them apart, it is not measuring the target's computation."""
+    found = table.get("random_target", [])
+    if not found:
+        return []
+    lines = ["### trained target minus its random-weights twin", "",
+             "| row | target - random twin | metric | difference |", "|---|---|---|---|"]
+    lines += [f"| {d['row']} | {d['target']} - {d['random_target']} | {d['metric']} | {_lift(d)} |" for d in found]
+    return lines + [""]
+
+
+def lift_table(curves: dict) -> list[str]:
+    """The data-efficiency curve of what counts: per explainer and metric, the trained row minus its best
+    control at each training size, with its paired interval (bold: it excludes zero)."""
+    if not curves:
+        return []
+    sizes = sorted({d["examples_per_layer"] for by in curves.values() for points in by.values() for d in points})
+    lines = ["Trained minus its best control (that size's own v-controls, the base model's rows, baselines):", "",
+             f"| explainer | metric | {' | '.join(f'{n} per layer' for n in sizes)} |", "|---|---|" + "---|" * len(sizes)]
+    for name, by in curves.items():
+        for metric, points in by.items():
+            at = {d["examples_per_layer"]: d for d in points}
+            lines.append(f"| {name} | {metric} | " + " | ".join(_lift(at[n]) if n in at else "-" for n in sizes) + " |")
+    return lines
+
+
+def _lift(d: dict) -> str:
+    text = f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    return f"**{text}**" if significant(d) else text
 
 
 def matrix_table(table: dict, metric: str) -> list[str]:
@@ -146,7 +178,8 @@ def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
             plot = efficiency_plot(task, curves, headline(table), layout.figure("efficiency", task))
             lines += ["### data efficiency", "", f"![data efficiency]({plot.name})", ""]
             lines += [f"- {name}: " + ", ".join(f"{n} per layer -> {v:.3f}" for n, v in points) for name, points in curves.items()]
-            lines.append("")
+            lines += ["", *lift_table(lift_curves(table)), ""]
+        lines += random_target_lines(table)
         lines += ["Test records per target: " + ", ".join(f"{t}: {k}" for t, k in test_sizes(table).items()), "",
                   distinct_outputs_line(table), ""]
         for pair, keys in table.get("projection_fit_error", {}).items():

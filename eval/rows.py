@@ -24,7 +24,8 @@ from selfexplain.training.controls import TRAINED_CONTROLS
 class RowKind:
     name: str
     label: str
-    """Row name; {explainer} and, for per-subset rows, {n} (records per layer) are filled in."""
+    """Row name; {explainer} and {trained} ("trained", or for a data-efficiency job's row "trained, n per
+    layer") are filled in."""
     applies: Callable[[TaskSpec, str, Any], bool]
     """(task spec, split, eval settings) -> whether the row is in that split's matrix."""
     reads_base: bool = False
@@ -33,8 +34,9 @@ class RowKind:
     """The [vec] triple and v are in the prompt (for tasks with vectors)."""
     scaled: bool = False
     """SelfIE: one generation per eval.selfie_scales with v unit-normalised and scaled; the best is reported."""
-    per_subset: bool = False
-    """One row per data-efficiency job (trained on n records per layer) instead of the full-data job."""
+    per_size: bool = False
+    """Also one row per data-efficiency job (trained on n records per layer) beside the full-data job's:
+    the trained row and the controls that read its export, so each point of the curve has its controls."""
     per_control: bool = False
     """One row per trained-control job (training/controls.py); the control's rewrite applies to the test
     records too, so its explainer is scored on what it was trained to see."""
@@ -82,19 +84,17 @@ def _vector_control(spec: TaskSpec, split: str, ec: Any) -> bool:
     return _test_only(split) and spec.has_vectors and ec.vector_controls
 
 
-register_row_kind(RowKind("trained", "{explainer} trained", lambda spec, split, ec: True, curve=True))
-register_row_kind(RowKind("subset", "{explainer} trained, {n} per layer", lambda spec, split, ec: _test_only(split),
-                          per_subset=True, curve=True))
+register_row_kind(RowKind("trained", "{explainer} {trained}", lambda spec, split, ec: True, per_size=True, curve=True))
 register_row_kind(RowKind(  # the paper's check of how much v matters
-    "no_vector", "{explainer} trained, no vector",
+    "no_vector", "{explainer} {trained}, no vector",
     lambda spec, split, ec: _test_only(split) and spec.has_vectors and ec.no_vector, with_vector=False,
-    control=True))
+    per_size=True, control=True))
 register_row_kind(RowKind("trained_control", "{explainer} {control}", lambda spec, split, ec: _test_only(split),
                           per_control=True, control=True))
-register_row_kind(RowKind("zero_vector", "{explainer} trained, zero v", _vector_control, rewrite=zero_vectors,
-                          control=True))
-register_row_kind(RowKind("shuffled_vector", "{explainer} trained, shuffled v", _vector_control,
-                          rewrite=shuffled_vectors, control=True))
+register_row_kind(RowKind("zero_vector", "{explainer} {trained}, zero v", _vector_control, rewrite=zero_vectors,
+                          per_size=True, control=True))
+register_row_kind(RowKind("shuffled_vector", "{explainer} {trained}, shuffled v", _vector_control,
+                          rewrite=shuffled_vectors, per_size=True, control=True))
 register_row_kind(RowKind("untrained", "{explainer} untrained", lambda spec, split, ec: _test_only(split) and ec.untrained,
                           reads_base=True, control=True))
 register_row_kind(RowKind("selfie", "{explainer} SelfIE",
@@ -109,22 +109,28 @@ class PlannedRow:
     job: Any  # the training job whose export (or base model) the row reads
 
 
+def trained_label(size: Optional[int]) -> str:
+    """What a row's label calls its explainer's training: on all records, or on n per layer."""
+    return "trained" if size is None else f"trained, {size} per layer"
+
+
 def plan_rows(spec: TaskSpec, split: str, settings: Any, explainer: str, job: Any,
               subsets: Optional[list] = None, controls: Optional[list] = None) -> list[PlannedRow]:
     """One explainer's rows of a (task, split): `job` is its full-data training job, `subsets` its
-    data-efficiency jobs (each with max_records_per_layer), `controls` its trained-control jobs."""
+    data-efficiency jobs (each with max_records_per_layer; their rows are on the test split only),
+    `controls` its trained-control jobs."""
     rows = []
+    sized = (subsets or []) if _test_only(split) else []
     for kind in ROW_KINDS.values():
         if not kind.applies(spec, split, settings):
             continue
-        if kind.per_subset:
-            rows += [PlannedRow(kind, kind.label.format(explainer=explainer, n=j.max_records_per_layer), j)
-                     for j in subsets or []]
-        elif kind.per_control:
+        if kind.per_control:
             rows += [PlannedRow(kind, kind.label.format(explainer=explainer, control=TRAINED_CONTROLS[j.control].label), j)
                      for j in controls or []]
-        else:
-            rows.append(PlannedRow(kind, kind.label.format(explainer=explainer), job))
+            continue
+        for j in [job, *(sized if kind.per_size else [])]:
+            rows.append(PlannedRow(kind, kind.label.format(explainer=explainer, trained=trained_label(getattr(j, "max_records_per_layer", None))),
+                                    j))
     return rows
 
 

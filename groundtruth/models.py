@@ -48,6 +48,13 @@ class ModelSpec:
     template otherwise opens a thinking block and the model reasons instead of answering."""
 
 
+def random_twins(models: dict[str, ModelSpec], targets: list[str]) -> dict[str, str]:
+    """Random-weights target -> the target whose trained weights it stands in for ('random:X' and X)."""
+    by_source = {models[t].source: t for t in targets}
+    return {t: by_source[models[t].source[len(RANDOM_INIT_PREFIX):]] for t in targets
+            if models[t].source.startswith(RANDOM_INIT_PREFIX) and models[t].source[len(RANDOM_INIT_PREFIX):] in by_source}
+
+
 # ---------------------------------------------------------------- packaged models (registry)
 def _smollm2_gguf() -> Path:
     # find_spec, not import: the package's __init__ imports modules that are not installed.

@@ -81,9 +81,12 @@ def test_rows_are_planned_from_the_row_registry_by_capability(monkeypatch):
     vectors = next(s for s in TASKS.values() if s.has_vectors and not s.selfie)
     text_only = next(s for s in TASKS.values() if not s.has_vectors)
     subsets = [SimpleNamespace(max_records_per_layer=8)]
+    # each point of the data-efficiency curve gets the controls that read its own export
     assert [r.label for r in plan_rows(vectors, "test", settings, "e", "job", subsets)] == \
-        ["e trained", "e trained, 8 per layer", "e trained, no vector", "e trained, zero v", "e trained, shuffled v",
-         "e untrained"]
+        ["e trained", "e trained, 8 per layer", "e trained, no vector", "e trained, 8 per layer, no vector",
+         "e trained, zero v", "e trained, 8 per layer, zero v", "e trained, shuffled v",
+         "e trained, 8 per layer, shuffled v", "e untrained"]
+    assert [r.job for r in plan_rows(vectors, "test", settings, "e", "job", subsets)].count(subsets[0]) == 4
     assert [r.label for r in plan_rows(text_only, "test", settings, "e", "job")] == ["e trained", "e untrained"]
     assert [r.label for r in plan_rows(vectors, "act", settings, "e", "job", subsets)] == ["e trained"]
     # a new control row is one entry, and applies where its capability says
@@ -205,6 +208,46 @@ def test_paired_differences_have_known_answers_and_pick_the_best_control():
     assert "no difference detectable at this size (-0.125 [" in by[("trained - best control", "a trained")]["reading"]
     assert by[("self - cross", "a trained")]["second"] == "b trained"
     assert by[("self - cross", "a trained")]["reading"].startswith("a trained beats b trained on exact_match by 0.250 [")
+
+
+def test_each_point_of_the_data_curve_is_compared_with_its_own_controls():
+    """A row trained on n records per layer is compared with the v-controls of its own export, the base
+    model's rows and the baselines, never with the full-data explainer's controls; self vs cross pairs rows
+    of one size; lift_curves gathers the lift per size, and the report tabulates it."""
+    from selfexplain.eval.differences import headline_differences
+    from selfexplain.eval.matrix import build_matrix, lift_curves
+    from selfexplain.eval.metrics import causal_from_units
+    from selfexplain.eval.report import lift_table
+
+    right, wrong = [True, True, True, True], [True, True, False, True]
+    rate = lambda k: [right] * k + [wrong] * (40 - k)  # noqa: E731  k of 40 exact
+
+    def cell(row, kind, explainer, k, size=None, examples=None):
+        metrics = causal_from_units(rate(k)) | ({"examples_per_layer": examples} if examples else {})
+        return Cell("activation_patching", row, kind, explainer, "a", metrics, rate(k), size)
+
+    cells = [cell("a trained", "trained", "a", 30, examples=100), cell("a trained, no vector", "no_vector", "a", 28),
+             cell("a trained, 8 per layer", "trained", "a", 12, 8, 8),
+             cell("a trained, 8 per layer, no vector", "no_vector", "a", 4, 8),
+             cell("a untrained", "untrained", "a", 6), cell("majority", "baseline", "majority", 2),
+             cell("b trained", "trained", "b", 10, examples=100)]
+    found = [d for d in headline_differences(cells)["activation_patching"] if d["metric"] == "exact_match"]
+    against = {d["first"]: d for d in found if d["comparison"] == "trained - best control"}
+    assert against["a trained"]["second"] == "a trained, no vector"
+    # the full-data row's control (28 of 40) would hide the small explainer's lift over its own (4 of 40)
+    assert against["a trained, 8 per layer"]["second"] == "a untrained"
+    assert against["a trained, 8 per layer"]["difference"] == pytest.approx(0.15)
+    assert [(d["first"], d["second"]) for d in found if d["comparison"] == "self - cross"] == [("a trained", "b trained")]
+    assert Cell("t", "a trained, 8 per layer", "trained", "a", "a", {}, size=8).is_self is False
+
+    matrix = build_matrix(cells, {})
+    table = matrix["tasks"]["activation_patching"]
+    assert table["rows"]["a trained, 8 per layer, no vector"]["size"] == 8 and "size" not in table["rows"]["a trained"]
+    curve = lift_curves(table)
+    assert list(curve) == ["a<-a"]  # b has one size: no curve
+    assert [(d["examples_per_layer"], round(d["difference"], 3)) for d in curve["a<-a"]["exact_match"]] == [(8, 0.15), (100, 0.05)]
+    text = "\n".join(lift_table(curve))
+    assert "| a<-a | exact_match | **+0.150 [" in text and "| 8 per layer | 100 per layer |" in text
 
 
 def test_report_headline_flags_one_output_explainers_and_small_sets():
@@ -388,3 +431,52 @@ def test_audit_recomputes_a_committed_headline_from_its_cells_and_names_a_number
     write_matrix(folder / "matrix.json", matrix)
     assert audit([str(folder)]) == 1
     assert "differs from the committed matrix.json: input_ablation: trained - best control" in capsys.readouterr().err
+
+
+def test_a_trained_target_is_compared_with_its_random_weights_twin_and_the_audit_recomputes_it(tmp_path, capsys):
+    """random_twins pairs 'random:X' with X among the targets; each explaining row (trained at full size,
+    gold) on the trained target minus the same row on its twin, unpaired over two test sets of different
+    sizes; controls and data-curve rows are not compared; the audit recomputes the contrast."""
+    from selfexplain.eval.audit import main as audit
+    from selfexplain.eval.differences import unpaired_difference
+    from selfexplain.eval.matrix import build_matrix, save_cell, write_matrix
+    from selfexplain.eval.metrics import causal_from_units
+    from selfexplain.eval.report import random_target_lines
+    from selfexplain.groundtruth.models import ModelSpec, random_twins
+
+    models = {"m": ModelSpec("smollm2-135m-instruct"), "r": ModelSpec("random:smollm2-135m-instruct"),
+              "q": ModelSpec("random:gemma-3-270m")}
+    assert random_twins(models, ["m", "r", "q"]) == {"r": "m"}  # q's trained model is not a target
+    assert random_twins(models, ["r"]) == {}
+
+    right, wrong = [True, True, True, True], [True, True, False, True]
+    same = unpaired_difference([right] * 10, [right] * 30, causal_from_units, "exact_match")
+    assert same == {"difference": 0.0, "lo": 0.0, "hi": 0.0}
+    d = unpaired_difference([right] * 30 + [wrong] * 10, [right] * 10 + [wrong] * 50, causal_from_units, "exact_match")
+    assert d["difference"] == pytest.approx(0.75 - 1 / 6) and 0.35 < d["lo"] < d["difference"] < d["hi"] < 0.8
+
+    def cell(row, kind, target, k, n, size=None):
+        units = [right] * k + [wrong] * (n - k)
+        return Cell("input_ablation", row, kind, row.split()[0], target, causal_from_units(units), units, size)
+
+    cells = [cell("m trained", "trained", "m", 30, 40), cell("m trained", "trained", "r", 3, 60),
+             cell("m trained, 8 per layer", "trained", "m", 20, 40, 8), cell("m trained, 8 per layer", "trained", "r", 2, 60, 8),
+             cell("m untrained", "untrained", "m", 0, 40), cell("m untrained", "untrained", "r", 0, 60),
+             cell("gold", "baseline", "m", 40, 40), cell("gold", "baseline", "r", 60, 60)]
+    matrix = build_matrix(cells, {}, None, {"r": "m"})
+    found = {(d["row"], d["metric"]): d for d in matrix["tasks"]["input_ablation"]["random_target"]}
+    assert {row for row, _ in found} == {"m trained", "gold"}
+    assert found[("m trained", "exact_match")]["difference"] == pytest.approx(0.75 - 0.05)
+    assert found[("gold", "exact_match")]["reading"].startswith("gold on m vs gold on r on exact_match: no difference")
+    assert matrix["random_targets"] == {"r": "m"}
+    assert "| m trained | m - r | exact_match | **+0.700 [" in "\n".join(random_target_lines(matrix["tasks"]["input_ablation"]))
+
+    folder = tmp_path / "study"
+    write_matrix(folder / "matrix.json", matrix)
+    for c in cells:
+        save_cell(folder / "eval" / c.task / c.target / f"{c.row.replace(' ', '_').replace(',', '')}.json", "k", c, [])
+    assert audit([str(folder)]) == 0
+    matrix["tasks"]["input_ablation"]["random_target"][0]["hi"] += 0.01
+    write_matrix(folder / "matrix.json", matrix)
+    assert audit([str(folder)]) == 1
+    assert "trained - random target" in capsys.readouterr().err

@@ -128,10 +128,17 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert features["metrics"] == ["top1", "mean_rank", "judge", "simulation"]
     assert set(features["rows"]) == {"a trained", "a trained, 8 per layer", "a trained, no vector", "a untrained",
                                      "a SelfIE", "b trained", "b trained, no vector", "b untrained", "b SelfIE",
-                                     "majority", "nearest_neighbour", "gold"} | controls
+                                     "majority", "nearest_neighbour", "gold"} | controls \
+        | {f"a trained, 8 per layer, {c}" for c in ("no vector", "zero v", "shuffled v")}
     selfie = features["rows"]["a SelfIE"]["cells"]["a"]
     assert selfie["scale"] in (1, 10) and set(selfie["top1_by_scale"]) == {"1.0", "10.0"}
     assert features["rows"]["a trained, 8 per layer"]["cells"]["a"]["examples_per_layer"] == 8
+    # each point of the curve against its own controls: the lift per size is in matrix.json and report.md
+    lifts = {d["examples_per_layer"]: d["second"] for d in features["differences"]
+             if d["first"].startswith("a trained") and d["comparison"] == "trained - best control" and d["metric"] == "top1"}
+    assert len(lifts) == 2 and 8 in lifts  # the full-data row and the 8-per-layer row
+    assert not lifts[8].startswith("a trained, ") or lifts[8].startswith("a trained, 8 per layer, ")
+    assert "Trained minus its best control (that size's" in (cfg.run_dir / "report.md").read_text()
     assert (cfg.run_dir / "efficiency_feature_descriptions.png").exists()
     for ood in ("act", "dact"):  # out-of-distribution sets: trained rows and baselines
         table = matrix["tasks"][f"feature_descriptions:{ood}"]
