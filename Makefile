@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart study study-features sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
+.PHONY: install quickstart study study-features study-patching-scale sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -45,14 +45,26 @@ quickstart: install
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
 
-# The large-SAE feature study of docs/RESULTS.md (about 2.5 hours); what it scored is then copied to
-# docs/results/study_features_cpu (matrix.json and the eval cells), where the audit recomputes it.
+# A study run's results, committed: matrix.json, report.md and the eval cells (units and predictions)
+# copied to docs/results/<run name>, where the audit recomputes every difference from them.
+define publish
+	rm -rf docs/results/$(1) && mkdir -p docs/results/$(1)
+	cp -r runs/$(1)/matrix.json runs/$(1)/report.md runs/$(1)/eval docs/results/$(1)/
+	$(PY) -m selfexplain.eval.audit docs/results/$(1)
+endef
+
+# The large-SAE feature study of docs/RESULTS.md (about 2.5 hours).
 study-features: install
 	$(VENV)/bin/selfexplain run configs/study_features_cpu.yaml
-	rm -rf docs/results/study_features_cpu && mkdir -p docs/results/study_features_cpu
-	cp -r runs/study_features_cpu/matrix.json runs/study_features_cpu/report.md runs/study_features_cpu/eval \
-		docs/results/study_features_cpu/
-	$(PY) -m selfexplain.eval.audit docs/results/study_features_cpu
+	$(call publish,study_features_cpu)
+
+# The patching data-scale curve of docs/RESULTS.md: one seed per run (about 2.5 hours each);
+# `python -m selfexplain.eval.seeds docs/results/study_patching_scale_seed*` sets the seeds side by side.
+SEED ?= 0
+study-patching-scale: install
+	$(VENV)/bin/selfexplain run configs/study_patching_scale_cpu.yaml --set seed=$(SEED) \
+		--set name=study_patching_scale_seed$(SEED)
+	$(call publish,study_patching_scale_seed$(SEED))
 
 # The v-reading sweep of docs/RESULTS.md: name:overrides (comma-separated) per variant; one shared
 # ground truth (runs/sweep_cpu/groundtruth), copied into each variant's run folder.

@@ -107,6 +107,12 @@ class EvalConfig(ActorPoolConfig):
     trained_controls_for: Literal["self", "all"] = "self"
     """Which explainers get the trained controls: the self-explainers (one job per target and control), or
     every explainer of every target."""
+    data_efficiency: dict[str, list[int]] = field(default_factory=dict)
+    """Per task, also train explainers on the first n train records per layer for each n (the paper's
+    features: 64, 256, 1024): the data-efficiency curve, each size scored with its own v-controls and
+    its lift over the best control tabulated in the report, plotted in W&B."""
+    data_efficiency_for: Literal["self", "all"] = "self"
+    """Which explainers the curve trains: the self-explainers, or every explainer of every target."""
     baselines: list[str] = field(default_factory=lambda: ["majority"])
     """Baselines to score (see eval/baselines.py); each is scored on the tasks it applies to."""
     selfie_scales: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0])
@@ -120,6 +126,9 @@ class EvalConfig(ActorPoolConfig):
         unknown = set(self.trained_controls) - set(TRAINED_CONTROLS)
         if unknown:
             raise ValueError(f"trained_controls: unknown {sorted(unknown)} (known: {', '.join(TRAINED_CONTROLS)})")
+        for task, sizes in self.data_efficiency.items():
+            if not sizes or any(n < 1 for n in sizes):
+                raise ValueError(f"data_efficiency.{task}: sizes must be at least 1 record per layer, got {sizes}")
 
 
 @dataclass
@@ -182,9 +191,11 @@ class RunConfig:
         self.tasks = task_configs(self.tasks)
         if not self.tasks:
             raise ValueError("tasks: enable at least one task")
-        for task in self.train.max_steps_by_task:
-            if task not in self.tasks:
-                raise ValueError(f"train.max_steps_by_task: {task!r} is not an enabled task ({', '.join(self.tasks)})")
+        for field_name, by_task in (("train.max_steps_by_task", self.train.max_steps_by_task),
+                                    ("eval.data_efficiency", self.eval.data_efficiency)):
+            for task in by_task:
+                if task not in self.tasks:
+                    raise ValueError(f"{field_name}: {task!r} is not an enabled task ({', '.join(self.tasks)})")
         for name in self.explainers:
             conflict = precision_conflict(self.models[name].dtype, self.train.precision)
             if conflict:

@@ -199,7 +199,7 @@ def _scored_cell(cfg: RunConfig, unit: EvalUnit, predictions, test: list[Record]
         predictions, units = predictions[scale], scored[scale][1]
     else:
         metrics, units = score(predictions, test)
-    if kind.curve and getattr(cfg.tasks[unit.task], "data_efficiency", None):
+    if kind.curve and cfg.eval.data_efficiency.get(unit.task):
         metrics["examples_per_layer"] = unit.job.records_per_layer()
     size = None if kind.reads_base else unit.job.max_records_per_layer
     return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics, units, size), predictions

@@ -36,7 +36,7 @@ from .target_actor import target_actor_class
 from .tracking import log_progress
 from .typed_yaml import stable_hash
 
-EVAL_ONLY_FIELDS = ("judge", "data_efficiency", "discriminative_k")  # task fields that do not change the ground truth
+EVAL_ONLY_FIELDS = ("judge", "discriminative_k")  # task fields that do not change the ground truth
 FAULT_ENV = "SELFEXPLAIN_GT_FAULT"
 """Fault injection for tests: comma-separated "<action>:<unit>:<marker file>", each done once (the marker
 records it, with the node it happened on). kill: write half a shard, then exit hard. hang: stop before

@@ -24,15 +24,17 @@ from .tracking import job_wandb
 
 def train_jobs(cfg: RunConfig) -> list[TrainJob]:
     """One job per enabled task, target and explainer; for a task with a data-efficiency curve, one per
-    size for each self-explainer (trained on the first n records of each layer); and one per trained
-    control of eval.trained_controls that applies to the task (training/controls.py)."""
+    size for each self-explainer (eval.data_efficiency_for: all, each explainer) trained on the first n
+    records of each layer; and one per trained control of eval.trained_controls that applies to the
+    task (training/controls.py)."""
     jobs = []
-    for task, task_cfg in cfg.tasks.items():
+    for task in cfg.tasks:
         controls = applicable_controls(TASKS[task], cfg.eval)
         for target in cfg.targets:
             for explainer in cfg.explainers:
-                sizes = getattr(task_cfg, "data_efficiency", []) if explainer == target else []
-                mine = controls if explainer == target or cfg.eval.trained_controls_for == "all" else []
+                own = explainer == target
+                sizes = cfg.eval.data_efficiency.get(task, []) if own or cfg.eval.data_efficiency_for == "all" else []
+                mine = controls if own or cfg.eval.trained_controls_for == "all" else []
                 variants = [(n, None) for n in [None, *sizes]] + [(None, c) for c in mine]
                 for n, control in variants:
                     jobs.append(TrainJob(

@@ -85,14 +85,14 @@ def headline(table: dict) -> str:
 
 def data_efficiency(table: dict) -> dict[str, list[tuple[int, float]]]:
     """'explainer<-target' -> [(train examples per layer, headline metric)] from the trained rows of a task
-    table at every size (the self-explainers' curve), sorted by size; only curves of 2+ points."""
+    table at every size, sorted by size; only curves of 2+ points."""
     metric = headline(table)
     curves: dict[str, list[tuple[int, float]]] = {}
     for row in table["rows"].values():
         if row["kind"] != "trained":
             continue
         for target, cell in row["cells"].items():
-            if "examples_per_layer" in cell and row["explainer"] == target:
+            if "examples_per_layer" in cell:
                 curves.setdefault(f"{row['explainer']}<-{target}", []).append((cell["examples_per_layer"], cell[metric]))
     return {k: sorted(v) for k, v in curves.items() if len(v) > 1}
 

@@ -52,7 +52,7 @@ def _number(value) -> float:
 
 
 def efficiency_plot(task: str, curves: dict, metric: str, path: Path) -> Path:
-    """The data-efficiency curve: metric against train examples per layer, one line per self-explainer."""
+    """The data-efficiency curve: metric against train examples per layer, one line per explainer with 2+ sizes."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -48,6 +48,8 @@ def test_overrides_apply_with_types(tmp_path):
     ("eval.baselines=[oracle]", "eval.baselines: unknown ['oracle']"),
     ("train.max_steps_by_task={activation_patching: 5}", "'activation_patching' is not an enabled task"),
     ("train.max_steps_by_task={input_ablation: 0}", "every count must be at least 1"),
+    ("eval.data_efficiency={activation_patching: [8]}", "eval.data_efficiency: 'activation_patching' is not an enabled task"),
+    ("eval.data_efficiency={input_ablation: [0]}", "eval.data_efficiency.input_ablation: sizes must be at least 1"),
 ])
 def test_bad_values_name_the_dotted_key(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:

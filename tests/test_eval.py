@@ -177,6 +177,14 @@ def test_trained_controls_train_and_score_their_own_explainer_on_rewritten_recor
     with pytest.raises(Exception, match="trained_controls: unknown"):
         load_config("configs/quickstart.yaml", ["eval.trained_controls=[blind]"])
 
+    # the data-efficiency curve: one job per size for the self-explainers, or for every explainer
+    curve = ["eval.data_efficiency={activation_patching: [4, 16]}"]
+    sized = lambda c: {(j.target, j.explainer, j.max_records_per_layer) for j in train_jobs(c) if j.max_records_per_layer}  # noqa: E731
+    assert sized(load_config("configs/quickstart.yaml", curve)) == {(t, t, n) for t in cfg.targets for n in (4, 16)}
+    every = load_config("configs/quickstart.yaml", curve + ["eval.data_efficiency_for=all"])
+    assert sized(every) == {(t, e, n) for t in cfg.targets for e in cfg.explainers for n in (4, 16)}
+    assert all(j.task == "activation_patching" for j in train_jobs(every) if j.max_records_per_layer)
+
 
 def test_paired_differences_have_known_answers_and_pick_the_best_control():
     """A paired difference of two rows scored on the same records: all right minus all wrong is 1 [1, 1];
@@ -480,3 +488,30 @@ def test_a_trained_target_is_compared_with_its_random_weights_twin_and_the_audit
     write_matrix(folder / "matrix.json", matrix)
     assert audit([str(folder)]) == 1
     assert "trained - random target" in capsys.readouterr().err
+
+
+def test_seeds_are_set_side_by_side_with_their_spread(tmp_path, capsys):
+    """Each comparison of each seed's committed matrix.json in one row: the intervals, the spread of the
+    point differences and how many seeds' intervals exclude zero; a comparison one seed lacks shows '-'."""
+    from selfexplain.eval.seeds import main as seeds
+
+    def diff(first, second, value, lo, hi, comparison="trained - best control", size=None):
+        return {"comparison": comparison, "target": "a", "metric": "exact_match", "first": first, "second": second,
+                "difference": value, "lo": lo, "hi": hi, **({"examples_per_layer": size} if size else {})}
+
+    runs = {"seed0": [diff("a trained", "a trained, zero v", 0.08, 0.02, 0.15, size=300),
+                      diff("a trained, 60 per layer", "majority", 0.01, -0.03, 0.05, size=60),
+                      diff("a trained", "b trained", 0.03, -0.02, 0.08, "self - cross")],
+            "seed1": [diff("a trained", "a trained, no vector", 0.00, -0.05, 0.05, size=300),
+                      diff("a trained", "b trained", -0.01, -0.06, 0.04, "self - cross")]}
+    for name, found in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "matrix.json").write_text(json.dumps({"tasks": {"activation_patching": {"differences": found}}}))
+    seeds([str(tmp_path / "seed0"), str(tmp_path / "seed1")])
+    out = capsys.readouterr().out
+    lines = {line.split(" | ")[3]: line for line in out.splitlines() if line.startswith("| trained") or line.startswith("| self")}
+    assert "**+0.080 [+0.020, +0.150]** vs a trained, zero v | +0.000 [-0.050, +0.050] vs a trained, no vector | +0.000, +0.080 | 1 of 2 |" \
+        in lines["a trained"]
+    assert "| - | +0.010, +0.010 | 0 of 1 |" in lines["a trained, 60 per layer"]
+    assert "+0.030 [-0.020, +0.080] | -0.010 [-0.060, +0.040] | -0.010, +0.030 | 0 of 2 |" in lines["a trained - b trained"]
+    assert out.index("a trained, 60 per layer") < out.index("| trained - best control | a | exact_match | a trained |")

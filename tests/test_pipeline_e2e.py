@@ -34,13 +34,13 @@ CONFIG = {
                                       "max_train_records": 24, "max_test_records": 8},
               "feature_descriptions": {"layers": [1], "corpus": ["wordnet"], "corpus_texts": 120, "texts_per_shard": 40,
                                        "max_tokens": 24, "sae": {"d_sae": 64, "k": 4, "steps": 80, "batch_size": 64},
-                                       "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6,
-                                       "data_efficiency": [8]}},
+                                       "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6}},
     "groundtruth": {"actors": 2, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
     "train": {"num_workers": 2, "worker_cpus": 0.5, "zero_stage": 2, "max_steps": 4, "micro_batch_size": 2,
               "checkpoint_every": 2, "log_every": 2, "projection": {"fit_texts": 40}},
     "eval": {"max_examples": 6, "max_new_tokens": 8, "actors": 2, "actor_cpus": 0.5,
-             "baselines": ["majority", "nearest_neighbour", "gold"], "selfie_scales": [1, 10]},
+             "baselines": ["majority", "nearest_neighbour", "gold"], "selfie_scales": [1, 10],
+             "data_efficiency": {"feature_descriptions": [8]}},
     "ray": {"num_cpus": 4},
 }
 

@@ -78,9 +78,6 @@ class FeatureConfig:
     """Whole features held out per layer for test (the paper: 50)."""
     max_train_features_per_layer: Optional[int] = None
     """Cap on train features per layer (null: all that remain)."""
-    data_efficiency: list[int] = field(default_factory=list)
-    """Also train each self-explainer on the first n train features per layer for each n (the paper:
-    64, 256, 1024): the data-efficiency curve in the report and W&B."""
 
     def check(self) -> None:
         self.sae.check()
