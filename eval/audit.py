@@ -6,7 +6,8 @@ The folder holds the run's `matrix.json` and `eval/<task>/<target>/<row>.json` (
 per-record units, as the eval stage saved it). The paired differences (and the agree / disagree split,
 whose per-record flags matrix.json keeps), the lift at each size of a data-efficiency curve and each
 trained target minus its random-weights twin are computed again from the units and compared with the
-committed ones; the headline tables are printed. Exit 1 when a number differs.
+committed ones; the headline tables (and the lift per size, the random-twin contrast) are printed as
+docs/RESULTS.md quotes them. Exit 1 when a number differs.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 
 from .headline import headline_table
-from .matrix import build_matrix, load_cell
+from .matrix import build_matrix, lift_curves, load_cell
+from .report import lift_table, random_target_lines
 
 
 COMPARED = {  # the parts of a task's table that hold differences, and what names one
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     rebuilt, mismatched = recompute(args.folder)
     for task, table in rebuilt["tasks"].items():
         lines = headline_table(task, table)
+        lines += ["", *lift_table(lift_curves(table))] if lift_curves(table) else []
+        lines += ["", *random_target_lines(table)] if table.get("random_target") else []
         if lines:
             print(f"### {task}\n\n" + "\n".join(lines) + "\n")
     for line in mismatched:
