@@ -14,3 +14,12 @@ __version__ = "0.2.0"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if not os.path.isdir(os.path.join(_HERE, "groundtruth")):
     __path__.append(os.path.dirname(_HERE))  # type: ignore[name-defined]  # noqa: F821
+
+
+def __getattr__(name: str):
+    """`from selfexplain import Explainer` without importing torch for every `import selfexplain`."""
+    if name == "Explainer":
+        from selfexplain.eval.explainer_api import Explainer
+
+        return Explainer
+    raise AttributeError(f"module 'selfexplain' has no attribute {name!r}")

@@ -171,3 +171,17 @@ def test_neuronpedia_syntax_errors_and_empty_exports_name_the_file(tmp_path):
         load_neuronpedia(str(path))
     path.write_text(json.dumps([EXPLANATION | {"layer": 12, "index": 345}]))
     assert load_neuronpedia(str(path)) == {(12, 345): ["legal terms"]}, "numbers as numbers are read too"
+
+
+def test_feature_labels_written_as_a_neuronpedia_export_load_back(tmp_path):
+    from selfexplain.groundtruth.features.neuronpedia import FeatureLabel, load_neuronpedia, write_neuronpedia
+
+    labels = [FeatureLabel(15, 7, "numbers and digits", {"simulation": 0.41}), FeatureLabel(15, 1200, "the word 'the'"),
+              FeatureLabel(3, 7, "capital cities")]
+    path = write_neuronpedia(tmp_path / "np" / "explanations.json", labels, "smollm2-135m", "selfexplain-res-8k",
+                             "smollm2 self-explainer")
+    assert load_neuronpedia(str(path)) == {(15, 7): ["numbers and digits"], (15, 1200): ["the word 'the'"],
+                                           (3, 7): ["capital cities"]}
+    row = json.loads(path.read_text())[0]
+    assert row["layer"] == "15-selfexplain-res-8k" and row["index"] == "7" and row["modelId"] == "smollm2-135m"
+    assert row["scores"] == [{"explanationScoreTypeName": "simulation", "value": 0.41}]

@@ -309,3 +309,34 @@ def test_pi_computes_in_the_training_precision_at_every_zero_stage(tmp_path, sta
         assert deepspeed_config(job.train, 1)["bf16"]["enabled"]
     finally:
         run.engine.destroy()
+
+
+def test_the_notebook_explainer_describes_vectors_as_eval_asks_features(tmp_path):
+    """Explainer.load reads an export (task, target, prompt format, Pi) and describe(vectors, layer) gives
+    what eval's explain gives for feature records of those vectors; a patching explainer refuses describe."""
+    import dataclasses
+
+    from selfexplain import Explainer
+
+    data = tmp_path / "features" / "train"
+    write_split(data, [dataclasses.replace(r, task="feature_descriptions", layers=[3], record_id=f"f{i}", prompt="",
+                                           question="", explanation=f"word {i % 3}") for i, r in enumerate(vector_records(8))],
+                "h", shard_size=8)
+    job = dataclasses.replace(vector_job(tmp_path, "lstsq", max_steps=2), task="feature_descriptions", data_dir=str(data),
+                              out_dir=str(tmp_path / "job-features"))
+    run_training(job)
+    explainer = Explainer.load(job.export_dir)
+    assert explainer.task == "feature_descriptions" and explainer.projection is not None
+    vectors = torch.randn(5, D_TARGET) * 4
+    got = explainer.describe(vectors, layer=3, max_new_tokens=5)
+    model, tok, projection = load_explainer(job.export_dir)
+    records = [Record(f"v{i}", "feature_descriptions", "t", "test", f"v{i}", "", "", "", False, "", "", layers=[3],
+                      vector=v.numpy()) for i, v in enumerate(vectors)]
+    assert got == explain(model, tok, records, "auto", 5, projection=projection) and len(got) == 5
+    assert explainer.describe(vectors.numpy()[:2], layer=3, max_new_tokens=5) == got[:2]
+    with pytest.raises(ValueError, match=r"must be \[N, d\]"):
+        explainer.describe(vectors[0], layer=3)
+    patching = vector_job(tmp_path, "lstsq", max_steps=2)
+    run_training(patching)
+    with pytest.raises(ValueError, match="asks about a vector together with a prompt"):
+        Explainer.load(patching.export_dir).describe(vectors, layer=3)

@@ -3,11 +3,14 @@
 An export is a JSON array (or JSON lines, optionally gzipped) of explanation objects as Neuronpedia's
 /api/explanation/export returns them: {"modelId", "layer" (e.g. "12-llamascope-res-131k"), "index"
 (the feature, a string), "description", ...}. The layer number is the integer the layer id starts with.
+write_neuronpedia writes labels in the same form (what `selfexplain explain` exports).
 """
 from __future__ import annotations
 
 import gzip
+import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataSourceError
@@ -53,3 +56,26 @@ def load_neuronpedia(path: str) -> dict[tuple[int, int], list[str]]:
     if not table:
         raise DataSourceError(f"Neuronpedia export {path} holds no explanations")
     return table
+
+
+@dataclass(frozen=True)
+class FeatureLabel:
+    """One feature's description, as an explanation export row holds it."""
+
+    layer: int
+    index: int
+    description: str
+    scores: dict[str, float] = field(default_factory=dict)
+    """Score name -> value (e.g. a validation sample's simulation score)."""
+
+
+def write_neuronpedia(path: Path, labels: list[FeatureLabel], model_id: str, sae_id: str, explanation_model: str) -> Path:
+    """A JSON array of explanation objects as Neuronpedia's export has them: layer ids '<layer>-<sae_id>',
+    indices as strings, the explainer named as the explanation model; load_neuronpedia reads it back."""
+    rows = [{"modelId": model_id, "layer": f"{label.layer}-{sae_id}", "index": str(label.index),
+             "description": label.description, "explanationModelName": explanation_model, "typeName": "selfexplain",
+             "scores": [{"explanationScoreTypeName": name, "value": value} for name, value in label.scores.items()]}
+            for label in labels]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    return path
