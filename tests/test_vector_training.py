@@ -93,6 +93,17 @@ def test_zero3_keeps_spare_embedding_rows_through_training_export_and_load(tmp_p
     assert model.get_input_embeddings().num_embeddings == 300 and len(tok) == len(base_tok) + 3
     assert model.get_output_embeddings().weight.shape[0] == 300
 
+    # zero.Init ran in this process: an nn.Module defined now still gets its other bases' set-up
+    from typing import Generic, TypeVar
+
+    T = TypeVar("T")
+
+    class Probe(torch.nn.Module, Generic[T]):
+        pass
+
+    assert Probe.__parameters__ == (T,) and Probe[int] is not None
+    assert "__init_subclass__" not in torch.nn.Module.__dict__
+
 
 def test_match_norm_injects_at_the_embedding_norm_through_training_and_export(tmp_path, partition_everything):
     job = vector_job(tmp_path, "random", max_steps=2, zero_stage=3, train_embeddings=False,
