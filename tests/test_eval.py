@@ -442,7 +442,7 @@ def test_audit_recomputes_a_committed_headline_from_its_cells_and_names_a_number
 
 
 def test_a_trained_target_is_compared_with_its_random_weights_twin_and_the_audit_recomputes_it(tmp_path, capsys):
-    """random_twins pairs 'random:X' with X among the targets; each explaining row (trained at full size,
+    """random_twins pairs 'reinit:X' with X among the targets; each explaining row (trained at full size,
     gold) on the trained target minus the same row on its twin, unpaired over two test sets of different
     sizes; controls and data-curve rows are not compared; the audit recomputes the contrast."""
     from selfexplain.eval.audit import main as audit
@@ -452,9 +452,10 @@ def test_a_trained_target_is_compared_with_its_random_weights_twin_and_the_audit
     from selfexplain.eval.report import random_target_lines
     from selfexplain.groundtruth.models import ModelSpec, random_twins
 
-    models = {"m": ModelSpec("smollm2-135m-instruct"), "r": ModelSpec("random:smollm2-135m-instruct"),
-              "q": ModelSpec("random:gemma-3-270m")}
-    assert random_twins(models, ["m", "r", "q"]) == {"r": "m"}  # q's trained model is not a target
+    models = {"m": ModelSpec("smollm2-135m-instruct"), "r": ModelSpec("reinit:smollm2-135m-instruct"),
+              "q": ModelSpec("reinit:gemma-3-270m"), "b": ModelSpec("random:smollm2-135m-instruct")}
+    # q's trained model is not a target; b (a byte tokenizer) differs from m in more than its weights
+    assert random_twins(models, ["m", "r", "q", "b"]) == {"r": "m"}
     assert random_twins(models, ["r"]) == {}
 
     right, wrong = [True, True, True, True], [True, True, False, True]

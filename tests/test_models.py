@@ -40,6 +40,28 @@ def test_local_folder_round_trip(tmp_path, tiny):
     assert loaded_tok.pad_token_id == tok.pad_token_id
 
 
+def test_a_reinitialised_model_keeps_its_tokenizer_and_shapes_and_changes_only_its_weights(tmp_path):
+    """reinit:<source>, the random-weights control target: the source's tokenizer and config, weights drawn
+    anew (seeded: every process gets the same); random: and tiny models cannot be re-initialised."""
+    from selfexplain.groundtruth.models import hidden_size
+
+    model, tok = load_model(ModelSpec("tiny-llama:hidden=48,layers=3,seed=5"))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    spec = ModelSpec(f"reinit:{tmp_path / 'm'}")
+    assert describe(spec.source) == "re-initialised model" and hidden_size(spec) == 48
+    fresh, fresh_tok = load_model(spec)
+    again, _ = load_model(spec)
+    assert fresh_tok.get_vocab() == tok.get_vocab() and fresh.config.num_hidden_layers == 3
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), again.parameters()))
+    weights = [(p, q) for p, q in zip(fresh.parameters(), model.parameters()) if p.dim() == 2]
+    assert not any(torch.equal(p, q) for p, q in weights)
+    for bad in ("reinit:tiny-llama", "reinit:random:gemma-3-270m", "reinit:reinit:smollm2-135m-instruct"):
+        with pytest.raises(ModelSpecError, match="reinit takes a packaged model"):
+            describe(bad)
+
+
 def test_folder_without_config_fails_clearly(tmp_path):
     with pytest.raises(ModelSpecError, match="has no config.json"):
         load_model(ModelSpec(str(tmp_path)))
