@@ -49,14 +49,25 @@ def test_submit_refuses_what_would_fail_on_the_cluster(tmp_path, capsys, monkeyp
     assert "train.lrr: unknown key" in capsys.readouterr().err, "a bad config fails before submission"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_a_submitted_job_runs_the_pipeline_on_the_cluster(tmp_path, monkeypatch):
     import ray
+    from ray._private.parameter import RayParams
 
     # the job's `python` is this interpreter (a cluster image has its own environment on PATH)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port, agent_port = free_port(), free_port()
+    # The job agent listens on a fixed default port (52365), which another Ray cluster on this machine (a
+    # run, another test session) may hold: its agent would not start and no job could be submitted.
+    # ray.init does not take the agent's port, so the node's parameters get a free one.
+    init_params = RayParams.__init__
+    monkeypatch.setattr(RayParams, "__init__", lambda self, *a, **kw: init_params(
+        self, *a, **{"dashboard_agent_listen_port": agent_port, **kw}))
     ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, _temp_dir=tempfile.mkdtemp(prefix="se-ray-"))
     try:
         out_dir = tmp_path / "run"
