@@ -46,9 +46,9 @@ def test_overrides_apply_with_types(tmp_path):
     ("tasks.input_ablation.span.kinds=[foo]", "tasks.input_ablation.span.kinds: unknown kinds"),
     ("groundtruth.actors=two", "groundtruth.actors: expected an integer"),
     ("eval.baselines=[oracle]", "eval.baselines: unknown ['oracle']"),
-    ("train.max_steps_by_task={activation_patching: 5}", "'activation_patching' is not an enabled task"),
+    ("train.max_steps_by_task={activation_patchin: 5}", "'activation_patchin' is not a task (known: "),
     ("train.max_steps_by_task={input_ablation: 0}", "every count must be at least 1"),
-    ("eval.data_efficiency={activation_patching: [8]}", "eval.data_efficiency: 'activation_patching' is not an enabled task"),
+    ("eval.data_efficiency={features: [8]}", "eval.data_efficiency: 'features' is not a task"),
     ("eval.data_efficiency={input_ablation: [0]}", "eval.data_efficiency.input_ablation: sizes must be at least 1"),
 ])
 def test_bad_values_name_the_dotted_key(tmp_path, override, expected):
@@ -85,3 +85,9 @@ def test_steps_by_task_reach_only_that_tasks_jobs(tmp_path):
     ablation = [j for j in train_jobs(cfg) if j.task == "input_ablation"][0]
     same = [j for j in train_jobs(other) if j.task == "input_ablation"][0]
     assert ablation.train == same.train, "another task's step count is no part of this task's jobs"
+    # switched off with --set, a task's per-task settings stay valid and reach no job
+    narrowed = load_config(write(tmp_path, {**BASE, "tasks": tasks}), [
+        "train.max_steps_by_task={activation_patching: 120}", "eval.data_efficiency={activation_patching: [4]}",
+        "tasks.activation_patching=null"])
+    assert {job.task for job in train_jobs(narrowed)} == {"input_ablation"}
+    assert all(job.max_records_per_layer is None for job in train_jobs(narrowed))
