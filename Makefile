@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart study study-features study-patching-scale sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
+.PHONY: install quickstart study study-features study-features-norm4 study-patching-scale sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
 # Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
 # fortunes. Installed once; sudo only when not already root.
@@ -57,6 +57,15 @@ endef
 study-features: install
 	$(VENV)/bin/selfexplain run configs/study_features_cpu.yaml
 	$(call publish,study_features_cpu)
+
+# Its variant of docs/RESULTS.md: v at the explainer's embedding norm and four passes, SmolLM2 on itself,
+# on the same ground truth where study-features made it.
+study-features-norm4: install
+	mkdir -p runs/study_features_norm4
+	[ ! -d runs/study_features_cpu/groundtruth ] || cp -rn runs/study_features_cpu/groundtruth runs/study_features_norm4/
+	$(VENV)/bin/selfexplain run configs/study_features_cpu.yaml --set name=study_features_norm4 --set 'targets=[smollm2]' \
+		--set train.projection.match_norm=true --set train.epochs=4 --set 'eval.data_efficiency={}'
+	$(call publish,study_features_norm4)
 
 # The patching data-scale curve of docs/RESULTS.md: one seed per run (about 2.5 hours each);
 # `python -m selfexplain.eval.seeds docs/results/study_patching_scale_seed*` sets the seeds side by side.
