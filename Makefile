@@ -45,11 +45,11 @@ quickstart: install
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
 
-# A study run's results, committed: matrix.json, report.md and the eval cells (units and predictions)
-# copied to docs/results/<run name>, where the audit recomputes every difference from them.
+# A study run's results, committed: matrix.json, report.md with its figures and the eval cells (units
+# and predictions) copied to docs/results/<run name>, where the audit recomputes every difference.
 define publish
 	rm -rf docs/results/$(1) && mkdir -p docs/results/$(1)
-	cp -r runs/$(1)/matrix.json runs/$(1)/report.md runs/$(1)/eval docs/results/$(1)/
+	cp -r runs/$(1)/matrix.json runs/$(1)/report.md runs/$(1)/*.png runs/$(1)/eval docs/results/$(1)/
 	$(PY) -m selfexplain.eval.audit docs/results/$(1)
 endef
 
