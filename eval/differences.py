@@ -74,7 +74,7 @@ def _is_control(cell) -> bool:
     return cell.kind in ROW_KINDS and ROW_KINDS[cell.kind].control
 
 
-def _controls(control, cell) -> bool:
+def control_of(control, cell) -> bool:
     """Whether `control` is a control row of the trained cell: a baseline, or one of the explainer's control
     rows that reads its base model or the export of the same training size."""
     if not _is_control(control):
@@ -113,7 +113,7 @@ def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[
             trained = [c for c in here if c.kind == "trained"]
             for metric in form.compared:
                 for cell in trained:
-                    controls = [c for c in here if _controls(c, cell) and c.metrics.get(metric) is not None]
+                    controls = [c for c in here if control_of(c, cell) and c.metrics.get(metric) is not None]
                     if controls:
                         # ties go by row name, so any order of the same cells names the same control
                         best = max(controls, key=lambda c: (c.metrics[metric], c.row))

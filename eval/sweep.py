@@ -1,8 +1,9 @@
 """Compare runs that differ in one training setting (a sweep) on the same test records.
 
 Each run is a run folder of one config varied with --set (configs/sweep_cpu.yaml). Per run and compared
-metric: the trained row with its interval, that explainer's control rows (v left out, zero v, shuffled v,
-a trained control, untrained: row kinds marked control), the trained row minus the best of them, and the
+metric: the full-data trained row with its interval, that explainer's control rows (v left out, zero v,
+shuffled v, a trained control, untrained: row kinds marked control; a data-efficiency curve's rows are
+left out), the trained row minus the best of them, and the
 trained row minus the first run's trained row, each difference paired over the same records. The first run is the
 reference (the study's setting). Usage:
 
@@ -17,7 +18,7 @@ from typing import Optional
 
 from selfexplain.groundtruth.layout import RunLayout
 
-from .differences import paired_difference
+from .differences import control_of, paired_difference
 from .matrix import Cell
 from .metrics import form_of
 from .rows import ROW_KINDS
@@ -51,9 +52,10 @@ def sweep_table(runs: list[Path], task: str, target: str, explainer: str) -> str
     per control row any run has."""
     form = form_of(task)
     per_run = {run: run_cells(run, task, target, explainer) for run in runs}
-    trained_of = {run: next((c for c in cells if c.kind == "trained"), None) for run, cells in per_run.items()}
+    trained_of = {run: next((c for c in cells if c.kind == "trained" and c.size is None), None) for run, cells in per_run.items()}
     reference = trained_of[runs[0]]
-    labels = list(dict.fromkeys(_control_label(c) for cells in per_run.values() for c in cells if ROW_KINDS[c.kind].control))
+    labels = list(dict.fromkeys(_control_label(c) for run, cells in per_run.items() for c in cells
+                                if trained_of[run] is not None and control_of(c, trained_of[run])))
     lines = [f"### {task}, {explainer} on {target}", ""]
     for metric in form.compared:
         lines += [f"**{metric}**", "", f"| run | trained | {' | '.join(labels)} | trained - best control | trained - {runs[0].name} |",
@@ -63,7 +65,7 @@ def sweep_table(runs: list[Path], task: str, target: str, explainer: str) -> str
             if trained is None:
                 lines.append(f"| {run.name} | (not scored) |" + " |" * (len(labels) + 2))
                 continue
-            controls = {_control_label(c): c for c in cells if ROW_KINDS[c.kind].control and c.metrics.get(metric) is not None}
+            controls = {_control_label(c): c for c in cells if control_of(c, trained) and c.metrics.get(metric) is not None}
             best = max(controls.values(), key=lambda c: c.metrics[metric], default=None)
             over_best = paired_difference(trained.units, best.units, form.aggregate, metric) if best else None
             over_ref = (paired_difference(trained.units, reference.units, form.aggregate, metric)

@@ -284,9 +284,9 @@ def test_sweep_table_pairs_each_run_with_its_best_control_and_the_reference(tmp_
     from selfexplain.eval.sweep import sweep_table
     from selfexplain.groundtruth.layout import RunLayout
 
-    def write(run, row, kind, exact):  # 10 changed records, the first `exact` answered exactly
+    def write(run, row, kind, exact, size=None):  # 10 changed records, the first `exact` answered exactly
         units = [[True, True, i < exact, i < exact] for i in range(10)]
-        cell = Cell("activation_patching", f"m {row}", kind, "m", "m", causal_from_units(units), units)
+        cell = Cell("activation_patching", f"m {row}", kind, "m", "m", causal_from_units(units), units, size)
         path = RunLayout(tmp_path / run).eval_cell("activation_patching", "m", cell.row)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": "k", "cell": dataclasses.asdict(cell)}))
@@ -295,10 +295,13 @@ def test_sweep_table_pairs_each_run_with_its_best_control_and_the_reference(tmp_
     write("ref", "trained, zero v", "zero_vector", 2)
     write("longer", "trained", "trained", 8)
     write("longer", "trained, zero v", "zero_vector", 8)
+    # a data-efficiency curve's rows are not the full-data explainer's, nor its controls
+    write("ref", "trained, 4 per layer", "trained", 1, size=4)
+    write("ref", "trained, 4 per layer, zero v", "zero_vector", 9, size=4)
     table = sweep_table([tmp_path / "ref", tmp_path / "longer"], "activation_patching", "m", "m")
     ref_line, longer_line = [line for line in table.split("\n") if line.startswith("| ref")][0], \
         [line for line in table.split("\n") if line.startswith("| longer")][0]
-    assert "| trained, zero v |" in table
+    assert "| trained, zero v |" in table and "4 per layer" not in table
     assert ref_line.split(" | ")[3].startswith("+0.300") and ref_line.endswith("| - |"), ref_line
     assert longer_line.split(" | ")[3].startswith("+0.000") and longer_line.split(" | ")[4].startswith("+0.300"), longer_line
 
