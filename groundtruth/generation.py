@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from types import SimpleNamespace
 from typing import Callable, Collection, Literal, Optional, Sequence
 
 import torch
@@ -179,60 +178,28 @@ def keep_rows(cache, mask: torch.Tensor, tokens: torch.Tensor, writing: list[int
     return mask[keep], tokens[keep]
 
 
-def _live_part(cache, mask: torch.Tensor, logits: torch.Tensor) -> tuple:
-    """The rows still writing as one part for _decode_batch, cut to the columns some row attends to (the
-    columns of rows that have left are reclaimed, so the cache stays as wide as its widest live row)."""
-    first = int(mask.any(0).to(torch.int8).argmax())
-    layers = [SimpleNamespace(keys=layer.keys[:, :, first:], values=layer.values[:, :, first:], is_sliding=layer.is_sliding)
-              for layer in cache.layers]
-    return SimpleNamespace(layers=layers), mask[:, first:], logits
-
-
-def _step(model, cache, mask: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's newest token through the model: (the mask one column wider, next-token logits [b, V])."""
-    mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
-    positions = mask.sum(-1, keepdim=True) - 1
-    logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
-                   use_cache=True).logits[:, -1].float()
-    return mask, logits
-
-
-def _decode(model, order: list[int], prefill: Callable[[list[int]], tuple], chunk: int, batch_size: int,
-            joinable: bool, max_new_tokens: int, eos: Optional[int], suppress: Sequence[int]) -> dict[int, list[int]]:
-    """Greedy tokens of each prompt (up to and including eos), one position per step, with the batch kept
-    full: a row that has written eos or max_new_tokens leaves it, and once a chunk's worth of rows is free
-    the next prompts (in `order`) run and join the rows still writing in one cache (continuous batching).
-    Not `joinable` (a sliding window shorter than prompt plus answer, or cache layers PreallocatedLayer
-    cannot stand for): each chunk decodes alone, in its own cache, until its rows are done."""
-    pending = list(reversed(order))  # pop() takes the next in order
-    rows: list[int] = []  # the prompt each cache row answers
-    tokens_of: dict[int, list[int]] = {i: [] for i in order}
-    cache = mask = logits = None
-    while rows or pending:
-        free = batch_size - len(rows)
-        if pending and (not rows or (joinable and free >= min(chunk, len(pending)))):
-            take = [pending.pop() for _ in range(min(free if joinable else chunk, len(pending)))]
-            parts = [prefill(take[i:i + chunk]) for i in range(0, len(take), chunk)]
-            if joinable:
-                cache, mask, logits = _decode_batch(model, ([_live_part(cache, mask, logits)] if rows else []) + parts,
-                                                    max_new_tokens)
-            else:
-                cache, mask, logits = parts[0]
-            rows += take
+def _decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, max_new_tokens: int,
+            eos: Optional[int], suppress: Sequence[int]) -> list[list[int]]:
+    """Greedy tokens of each row (up to and including eos), one position per step; a row that has
+    written eos leaves the batch and its cache, so later steps run only the rows still writing."""
+    rows = list(range(mask.shape[0]))  # the batch row each cache row answers
+    tokens_of: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
         if suppress:
             logits[:, list(suppress)] = float("-inf")
         tokens = logits.argmax(-1)  # [b]
         for row, token in zip(rows, tokens.tolist()):
             tokens_of[row].append(token)
-        writing = [i for i, row in enumerate(rows) if tokens_of[row][-1] != eos and len(tokens_of[row]) < max_new_tokens]
-        if not writing:
-            rows = []
-            continue
+        writing = [i for i, token in enumerate(tokens.tolist()) if token != eos]
+        if step == max_new_tokens - 1 or not writing:
+            break
         if len(writing) < len(rows):
             mask, tokens = keep_rows(cache, mask, tokens, writing)
             rows = [rows[i] for i in writing]
-        with decode_attention():  # a decode step: one position per row
-            mask, logits = _step(model, cache, mask, tokens)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
+                       use_cache=True).logits[:, -1].float()
     return tokens_of
 
 
@@ -249,23 +216,30 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of token-id prompts, in input order.
 
-    Prompts are sorted by length and run in chunks of PROMPT_ROWS; up to `batch_size` rows decode
-    together (one KV cache, so each new token costs one position), a row leaves when it has written EOS,
-    and new prompts take the places of rows that left (see _decode). batch_context(rows) wraps the
-    forward of the prompts `rows` (vector injection uses it); suppress_tokens are never generated;
-    row_tokens (an injected [vec]) end any shared prefix.
+    Prompts are sorted by length; `batch_size` of them are generated together (one KV cache, so each new
+    token costs one position), their prompts run in chunks of PROMPT_ROWS, and a row stops when it has
+    written EOS. batch_context(rows) wraps the forward of the prompts `rows` (vector injection uses it);
+    suppress_tokens are never generated; row_tokens (an injected [vec]) end any shared prefix.
     """
-    if not prompts:
-        return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-
-    def prefill(rows: list[int]) -> tuple:
-        with batch_context(rows) if batch_context else nullcontext():
-            return _run_prompts(model, [prompts[i] for i in rows], tokenizer.pad_token_id, row_tokens)
-
-    # joined, a chunk's padding would take positions of a sliding window shorter than the answers' reach
-    joinable = (_window_spans(model, max(map(len, prompts)) + max_new_tokens)
-                and _preallocatable(DynamicCache(config=model.config)))
-    tokens_of = _decode(model, order, prefill, min(batch_size, PROMPT_ROWS), batch_size, joinable, max_new_tokens,
-                        tokenizer.eos_token_id, suppress_tokens)
-    return [tokenizer.decode(tokens_of[i], skip_special_tokens=True) for i in range(len(prompts))]
+    outputs: list[str] = [""] * len(prompts)
+    chunk = min(batch_size, PROMPT_ROWS)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        parts = []
+        for first in range(0, len(rows), chunk):
+            part = rows[first:first + chunk]
+            with batch_context(part) if batch_context else nullcontext():
+                parts.append(_run_prompts(model, [prompts[i] for i in part], tokenizer.pad_token_id, row_tokens))
+        # joined, a chunk's padding would take positions of a sliding window shorter than the answers' reach
+        width = max(len(prompts[i]) for i in rows) + max_new_tokens
+        if _window_spans(model, width) and _preallocatable(parts[0][0]):
+            batches = [_decode_batch(model, parts, max_new_tokens)]
+        else:
+            batches = parts
+        with decode_attention():  # every forward in _decode is a decode step
+            tokens = [t for b in batches for t in _decode(model, *b, max_new_tokens, tokenizer.eos_token_id,
+                                                          suppress_tokens)]
+        for row, ids in zip(rows, tokens):
+            outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
+    return outputs
