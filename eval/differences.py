@@ -9,7 +9,7 @@ the row kind's (`RowKind.control`) or the baseline's (`Baseline.control`: gold i
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -19,22 +19,30 @@ from .metrics import BOOTSTRAP_RESAMPLES, form_of
 from .rows import ROW_KINDS
 
 
+def _difference(a: list, b: list, aggregate: Callable[[list], dict], metric: str,
+                resamples: Iterable[tuple[Sequence[int], Sequence[int]]]) -> Optional[dict]:
+    """metric(a) - metric(b), with the 2.5/97.5 percentiles of the difference over `resamples` (index
+    arrays into a and into b); None when either side has no value of the metric."""
+    point_a, point_b = aggregate(a).get(metric), aggregate(b).get(metric)
+    if point_a is None or point_b is None:
+        return None
+    draws = []
+    for rows_a, rows_b in resamples:
+        x, y = aggregate([a[i] for i in rows_a]).get(metric), aggregate([b[i] for i in rows_b]).get(metric)
+        if x is not None and y is not None:  # a resample without a changed record has no content_match_changed
+            draws.append(x - y)
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+    return {"difference": point_a - point_b, "lo": float(lo), "hi": float(hi)}
+
+
 def paired_difference(a: list, b: list, aggregate: Callable[[list], dict], metric: str,
                       seed: int = 0) -> Optional[dict]:
     """metric(a) - metric(b) over the same units, with the 2.5/97.5 percentiles of the difference over
     BOOTSTRAP_RESAMPLES paired resamples; None when the rows do not cover the same units."""
     if not a or len(a) != len(b):
         return None
-    point_a, point_b = aggregate(a).get(metric), aggregate(b).get(metric)
-    if point_a is None or point_b is None:
-        return None
-    draws = []
-    for row in np.random.default_rng(seed).integers(0, len(a), size=(BOOTSTRAP_RESAMPLES, len(a))):
-        x, y = aggregate([a[i] for i in row]).get(metric), aggregate([b[i] for i in row]).get(metric)
-        if x is not None and y is not None:  # a resample without a changed record has no content_match_changed
-            draws.append(x - y)
-    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
-    return {"difference": point_a - point_b, "lo": float(lo), "hi": float(hi)}
+    rows = np.random.default_rng(seed).integers(0, len(a), size=(BOOTSTRAP_RESAMPLES, len(a)))
+    return _difference(a, b, aggregate, metric, ((row, row) for row in rows))
 
 
 def unpaired_difference(a: list, b: list, aggregate: Callable[[list], dict], metric: str,
@@ -43,18 +51,9 @@ def unpaired_difference(a: list, b: list, aggregate: Callable[[list], dict], met
     on its own, the 2.5/97.5 percentiles of the difference over BOOTSTRAP_RESAMPLES draws."""
     if not a or not b:
         return None
-    point_a, point_b = aggregate(a).get(metric), aggregate(b).get(metric)
-    if point_a is None or point_b is None:
-        return None
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        x = aggregate([a[i] for i in rng.integers(0, len(a), len(a))]).get(metric)
-        y = aggregate([b[i] for i in rng.integers(0, len(b), len(b))]).get(metric)
-        if x is not None and y is not None:
-            draws.append(x - y)
-    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
-    return {"difference": point_a - point_b, "lo": float(lo), "hi": float(hi)}
+    return _difference(a, b, aggregate, metric, ((rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b)))
+                                                 for _ in range(BOOTSTRAP_RESAMPLES)))
 
 
 def reading(first: str, second: str, metric: str, d: dict) -> str:
