@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rebuilt, mismatched = recompute(args.folder)
     for task, table in rebuilt["tasks"].items():
-        lines = headline_table(task, table)
-        lines += ["", *lift_table(lift_curves(table))] if lift_curves(table) else []
+        lines, curves = headline_table(task, table), lift_curves(table)
+        lines += ["", *lift_table(curves)] if curves else []
         lines += ["", *random_target_lines(table)] if table.get("random_target") else []
         if lines:
             print(f"### {task}\n\n" + "\n".join(lines) + "\n")

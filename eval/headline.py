@@ -25,11 +25,16 @@ def significant(d: dict) -> bool:
     return d["lo"] > 0 or d["hi"] < 0
 
 
-def _entry(d: dict) -> str:
+def marked(d: dict) -> str:
+    """A difference with its interval, in bold where the interval excludes zero."""
     text = f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    return f"**{text}**" if significant(d) else text
+
+
+def _entry(d: dict) -> str:
     where = f", {d['n']} records" if ", " in d["comparison"] else ""  # a subset: how many it kept
     where += f" where {d['other']} differs" if "other" in d else ""
-    return (f"**{text}**" if significant(d) else text) + f" vs {d['second']}{where}"
+    return marked(d) + f" vs {d['second']}{where}"
 
 
 def headline_table(task: str, table: dict) -> list[str]:

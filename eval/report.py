@@ -5,7 +5,7 @@ from pathlib import Path
 
 from selfexplain.groundtruth.layout import RunLayout
 
-from .headline import appendix_lines, headline_lines, significant, test_sizes
+from .headline import appendix_lines, headline_lines, marked, test_sizes
 from .matrix import data_efficiency, headline, lift_curves
 
 
@@ -80,7 +80,7 @@ def random_target_lines(table: dict) -> list[str]:
         return []
     lines = ["### trained target minus its random-weights twin", "",
              "| row | target - random twin | metric | difference |", "|---|---|---|---|"]
-    lines += [f"| {d['row']} | {d['target']} - {d['random_target']} | {d['metric']} | {_lift(d)} |" for d in found]
+    lines += [f"| {d['row']} | {d['target']} - {d['random_target']} | {d['metric']} | {marked(d)} |" for d in found]
     return lines + [""]
 
 
@@ -95,13 +95,8 @@ def lift_table(curves: dict) -> list[str]:
     for name, by in curves.items():
         for metric, points in by.items():
             at = {d["examples_per_layer"]: d for d in points}
-            lines.append(f"| {name} | {metric} | " + " | ".join(_lift(at[n]) if n in at else "-" for n in sizes) + " |")
+            lines.append(f"| {name} | {metric} | " + " | ".join(marked(at[n]) if n in at else "-" for n in sizes) + " |")
     return lines
-
-
-def _lift(d: dict) -> str:
-    text = f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-    return f"**{text}**" if significant(d) else text
 
 
 def matrix_table(table: dict, metric: str) -> list[str]:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .headline import significant
+from .headline import marked, significant
 
 SEEDED = ("trained - best control", "self - cross")
 """The comparisons set side by side (on all records; the subsets stay in each run's report)."""
@@ -54,9 +54,7 @@ def _size(per_seed: dict, key: tuple) -> int:
 def _entry(d: Optional[dict]) -> str:
     if d is None:
         return "-"
-    text = f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-    versus = f" vs {d['second']}" if d["comparison"] != "self - cross" else ""
-    return (f"**{text}**" if significant(d) else text) + versus
+    return marked(d) + (f" vs {d['second']}" if d["comparison"] != "self - cross" else "")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
