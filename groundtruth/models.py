@@ -55,8 +55,13 @@ class ModelSpec:
 def random_twins(models: dict[str, ModelSpec], targets: list[str]) -> dict[str, str]:
     """Random-weights target -> the target whose trained weights it stands in for ('reinit:X' and X)."""
     by_source = {models[t].source: t for t in targets}
-    return {t: by_source[models[t].source[len(REINIT_PREFIX):]] for t in targets
-            if models[t].source.startswith(REINIT_PREFIX) and models[t].source[len(REINIT_PREFIX):] in by_source}
+    inner = {t: reinit_inner(models[t]).source for t in targets if models[t].source.startswith(REINIT_PREFIX)}
+    return {t: by_source[source] for t, source in inner.items() if source in by_source}
+
+
+def hub_revision(spec: ModelSpec) -> Optional[str]:
+    """The revision to load a spec at: its own for a hub id, none for every other form."""
+    return spec.revision if describe(spec.source) == "hub id" else None
 
 
 def reinit_inner(spec: ModelSpec) -> ModelSpec:
@@ -119,7 +124,7 @@ def describe(source: str) -> str:
         return "random-init model"
     if source.startswith(REINIT_PREFIX):
         inner = source[len(REINIT_PREFIX):]
-        if describe(inner) in ("tiny random model", "random-init model") or inner.startswith(REINIT_PREFIX):
+        if describe(inner) not in ("packaged GGUF", "local folder", "hub id"):
             raise ModelSpecError(f"{source!r}: reinit takes a packaged model, a local folder or a hub id, not {inner!r}")
         return "re-initialised model"
     if source in PACKAGED:
@@ -241,7 +246,7 @@ def hidden_size(spec: ModelSpec) -> int:
         return hidden_size(reinit_inner(spec))
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(prepare(spec), revision=spec.revision if kind == "hub id" else None)
+    config = AutoConfig.from_pretrained(prepare(spec), revision=hub_revision(spec))
     return config.get_text_config().hidden_size
 
 
@@ -264,7 +269,7 @@ def load_model(spec: ModelSpec, device: Optional[str] = None):
         model, tok = build_reinit(reinit_inner(spec), dtype)
     else:
         path = prepare(spec)
-        revision = spec.revision if kind == "hub id" else None
+        revision = hub_revision(spec)
         if kind == "local folder" and not (Path(path) / "config.json").exists():
             raise ModelSpecError(f"model folder {path} has no config.json; {accepted_forms()}")
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -421,7 +426,7 @@ def build_reinit(inner: ModelSpec, dtype: torch.dtype):
     from transformers import AutoConfig, AutoTokenizer
 
     path = prepare(inner)
-    revision = inner.revision if describe(inner.source) == "hub id" else None
+    revision = hub_revision(inner)
     config = AutoConfig.from_pretrained(path, revision=revision)
     config.__dict__.pop("quantization_config", None)
     return random_weights(config, dtype, seed=0), AutoTokenizer.from_pretrained(path, revision=revision)
