@@ -250,6 +250,22 @@ def hidden_size(spec: ModelSpec) -> int:
     return config.get_text_config().hidden_size
 
 
+_MODULE_OWN_INIT_SUBCLASS = torch.nn.Module.__dict__.get("__init_subclass__")
+
+
+def restore_module_subclassing() -> None:
+    """Undo what DeepSpeed's zero.Init leaves behind: it saves nn.Module.__init_subclass__ by attribute
+    (a method bound to Module) and puts that back as Module's own, so every nn.Module subclass defined
+    later in the process skips its other bases' __init_subclass__ (a Generic module then has no
+    __parameters__). load_model calls it once the model is built: zero.Init runs there (from_pretrained
+    or random_weights under a live ZeRO-3 config)."""
+    if torch.nn.Module.__dict__.get("__init_subclass__") is not _MODULE_OWN_INIT_SUBCLASS:
+        if _MODULE_OWN_INIT_SUBCLASS is None:
+            del torch.nn.Module.__init_subclass__
+        else:
+            torch.nn.Module.__init_subclass__ = _MODULE_OWN_INIT_SUBCLASS
+
+
 def load_model(spec: ModelSpec, device: Optional[str] = None):
     """Load (model, tokenizer) for a spec onto `device`: a torch device, 'auto' (device_map over the
     visible GPUs) or KEEP; default placement(). The model is in eval mode; the tokenizer has a pad
@@ -275,6 +291,7 @@ def load_model(spec: ModelSpec, device: Optional[str] = None):
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
         placed = {"device_map": "auto", "max_memory": gpu_memory_map()} if spread else {}
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **placed)
+    restore_module_subclassing()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.chat_template_kwargs = dict(spec.chat_template_kwargs)

@@ -137,21 +137,6 @@ def rank_projection(job: TrainJob, records: list, rank: int, device: torch.devic
     return projection
 
 
-_MODULE_OWN_INIT_SUBCLASS = torch.nn.Module.__dict__.get("__init_subclass__")
-
-
-def restore_module_subclassing() -> None:
-    """Undo what DeepSpeed's zero.Init leaves behind: it saves nn.Module.__init_subclass__ by attribute
-    (a method bound to Module) and puts that back as Module's own, so every nn.Module subclass defined
-    later in the process skips its other bases' __init_subclass__ (a Generic module then has no
-    __parameters__). Called once no zero.Init is active."""
-    if torch.nn.Module.__dict__.get("__init_subclass__") is not _MODULE_OWN_INIT_SUBCLASS:
-        if _MODULE_OWN_INIT_SUBCLASS is None:
-            del torch.nn.Module.__init_subclass__
-        else:
-            torch.nn.Module.__init_subclass__ = _MODULE_OWN_INIT_SUBCLASS
-
-
 def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) -> tuple[ExplainerLM, object, object]:
     """The explainer (with its [vec] tokens, Pi and LoRA adapters where configured) wrapped for the loss,
     its tokenizer, and under ZeRO-3 the HfDeepSpeedConfig that must outlive it."""
@@ -167,7 +152,6 @@ def _explainer(job: TrainJob, ds_config: dict, rank: int, device: torch.device) 
         keep_alive = HfDeepSpeedConfig(ds_config)
     # ZeRO 0-2: straight onto the rank's GPU (no full host copy per rank); ZeRO-3: where zero.Init put it
     model, tokenizer = load_model(job.explainer_spec, KEEP if cfg.zero_stage == 3 else str(device))
-    restore_module_subclassing()
     model.train()
     wrapper_args: dict = {}
     if projection is not None:
