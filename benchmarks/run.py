@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.explain_throughput import bench_explain_throughput
 from benchmarks.ray_train_worker import bench_ray_train_worker
 from benchmarks.setting import (RECIPE, Setting, explain_records, generation_flops, recipe_zero_stage,
                                 train_batch, train_records, training_flops)
@@ -259,12 +260,13 @@ def bench_patching(s: Setting) -> dict:
 
 BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
               "train_step": bench_train_step, "ray_train_worker": bench_ray_train_worker,
-              "lm_head": bench_lm_head, "patching": bench_patching}
+              "lm_head": bench_lm_head, "patching": bench_patching, "explain_throughput": bench_explain_throughput}
 
 
 NEEDS = {"groundtruth": ("countryinfo",), "eval_generation": ("countryinfo",),
          "train_step": ("countryinfo", "deepspeed"), "lm_head": ("countryinfo",),
-         "ray_train_worker": ("countryinfo", "deepspeed", "ray", "webdataset")}
+         "ray_train_worker": ("countryinfo", "deepspeed", "ray", "webdataset"),
+         "explain_throughput": ("sae_lens", "webdataset")}
 """Packages a benchmark needs beyond torch and transformers (countryinfo: the questions' facts)."""
 
 

@@ -4,6 +4,7 @@
     selfexplain train configs/quickstart.yaml --set train.lr=1e-4 --set train.zero_stage=3
     selfexplain run configs/paper/input_ablation.yaml --dry-run
     selfexplain submit configs/paper/input_ablation.yaml --address http://head:8265 --follow
+    selfexplain explain configs/quickstart.yaml --task feature_descriptions --explainer smollm2 --target smollm2
     selfexplain convert-export runs/old/explainers/*/*/export
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from typing import Optional
 
-from selfexplain.groundtruth.errors import BadInput, bad_input_in
+from selfexplain.groundtruth.errors import BadInput, ConfigError, bad_input_in
 from selfexplain.training.allocator import tune_this_process
 
 COMMANDS = {
@@ -56,11 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="have Ray install this package's requirements for the job (an image without the stack)")
     _add_overrides(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime env; submit nothing")
+    cmd = sub.add_parser("explain", help=EXPLAIN, description=EXPLAIN)
+    cmd.add_argument("config", help="the YAML run config whose ground truth and explainers to use")
+    cmd.add_argument("--task", required=True, help="the task whose units to explain, e.g. feature_descriptions")
+    cmd.add_argument("--explainer", required=True, help="the explainer model's name in the config")
+    cmd.add_argument("--target", required=True, help="the target model's name in the config")
+    cmd.add_argument("--export", help="an explainer export folder (default: the run's trained one)")
+    cmd.add_argument("--layers", type=int, nargs="+", help="only units at these layers (default: all)")
+    cmd.add_argument("--limit", type=int, help="at most N work items (latents, pairs, inputs), the first ones")
+    cmd.add_argument("--chunk-size", type=int, help="work items per output shard (default: the task's)")
+    cmd.add_argument("--validate", type=int, default=200, metavar="N",
+                     help="units sampled for validation against the task's own technique (default 200)")
+    _add_overrides(cmd)
+    cmd.add_argument("--dry-run", action="store_true", help="print the plan (units, shards, GPU-hours); load no model")
     cmd = sub.add_parser("convert-export", help=CONVERT, description=CONVERT)
     cmd.add_argument("folders", nargs="+", help="export folders, e.g. runs/<name>/explainers/<task>/<pair>/export")
     return parser
 
 
+EXPLAIN = ("ask a trained explainer about every unit of a target its task could analyse (every SAE latent, "
+           "every patching position, every span), validate a sample against the technique; writes "
+           "<run>/explain/<task>/<explainer>_on_<target>/: shards, validation.json, index.html")
 SUBMIT = "run the whole pipeline as a Ray job on a running cluster (ships this repository)"
 CONVERT = ("rewrite explainer exports of an earlier selfexplain as Hugging Face / PEFT folders, in place "
            "(no retraining; the base model must be loadable here)")
@@ -73,6 +90,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _submit(args)
     if args.command == "convert-export":
         return _convert(args.folders)
+    if args.command == "explain":
+        return _explain(args)
     from .config import load_config
     from .pipeline import STAGES, plan, run
     from .preflight import input_problems
@@ -102,6 +121,36 @@ def main(argv: Optional[list[str]] = None) -> int:
         if bad is None:
             raise
         return _bad_input(bad)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .explain_pool import explain_job, plan_explain, run_explain
+    from .ray_session import ray_session
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        for kind, name in (("task", args.task), ("explainer", args.explainer), ("target", args.target)):
+            known = list(cfg.tasks) if kind == "task" else list(cfg.models)
+            if name not in known:
+                raise ConfigError(f"--{kind} {name!r} is not in {args.config} (known: {', '.join(known)})")
+        job = explain_job(cfg, args.task, args.explainer, args.target, args.export, args.limit, args.layers,
+                          args.chunk_size)
+        if args.dry_run:
+            print("\n".join(plan_explain(cfg, job)))
+            return 0
+        with ray_session(cfg.ray):
+            validation = run_explain(cfg, job, args.validate)
+    except Exception as err:  # noqa: BLE001  (as in main: bad input is reported, a bug re-raised)
+        bad = bad_input_in(err)
+        if bad is None:
+            raise
+        return _bad_input(bad)
+    from selfexplain.eval.explain_validation import summary_lines
+
+    print("\n".join(summary_lines(validation)))
+    print(f"[explain] {job.out}: shards, validation.json, index.html")
     return 0
 
 

@@ -13,8 +13,6 @@ tasks with an actor's resources (`task` steps: each computes on the GPU it reser
 """
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -24,12 +22,12 @@ from tqdm import tqdm
 from selfexplain.groundtruth.dataset import finalize, split_of
 from selfexplain.groundtruth.layout import RAW
 from selfexplain.groundtruth.models import prepare
-from selfexplain.groundtruth.records import (Record, complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
+from selfexplain.groundtruth.records import (complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
                                  write_shard, write_tar)
 from selfexplain.groundtruth.stages import StageContext, StagedRecipe
 from selfexplain.groundtruth.tasks import TASKS
 
-from .actor_pool import run_pool
+from .actor_pool import inject_fault, run_pool
 from .config import RunConfig
 from .ray_session import torch_threads
 from .target_actor import target_actor_class
@@ -37,12 +35,6 @@ from .tracking import log_progress
 from .typed_yaml import stable_hash
 
 EVAL_ONLY_FIELDS = ("judge", "discriminative_k")  # task fields that do not change the ground truth
-FAULT_ENV = "SELFEXPLAIN_GT_FAULT"
-"""Fault injection for tests: comma-separated "<action>:<unit>:<marker file>", each done once (the marker
-records it, with the node it happened on). kill: write half a shard, then exit hard. hang: stop before
-writing (until the actor's node is removed)."""
-
-
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     """What the shards of (task, target) depend on; a change makes existing shards unusable."""
     task_cfg = asdict(cfg.tasks[task])
@@ -69,29 +61,12 @@ def on_target_actors(cfg: RunConfig, model_spec, units: list, call: Callable[[An
              units=units, call=call, on_result=on_result, max_retries=gp.max_retries, desc=desc)
 
 
-def _inject_fault(unit: int, out_path: Path, records: list[Record]) -> None:
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        action, index, marker = spec.split(":", 2)
-        if int(index) != unit or Path(marker).exists():
-            continue
-        import ray
-
-        Path(marker).write_text(ray.get_runtime_context().get_node_id())
-        if action == "kill":
-            write_tar(temporary_name(out_path), records[: len(records) // 2])  # half a shard, never renamed
-            os._exit(1)
-        if action == "hang":
-            while True:
-                time.sleep(1)
-        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill or hang)")
-
-
 def process_unit(ctx: StageContext, unit: int, items: list, out_path: str, model, tokenizer) -> dict:
     """One unit of a per-item task on a target actor: its records as one raw shard."""
     task_cfg = ctx.task_cfg
     records = TASKS[ctx.task].run(model, tokenizer, items, task_cfg, ctx.target,
                                   lambda source: split_of(source, task_cfg.test_fraction, ctx.seed), ctx.batch_size)
-    _inject_fault(unit, Path(out_path), records)
+    inject_fault(unit, lambda: write_tar(temporary_name(Path(out_path)), records[: len(records) // 2]))
     return write_shard(Path(out_path), records)
 
 

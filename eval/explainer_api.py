@@ -44,11 +44,13 @@ class Explainer:
     def task(self) -> str:
         return self.metadata["task"]
 
-    def explain(self, records: list[Record], max_new_tokens: Optional[int] = None, batch_size: int = 64) -> list[str]:
-        """The explainer's greedy answer to each record's question (its v, where it has one, injected)."""
+    def explain(self, records: list[Record], max_new_tokens: Optional[int] = None, batch_size: int = 64,
+                with_vector: bool = True) -> list[str]:
+        """The explainer's greedy answer to each record's question (its v, where it has one, injected;
+        with_vector=False: the question with v left out, the no-vector control)."""
         tokens = max_new_tokens or TASKS[self.task].explanation_tokens
         return explain(self.model, self.tokenizer, records, self.metadata["train"]["prompt_format"], tokens,
-                       batch_size, self.projection)
+                       batch_size, self.projection, with_vector)
 
     def describe(self, vectors: Union[np.ndarray, torch.Tensor], layer: int, max_new_tokens: Optional[int] = None,
                  batch_size: int = 64) -> list[str]:

@@ -173,13 +173,15 @@ class Form:
     """Per-record (or per-feature) units -> metrics."""
     units: Callable[[Any], Callable[[list[str], list[Record]], list]]
     """Task config -> (predictions, records -> units, as JSON); judges and simulators built once per task."""
+    unit_fields: tuple[str, ...]
+    """What each entry of a unit is."""
 
 
 FORMS = {
     "causal": Form(CAUSAL_METRICS, _CAUSAL_INTERVALS, ("exact_match", "content_match_changed"), causal_from_units,
-                   lambda task_cfg: causal_units),
+                   lambda task_cfg: causal_units, ("gold_changed", "predicted_changed", "exact", "content")),
     "description": Form(DESCRIPTION_METRICS, DESCRIPTION_METRICS, ("top1", "simulation", "judge"), _mean_scores,
-                        _description_units),
+                        _description_units, ("judge", "simulation", "rank", "candidates")),
 }
 """What each explanation form (TaskSpec.explanation) is scored by."""
 

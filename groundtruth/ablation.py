@@ -21,6 +21,7 @@ from .records import Record, safe_key
 from .sources.countries import load_countries
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
 from .taskspec import TaskSpec, TaskWork
+from .units import per_item_units
 
 TASK = "input_ablation"
 
@@ -232,22 +233,27 @@ def run_ablation(
     prompts = [render_prompt(tokenizer, text, cfg.target_format, cfg.system_prompt)
                for item in items for text in (item.full, item.ablated)]
     continuations = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size)
-    records = []
-    for n, item in enumerate(items):
+    records = explain_queries(None, tokenizer, items, cfg, target, split_of)
+    for n, (item, record) in enumerate(zip(items, records)):
         before = extract_answer(continuations[2 * n], item.answer_pattern)
         after = extract_answer(continuations[2 * n + 1], item.answer_pattern)
-        changed = before != after
+        record.changed = before != after
+        record.explanation = format_explanation(record.changed, item.content_prefix + after)
+        record.output_before, record.output_after = before, after
         flag = {UNANSWERED: True} if not (before and after) else {}
-        records.append(Record(
-            record_id=safe_key(target, TASK, item.item_id), task=TASK, target=target,
-            split=split_of(item.source_id), source_id=item.source_id, prompt=item.full,
-            question=item.question,
-            explanation=format_explanation(changed, item.content_prefix + after),
-            changed=changed, output_before=before, output_after=after,
-            query={"span": item.span, "ablated_input": item.ablated, **dict(item.features),
-                   "raw_before": continuations[2 * n], "raw_after": continuations[2 * n + 1], **flag},
-        ))
+        record.query.update({"raw_before": continuations[2 * n], "raw_after": continuations[2 * n + 1], **flag})
     return records
+
+
+def explain_queries(model, tokenizer, items: list[AblationItem], cfg: AblationConfig, target: str,
+                    split_of: Callable[[str], str]) -> list[Record]:
+    """One record per item as the explainer is asked about it (the input and the span's question), its
+    label not yet known (unchanged, no outputs): the question needs no run of the target."""
+    return [Record(record_id=safe_key(target, TASK, item.item_id), task=TASK, target=target,
+                   split=split_of(item.source_id), source_id=item.source_id, prompt=item.full, question=item.question,
+                   explanation="", changed=False, output_before="", output_after="",
+                   query={"span": item.span, "ablated_input": item.ablated, **dict(item.features)})
+            for item in items]
 
 
 def same_item(record: Record) -> str:
@@ -260,4 +266,5 @@ SPEC = TaskSpec(
     templates=("{prompt}\n\n{question}",), explanation_tokens=50,
     # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with and without the span)
     work=TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042, passes=lambda cfg: 2),
-    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input"), same_item=same_item)
+    build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input"), same_item=same_item,
+    explain_units=per_item_units(build_items, run_ablation, explain_queries, needs_target=False, unit_name="input"))

@@ -22,11 +22,12 @@ from .dataset import MARGIN, SplitConfig, split_of
 from .errors import DataSourceError
 from .explanations import format_explanation
 from .generation import PromptFormat, prompt_string
-from .patching import (Decision, Intervention, PairPatches, block_vector, decoder_layers, layer_blocks,
+from .patching import (CLEAN_ROWS, Decision, Intervention, PairPatches, block_vector, clean_runs, decoder_layers, layer_blocks,
                        pair_clean_runs, patch_pairs)
 from .records import Record, safe_key
 from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
 from .taskspec import TaskSpec, TaskWork
+from .units import per_item_units
 
 TASK = "activation_patching"
 TOKEN_TYPES = ("subject_final", "relation", "original_option", "new_option", "other_option", "other")
@@ -205,31 +206,58 @@ def _pair_records(tokenizer, item: PatchItem, x: PatchPrompt, xp: PatchPrompt, p
                   patched: list[Decision], blocks: list[list[int]], target: str,
                   split_of: Callable[[str], str]) -> list[Record]:
     """One pair's records from its patched decisions."""
-    pair, clean_decision, source = item.pair, plan.clean.decision, plan.source
-    before = whole_answer(tokenizer, clean_decision.token, pair.options)
+    before = whole_answer(tokenizer, plan.clean.decision.token, item.pair.options)
+    records = pair_queries(tokenizer, item, x, xp, plan.interventions, plan.source.states, blocks, target, split_of)
+    for record, decision in zip(records, patched):
+        after = whole_answer(tokenizer, decision.token, item.pair.options)
+        record.changed = after != before
+        record.explanation = format_explanation(record.changed, after)
+        record.output_before, record.output_after = before, after
+        record.query[MARGIN] = round(min(plan.clean.decision.margin, decision.margin), 4)
+    return records
+
+
+def pair_queries(tokenizer, item: PatchItem, x: PatchPrompt, xp: PatchPrompt, interventions: list[Intervention],
+                 source_states: torch.Tensor, blocks: list[list[int]], target: str,
+                 split_of: Callable[[str], str]) -> list[Record]:
+    """One record per intervention of a pair, as the explainer is asked about it (v, the block's layers,
+    the token), its label not yet known (unchanged, no outputs)."""
+    pair = item.pair
     # every v of the pair in one copy to the host: [len(interventions), d] fp32
-    vectors = torch.stack([block_vector(source.states, blocks[iv.block], iv.source_position)
-                           for iv in plan.interventions]).cpu().numpy()
+    vectors = torch.stack([block_vector(source_states, blocks[iv.block], iv.source_position)
+                           for iv in interventions]).cpu().numpy()
     records = []
-    for iv, decision, vector in zip(plan.interventions, patched, vectors):
-        after = whole_answer(tokenizer, decision.token, pair.options)
-        changed = after != before
+    for iv, vector in zip(interventions, vectors):
         token_text = tokenizer.decode([int(x.ids[iv.position])])
         records.append(Record(
             record_id=safe_key(target, TASK, pair.pair_id, f"b{iv.block}", f"t{iv.position}"), task=TASK,
             target=target, split=split_of(item.source_id), source_id=item.source_id, prompt=x.text,
-            question="How would the output change?",
-            explanation=format_explanation(changed, after),
-            changed=changed, output_before=before, output_after=after,
+            question="How would the output change?", explanation="", changed=False, output_before="",
+            output_after="",
             query={"token": token_text, "position": iv.position, "source_position": iv.source_position,
                    "token_type": x.token_types[iv.position], "block": str(iv.block),
                    "relation": pair.x.relation, "subject": pair.x.subject,
                    "counterfactual_subject": pair.x_prime.subject, "counterfactual_prompt": xp.text,
-                   "options": list(pair.options),
-                   MARGIN: round(min(clean_decision.margin, decision.margin), 4)},
+                   "options": list(pair.options)},
             layers=list(blocks[iv.block]), token_type=x.token_types[iv.position],
             vector=vector,
         ))
+    return records
+
+
+def explain_queries(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, target: str,
+                    split_of: Callable[[str], str]) -> list[Record]:
+    """Every (block, position) of every pair as an unlabelled record: v needs only x''s clean run (one
+    forward per pair, where labelling it patches every intervention)."""
+    blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
+    sides = [(encode_side(tokenizer, cfg, it.pair, it.pair.x), encode_side(tokenizer, cfg, it.pair, it.pair.x_prime))
+             for it in items]
+    records = []
+    for start in range(0, len(items), CLEAN_ROWS):  # x' of several pairs in one right-padded forward
+        group = range(start, min(start + CLEAN_ROWS, len(items)))
+        for i, source in zip(group, clean_runs(model, [sides[i][1].ids for i in group])):
+            records += pair_queries(tokenizer, items[i], *sides[i], pair_interventions(sides[i], len(blocks), cfg),
+                                    source.states, blocks, target, split_of)
     return records
 
 
@@ -262,4 +290,6 @@ SPEC = TaskSpec(
     work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919,
                   passes=lambda cfg: 2 + 40 * cfg.num_blocks),
     build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell, same_item=same_item,
-    identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"))
+    identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"),
+    explain_units=per_item_units(build_items, run_patching, explain_queries, needs_target=True, unit_name="pair",
+                                 units_per_item=lambda cfg: 20 * cfg.num_blocks))  # ~20 text tokens a prompt

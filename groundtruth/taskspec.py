@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 from .records import Record
-from .stages import StagedRecipe
+from .stages import StageContext, StagedRecipe
 
 ExplanationForm = Literal["causal", "description"]
 """causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
@@ -61,6 +61,32 @@ class TaskWork:
 
 
 @dataclass(frozen=True)
+class ExplainUnits:
+    """What `selfexplain explain` asks a trained explainer about: every unit the task's technique could
+    analyse on a target (an SAE latent, a (block, position) of a prompt pair, a span of an input), analysed
+    or not. Every callable reads the (task, target) ground-truth context of the run."""
+
+    chunks: Callable[[StageContext, int], list]
+    """(context, work items per chunk) -> the work in chunks, each one output shard; loads no model."""
+    queries: Callable[..., list[Record]]
+    """queries(context, chunk, model, tokenizer) -> one record per unit, as the explainer is asked about
+    it, unlabelled (model and tokenizer are the target's, None unless needs_target)."""
+    truth: Callable[..., list[Record]]
+    """truth(context, records, model, tokenizer) -> the units' labels by the task's own technique (the
+    target loaded), as records with the same ids; a unit the technique cannot label is left out."""
+    needs_target: bool = False
+    """queries runs the target (patching reads v from x''s run)."""
+    chunk_size: int = 16
+    """Default work items per chunk (latents, or pairs / inputs)."""
+    unit_name: str = "item"
+    """What one work item is, for --limit and the progress bar (latent, pair, input)."""
+    units_per_item: Callable[[Any], int] = lambda task_cfg: 1
+    """Units one work item holds, for the dry run's estimate (patching: positions x blocks of a pair)."""
+    feature_of: Optional[Callable[[dict], tuple[int, int]]] = None
+    """(layer, index) of an SAE latent unit from its query: its labels are exported in Neuronpedia's format."""
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     config: type
@@ -99,3 +125,5 @@ class TaskSpec:
     tokenizer or depth): eval splits self vs cross by whether the cross-explainer's model, as a target,
     gives the same label for the same item. None: no such split (the item is the target's own, e.g. one
     of its SAE features)."""
+    explain_units: Optional[ExplainUnits] = None
+    """What `selfexplain explain` asks about (None: the task cannot be explained beyond its ground truth)."""

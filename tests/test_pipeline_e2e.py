@@ -16,11 +16,12 @@ from wandb_log import history, run_info
 
 from selfexplain.distributed.cli import main as cli_main
 from selfexplain.distributed.config import load_config
-from selfexplain.distributed.gt_pool import FAULT_ENV
+from selfexplain.distributed.actor_pool import FAULT_ENV
 from selfexplain.distributed.pipeline import run
 from selfexplain.distributed.tracking import figure_key, train_logs
 from selfexplain.distributed.wandb_report import build_report
 from selfexplain.groundtruth.ablation import build_items
+from selfexplain.groundtruth.features.neuronpedia import load_neuronpedia
 from selfexplain.groundtruth.records import iter_records, read_manifest, safe_key, sha256_file
 from selfexplain.training.live_log import job_run_name
 
@@ -211,6 +212,34 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     run(copy, ("groundtruth", "train", "eval"))
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert "already exported, skipping" in capsys.readouterr().out
+
+    # selfexplain explain, every task: each unit exactly once though an explain actor dies mid-shard, a
+    # validation sample beside its controls, the Neuronpedia export, the browser; a rerun rewrites nothing
+    explained = {"input_ablation": expected, "activation_patching": sorted(r.record_id for r in iter_records(cfg.layout.groundtruth("activation_patching", "a") / "raw")),
+                 "feature_descriptions": sorted(safe_key("feature_descriptions", "a", "L1", f"F{f}") for f in range(64))}
+    marker = tmp_path / "explain-actor-died"
+    monkeypatch.setenv(FAULT_ENV, f"kill:1:{marker}")
+    for task, units in explained.items():
+        args = ["explain", config, "--task", task, "--explainer", "b", "--target", "a", "--validate", "12", "--chunk-size", "4"]
+        assert cli_main(args) == 0
+        out = cfg.run_dir / "explain" / task / "b_on_a"
+        rows = [json.loads(line) for p in sorted(out.glob("shard-*.jsonl")) for line in p.read_text().splitlines()]
+        assert sorted(r["unit"] for r in rows) == units, f"{task}: every unit exactly once"
+        assert all(r["explanation"] for r in rows) and not list(out.glob(".*"))
+        validation = json.loads((out / "validation.json").read_text())
+        assert validation["labelled"] >= 2 and validation["sampled"] <= 12
+        assert not {u for u in validation["units"]} & {r["unit"] for r in rows if r["trained_on"]}, "never a trained-on unit"
+        controls = {"another unit's answer"} | ({"explainer, v left out"} if task != "input_ablation" else set())
+        assert set(validation["rows"]) == {"explainer"} | controls
+        assert {d["control"] for d in validation["differences"]} == controls
+        page = (out / "index.html").read_text()
+        assert all(r["unit"] in page for r in rows)
+        watched = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+        assert cli_main(args) == 0
+        assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == watched, "a rerun explains and writes nothing"
+    assert marker.exists(), "the fault was injected: an explain actor died in the middle of shard 1"
+    labels = load_neuronpedia(str(cfg.run_dir / "explain" / "feature_descriptions" / "b_on_a" / "neuronpedia.json"))
+    assert sorted(labels) == [(1, f) for f in range(64)]
 
 
 def test_corrupt_shard_fails_with_its_name(config, tmp_path, capsys):

@@ -42,11 +42,11 @@ def _shards(ctx: StageContext) -> list[Path]:
     return [_acts(ctx) / Path(shard_name(i)).stem for i in range(n)]
 
 
-def _layers(ctx: StageContext) -> list[int]:
+def sae_layers(ctx: StageContext) -> list[int]:
     return ActivationBatch.layers_in(_shards(ctx)[0])
 
 
-def _sae_dir(ctx: StageContext, layer: int) -> Path:
+def sae_dir(ctx: StageContext, layer: int) -> Path:
     return ctx.work / "sae" / f"layer_{layer}"
 
 
@@ -74,7 +74,7 @@ def write_activation_shard(ctx: StageContext, unit: tuple[int, list[str]], model
 
 # ---------------------------------------------------------------- 2. SAEs
 def sae_units(ctx: StageContext) -> list[int]:
-    return [l for l in _layers(ctx) if not (_sae_dir(ctx, l) / "metrics.json").exists()]
+    return [l for l in sae_layers(ctx) if not (sae_dir(ctx, l) / "metrics.json").exists()]
 
 
 def train_layer_sae(ctx: StageContext, layer: int) -> dict:
@@ -90,7 +90,7 @@ def train_layer_sae(ctx: StageContext, layer: int) -> dict:
         tokens += len(parts[-1])
     acts = np.concatenate(parts)
     sae = load_sae(sae_cfg.pretrained, layer) if sae_cfg.pretrained else train_sae(acts, sae_cfg, ctx.seed)
-    out = _sae_dir(ctx, layer)
+    out = sae_dir(ctx, layer)
     save_sae(sae, out)
     metrics = {"layer": layer, "source": sae_cfg.pretrained or "trained here", **sae_metrics(sae, acts)}
     write_json(out / "metrics.json", metrics)
@@ -115,8 +115,8 @@ def mine_shard(ctx: StageContext, index: int) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for layer in _layers(ctx):
-        mined = mine_exemplars(batch, layer, encoder(load_sae(str(_sae_dir(ctx, layer)), layer)), cfg.top_k,
+    for layer in sae_layers(ctx):
+        mined = mine_exemplars(batch, layer, encoder(load_sae(str(sae_dir(ctx, layer)), layer)), cfg.top_k,
                                cfg.negatives, seed=ctx.seed + index, shard=index, chunk_tokens=cfg.mine_chunk_tokens,
                                device=default_device())
         write_json(tmp / f"layer_{layer}.json", {str(f): ex.to_json() for f, ex in mined.items()})
@@ -130,7 +130,7 @@ def describe_units(ctx: StageContext) -> list[int]:
     return [] if ctx.complete("train", "test") and (ctx.work / DESCRIBED).exists() else [0]
 
 
-def _merged(ctx: StageContext, layer: int) -> dict[int, FeatureExemplars]:
+def merged_exemplars(ctx: StageContext, layer: int) -> dict[int, FeatureExemplars]:
     """A layer's exemplars over all shards, folded in shard by shard (one layer in memory at a time)."""
     cfg, merged = ctx.task_cfg, {}
     for i in range(len(_shards(ctx))):
@@ -146,9 +146,9 @@ def describe_and_split(ctx: StageContext, _unit: int) -> None:
     cfg = ctx.task_cfg
     describers, simulator = make_describers(cfg), simulator_of(cfg)
     records = []
-    for layer in _layers(ctx):
-        merged = _merged(ctx, layer)
-        directions = decoder_directions(load_sae(str(_sae_dir(ctx, layer)), layer))
+    for layer in sae_layers(ctx):
+        merged = merged_exemplars(ctx, layer)
+        directions = decoder_directions(load_sae(str(sae_dir(ctx, layer)), layer))
         described = feature_records(merged, directions, layer, ctx.target, cfg, describers, simulator)
         tqdm.write(f"[groundtruth] {ctx.task}/{ctx.target} layer {layer}: {len(merged)} features fired, "
                    f"{len(described)} described")
@@ -157,7 +157,7 @@ def describe_and_split(ctx: StageContext, _unit: int) -> None:
     if not train or not test:
         raise DegenerateSetError(f"{ctx.task}/{ctx.target}: {len(records)} describable features are too few for a train "
                          "and a test split; use more corpus_texts, a larger sae.d_sae or a lower min_exemplars")
-    sae = {str(l): json.loads((_sae_dir(ctx, l) / "metrics.json").read_text()) for l in _layers(ctx)}
+    sae = {str(l): json.loads((sae_dir(ctx, l) / "metrics.json").read_text()) for l in sae_layers(ctx)}
     stats = {"sae": sae, "raw": description_stats(records)}
     for split, chosen in (("train", train), ("test", test)):
         write_split(ctx.folder / split, chosen, ctx.config_hash, ctx.shard_size)

@@ -9,6 +9,7 @@ from ..taskspec import TaskSpec, TaskWork
 from .memory import feature_memory
 from .recipe import FEATURE_RECIPE
 from .task import OOD_SPLITS, TASK, FeatureConfig, check_inputs
+from .units import FEATURE_UNITS
 
 
 def _planned_records(cfg: FeatureConfig, items: int) -> tuple[int, int]:
@@ -26,4 +27,5 @@ SPEC = TaskSpec(
     # one corpus text of max_tokens; an explainer example is template + layer + description
     work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
                   records=_planned_records, memory=feature_memory),
-    staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True)
+    staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True,
+    explain_units=FEATURE_UNITS)
