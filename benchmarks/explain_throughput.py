@@ -41,7 +41,7 @@ def bench_explain_throughput(s) -> dict:
     job = explain_job(cfg, TASK, TARGET, TARGET)
     job = dataclasses.replace(job, ctx=dataclasses.replace(job.ctx, batch_size=cfg.groundtruth.batch_size))
     layer = sae_layers(job.ctx)[0]
-    latents = sum(c[2] - c[1] for c in job.chunks())
+    latents = sum(len(c) for c in job.chunks())
 
     worker = UnitExplainer(job, device=s.device)
 

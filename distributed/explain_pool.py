@@ -76,11 +76,11 @@ def plan_explain(cfg: RunConfig, job: ExplainJob) -> list[str]:
     """Dry-run lines: the work items, units and shards, what is done, and the explainer's GPU-hours."""
     units = job.units
     chunks = job.chunks()
-    items = sum(len(c) if isinstance(c, list) else c[2] - c[1] for c in chunks)
+    items = sum(len(c) for c in chunks)
     per = units.units_per_item(job.ctx.task_cfg)
     spec, shape = TASKS[job.ctx.task], shape_of(cfg.models[job.explainer])
     lines = [f"explain {job.ctx.task}: {job.explainer} on {job.ctx.target}: {items} {units.unit_name}s "
-             f"(~{items * per} units) in {len(chunks)} shards -> {job.out}"]
+             + (f"(~{items * per} units) " if per != 1 else "") + f"in {len(chunks)} shards -> {job.out}"]
     done = Path(job.out) / "manifest.json"
     if done.exists():
         lines.append(f"  {len(read_manifest(Path(job.out))['shards'])} shards already written")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from selfexplain.groundtruth.errors import ConfigError
 from selfexplain.groundtruth.records import Record, sha256_file, write_atomic
 from selfexplain.groundtruth.stages import StageContext
 from selfexplain.groundtruth.taskspec import ExplainUnits
@@ -57,11 +58,11 @@ class ExplainJob:
     def units(self) -> ExplainUnits:
         units = TASKS[self.ctx.task].explain_units
         if units is None:
-            raise ValueError(f"task {self.ctx.task!r} declares no explain units")
+            raise ConfigError(f"task {self.ctx.task!r} declares no explain units")
         return units
 
     def chunks(self) -> list:
-        """The work in chunks, cut at `limit` work items."""
+        """The work in chunks (each sized and cut like a list of work items), cut at `limit` work items."""
         chunks = self.units.chunks(self.ctx, self.chunk_size)
         if self.limit is None:
             return chunks
@@ -69,18 +70,9 @@ class ExplainJob:
         for chunk in chunks:
             if left <= 0:
                 break
-            kept.append(head(chunk, left))
-            left -= _size(chunk)
+            kept.append(chunk[:left])
+            left -= len(chunk)
         return kept
-
-
-def _size(chunk) -> int:
-    return chunk[2] - chunk[1] if isinstance(chunk, tuple) else len(chunk)
-
-
-def head(chunk, n: int):
-    """The first n work items of a chunk (a list of items, or a (layer, start, end) latent range)."""
-    return (chunk[0], chunk[1], min(chunk[2], chunk[1] + n)) if isinstance(chunk, tuple) else chunk[:n]
 
 
 def unit_row(record: Record, answer: str, trained_on: frozenset[str]) -> dict:

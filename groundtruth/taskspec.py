@@ -67,7 +67,8 @@ class ExplainUnits:
     or not. Every callable reads the (task, target) ground-truth context of the run."""
 
     chunks: Callable[[StageContext, int], list]
-    """(context, work items per chunk) -> the work in chunks, each one output shard; loads no model."""
+    """(context, work items per chunk) -> the work in chunks, each one output shard; loads no model. A
+    chunk is sized and cut like a list of work items (len(chunk), chunk[:n])."""
     queries: Callable[..., list[Record]]
     """queries(context, chunk, model, tokenizer) -> one record per unit, as the explainer is asked about
     it, unlabelled (model and tokenizer are the target's, None unless needs_target)."""

@@ -6,11 +6,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from selfexplain.eval.explain_units import ExplainJob, head, unit_row
+from selfexplain.eval.explain_units import ExplainJob, unit_row
 from selfexplain.eval.explain_validation import derangement, sample_rows
 from selfexplain.groundtruth.ablation import AblationConfig, SpanSourceConfig, run_ablation
 from selfexplain.groundtruth.ablation import build_items as ablation_items
 from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
+from selfexplain.groundtruth.features.units import LatentRange
 from selfexplain.groundtruth.stages import StageContext
 from selfexplain.groundtruth.tasks import TASKS
 
@@ -67,7 +68,8 @@ def test_a_limit_cuts_the_work_at_that_many_items():
     n = len(ablation_items(cfg, 0))
     job = ExplainJob(_context("input_ablation", cfg), "e", "o", "x", 4, 6, None, 8, 8, frozenset())
     assert sum(len(c) for c in job.chunks()) == min(6, n) and [len(c) for c in job.chunks()][0] == 4
-    assert head((1, 0, 512), 6) == (1, 0, 6) and head((1, 0, 4), 6) == (1, 0, 4)
+    latents = LatentRange(3, 512, 1024)
+    assert len(latents) == 512 and latents[:6] == LatentRange(3, 512, 518) and latents[:600] == latents
 
 
 def test_controls_never_keep_a_unit_in_place_and_the_sample_skips_trained_units():

@@ -286,6 +286,14 @@ def test_dry_runs_print_the_plan(capsys):
     assert [line.split(":")[0].strip() for line in stages] == [
         "activations (per actor)", "SAE (per layer task)", "exemplars (per shard task)", "describe (driver, one layer at a time)"]
     assert all(line.endswith(": fits") for line in stages) and "d_sae=131072" in out and "100 activation shards" in out
+    # explain's plan at paper scale: every latent of Llama Scope's 31 SAEs, from the config alone
+    assert cli_main(["explain", "configs/paper/feature_descriptions.yaml", "--task", "feature_descriptions",
+                     "--explainer", "qwen", "--target", "llama", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{31 * 131072} latents in {31 * 131072 // 512} shards" in out and "GPU-h" in out
+    assert cli_main(["explain", "configs/paper/feature_descriptions.yaml", "--task", "nope", "--explainer", "qwen",
+                     "--target", "llama", "--dry-run"]) == 2
+    assert "--task 'nope' is not in" in capsys.readouterr().err
     assert cli_main(["run", "configs/quickstart.yaml", "--dry-run"]) == 0
     quick = load_config("configs/quickstart.yaml")
     n = len(build_items(quick.tasks["input_ablation"], quick.seed))

@@ -6,7 +6,9 @@ by simulation).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
+from ..errors import DataSourceError
 from ..records import Record, safe_key
 from ..stages import StageContext
 from ..taskspec import ExplainUnits
@@ -16,25 +18,45 @@ from .task import TASK, feature_records, make_describers, simulator_of
 
 def _width(ctx: StageContext, layer: int) -> int:
     """Latents of the layer's SAE, from its sae-lens config (no weights loaded)."""
-    path = sae_dir(ctx, layer) / "cfg.json"
-    if not path.is_file():
-        from ..errors import DataSourceError
-
-        raise DataSourceError(f"{TASK}/{ctx.target}: no SAE at {path.parent}; run the groundtruth stage first")
-    return int(json.loads(path.read_text())["d_sae"])
+    return int(json.loads((sae_dir(ctx, layer) / "cfg.json").read_text())["d_sae"])
 
 
-def chunks(ctx: StageContext, size: int) -> list[tuple[int, int, int]]:
-    """(layer, first latent, end) of every layer's SAE, `size` latents at a time."""
-    return [(layer, start, min(start + size, _width(ctx, layer))) for layer in sae_layers(ctx)
-            for start in range(0, _width(ctx, layer), size)]
+@dataclass(frozen=True)
+class LatentRange:
+    """Latents [start, end) of one layer's SAE: a chunk of work, sized and cut like a list of latents."""
+
+    layer: int
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, cut: slice) -> "LatentRange":
+        first, stop, _ = cut.indices(len(self))
+        return LatentRange(self.layer, self.start + first, self.start + max(first, stop))
 
 
-def queries(ctx: StageContext, chunk: tuple[int, int, int], model=None, tokenizer=None) -> list[Record]:
+def chunks(ctx: StageContext, size: int) -> list[LatentRange]:
+    """Every layer's SAE latents, `size` at a time: the SAEs the run's ground
+    truth made or loaded, or before it ran (a dry run), those the config plans (its `layers` x `sae.d_sae`)."""
+    made = ctx.work.joinpath("sae").is_dir() and any(ctx.work.joinpath("sae").glob("layer_*/cfg.json"))
+    if made:
+        widths = {layer: _width(ctx, layer) for layer in sae_layers(ctx)}
+    elif ctx.task_cfg.layers is not None:
+        widths = {layer: ctx.task_cfg.sae.d_sae for layer in ctx.task_cfg.layers}
+    else:
+        raise DataSourceError(f"{TASK}/{ctx.target}: no SAE in {ctx.work / 'sae'}; run the groundtruth stage first "
+                              "(or set tasks.feature_descriptions.layers to plan from the config)")
+    return [LatentRange(layer, start, min(start + size, width)) for layer, width in widths.items()
+            for start in range(0, width, size)]
+
+
+def queries(ctx: StageContext, chunk: LatentRange, model=None, tokenizer=None) -> list[Record]:
     """One record per latent of the chunk: v its unit decoder direction, the layer; no label."""
     from .sae import decoder_directions, load_sae
 
-    layer, start, end = chunk
+    layer, start, end = chunk.layer, chunk.start, chunk.end
     directions = decoder_directions(load_sae(str(sae_dir(ctx, layer)), layer, device="cpu"))[start:end]
     return [Record(record_id=safe_key(TASK, ctx.target, f"L{layer}", f"F{f}"), task=TASK, target=ctx.target,
                    split="explain", source_id=f"L{layer}-F{f}", prompt="", question="", explanation="", changed=False,
