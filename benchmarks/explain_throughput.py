@@ -29,15 +29,13 @@ def bench_explain_throughput(s) -> dict:
     from selfexplain.distributed.config import load_config
     from selfexplain.distributed.explain_pool import explain_job
     from selfexplain.eval.explain_units import UnitExplainer
-    from selfexplain.groundtruth.features.recipe import FEATURE_RECIPE, sae_dir, sae_layers
+    from selfexplain.groundtruth.features.recipe import DESCRIBED, FEATURE_RECIPE, sae_dir, sae_layers
     from selfexplain.groundtruth.models import load_model
-    from selfexplain.groundtruth.records import iter_records
 
     run = _run_folder()
-    resolved = run / "config.resolved.yaml"
-    if not resolved.exists():
+    if not (run / "config.resolved.yaml").exists():
         return s.skip("explain_throughput", f"needs a finished quickstart run at {run} (make quickstart)")
-    cfg = load_config(str(resolved), [f"out_dir={run}"])
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [f"out_dir={run}"])
     job = explain_job(cfg, TASK, TARGET, TARGET)
     job = dataclasses.replace(job, ctx=dataclasses.replace(job.ctx, batch_size=cfg.groundtruth.batch_size))
     layer = sae_layers(job.ctx)[0]
@@ -59,7 +57,7 @@ def bench_explain_throughput(s) -> dict:
             for step in FEATURE_RECIPE.steps[:4]:  # activations, SAE, exemplars, describe (not the OOD sets)
                 for unit in step.todo(ctx):
                     step.run(ctx, unit, *target) if step.where == "target" else step.run(ctx, unit)
-            return sum(1 for split in ("train", "test") for _ in iter_records(ctx.folder / split))
+            return json.loads((ctx.work / DESCRIBED).read_text())["raw"]["count"]  # every latent it labelled
 
     fast, labelled = s.timed(label, repeats=1)
     naive, described = s.timed(analyse, repeats=1)

@@ -62,7 +62,8 @@ function row(u) {{
     Object.entries(v.scores).map(([k, x]) => `${{k}} ${{typeof x === "number" ? x.toFixed(2) : x}}`).join(", ") +
     (v.exemplars || []).map(w => `<div>${{exemplar(w)}}</div>`).join("") : "";
   return `<tr data-unit="${{esc(u.unit)}}"><td>${{esc(u.unit)}}${{u.trained_on ? ' <span class="trained">(trained on)</span>' : ""}}</td>` +
-    `<td>${{esc(u.where)}}</td><td>${{esc(u.explanation)}}</td><td>${{check}}</td></tr>`;
+    `<td>${{esc(u.where)}}</td><td>${{u.explanation ? esc(u.explanation) : '<i class="trained">(no answer)</i>'}}</td>` +
+    `<td>${{check}}</td></tr>`;
 }}
 function show(query) {{
   const q = query.toLowerCase();

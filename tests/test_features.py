@@ -153,6 +153,8 @@ def test_sae_trains_on_activations_with_few_dead_features_and_round_trips(tmp_pa
     save_sae(sae, tmp_path / "sae")
     loaded = load_sae(str(tmp_path / "{layer}").replace("{layer}", "sae"), layer=3)
     assert np.allclose(encode(loaded, acts[:50]), encode(sae, acts[:50]), atol=1e-5)
+    save_sae(loaded, tmp_path / "again")  # a loaded SAE (how a pretrained one arrives) saves as it is
+    assert np.allclose(encode(load_sae(str(tmp_path / "again"), layer=3), acts[:50]), encode(sae, acts[:50]), atol=1e-5)
     directions = decoder_directions(loaded)
     assert directions.shape == (64, 16) and np.allclose(np.linalg.norm(directions, axis=1), 1, atol=1e-5)
     with pytest.raises(DataSourceError, match="cfg.json"):

@@ -134,9 +134,11 @@ def decoder_directions(sae) -> np.ndarray:
 
 
 def save_sae(sae, folder: Path) -> None:
-    """sae-lens's inference format (weights + cfg.json), loadable by load_sae."""
+    """sae-lens's inference format (weights + cfg.json), loadable by load_sae: a training SAE converts
+    itself; a loaded (pretrained, inference) one is already in it."""
     folder.mkdir(parents=True, exist_ok=True)
-    sae.save_inference_model(str(folder))
+    save = getattr(sae, "save_inference_model", None) or sae.save_model
+    save(str(folder))
 
 
 _RELEASE = re.compile(r"^release:([^:]+):(.+)$")

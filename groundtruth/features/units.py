@@ -81,5 +81,5 @@ def truth(ctx: StageContext, records: list[Record], model=None, tokenizer=None) 
     return out
 
 
-FEATURE_UNITS = ExplainUnits(chunks, queries, truth, needs_target=False, chunk_size=512, unit_name="latent",
+FEATURE_UNITS = ExplainUnits(chunks, queries, truth, needs_target=False, chunk_size=256, unit_name="latent",
                              feature_of=lambda query: (query["layer"], query["feature"]))
