@@ -48,6 +48,7 @@ quickstart: install
 
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
+	$(call publish,study_cpu)
 
 # A study run's results, committed: matrix.json, report.md with its figures and the eval cells (units
 # and predictions) copied to docs/results/<run name>, where the audit recomputes every difference.

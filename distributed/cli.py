@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--explainer", required=True, help="the explainer model's name in the config")
     cmd.add_argument("--target", required=True, help="the target model's name in the config")
     cmd.add_argument("--export", help="an explainer export folder (default: the run's trained one)")
+    cmd.add_argument("--source", help="units of another source than the run analysed: an SAE folder or "
+                                      "release:<release>:<sae_id> ('{layer}' in it for several --layers)")
     cmd.add_argument("--layers", type=int, nargs="+", help="only units at these layers (default: all)")
     cmd.add_argument("--limit", type=int, help="at most N work items (latents, pairs, inputs), the first ones")
     cmd.add_argument("--chunk-size", type=int, help="work items per output shard (default: the task's)")
@@ -136,7 +138,7 @@ def _explain(args: argparse.Namespace) -> int:
             if name not in known:
                 raise ConfigError(f"--{kind} {name!r} is not in {args.config} (known: {', '.join(known)})")
         job = explain_job(cfg, args.task, args.explainer, args.target, args.export, args.limit, args.layers,
-                          args.chunk_size)
+                          args.chunk_size, args.source)
         if args.dry_run:
             print("\n".join(plan_explain(cfg, job)))
             return 0

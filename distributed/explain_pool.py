@@ -9,6 +9,7 @@ on a new actor (its shard, same name, replaces any partial one), so every unit i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,14 +18,15 @@ from selfexplain.eval.explain_outputs import BROWSER, NEURONPEDIA, browser_title
 from selfexplain.eval.explain_units import ExplainJob, UnitExplainer, read_rows, shard_file, write_rows
 from selfexplain.eval.explain_validation import VALIDATION, sample_rows, summary_lines, validate
 from selfexplain.groundtruth.errors import ConfigError, DataSourceError
-from selfexplain.groundtruth.records import (complete_shards, iter_records, read_manifest, remove_temporaries,
+from selfexplain.groundtruth.records import (complete_shards, iter_records, read_manifest, remove_temporaries, safe_key,
                                              temporary_name, write_atomic, write_manifest)
+from selfexplain.groundtruth.stages import StagedRecipe
 from selfexplain.groundtruth.tasks import TASKS
 from selfexplain.training.export import read_metadata
 
 from .actor_pool import inject_fault, run_pool
 from .config import RunConfig
-from .gt_pool import stage_context
+from .gt_pool import run_staged, stage_context
 from .ray_session import torch_threads
 from .scaling import gpu_hours, shape_of
 from .typed_yaml import stable_hash
@@ -50,20 +52,36 @@ class ExplainWorker:
 
 
 def explain_job(cfg: RunConfig, task: str, explainer: str, target: str, export: Optional[str] = None,
-                limit: Optional[int] = None, layers: Optional[list[int]] = None,
-                chunk_size: Optional[int] = None) -> ExplainJob:
+                limit: Optional[int] = None, layers: Optional[list[int]] = None, chunk_size: Optional[int] = None,
+                source: Optional[str] = None) -> ExplainJob:
     """The job `selfexplain explain` runs: the run's trained explainer (or an export folder) on the run's
-    ground-truth context of (task, target)."""
+    ground-truth context of (task, target), or on a context of its own for the units of `source`."""
     spec = TASKS[task]
     if spec.explain_units is None:
         raise ConfigError(f"task {task!r} declares no explain units")
+    units, name = spec.explain_units, f"{explainer}_on_{target}"
     ctx = stage_context(cfg, task, target)
-    export = export or str(cfg.layout.explainer(task, target, explainer) / "export")
     train = cfg.layout.split(task, target, "train")
     trained_on = frozenset(r.source_id for r in iter_records(train)) if (train / "manifest.json").exists() else frozenset()
-    return ExplainJob(ctx, export, str(cfg.run_dir / "explain" / task / f"{explainer}_on_{target}"), explainer,
-                      chunk_size or spec.explain_units.chunk_size, limit, tuple(layers) if layers else None,
-                      cfg.eval.max_new_tokens or spec.explanation_tokens, cfg.eval.batch_size, trained_on)
+    if source is not None:
+        if units.with_source is None:
+            raise ConfigError(f"--source: task {task!r} explains only the units its ground truth analysed")
+        tag = safe_key(source.rstrip("/").split("/")[-1]) + "-" + stable_hash(source)[:8]
+        name, trained_on = f"{name}_{tag}", frozenset()  # nothing of another source was trained on
+        task_cfg = units.with_source(cfg.tasks[task], source, layers)
+        ctx = dataclasses.replace(ctx, task_cfg=task_cfg, folder=cfg.run_dir / "explain" / task / name / "groundtruth",
+                                  config_hash=stable_hash([ctx.config_hash, dataclasses.asdict(task_cfg)]))
+    export = export or str(cfg.layout.explainer(task, target, explainer) / "export")
+    return ExplainJob(ctx, export, str(cfg.run_dir / "explain" / task / name), explainer,
+                      chunk_size or units.chunk_size, limit, tuple(layers) if layers else None,
+                      cfg.eval.max_new_tokens or spec.explanation_tokens, cfg.eval.batch_size, trained_on, source)
+
+
+def prepare_source(cfg: RunConfig, job: ExplainJob) -> None:
+    """A --source job's own ground-truth context, made by the task's prepare steps (skipped where done)."""
+    if job.source is not None and job.units.prepare:
+        run_staged(cfg, StagedRecipe(job.units.prepare, finish=lambda ctx: {}, splits=(), plan=lambda task_cfg: []),
+                   job.ctx)
 
 
 def job_hash(job: ExplainJob) -> str:
@@ -97,6 +115,7 @@ def run_explain(cfg: RunConfig, job: ExplainJob, validate_n: int = 200) -> dict:
     out = Path(job.out)
     if not (Path(job.export) / "selfexplain.json").exists():
         raise DataSourceError(f"no trained explainer at {job.export}: run the train stage first (or give --export)")
+    prepare_source(cfg, job)
     key, chunks = job_hash(job), job.chunks()
     done = complete_shards(out, key)
     manifest = {"config_hash": key, "shards": dict(done), "complete": False}

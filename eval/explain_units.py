@@ -53,6 +53,9 @@ class ExplainJob:
     batch_size: int
     trained_on: frozenset[str]
     """Source ids of the explainer's training records: their units are marked, and never validated."""
+    source: Optional[str] = None
+    """Units of another source than the run analysed (--source: an SAE folder or release); ctx is then
+    the explain folder's own ground-truth context, made by the task's `prepare` steps."""
 
     @property
     def units(self) -> ExplainUnits:

@@ -85,6 +85,14 @@ class ExplainUnits:
     """Units one work item holds, for the dry run's estimate (patching: positions x blocks of a pair)."""
     feature_of: Optional[Callable[[dict], tuple[int, int]]] = None
     """(layer, index) of an SAE latent unit from its query: its labels are exported in Neuronpedia's format."""
+    with_source: Optional[Callable[[Any, str, Optional[list[int]]], Any]] = None
+    """(task config, source, layers) -> the task config whose units are those of another source than the
+    run analysed (an SAE: a folder or a sae-lens release), for `selfexplain explain --source`; None: the
+    task explains only the run's own units."""
+    prepare: tuple = ()
+    """Steps (groundtruth/stages.py Step) that make a --source's units and the files its truth reads, run
+    on the explain folder's own ground-truth context before explaining (a new SAE: activations over the
+    run's corpus, the SAE loaded, exemplars mined; no latent is described but the validation sample)."""
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,17 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert marker.exists(), "the fault was injected: an explain actor died in the middle of shard 1"
     labels = load_neuronpedia(str(cfg.run_dir / "explain" / "feature_descriptions" / "b_on_a" / "neuronpedia.json"))
     assert sorted(labels) == [(1, f) for f in range(64)]
+    # --source: an SAE the run did not analyse, here the run's own saved elsewhere: the same units and answers
+    sae = shutil.copytree(next(fgt.glob("work/*/sae/layer_1")), tmp_path / "some_sae")
+    args = ["explain", config, "--task", "feature_descriptions", "--explainer", "b", "--target", "a", "--validate", "12",
+            "--chunk-size", "4", "--source", str(sae), "--layers", "1"]
+    assert cli_main(args) == 0
+    (out,) = [p for p in (cfg.run_dir / "explain" / "feature_descriptions").iterdir() if "some_sae" in p.name]
+    def answers(folder):
+        return {r["unit"]: r["explanation"] for p in sorted(folder.glob("shard-*.jsonl")) for r in map(json.loads, p.read_text().splitlines())}
+
+    assert answers(out) == answers(out.parent / "b_on_a") and len(answers(out)) == 64
+    assert (out / "groundtruth").is_dir() and json.loads((out / "validation.json").read_text())["labelled"] >= 2
 
 
 def test_corrupt_shard_fails_with_its_name(config, tmp_path, capsys):

@@ -5,15 +5,17 @@ by simulation).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Optional
 
 from ..errors import DataSourceError
 from ..records import Record, safe_key
 from ..stages import StageContext
 from ..taskspec import ExplainUnits
-from .recipe import merged_exemplars, sae_dir, sae_layers
-from .task import TASK, feature_records, make_describers, simulator_of
+from .recipe import FEATURE_RECIPE, merged_exemplars, sae_dir, sae_layers
+from .task import TASK, FeatureConfig, feature_records, make_describers, simulator_of
 
 
 def _width(ctx: StageContext, layer: int) -> int:
@@ -81,5 +83,12 @@ def truth(ctx: StageContext, records: list[Record], model=None, tokenizer=None) 
     return out
 
 
+def with_source(cfg: FeatureConfig, source: str, layers: Optional[list[int]]) -> FeatureConfig:
+    """The task config whose SAEs are `source` (a sae-lens folder or release, '{layer}' in it for several
+    layers) at `layers` (default: the run's)."""
+    return dataclasses.replace(cfg, layers=layers if layers else cfg.layers, sae=dataclasses.replace(cfg.sae, pretrained=source))
+
+
 FEATURE_UNITS = ExplainUnits(chunks, queries, truth, needs_target=False, chunk_size=256, unit_name="latent",
-                             feature_of=lambda query: (query["layer"], query["feature"]))
+                             feature_of=lambda query: (query["layer"], query["feature"]), with_source=with_source,
+                             prepare=FEATURE_RECIPE.steps[:3])  # activations, the SAE, exemplars
