@@ -68,7 +68,13 @@ def test_a_submitted_job_runs_the_pipeline_on_the_cluster(tmp_path, monkeypatch)
     init_params = RayParams.__init__
     monkeypatch.setattr(RayParams, "__init__", lambda self, *a, **kw: init_params(
         self, *a, **{"dashboard_agent_listen_port": agent_port, **kw}))
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, _temp_dir=tempfile.mkdtemp(prefix="se-ray-"))
+    temp_dir = tempfile.mkdtemp(prefix="se-ray-")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, _temp_dir=temp_dir)
+    # The job's driver finds its cluster by the address `ray start` records in the cluster's temp dir, and
+    # without one, any cluster running on this machine: ray.init records none, so record this one's.
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
     try:
         out_dir = tmp_path / "run"
         job_id = submit("configs/quickstart.yaml", [*TINY, f"out_dir={out_dir}"], f"http://127.0.0.1:{port}", follow=True)
