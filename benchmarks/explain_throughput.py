@@ -31,13 +31,13 @@ def bench_explain_throughput(s) -> dict:
     from selfexplain.eval.explain_units import UnitExplainer
     from selfexplain.groundtruth.features.recipe import DESCRIBED, FEATURE_RECIPE, sae_dir, sae_layers
     from selfexplain.groundtruth.models import load_model
+    from selfexplain.groundtruth.stages import run_steps
 
     run = _run_folder()
     if not (run / "config.resolved.yaml").exists():
         return s.skip("explain_throughput", f"needs a finished quickstart run at {run} (make quickstart)")
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), [f"out_dir={run}"])
     job = explain_job(cfg, TASK, TARGET, TARGET)
-    job = dataclasses.replace(job, ctx=dataclasses.replace(job.ctx, batch_size=cfg.groundtruth.batch_size))
     layer = sae_layers(job.ctx)[0]
     latents = sum(len(c) for c in job.chunks())
 
@@ -54,9 +54,7 @@ def bench_explain_throughput(s) -> dict:
             task_cfg = dataclasses.replace(job.ctx.task_cfg, sae=dataclasses.replace(
                 job.ctx.task_cfg.sae, pretrained=str(sae_dir(job.ctx, layer))))
             ctx = dataclasses.replace(job.ctx, task_cfg=task_cfg, folder=Path(tmp))
-            for step in FEATURE_RECIPE.steps[:4]:  # activations, SAE, exemplars, describe (not the OOD sets)
-                for unit in step.todo(ctx):
-                    step.run(ctx, unit, *target) if step.where == "target" else step.run(ctx, unit)
+            run_steps(FEATURE_RECIPE.steps[:4], ctx, target)  # activations, SAE, exemplars, describe (no OOD sets)
             return json.loads((ctx.work / DESCRIBED).read_text())["raw"]["count"]  # every latent it labelled
 
     fast, labelled = s.timed(label, repeats=1)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from selfexplain.eval.explain_outputs import BROWSER, NEURONPEDIA, browser_title, write_browser, write_feature_export
-from selfexplain.eval.explain_units import ExplainJob, UnitExplainer, read_rows, shard_file, write_rows
+from selfexplain.eval.explain_units import ExplainJob, UnitExplainer, read_rows, shard_file, task_units, write_rows
 from selfexplain.eval.explain_validation import VALIDATION, sample_rows, summary_lines, validate
 from selfexplain.groundtruth.errors import ConfigError, DataSourceError
 from selfexplain.groundtruth.records import (complete_shards, iter_records, read_manifest, remove_temporaries, safe_key,
@@ -56,10 +56,7 @@ def explain_job(cfg: RunConfig, task: str, explainer: str, target: str, export: 
                 source: Optional[str] = None) -> ExplainJob:
     """The job `selfexplain explain` runs: the run's trained explainer (or an export folder) on the run's
     ground-truth context of (task, target), or on a context of its own for the units of `source`."""
-    spec = TASKS[task]
-    if spec.explain_units is None:
-        raise ConfigError(f"task {task!r} declares no explain units")
-    units, name = spec.explain_units, f"{explainer}_on_{target}"
+    spec, units, name = TASKS[task], task_units(task), f"{explainer}_on_{target}"
     ctx = stage_context(cfg, task, target)
     train = cfg.layout.split(task, target, "train")
     trained_on = frozenset(r.source_id for r in iter_records(train)) if (train / "manifest.json").exists() else frozenset()

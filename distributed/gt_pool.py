@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from selfexplain.groundtruth.dataset import finalize, split_of
+from selfexplain.groundtruth.dataset import finalize, source_splits
 from selfexplain.groundtruth.layout import RAW
 from selfexplain.groundtruth.models import prepare
 from selfexplain.groundtruth.records import (complete_shards, remove_temporaries, shard_name, temporary_name, write_manifest,
@@ -35,6 +35,8 @@ from .tracking import log_progress
 from .typed_yaml import stable_hash
 
 EVAL_ONLY_FIELDS = ("judge", "discriminative_k")  # task fields that do not change the ground truth
+
+
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     """What the shards of (task, target) depend on; a change makes existing shards unusable."""
     task_cfg = asdict(cfg.tasks[task])
@@ -63,9 +65,7 @@ def on_target_actors(cfg: RunConfig, model_spec, units: list, call: Callable[[An
 
 def process_unit(ctx: StageContext, unit: int, items: list, out_path: str, model, tokenizer) -> dict:
     """One unit of a per-item task on a target actor: its records as one raw shard."""
-    task_cfg = ctx.task_cfg
-    records = TASKS[ctx.task].run(model, tokenizer, items, task_cfg, ctx.target,
-                                  lambda source: split_of(source, task_cfg.test_fraction, ctx.seed), ctx.batch_size)
+    records = TASKS[ctx.task].run(model, tokenizer, items, ctx.task_cfg, ctx.target, source_splits(ctx), ctx.batch_size)
     inject_fault(unit, lambda: write_tar(temporary_name(Path(out_path)), records[: len(records) // 2]))
     return write_shard(Path(out_path), records)
 

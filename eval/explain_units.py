@@ -4,7 +4,7 @@
     job = ExplainJob(ctx, export, out, ...)           # ctx: the run's (task, target) ground-truth context
     worker = UnitExplainer(job)
     for index, chunk in enumerate(job.chunks()):
-        worker.write_chunk(index, chunk)             # explain/<task>/<explainer>_on_<target>/shard-*.jsonl
+        write_rows(Path(job.out) / shard_file(index), worker.rows(chunk))   # one shard-*.jsonl per chunk
 
 A shard is one chunk of the task's work (latents of one SAE, pairs, inputs); its rows are
 {unit, source_id, layers, prompt, question, query, explanation, trained_on}. distributed/explain_pool.py
@@ -59,10 +59,7 @@ class ExplainJob:
 
     @property
     def units(self) -> ExplainUnits:
-        units = TASKS[self.ctx.task].explain_units
-        if units is None:
-            raise ConfigError(f"task {self.ctx.task!r} declares no explain units")
-        return units
+        return task_units(self.ctx.task)
 
     def chunks(self) -> list:
         """The work in chunks (each sized and cut like a list of work items), cut at `limit` work items."""
@@ -76,6 +73,14 @@ class ExplainJob:
             kept.append(chunk[:left])
             left -= len(chunk)
         return kept
+
+
+def task_units(task: str) -> ExplainUnits:
+    """What `selfexplain explain` asks about for a task; a task that declares nothing is refused."""
+    units = TASKS[task].explain_units
+    if units is None:
+        raise ConfigError(f"task {task!r} declares no explain units")
+    return units
 
 
 def unit_row(record: Record, answer: str, trained_on: frozenset[str]) -> dict:
@@ -121,10 +126,6 @@ class UnitExplainer:
         records = self.queries(chunk)
         answers = self.explainer.explain(records, self.job.max_new_tokens, self.job.batch_size) if records else []
         return [unit_row(r, a, self.job.trained_on) for r, a in zip(records, answers)]
-
-    def write_chunk(self, index: int, chunk) -> dict:
-        """One chunk's rows as one shard, written atomically; its manifest entry."""
-        return write_rows(Path(self.job.out) / shard_file(index), self.rows(chunk))
 
 
 def write_rows(path: Path, rows: list[dict]) -> dict:

@@ -18,6 +18,7 @@ from .differences import paired_difference, reading
 from .explainer_api import Explainer
 from .explain_units import ExplainJob, row_record
 from .metrics import form_of, make_scorer
+from .rows import cyclic_derangement
 
 VALIDATION = "validation.json"
 EXEMPLARS_SHOWN = 3
@@ -29,18 +30,6 @@ def sample_rows(rows: list[dict], n: int, seed: int) -> list[dict]:
     eligible = [i for i, row in enumerate(rows) if not row["trained_on"]]
     chosen = sorted(random.Random(f"validate:{seed}").sample(eligible, min(n, len(eligible))))
     return [rows[i] for i in chosen]
-
-
-def derangement(n: int, seed: int) -> list[int]:
-    """A seeded permutation of range(n) that moves every index (identity for n < 2)."""
-    if n < 2:
-        return list(range(n))
-    cycle = list(range(n))
-    random.Random(f"derange:{seed}").shuffle(cycle)
-    out = [0] * n
-    for k, i in enumerate(cycle):  # one cycle through a random order: each index takes the next one's place
-        out[i] = cycle[(k + 1) % n]
-    return out
 
 
 def validate(job: ExplainJob, explainer: Explainer, target: tuple, sample: list[dict], eligible: int,
@@ -57,7 +46,8 @@ def validate(job: ExplainJob, explainer: Explainer, target: tuple, sample: list[
         out["note"] = "fewer than two sampled units have a label from the technique: nothing to score"
         return out
     answers = [answer_of[r.record_id] for r in labelled]
-    rows = {EXPLAINER: answers, OTHER_UNIT: [answers[i] for i in derangement(len(answers), seed)]}
+    other = cyclic_derangement(range(len(answers)), f"derange:{seed}")
+    rows = {EXPLAINER: answers, OTHER_UNIT: [answers[other[i]] for i in range(len(answers))]}
     if any(r.vector is not None for r in labelled):
         rows[NO_VECTOR] = explainer.explain(labelled, job.max_new_tokens, job.batch_size, with_vector=False)
     score, form = make_scorer(ctx.task, ctx.task_cfg), form_of(ctx.task)

@@ -73,11 +73,18 @@ def shuffled_vectors(records: list) -> list:
         groups.setdefault(tuple(r.layers), []).append(i)
     vectors = [r.vector for r in records]
     for key, members in groups.items():
-        order = sorted(members, key=lambda i: records[i].record_id)
-        random.Random(f"shuffled:{key}").shuffle(order)
-        for at, i in enumerate(order):  # each takes the next one's vector in the shuffled cycle
-            vectors[i] = records[order[(at + 1) % len(order)]].vector
+        takes = cyclic_derangement(sorted(members, key=lambda i: records[i].record_id), f"shuffled:{key}")
+        for i, other in takes.items():
+            vectors[i] = records[other].vector
     return [dataclasses.replace(r, vector=v) for r, v in zip(records, vectors)]
+
+
+def cyclic_derangement(items: list, seed: str) -> dict:
+    """item -> the item whose place it takes: one cycle through a seeded shuffle of `items`, so nothing
+    keeps its own place (a single item does)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return {item: order[(at + 1) % len(order)] for at, item in enumerate(order)}
 
 
 def _vector_control(spec: TaskSpec, split: str, ec: Any) -> bool:

@@ -107,6 +107,12 @@ def split_of(source_id: str, test_fraction: float, seed: int) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
+def source_splits(ctx) -> Callable[[str], str]:
+    """split_of with a per-item task's settings: source id -> split, for a ground-truth context (its
+    task_cfg's test_fraction and its seed)."""
+    return lambda source: split_of(source, ctx.task_cfg.test_fraction, ctx.seed)
+
+
 def stratified_sample(records: list[Record], n: int, cell_of: Optional[Callable[[Record], str]],
                       rng: random.Random) -> list[Record]:
     """n records at random; with cell_of, taken round-robin over cells so no cell dominates (a cell

@@ -84,17 +84,22 @@ def write_json(path: Path, data: Any) -> None:
 
 def run_in_process(recipe: StagedRecipe, ctx: StageContext) -> dict:
     """Every step of a recipe here, in order, the target loaded once if a step needs it."""
-    from .models import load_model
-
     stats = recipe.done(ctx)
     if stats is not None:
         return stats
-    target = None
-    for step in recipe.steps:
+    run_steps(recipe.steps, ctx)
+    return recipe.finish(ctx)
+
+
+def run_steps(steps: tuple[Step, ...], ctx: StageContext, target: Optional[tuple] = None) -> None:
+    """Each step's units still to do, here, in order; the target (model, tokenizer) loaded on first need
+    unless given."""
+    from .models import load_model
+
+    for step in steps:
         for unit in step.todo(ctx):
             if step.where == "target":
                 target = target or load_model(ctx.model)
                 step.run(ctx, unit, *target)
             else:
                 step.run(ctx, unit)
-    return recipe.finish(ctx)

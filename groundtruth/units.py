@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .dataset import UNANSWERED, split_of
+from .dataset import UNANSWERED, source_splits
 from .records import Record
 from .stages import StageContext
 from .taskspec import ExplainUnits
@@ -18,22 +18,19 @@ def per_item_units(build_items: Callable, run: Callable, queries: Callable, need
                    unit_name: str, units_per_item: Callable = lambda task_cfg: 1) -> ExplainUnits:
     """ExplainUnits of a task whose ground truth is `run` over the items `build_items` gives."""
 
-    def splits(ctx: StageContext) -> Callable[[str], str]:
-        return lambda source: split_of(source, ctx.task_cfg.test_fraction, ctx.seed)
-
     def chunks(ctx: StageContext, size: int) -> list[list]:
         items = build_items(ctx.task_cfg, ctx.seed)
         return [items[i:i + size] for i in range(0, len(items), size)]
 
     def chunk_queries(ctx: StageContext, chunk: list, model, tokenizer) -> list[Record]:
-        return queries(model, tokenizer, chunk, ctx.task_cfg, ctx.target, splits(ctx))
+        return queries(model, tokenizer, chunk, ctx.task_cfg, ctx.target, source_splits(ctx))
 
     def truth(ctx: StageContext, records: list[Record], model, tokenizer) -> list[Record]:
         """The technique on every item of the sampled units' sources (records identify their source, not
         their item); the units asked about are kept, those it could not label (no answer) left out."""
         wanted, sources = {r.record_id for r in records}, {r.source_id for r in records}
         items = [item for item in build_items(ctx.task_cfg, ctx.seed) if item.source_id in sources]
-        labelled = run(model, tokenizer, items, ctx.task_cfg, ctx.target, splits(ctx), ctx.batch_size)
+        labelled = run(model, tokenizer, items, ctx.task_cfg, ctx.target, source_splits(ctx), ctx.batch_size)
         return [r for r in labelled if r.record_id in wanted and not r.query.get(UNANSWERED)]
 
     return ExplainUnits(chunks, chunk_queries, truth, needs_target, unit_name=unit_name, units_per_item=units_per_item)

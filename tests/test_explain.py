@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from selfexplain.eval.explain_units import ExplainJob, unit_row
-from selfexplain.eval.explain_validation import derangement, sample_rows
+from selfexplain.eval.explain_validation import sample_rows
+from selfexplain.eval.rows import cyclic_derangement
 from selfexplain.groundtruth.ablation import AblationConfig, SpanSourceConfig, run_ablation
 from selfexplain.groundtruth.ablation import build_items as ablation_items
 from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
@@ -74,7 +75,8 @@ def test_a_limit_cuts_the_work_at_that_many_items():
 
 def test_controls_never_keep_a_unit_in_place_and_the_sample_skips_trained_units():
     for n in (2, 3, 10, 57):
-        order = derangement(n, seed=1)
+        takes = cyclic_derangement(range(n), "derange:1")
+        order = [takes[i] for i in range(n)]
         assert sorted(order) == list(range(n)) and all(i != j for i, j in enumerate(order))
     rows = [{"unit": f"u{i}", "trained_on": i % 3 == 0} for i in range(30)]
     sample = sample_rows(rows, 8, seed=0)

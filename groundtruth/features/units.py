@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
+
+import numpy as np
 
 from ..errors import DataSourceError
 from ..records import Record, safe_key
@@ -54,12 +57,19 @@ def chunks(ctx: StageContext, size: int) -> list[LatentRange]:
             for start in range(0, width, size)]
 
 
-def queries(ctx: StageContext, chunk: LatentRange, model=None, tokenizer=None) -> list[Record]:
-    """One record per latent of the chunk: v its unit decoder direction, the layer; no label."""
+@lru_cache(maxsize=1)
+def _directions(folder: str, layer: int) -> np.ndarray:
+    """The unit decoder directions [d_sae, d] of a saved SAE, kept for the next chunk of the same layer
+    (one layer at a time: a 131k-latent SAE's are 2 GB)."""
     from .sae import decoder_directions, load_sae
 
+    return decoder_directions(load_sae(folder, layer, device="cpu"))
+
+
+def queries(ctx: StageContext, chunk: LatentRange, model=None, tokenizer=None) -> list[Record]:
+    """One record per latent of the chunk: v its unit decoder direction, the layer; no label."""
     layer, start, end = chunk.layer, chunk.start, chunk.end
-    directions = decoder_directions(load_sae(str(sae_dir(ctx, layer)), layer, device="cpu"))[start:end]
+    directions = _directions(str(sae_dir(ctx, layer)), layer)[start:end]
     return [Record(record_id=safe_key(TASK, ctx.target, f"L{layer}", f"F{f}"), task=TASK, target=ctx.target,
                    split="explain", source_id=f"L{layer}-F{f}", prompt="", question="", explanation="", changed=False,
                    output_before="", output_after="", layers=[layer], vector=direction,
@@ -70,16 +80,14 @@ def queries(ctx: StageContext, chunk: LatentRange, model=None, tokenizer=None) -
 def truth(ctx: StageContext, records: list[Record], model=None, tokenizer=None) -> list[Record]:
     """The describe step on the sampled latents: exemplars over the run's corpus, the best description;
     a latent firing in fewer than min_exemplars texts (or below min_simulation) gets none."""
-    from .sae import decoder_directions, load_sae
-
     cfg = ctx.task_cfg
     describers, simulator, out = make_describers(cfg), simulator_of(cfg), []
     wanted = {(r.layers[0], r.query["feature"]) for r in records}
     for layer in sorted({layer for layer, _ in wanted}):
         merged = merged_exemplars(ctx, layer)
         sampled = {f: merged[f] for l, f in wanted if l == layer and f in merged}
-        directions = decoder_directions(load_sae(str(sae_dir(ctx, layer)), layer, device="cpu"))
-        out += feature_records(sampled, directions, layer, ctx.target, cfg, describers, simulator)
+        out += feature_records(sampled, _directions(str(sae_dir(ctx, layer)), layer), layer, ctx.target, cfg,
+                               describers, simulator)
     return out
 
 
