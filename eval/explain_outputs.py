@@ -43,7 +43,7 @@ td, th {{ border-bottom: 1px solid #ddd; padding: 4px 6px; text-align: left; ver
 </style></head><body>
 <h1>{title}</h1>
 <pre id="summary">{summary}</pre>
-<input id="search" type="search" placeholder="search units and explanations" size="50">
+<input id="search" type="search" placeholder="search units, explanations and gold labels" size="50">
 <span id="count"></span>
 <table><thead><tr><th>unit</th><th>asked about</th><th>explanation</th><th>validation</th></tr></thead>
 <tbody id="units"></tbody></table>
@@ -59,7 +59,7 @@ function exemplar(w) {{
 function row(u) {{
   const v = u.validation;
   const check = v ? `<span class="gold">gold: ${{esc(v.gold)}}</span><br>` +
-    Object.entries(v.scores).map(([k, x]) => `${{k}} ${{typeof x === "number" ? x.toFixed(2) : x}}`).join(", ") +
+    Object.entries(v.scores).map(([k, x]) => `${{k}} ${{typeof x === "number" && !Number.isInteger(x) ? x.toFixed(2) : x}}`).join(", ") +
     (v.exemplars || []).map(w => `<div>${{exemplar(w)}}</div>`).join("") : "";
   return `<tr data-unit="${{esc(u.unit)}}"><td>${{esc(u.unit)}}${{u.trained_on ? ' <span class="trained">(trained on)</span>' : ""}}</td>` +
     `<td>${{esc(u.where)}}</td><td>${{u.explanation ? esc(u.explanation) : '<i class="trained">(no answer)</i>'}}</td>` +
@@ -67,7 +67,8 @@ function row(u) {{
 }}
 function show(query) {{
   const q = query.toLowerCase();
-  const shown = data.filter(u => !q || (u.unit + " " + u.where + " " + u.explanation).toLowerCase().includes(q));
+  const text = u => [u.unit, u.where, u.explanation, u.validation ? u.validation.gold : ""].join(" ").toLowerCase();
+  const shown = data.filter(u => !q || text(u).includes(q));
   body.innerHTML = shown.map(row).join("");
   count.textContent = `${{shown.length}} of ${{data.length}} units`;
 }}

@@ -123,6 +123,7 @@ def test_the_browser_lists_every_unit_and_finds_one_in_headless_chromium(tmp_pat
     assert "a &lt;/script&gt; tag &amp; &lt;b&gt;markup&lt;/b&gt; stay text" in dom, "explanations are text, not markup"
     dom, console = render_page(page, search="topic 7")
     assert listed_units(dom) == ["L3-F7"] and console == [], "search finds the one unit"
+    assert listed_units(render_page(page, search="topic seven")[0]) == ["L3-F7"], "and its gold label finds it"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000, "a screenshot is kept"
     # the console check can fail: a page whose script breaks reports it
     broken = tmp_path / "broken.html"
