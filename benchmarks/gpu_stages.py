@@ -1,5 +1,5 @@
 """The GPU check's stages that run no training: patching (fp32 and bf16) against the hooked reference,
-chat templates, the lstsq fit, generation with v injected, the SAE, and a model spread over two GPUs."""
+chat templates, the lstsq fit, generation with v injected, continuous batching, the SAE, and a model spread over two GPUs."""
 from __future__ import annotations
 
 import copy
@@ -166,6 +166,32 @@ def explain_held_out(c: Check, explainer: tuple) -> tuple[Outcome, list[str]]:
 
 def stage_generation(c: Check) -> Outcome:
     return explain_held_out(c, load_export(c.export, c.device))[0]
+
+
+def stage_continuous(c: Check) -> Outcome:
+    """Continuous batching against drained batches (greedy_generate's continuous=True / False) on the
+    trained export's held-out questions with v left out, four batches' worth: the same greedy answers,
+    and the seconds each takes (each timed after a warm-up run)."""
+    from selfexplain.groundtruth.generation import greedy_generate
+    from selfexplain.training.batches import encode_prompt
+
+    model, tok, _ = load_export(c.export, c.device)
+    prompts = [encode_prompt(tok, r, "plain", False) for r in c.held_out] * 4
+    batch = max(2, len(prompts) // 4)
+    seconds, answers = {}, {}
+    for continuous in (True, False, True, False):
+        c.sync()
+        start = time.perf_counter()
+        answers[continuous] = greedy_generate(model, tok, prompts, 50, batch, continuous=continuous)
+        c.sync()
+        seconds[continuous] = time.perf_counter() - start  # the second run of each: warmed up
+    generated = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers[True])
+    prompt = sum(map(len, prompts))
+    return Outcome(answers[True] == answers[False], seconds[True], generated,
+                   2.0 * params(model) * (generated + prompt), {
+                       "prompts": len(prompts), "batch": batch, "continuous_s": round(seconds[True], 3),
+                       "drain_s": round(seconds[False], 3), "continuous_vs_drain": round(seconds[False] / seconds[True], 3),
+                       "answers_agree": f"{sum(a == b for a, b in zip(answers[True], answers[False]))}/{len(prompts)}"})
 
 
 def stage_sae(c: Check) -> Outcome:

@@ -60,35 +60,60 @@ EVAL_ROWS = 4
 """Rows one export answers in eval (a vector task's trained, no-vector, zero-v and shuffled-v rows)."""
 
 
-def bench_eval_generation(s: Setting, batch: int = 64) -> dict:
-    """Explainer generation on SmolLM2 as an evaluator runs it: EVAL_ROWS rows of 16 questions each
-    through explain_all (every prompt of the rows sorted by length, `batch` of them generated together as
-    the configs' eval.batch_size, prompts run in chunks of 16, KV cache, finished rows leave the batch)
-    vs one question at a time through the same function.
+def bench_eval_generation(s: Setting, batch: int = 64, questions: int = 48) -> dict:
+    """Explainer generation on SmolLM2 as an evaluator runs it: EVAL_ROWS rows of `questions` each (three
+    batches' worth), every prompt sorted by length, at most `batch` decoding together as the configs'
+    eval.batch_size, prompts run in chunks of 16, KV cache, finished rows leave the batch; timed both
+    with the next prompts joining the rows still writing (continuous) and with each batch drained
+    before the next starts (drain). `fast` is the one greedy_generate picks on this device; `naive`
+    asks one question at a time through explain_all.
 
     Chat format: in plain format the untrained model ends every answer at once (EOS as first token),
     which would time prompt encoding only; in chat format it writes a full answer, as a trained
     explainer does. The rows here differ in their records (no vectors: the base model has no [vec]).
-    Random weights (no chat template in their byte tokenizer) run plain prompts: they never write EOS."""
+    Random weights (no chat template in their byte tokenizer) run plain prompts and would never write
+    EOS: there the byte the untrained model writes most becomes EOS, so answers end at different steps."""
     from selfexplain.eval.generate import Ask, explain_all
+    from selfexplain.groundtruth.generation import greedy_generate
     from selfexplain.training.batches import encode_prompt
 
     model, tok = s.load("smollm2-135m-instruct")
     fmt = "plain" if s.random_weights else "chat"
-    records = explain_records(16 * EVAL_ROWS)
+    records = explain_records(questions * EVAL_ROWS)
     asks = [Ask(records[i::EVAL_ROWS]) for i in range(EVAL_ROWS)]
-    fast, fast_out = s.timed(lambda: explain_all(model, tok, asks, fmt, 24, batch_size=batch), repeats=1)
+    prompts = [encode_prompt(tok, r, fmt, True) for ask in asks for r in ask.records]
+    if s.random_weights:
+        _common_token_as_eos(model, tok, prompts[:16])
+    ways = s.timed_together({"continuous": lambda: greedy_generate(model, tok, prompts, 24, batch, continuous=True),
+                             "drain": lambda: greedy_generate(model, tok, prompts, 24, batch, continuous=False)},
+                            repeats=1)
+    (continuous, out), (drain, drain_out) = ways["continuous"], ways["drain"]
+    picked = "continuous" if s.device == "cuda" else "drain"  # greedy_generate's default here
     naive, naive_out = s.timed(lambda: explain_all(model, tok, asks, fmt, 24, batch_size=1), repeats=1)
-    fast_flat, naive_flat = sum(fast_out, []), sum(naive_out, [])
-    same = sum(a == b for a, b in zip(fast_flat, naive_flat))
+    naive_flat = sum(naive_out, [])
     generated = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in naive_flat)
-    prompt_tokens = sum(len(encode_prompt(tok, r, fmt, True)) for r in records)
-    return s.write("eval_generation", fast, naive, 6.0,
+    prompt_tokens = sum(map(len, prompts))
+    fast = ways[picked][0]
+    return s.write("eval_generation", fast, naive, 10.0,
                    {"model": "smollm2-135m-instruct", "rows": EVAL_ROWS, "examples": len(records), "max_new_tokens": 24,
                     "generated_tokens": generated, "prompt_tokens": prompt_tokens, "prompt_format": fmt,
                     "fast_batch": batch, "prompt_rows": PROMPT_ROWS, "naive_batch": 1},
-                   model_flops=generation_flops(model, prompt_tokens, generated),
-                   identical_outputs=f"{same}/{len(records)}", tokens_per_second=round(generated / fast, 1))
+                   model_flops=generation_flops(model, prompt_tokens, generated), fast_is=picked,
+                   identical_outputs=f"{sum(a == b for a, b in zip(ways[picked][1], naive_flat))}/{len(records)}",
+                   tokens_per_second=round(generated / fast, 1), continuous=round(continuous, 4), drain=round(drain, 4),
+                   continuous_vs_drain=round(drain / continuous, 3),
+                   continuous_identical_to_drain=f"{sum(a == b for a, b in zip(out, drain_out))}/{len(records)}")
+
+
+def _common_token_as_eos(model, tok, prompts: list) -> None:
+    """Make the token an untrained model writes most often in its first answers the tokenizer's EOS."""
+    from collections import Counter
+
+    from selfexplain.groundtruth.generation import greedy_generate
+
+    answers = greedy_generate(model, tok, prompts, 8, len(prompts), continuous=False)
+    counts = Counter(t for a in answers for t in tok(a, add_special_tokens=False)["input_ids"])
+    tok.eos_token_id = counts.most_common(1)[0][0]
 
 
 def _padding(tok, micro: int = 8, examples: int = 128) -> dict:

@@ -102,9 +102,11 @@ def test_a_shared_prefix_is_run_once_and_answers_as_one_at_a_time(arch, shares):
                                           ("tiny-gemma", "seed=3,window=64,kv_heads=2")])
 def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, options, monkeypatch):
     """The slow reference is transformers' own generate() on one prompt at a time. Batched: prompts run in
-    chunks of 2, the chunks joined into decode batches of 5 with room for the answers (a window of 4 keeps
+    chunks of 2, the chunks joined into decode batches of 6 with room for the answers (a window of 4 keeps
     them apart; one of 64 spans them), rows that write EOS leave their batch while the others write on,
-    and decode steps attend with two query heads per key-value head."""
+    the next chunk joins the rows still writing as soon as two have left (continuous batching; or, to
+    compare, only once the batch has drained), and decode steps attend with two query heads per
+    key-value head."""
     import selfexplain.groundtruth.generation as generation_mod
 
     model, tok = load_model(ModelSpec(f"{arch}:hidden=32,layers=4,{options}"))
@@ -126,9 +128,18 @@ def test_generation_answers_as_transformers_generate_on_each_prompt_alone(arch, 
     tok.eos_token_id = eos  # this test's own tokenizer
     monkeypatch.setattr(generation_mod, "PROMPT_ROWS", 2)
 
-    batched = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=5)
-    assert batched == [tok.decode(reference(ids, eos), skip_special_tokens=True) for ids in prompts]
-    assert len(set(batched)) > 2
+    expected = [tok.decode(reference(ids, eos), skip_special_tokens=True) for ids in prompts]
+    merges = arch == "tiny-llama" or "window=64" in options  # tiny Gemma's own window is 4
+    join = generation_mod._Stream.join
+    for continuous in (True, False):
+        running = []  # rows decoding when each chunk of prompts joined
+        monkeypatch.setattr(generation_mod._Stream, "join",
+                            lambda self, *a, **k: running.append(len(self.rows)) or join(self, *a, **k))
+        assert greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=6, continuous=continuous) == expected
+        # prompts join rows still writing only where caches merge (no window shorter than prompt plus
+        # answer), and only continuously; otherwise each batch starts once the last has drained
+        assert any(running) == (merges and continuous), running
+    assert len(set(expected)) > 2
 
 
 def test_run_ablation_labels_agree_with_reference(tiny):
