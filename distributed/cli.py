@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--target", required=True, help="the target model's name in the config")
     cmd.add_argument("--export", help="an explainer export folder (default: the run's trained one)")
     cmd.add_argument("--source", help="units of another source than the run analysed: an SAE folder or "
-                                      "release:<release>:<sae_id> ('{layer}' in it for several --layers)")
+                                      "release:<release>:<sae_id> ('{layer}' in it for several --layers); for "
+                                      "input ablation a prompts file (JSON lines {prompt, spans}); for "
+                                      "activation patching a CounterFact file")
     cmd.add_argument("--layers", type=int, nargs="+", help="only units at these layers (default: all)")
     cmd.add_argument("--limit", type=int, help="at most N work items (latents, pairs, inputs), the first ones")
     cmd.add_argument("--chunk-size", type=int, help="work items per output shard (default: the task's)")

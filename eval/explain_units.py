@@ -23,11 +23,7 @@ from selfexplain.groundtruth.stages import StageContext
 from selfexplain.groundtruth.taskspec import ExplainUnits
 from selfexplain.groundtruth.tasks import TASKS
 
-from .explainer_api import Explainer
-
-BULKY_QUERY_FIELDS = ("exemplars", "candidates")
-"""Query fields left out of the rows (the ground truth keeps them)."""
-
+from .explainer_api import Explainer, unit_row
 
 def shard_file(index: int) -> str:
     return f"shard-{index:06d}.jsonl"
@@ -81,13 +77,6 @@ def task_units(task: str) -> ExplainUnits:
     if units is None:
         raise ConfigError(f"task {task!r} declares no explain units")
     return units
-
-
-def unit_row(record: Record, answer: str, trained_on: frozenset[str]) -> dict:
-    query = {k: v for k, v in record.query.items() if k not in BULKY_QUERY_FIELDS}
-    return {"unit": record.record_id, "source_id": record.source_id, "layers": record.layers, "prompt": record.prompt,
-            "question": record.question, "query": query, "explanation": answer.strip(),
-            "trained_on": record.source_id in trained_on}
 
 
 def row_record(row: dict, task: str, target: str) -> Record:

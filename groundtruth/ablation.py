@@ -1,16 +1,21 @@
 """Task C, input ablation: remove a span of the input; does the target's greedy answer change, and to what?
 
-Two item sources (a registry, so users can add their own):
-  hint_mcq   the paper's variant: a four-option question with "Hint: The answer is X" (random X)
-             appended; the span is the hint, the answer is read after "Answer:".
-  span_facts plain fact prompts ("The capital of France is") with one removable span: a distractor
-             sentence about another country, a misleading claim, a supporting fact, or one word.
+Three item sources (a registry, so users can add their own):
+  hint_mcq     the paper's variant: a four-option question with "Hint: The answer is X" (random X)
+               appended; the span is the hint, the answer is read after "Answer:".
+  span_facts   plain fact prompts ("The capital of France is") with one removable span: a distractor
+               sentence about another country, a misleading claim, a supporting fact, or one word.
+  prompts_file a person's own inputs, one JSON object per line: {"prompt": ..., "spans": [...]}, each
+               listed span removed in turn (no "spans": each sentence but the last, which holds what
+               the model completes); an optional "id" names the input.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from .dataset import UNANSWERED, SplitConfig
@@ -19,6 +24,7 @@ from .explanations import format_explanation
 from .generation import PromptFormat, greedy_generate, render_prompt
 from .records import Record, safe_key
 from .sources.countries import load_countries
+from .sources.fields import parse_json, text_field
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
 from .taskspec import TaskSpec, TaskWork
 from .units import per_item_units
@@ -62,13 +68,24 @@ class SpanSourceConfig:
 
 
 @dataclass
+class PromptsFileConfig:
+    """A person's own inputs and the spans to remove from them (source: prompts_file)."""
+
+    path: Optional[str] = None
+    """JSON lines: {"prompt": str, "spans": [str, ...] (optional), "id": str (optional)} per input."""
+    answer_pattern: str = r"\S+"
+    """Regex for the answer in the continuation: by default its first word."""
+
+
+@dataclass
 class AblationConfig(SplitConfig):
     """Ground truth for input ablation."""
 
     source: str = "span_facts"
-    """Item source, a key of ABLATION_SOURCES: span_facts | hint_mcq."""
+    """Item source, a key of ABLATION_SOURCES: span_facts | hint_mcq | prompts_file."""
     hint: HintSourceConfig = field(default_factory=HintSourceConfig)
     span: SpanSourceConfig = field(default_factory=SpanSourceConfig)
+    prompts: PromptsFileConfig = field(default_factory=PromptsFileConfig)
     max_sources: Optional[int] = None
     """Use at most this many source prompts (questions or countries), chosen at random; null: all."""
     target_format: PromptFormat = "plain"
@@ -82,6 +99,8 @@ class AblationConfig(SplitConfig):
         super().check()
         if self.source not in ABLATION_SOURCES:
             raise ValueError(f"source: unknown item source {self.source!r} (known: {', '.join(ABLATION_SOURCES)})")
+        if self.source == "prompts_file" and not (self.prompts.path or "").strip():
+            raise ValueError("prompts.path: required when source is 'prompts_file'")
         unknown = set(self.span.kinds) - set(SPAN_KINDS)
         if unknown:
             raise ValueError(f"span.kinds: unknown kinds {sorted(unknown)} (known: {', '.join(SPAN_KINDS)})")
@@ -191,16 +210,73 @@ def span_fact_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
                 span, full = SPAN_KINDS[kind](country, other, rel, stem)
                 items.append(AblationItem(
                     source_id=country.name, item_id=f"{country.name}_{rel}_{kind}", full=full, ablated=stem,
-                    span=span, question=f'If the text "{span}" were removed from the input, how would the output change?',
+                    span=span, question=span_question(span),
                     answer_pattern=cfg.span.answer_pattern, content_prefix="",
                     features=(("kind", kind), ("relation", rel)),
                 ))
     return items
 
 
+def span_question(span: str) -> str:
+    return f'If the text "{span}" were removed from the input, how would the output change?'
+
+
+# ---------------------------------------------------------------- prompts_file
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def without_span(prompt: str, start: int, span: str) -> str:
+    """The prompt with `span` (at `start`) cut out, one space left where two words met across it."""
+    left, right = prompt[:start].rstrip(" "), prompt[start + len(span):].lstrip(" ")
+    return left + (" " if left and right and not left.endswith("\n") and not right.startswith("\n") else "") + right
+
+
+def items_of_inputs(cfg: AblationConfig, inputs: list, where: str = "inputs") -> list[AblationItem]:
+    """Items of a person's inputs: each a prompt string, or {"prompt", "spans" (optional), "id"
+    (optional)}; every listed span (default: each sentence but the last) removed in turn."""
+    items = []
+    for n, entry in enumerate(inputs):
+        entry = {"prompt": entry} if isinstance(entry, str) else entry
+        at = f"{where}: input {n}"
+        if not isinstance(entry, dict):
+            raise DataSourceError(f"{at}: expected a prompt string or an object with 'prompt', got {entry!r}")
+        prompt = text_field(entry.get("prompt"), "prompt", at)
+        source_id = text_field(entry.get("id", f"input{n}"), "id", at)
+        spans = entry.get("spans")
+        if spans is None:
+            spans = SENTENCE_END.split(prompt.strip())[:-1]
+        elif not isinstance(spans, list):
+            raise DataSourceError(f"{at}: spans must be a list of strings, got {spans!r}")
+        for k, span in enumerate(spans):
+            text_field(span, f"spans[{k}]", at)
+            start = prompt.find(span)
+            if start < 0:
+                raise DataSourceError(f"{at}: span {span!r} is not in the prompt")
+            items.append(AblationItem(
+                source_id=source_id, item_id=f"{source_id}_span{k}", full=prompt, ablated=without_span(prompt, start, span),
+                span=span, question=span_question(span), answer_pattern=cfg.prompts.answer_pattern, content_prefix="",
+                features=(("span_listed", str(entry.get("spans") is not None)),)))
+    return items
+
+
+def prompts_file_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
+    path = Path(cfg.prompts.path)
+    if not path.exists():
+        raise DataSourceError(f"prompts_file: {path} does not exist")
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    return items_of_inputs(cfg, [parse_json(line, f"{path}:{n}") for n, line in lines], str(path))
+
+
+def with_prompts_file(cfg: AblationConfig, path: str) -> AblationConfig:
+    """The config whose inputs are a prompts file's (`selfexplain explain --source`)."""
+    return dataclasses.replace(cfg, source="prompts_file", max_sources=None,
+                               prompts=dataclasses.replace(cfg.prompts, path=path))
+
+
 ABLATION_SOURCES: dict[str, Callable[[AblationConfig, int], list[AblationItem]]] = {
     "hint_mcq": hint_mcq_items,
     "span_facts": span_fact_items,
+    "prompts_file": prompts_file_items,
 }
 """Item source name -> builder(config, seed) -> items. Register new sources here."""
 
@@ -267,4 +343,5 @@ SPEC = TaskSpec(
     # MMLU question + 4 options + hint in a chat turn ~250 tokens; 2 greedy runs (with and without the span)
     work=TaskWork(target_tokens=250, explainer_tokens=320, paper_items=14_042, passes=lambda cfg: 2),
     build_items=build_items, run=run_ablation, identity_fields=("span", "ablated_input"), same_item=same_item,
-    explain_units=per_item_units(build_items, run_ablation, explain_queries, needs_target=False, unit_name="input"))
+    explain_units=per_item_units(build_items, run_ablation, explain_queries, needs_target=False, unit_name="input",
+                                 items_of_inputs=items_of_inputs, with_source=with_prompts_file))

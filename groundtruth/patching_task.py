@@ -13,6 +13,8 @@ other (non-final subject tokens, BOS, chat-template and instruction tokens).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -25,7 +27,7 @@ from .generation import PromptFormat, prompt_string
 from .patching import (CLEAN_ROWS, Decision, Intervention, PairPatches, block_vector, clean_runs, decoder_layers, layer_blocks,
                        pair_clean_runs, patch_pairs)
 from .records import Record, safe_key
-from .sources.facts import FactPair, country_facts, load_counterfact, make_pairs
+from .sources.facts import FactPair, counterfact_facts, country_facts, load_counterfact, make_pairs
 from .taskspec import TaskSpec, TaskWork
 from .units import per_item_units
 
@@ -97,6 +99,21 @@ def build_items(cfg: PatchingConfig, seed: int) -> list[PatchItem]:
     if not pairs:
         raise DataSourceError(f"activation_patching: source {cfg.source!r} gave no counterfactual pairs")
     return [PatchItem(p.x.fact_id, p) for p in pairs]
+
+
+def items_of_inputs(cfg: PatchingConfig, inputs: list) -> list[PatchItem]:
+    """The counterfactual pairs of facts a person brings (CounterFact records, as counterfact_path holds
+    them): each fact with another of the same relation and template as x'."""
+    pairs = make_pairs(counterfact_facts(inputs, "inputs"), cfg.pairs_per_fact, cfg.n_options, seed=0)
+    if not pairs:
+        raise DataSourceError("activation_patching: the inputs make no counterfactual pair (it takes two facts of "
+                              "one relation and prompt template with different answers)")
+    return [PatchItem(p.x.fact_id, p) for p in pairs]
+
+
+def with_counterfact_file(cfg: PatchingConfig, path: str) -> PatchingConfig:
+    """The config whose facts are a CounterFact file's (`selfexplain explain --source`)."""
+    return dataclasses.replace(cfg, source="counterfact", counterfact_path=path, max_facts=None)
 
 
 # ---------------------------------------------------------------- prompts, token types, alignment
@@ -292,4 +309,5 @@ SPEC = TaskSpec(
     build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell, same_item=same_item,
     identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"),
     explain_units=per_item_units(build_items, run_patching, explain_queries, needs_target=True, unit_name="pair",
-                                 units_per_item=lambda cfg: 20 * cfg.num_blocks))  # ~20 text tokens a prompt
+                                 units_per_item=lambda cfg: 20 * cfg.num_blocks,  # ~20 text tokens a prompt
+                                 items_of_inputs=items_of_inputs, with_source=with_counterfact_file))

@@ -89,6 +89,11 @@ class ExplainUnits:
     """(task config, source, layers) -> the task config whose units are those of another source than the
     run analysed (an SAE: a folder or a sae-lens release), for `selfexplain explain --source`; None: the
     task explains only the run's own units."""
+    of_inputs: Optional[Callable[..., list[Record]]] = None
+    """of_inputs(task config, inputs, model, tokenizer, target) -> one record per unit of inputs a person
+    brings (prompts as the task's prompts file holds them), unlabelled and in the test split; model and
+    tokenizer are the target's, None unless needs_target. For Explainer.explain(prompts); None: the task's
+    units come only from a run."""
     prepare: tuple = ()
     """Steps (groundtruth/stages.py Step) that make a --source's units and the files its truth reads, run
     on the explain folder's own ground-truth context before explaining (a new SAE: activations over the

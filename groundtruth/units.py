@@ -6,7 +6,7 @@ A per-item task gives `explain_queries(model, tokenizer, items, cfg, target, spl
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from .dataset import UNANSWERED, source_splits
 from .records import Record
@@ -15,8 +15,11 @@ from .taskspec import ExplainUnits
 
 
 def per_item_units(build_items: Callable, run: Callable, queries: Callable, needs_target: bool,
-                   unit_name: str, units_per_item: Callable = lambda task_cfg: 1) -> ExplainUnits:
-    """ExplainUnits of a task whose ground truth is `run` over the items `build_items` gives."""
+                   unit_name: str, units_per_item: Callable = lambda task_cfg: 1,
+                   items_of_inputs: Optional[Callable] = None, with_source: Optional[Callable] = None) -> ExplainUnits:
+    """ExplainUnits of a task whose ground truth is `run` over the items `build_items` gives;
+    items_of_inputs(task config, inputs) makes items of a person's own prompts, with_source(task config,
+    a prompts file) the config whose items are that file's (`selfexplain explain --source`)."""
 
     def chunks(ctx: StageContext, size: int) -> list[list]:
         items = build_items(ctx.task_cfg, ctx.seed)
@@ -33,4 +36,9 @@ def per_item_units(build_items: Callable, run: Callable, queries: Callable, need
         labelled = run(model, tokenizer, items, ctx.task_cfg, ctx.target, source_splits(ctx), ctx.batch_size)
         return [r for r in labelled if r.record_id in wanted and not r.query.get(UNANSWERED)]
 
-    return ExplainUnits(chunks, chunk_queries, truth, needs_target, unit_name=unit_name, units_per_item=units_per_item)
+    def of_inputs(task_cfg, inputs: list, model, tokenizer, target: str) -> list[Record]:
+        return queries(model, tokenizer, items_of_inputs(task_cfg, inputs), task_cfg, target, lambda source: "test")
+
+    return ExplainUnits(chunks, chunk_queries, truth, needs_target, unit_name=unit_name, units_per_item=units_per_item,
+                        of_inputs=of_inputs if items_of_inputs else None,
+                        with_source=(lambda task_cfg, source, layers: with_source(task_cfg, source)) if with_source else None)

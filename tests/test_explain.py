@@ -2,16 +2,19 @@
 records without the labels, the validation controls, and the work plan's limit. The command itself,
 through Ray with a killed actor, is in test_pipeline_e2e."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
-from selfexplain.eval.explain_units import ExplainJob, unit_row
+from selfexplain.eval.explain_units import ExplainJob
+from selfexplain.eval.explainer_api import unit_row
 from selfexplain.eval.explain_validation import sample_rows
 from selfexplain.eval.rows import cyclic_derangement
 from selfexplain.groundtruth.ablation import AblationConfig, SpanSourceConfig, run_ablation
 from selfexplain.groundtruth.ablation import build_items as ablation_items
 from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
+from selfexplain.groundtruth.patching_task import build_items as patching_items
 from selfexplain.groundtruth.features.units import LatentRange
 from selfexplain.groundtruth.stages import StageContext
 from selfexplain.groundtruth.tasks import TASKS
@@ -62,6 +65,75 @@ def test_ablation_questions_need_no_target_and_are_the_records_without_labels(ti
     truth = units.truth(ctx, queries[1:3], model, tok)
     assert [r.record_id for r in truth] == [q.record_id for q in queries[1:3]]
     assert all(r.explanation for r in truth)
+
+
+PERSONS_PROMPTS = ["Paris is lovely in spring. Rome is old. The capital of France is",
+                   {"prompt": "Q: What is the capital of beautiful Peru?\nA: The capital of Peru is", "spans": ["beautiful"],
+                    "id": "peru"}]
+
+
+def test_a_persons_prompts_make_the_units_the_technique_labels(tiny, tmp_path):
+    """Input ablation of a person's own prompts: each listed span (or each sentence but the last) removed in
+    turn; the questions are those of the technique's records of the same items; a prompts file gives the
+    same items; a span not in its prompt is refused naming the input."""
+    from selfexplain.groundtruth.ablation import PromptsFileConfig, items_of_inputs
+    from selfexplain.groundtruth.errors import DataSourceError
+
+    model, tok = tiny
+    cfg = AblationConfig(max_new_tokens=2)
+    items = items_of_inputs(cfg, PERSONS_PROMPTS)
+    assert [(i.source_id, i.span, i.ablated) for i in items] == [
+        ("input0", "Paris is lovely in spring.", "Rome is old. The capital of France is"),
+        ("input0", "Rome is old.", "Paris is lovely in spring. The capital of France is"),
+        ("peru", "beautiful", "Q: What is the capital of Peru?\nA: The capital of Peru is")]
+    queries = TASKS["input_ablation"].explain_units.of_inputs(cfg, PERSONS_PROMPTS, None, None, "t")
+    _same_questions(queries, run_ablation(model, tok, items, cfg, "t", lambda source: "test"))
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text("\n".join(json.dumps({"prompt": p} if isinstance(p, str) else p) for p in PERSONS_PROMPTS) + "\n\n")
+    from_file = ablation_items(AblationConfig(source="prompts_file", prompts=PromptsFileConfig(path=str(lines))), 0)
+    assert [dataclasses.replace(i, answer_pattern="") for i in from_file] == \
+        [dataclasses.replace(i, answer_pattern="") for i in items]
+    with pytest.raises(DataSourceError, match=r"inputs: input 0: span 'Lima' is not in the prompt"):
+        items_of_inputs(cfg, [{"prompt": "The capital of Peru is", "spans": ["Lima"]}])
+    with pytest.raises(ValueError, match="prompts.path: required"):
+        AblationConfig(source="prompts_file").check()
+
+
+def test_a_persons_counterfactual_facts_make_the_patching_units(tiny, tmp_path):
+    from selfexplain.groundtruth.patching_task import items_of_inputs
+
+    model, tok = tiny
+    cfg = PatchingConfig(num_blocks=2)
+    facts = [{"requested_rewrite": {"prompt": "The capital of {} is", "subject": s, "relation_id": "capital",
+                                    "target_true": {"str": a}}} for s, a in [("France", "Paris"), ("Peru", "Lima")]]
+    items = items_of_inputs(cfg, facts)
+    assert sorted((i.pair.x.subject, i.pair.x_prime.subject) for i in items) == [("France", "Peru"), ("Peru", "France")]
+    units = TASKS["activation_patching"].explain_units
+    queries = units.of_inputs(cfg, facts, model, tok, "t")
+    _same_questions(queries, run_patching(model, tok, items, cfg, "t", lambda source: "test"))
+    # --source: a CounterFact file's facts, paired within each split as the task pairs its own
+    file = tmp_path / "counterfact.json"
+    file.write_text(json.dumps(facts))
+    from_file = patching_items(units.with_source(PatchingConfig(max_facts=1, test_fraction=0.0), str(file), None), 0)
+    assert sorted(i.pair.pair_id for i in from_file) == sorted(i.pair.pair_id for i in items)
+
+
+def test_the_notebook_explainer_explains_a_persons_prompts_as_rows(tiny):
+    """Explainer.explain(prompts): one row per unit, its answer the one explain(records) gives for the
+    unit's question; a task that runs the target to ask refuses without it."""
+    from selfexplain.eval.explainer_api import Explainer
+
+    model, tok = tiny
+    meta = {"task": "input_ablation", "target": "t", "train": {"prompt_format": "plain"}}
+    explainer = Explainer(model, tok, None, meta)
+    rows = explainer.explain(PERSONS_PROMPTS, max_new_tokens=3)
+    records = explainer.units_of(PERSONS_PROMPTS)
+    assert [r["unit"] for r in rows] == [r.record_id for r in records] and len(rows) == 3
+    assert [r["explanation"] for r in rows] == [a.strip() for a in explainer.explain(records, max_new_tokens=3)]
+    assert rows[2]["query"]["span"] == "beautiful" and not rows[2]["trained_on"]
+    patching = Explainer(model, tok, None, {**meta, "task": "activation_patching"})
+    with pytest.raises(ValueError, match=r"pass target=\(model, tokenizer\)"):
+        patching.explain([{"requested_rewrite": {}}])
 
 
 def test_a_limit_cuts_the_work_at_that_many_items():

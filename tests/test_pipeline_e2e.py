@@ -251,6 +251,18 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
 
     assert answers(out) == answers(out.parent / "b_on_a") and len(answers(out)) == 64
     assert (out / "groundtruth").is_dir() and json.loads((out / "validation.json").read_text())["labelled"] >= 2
+    # --source for input ablation: a person's prompts file, every span of it explained and a sample validated
+    prompts = tmp_path / "my_prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Rain fell on day {i}. The sky was grey. The capital of Peru is",
+                                              "id": f"day{i}"}) for i in range(4)))
+    args = ["explain", config, "--task", "input_ablation", "--explainer", "b", "--target", "a", "--validate", "4",
+            "--source", str(prompts)]
+    assert cli_main(args) == 0
+    (out,) = [p for p in (cfg.run_dir / "explain" / "input_ablation").iterdir() if "my_prompts" in p.name]
+    rows = [json.loads(line) for p in sorted(out.glob("shard-*.jsonl")) for line in p.read_text().splitlines()]
+    assert sorted((r["source_id"], r["query"]["span"]) for r in rows) == \
+        sorted((f"day{i}", s) for i in range(4) for s in (f"Rain fell on day {i}.", "The sky was grey."))
+    assert not any(r["trained_on"] for r in rows) and json.loads((out / "validation.json").read_text())["labelled"] >= 1
 
 
 def test_corrupt_shard_fails_with_its_name(config, tmp_path, capsys):

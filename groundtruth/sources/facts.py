@@ -76,12 +76,17 @@ def load_counterfact(path: str) -> list[Fact]:
     file = Path(path)
     if not file.exists():
         raise DataSourceError(f"CounterFact file {file} does not exist (the published counterfact.json)")
-    raw = read_json(file)
+    return counterfact_facts(read_json(file), str(file))
+
+
+def counterfact_facts(raw, where: str) -> list[Fact]:
+    """Facts from CounterFact records (parsed JSON: a list of objects), checked as load_counterfact does;
+    `where` names them in errors (a file, or a notebook's inputs)."""
     if not isinstance(raw, list):
-        raise DataSourceError(f"{file}: expected a JSON list of CounterFact records, got {type(raw).__name__}")
-    facts = [_counterfact_fact(rec, f"{file}: record {n}") for n, rec in enumerate(raw)]
+        raise DataSourceError(f"{where}: expected a JSON list of CounterFact records, got {type(raw).__name__}")
+    facts = [_counterfact_fact(rec, f"{where}: record {n}") for n, rec in enumerate(raw)]
     if not facts:
-        raise DataSourceError(f"{file} holds no CounterFact records")
+        raise DataSourceError(f"{where} holds no CounterFact records")
     return facts
 
 
