@@ -114,7 +114,7 @@ def test_a_persons_counterfactual_facts_make_the_patching_units(tiny, tmp_path):
     # --source: a CounterFact file's facts, paired within each split as the task pairs its own
     file = tmp_path / "counterfact.json"
     file.write_text(json.dumps(facts))
-    from_file = patching_items(units.with_source(PatchingConfig(max_facts=1, test_fraction=0.0), str(file), None), 0)
+    from_file = patching_items(units.with_source(PatchingConfig(max_facts=1, test_fraction=0.01), str(file), None), 0)
     assert sorted(i.pair.pair_id for i in from_file) == sorted(i.pair.pair_id for i in items)
 
 
