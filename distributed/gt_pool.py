@@ -34,14 +34,13 @@ from .target_actor import target_actor_class
 from .tracking import log_progress
 from .typed_yaml import stable_hash
 
-EVAL_ONLY_FIELDS = ("judge", "discriminative_k")  # task fields that do not change the ground truth
 
 
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     """What the shards of (task, target) depend on; a change makes existing shards unusable."""
     task_cfg = asdict(cfg.tasks[task])
-    for name in EVAL_ONLY_FIELDS:  # settings read after ground truth is made
-        task_cfg.pop(name, None)
+    for name in type(cfg.tasks[task]).eval_only_fields:
+        task_cfg.pop(name)
     return stable_hash({"task": task_cfg, "target": asdict(cfg.models[target]),
                         "seed": cfg.seed, "items_per_shard": cfg.groundtruth.items_per_shard})
 

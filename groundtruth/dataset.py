@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 from .errors import BadInput
 from .layout import LABEL_STATS, RAW
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 @dataclass
 class SplitConfig:
     """How a task's raw records become its train and test sets (every task's config extends this)."""
+
+    eval_only_fields: ClassVar[tuple[str, ...]] = ()
+    """The task's settings read only after its ground truth is made (eval's): changing one keeps the
+    ground truth."""
 
     test_fraction: float = 0.2
     """Fraction of source prompts (original facts, for patching) held out for test, by a hash of the

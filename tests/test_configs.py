@@ -62,3 +62,15 @@ def test_every_file_the_code_and_docs_name_exists():
     missing |= {(str(src.relative_to(ROOT)), name) for src in sources
                 for name in re.findall(r"\b([A-Z][A-Z_]+\.md)\b", src.read_text(errors="replace")) if name not in docs}
     assert not missing, sorted(missing)
+
+
+def test_a_tasks_eval_only_settings_keep_its_ground_truth():
+    """Settings a task config declares eval-only (feature descriptions' judge and K) leave the ground
+    truth's hash as it is; any other setting changes it."""
+    from selfexplain.distributed.gt_pool import gt_hash
+
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    made = gt_hash(load_config(config, []), "feature_descriptions", "smollm2")
+    for eval_only in ("judge=lexical", "discriminative_k=4"):
+        assert gt_hash(load_config(config, [f"tasks.feature_descriptions.{eval_only}"]), "feature_descriptions", "smollm2") == made
+    assert gt_hash(load_config(config, ["tasks.feature_descriptions.top_k=7"]), "feature_descriptions", "smollm2") != made

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -60,6 +60,7 @@ class FeatureConfig:
     """Describers whose candidates compete per feature (see groundtruth/features/describers.py)."""
     simulator: str = "lexical"
     """Simulator that picks the best candidate and scores generated descriptions."""
+    eval_only_fields: ClassVar[tuple[str, ...]] = ("judge", "discriminative_k")
     judge: str = "embedding"
     """Judge of generated vs gold descriptions at eval (see eval/judges.py)."""
     discriminative_k: int = 9
