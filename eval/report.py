@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfexplain.groundtruth.layout import RunLayout
+from selfexplain.groundtruth.tasks import task_spec
 
 from .headline import appendix_lines, headline_lines, marked, test_sizes
 from .matrix import data_efficiency, headline, lift_curves
@@ -132,22 +133,30 @@ def export_results(matrix: dict, task: str, explainer: str, target: str) -> list
     return lines
 
 
-def _feature_stats(stats: dict) -> list[str]:
+def label_lines(task: str, by_target: dict) -> list[str]:
+    """The labels' statistics per target: the task's own account of them where its spec gives one
+    (label_stats_lines), else per split the counts every per-item task's finalize writes."""
+    own = task_spec(task).label_stats_lines
     lines = []
-    for layer, m in stats["sae"].items():
-        lines.append(f"- SAE layer {layer} ({m['source']}): {m['d_sae']} features, L0 {m['l0']:.1f}, explained variance "
-                     f"{m['explained_variance']:.3f}, dead fraction {m['dead_fraction']:.3f} over {m['tokens']} tokens")
-    for split in ("raw", "train", "test", "act", "dact"):
-        s = stats.get(split, {})
-        if s.get("count"):
-            top = ", ".join(f"{t!r} x{c}" for t, c in s["top_labels"][:3])
-            lines.append(f"- {split}: {s['count']} features, describers chosen {s['describers']}, mean simulation "
-                         f"score of the gold labels {s['mean_simulation']:.3f}, {s['distinct_labels']} distinct labels; "
-                         f"most repeated: {top}")
-    for ex in stats.get("test", {}).get("examples", []):
-        lines.append(f"- test feature {ex['feature']}: {ex['description']!r} (simulation {ex['simulation']:.2f}); "
-                     f"strongest exemplar: {ex['exemplar']!r}")
-    return lines + [""]
+    for target, stats in by_target.items():
+        lines += [f"### labels of target {target}", "", *(own(stats) if own else _split_lines(stats)), ""]
+    return lines
+
+
+def _split_lines(stats: dict) -> list[str]:
+    lines = []
+    for split, s in stats.items():
+        if not s.get("count"):
+            continue
+        rules = ", ".join(f"{k} {v:.2f}" for k, v in s.get("trivial_rules", {}).items()) or "none"
+        top = ", ".join(f"{o!r} x{c}" for o, c in s["top_outputs_after"][:5])
+        lines += [f"- {split}: {s['count']} records, changed rate {s['changed_rate']:.2f}, majority "
+                  f"{s['majority_rate']:.2f}; accuracy of predicting 'changed' from one field alone: "
+                  f"{rules}; top outputs after the intervention: {top}"
+                  + (f"; largest (token type, block) cell {s['largest_cell_share']:.2f}" if "cells" in s else "")
+                  + (f"; {s['unanswered']} unanswered (dropped)" if s.get("unanswered") else "")
+                  + (f"; {s['near_ties']} near-ties (logit margin < {s['near_tie_margin']})" if s.get("near_ties") else "")]
+    return lines
 
 
 def distinct_outputs_line(table: dict) -> str:
@@ -183,23 +192,7 @@ def write_report(layout: RunLayout, matrix: dict, config_name: str) -> Path:
             lines += [f"- lstsq projection {pair}, relative error ||h_E - Pi h_M|| / ||h_E||: {errors}"]
         if table.get("projection_fit_error"):
             lines.append("")
-        for target, stats in table.get("label_stats", {}).items():
-            lines += [f"### labels of target {target}", ""]
-            if "sae" in stats:  # feature descriptions
-                lines += _feature_stats(stats)
-                continue
-            for split, s in stats.items():
-                if not s.get("count"):
-                    continue
-                rules = ", ".join(f"{k} {v:.2f}" for k, v in s.get("trivial_rules", {}).items()) or "none"
-                top = ", ".join(f"{o!r} x{c}" for o, c in s["top_outputs_after"][:5])
-                lines += [f"- {split}: {s['count']} records, changed rate {s['changed_rate']:.2f}, majority "
-                          f"{s['majority_rate']:.2f}; accuracy of predicting 'changed' from one field alone: "
-                          f"{rules}; top outputs after the intervention: {top}"
-                          + (f"; largest (token type, block) cell {s['largest_cell_share']:.2f}" if "cells" in s else "")
-                          + (f"; {s['unanswered']} unanswered (dropped)" if s.get("unanswered") else "")
-                          + (f"; {s['near_ties']} near-ties (logit margin < {s['near_tie_margin']})" if s.get("near_ties") else "")]
-            lines.append("")
+        lines += label_lines(task, table.get("label_stats", {}))
     lines += appendix_lines(matrix)
     path = layout.report
     path.write_text("\n".join(lines) + "\n")

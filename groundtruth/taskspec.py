@@ -140,4 +140,7 @@ class TaskSpec:
     gives the same label for the same item. None: no such split (the item is the target's own, e.g. one
     of its SAE features)."""
     explain_units: Optional[ExplainUnits] = None
+    label_stats_lines: Optional[Callable[[dict], list[str]]] = None
+    """Report lines (markdown bullets) of one target's label_stats.json, for a task whose statistics are
+    its own (feature descriptions: its SAEs and descriptions); None: per split, the per-item counts."""
     """What `selfexplain explain` asks about (None: the task cannot be explained beyond its ground truth)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..taskspec import TaskSpec, TaskWork
 from .memory import feature_memory
 from .recipe import FEATURE_RECIPE
-from .task import OOD_SPLITS, TASK, FeatureConfig, check_inputs
+from .task import OOD_SPLITS, TASK, FeatureConfig, check_inputs, stats_lines
 from .units import FEATURE_UNITS
 
 
@@ -28,4 +28,4 @@ SPEC = TaskSpec(
     work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
                   records=_planned_records, memory=feature_memory),
     staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True,
-    explain_units=FEATURE_UNITS)
+    explain_units=FEATURE_UNITS, label_stats_lines=stats_lines)

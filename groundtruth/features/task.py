@@ -194,3 +194,23 @@ def feature_example(record: Record) -> dict:
 
 def simulator_of(cfg: FeatureConfig) -> Simulator:
     return make_simulator(cfg.simulator, cfg.endpoint)
+
+
+def stats_lines(stats: dict) -> list[str]:
+    """Report lines of the feature task's label_stats.json: each SAE, each split's descriptions, and the
+    test features' examples."""
+    lines = []
+    for layer, m in stats["sae"].items():
+        lines.append(f"- SAE layer {layer} ({m['source']}): {m['d_sae']} features, L0 {m['l0']:.1f}, explained variance "
+                     f"{m['explained_variance']:.3f}, dead fraction {m['dead_fraction']:.3f} over {m['tokens']} tokens")
+    for split in ("raw", "train", "test", "act", "dact"):
+        s = stats.get(split, {})
+        if s.get("count"):
+            top = ", ".join(f"{t!r} x{c}" for t, c in s["top_labels"][:3])
+            lines.append(f"- {split}: {s['count']} features, describers chosen {s['describers']}, mean simulation "
+                         f"score of the gold labels {s['mean_simulation']:.3f}, {s['distinct_labels']} distinct labels; "
+                         f"most repeated: {top}")
+    for ex in stats.get("test", {}).get("examples", []):
+        lines.append(f"- test feature {ex['feature']}: {ex['description']!r} (simulation {ex['simulation']:.2f}); "
+                     f"strongest exemplar: {ex['exemplar']!r}")
+    return lines
