@@ -194,7 +194,7 @@ def scale_plan(cfg) -> list[str]:
             gt_flops = 2 * t.params * work.target_tokens * work.passes(task_cfg) * items
             hours = gpu_hours(gt_flops, plan, training=False)
             total += hours
-            per_shard = getattr(task_cfg, "texts_per_shard", gp.items_per_shard)
+            per_shard = work.items_per_shard(task_cfg) if work.items_per_shard else gp.items_per_shard
             lines.append(f"  groundtruth {task} on {target}: {items:,} items -> {-(-items // per_shard)} shards; "
                          f"{gt_flops:.2e} FLOPs, {hours:,.1f} GPU-h on {gp.actors} x {gp.actor_gpus:g} GPU actors")
             if work.memory is not None:

@@ -53,6 +53,8 @@ class TaskWork:
     """Target forward passes of target_tokens per item, from the task config."""
     count_items: Optional[Callable[[Any], int]] = None
     """Items without building them (a staged task); None: len(build_items(...))."""
+    items_per_shard: Optional[Callable[[Any], int]] = None
+    """Work items per ground-truth shard, from the task config; None: the run's groundtruth.items_per_shard."""
     records: Callable[[Any, int], tuple[int, int]] = split_records
     """(train, test) records a target yields from n items."""
     memory: Optional[Callable[[Any, Any, int, int], MemoryPlan]] = None

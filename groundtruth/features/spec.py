@@ -26,6 +26,6 @@ SPEC = TaskSpec(
                "Describe the inputs that activate {vec} in layer {layers}: "), explanation_tokens=20,
     # one corpus text of max_tokens; an explainer example is template + layer + description
     work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
-                  records=_planned_records, memory=feature_memory),
+                  items_per_shard=lambda cfg: cfg.texts_per_shard, records=_planned_records, memory=feature_memory),
     staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True,
     explain_units=FEATURE_UNITS, label_stats_lines=stats_lines)
