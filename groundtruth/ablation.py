@@ -234,7 +234,7 @@ def without_span(prompt: str, start: int, span: str) -> str:
 def items_of_inputs(cfg: AblationConfig, inputs: list, where: str = "inputs") -> list[AblationItem]:
     """Items of a person's inputs: each a prompt string, or {"prompt", "spans" (optional), "id"
     (optional)}; every listed span (default: each sentence but the last) removed in turn."""
-    items = []
+    items, seen = [], set()
     for n, entry in enumerate(inputs):
         entry = {"prompt": entry} if isinstance(entry, str) else entry
         at = f"{where}: input {n}"
@@ -242,6 +242,9 @@ def items_of_inputs(cfg: AblationConfig, inputs: list, where: str = "inputs") ->
             raise DataSourceError(f"{at}: expected a prompt string or an object with 'prompt', got {entry!r}")
         prompt = text_field(entry.get("prompt"), "prompt", at)
         source_id = text_field(entry.get("id", f"input{n}"), "id", at)
+        if source_id in seen:
+            raise DataSourceError(f"{at}: id {source_id!r} names an earlier input too")
+        seen.add(source_id)
         spans = entry.get("spans")
         if spans is None:
             spans = SENTENCE_END.split(prompt.strip())[:-1]

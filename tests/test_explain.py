@@ -95,6 +95,8 @@ def test_a_persons_prompts_make_the_units_the_technique_labels(tiny, tmp_path):
         [dataclasses.replace(i, answer_pattern="") for i in items]
     with pytest.raises(DataSourceError, match=r"inputs: input 0: span 'Lima' is not in the prompt"):
         items_of_inputs(cfg, [{"prompt": "The capital of Peru is", "spans": ["Lima"]}])
+    with pytest.raises(DataSourceError, match=r"inputs: input 1: id 'a' names an earlier input too"):
+        items_of_inputs(cfg, [{"prompt": "A. B", "id": "a"}, {"prompt": "C. D", "id": "a"}])
     with pytest.raises(ValueError, match="prompts.path: required"):
         AblationConfig(source="prompts_file").check()
 
