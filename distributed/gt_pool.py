@@ -35,7 +35,6 @@ from .tracking import log_progress
 from .typed_yaml import stable_hash
 
 
-
 def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     """What the shards of (task, target) depend on; a change makes existing shards unusable."""
     task_cfg = asdict(cfg.tasks[task])

@@ -25,6 +25,7 @@ from selfexplain.groundtruth.tasks import TASKS
 
 from .explainer_api import Explainer, unit_row
 
+
 def shard_file(index: int) -> str:
     return f"shard-{index:06d}.jsonl"
 

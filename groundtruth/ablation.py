@@ -24,7 +24,7 @@ from .explanations import format_explanation
 from .generation import PromptFormat, greedy_generate, render_prompt
 from .records import Record, safe_key
 from .sources.countries import load_countries
-from .sources.fields import parse_json, text_field
+from .sources.fields import parse_json_lines, text_field
 from .sources.multiple_choice import LETTERS, MultipleChoice, country_questions, load_mmlu
 from .taskspec import TaskSpec, TaskWork
 from .units import per_item_units
@@ -266,8 +266,7 @@ def prompts_file_items(cfg: AblationConfig, seed: int) -> list[AblationItem]:
     path = Path(cfg.prompts.path)
     if not path.exists():
         raise DataSourceError(f"prompts_file: {path} does not exist")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    return items_of_inputs(cfg, [parse_json(line, f"{path}:{n}") for n, line in lines], str(path))
+    return items_of_inputs(cfg, parse_json_lines(path.read_text(encoding="utf-8"), str(path)), str(path))
 
 
 def with_prompts_file(cfg: AblationConfig, path: str) -> AblationConfig:

@@ -14,7 +14,6 @@ other (non-final subject tokens, BOS, chat-template and instruction tokens).
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 

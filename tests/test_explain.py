@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from selfexplain.eval.explain_units import ExplainJob
-from selfexplain.eval.explainer_api import unit_row
 from selfexplain.eval.explain_validation import sample_rows
+from selfexplain.eval.explainer_api import unit_row
 from selfexplain.eval.rows import cyclic_derangement
 from selfexplain.groundtruth.ablation import AblationConfig, SpanSourceConfig, run_ablation
 from selfexplain.groundtruth.ablation import build_items as ablation_items

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataSourceError
-from ..sources.fields import parse_json, text_field
+from ..sources.fields import parse_json, parse_json_lines, text_field
 
 _LAYER = re.compile(r"^(\d+)")
 
@@ -28,7 +28,7 @@ def _rows(path: Path) -> list:
         raise DataSourceError(f"{path}: not UTF-8 JSON text ({err})") from None
     if text.lstrip().startswith("["):
         return parse_json(text, str(path))
-    return [parse_json(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return parse_json_lines(text, str(path))
 
 
 def load_neuronpedia(path: str) -> dict[tuple[int, int], list[str]]:

@@ -24,5 +24,10 @@ def parse_json(text: str, where: str) -> Any:
         raise DataSourceError(f"{where} is not valid JSON: {err}") from None
 
 
+def parse_json_lines(text: str, where: str) -> list:
+    """One JSON value per non-blank line; an error names `where` and the line number."""
+    return [parse_json(line, f"{where}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def read_json(path: Path) -> Any:
     return parse_json(Path(path).read_text(encoding="utf-8"), str(path))
