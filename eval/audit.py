@@ -33,12 +33,16 @@ def committed_agreement(matrix: dict) -> dict:
             for target, others in table.get("agreement", {}).items() for other, entry in others.items()}
 
 
+def committed_cells(folder: Path, task: str = "*") -> list:
+    """The cells a run committed under folder/eval/<task>/<target>/<row>.json, with their units."""
+    return [c for c in (load_cell(path) for path in sorted((folder / "eval").glob(f"{task}/*/*.json"))) if c is not None]
+
+
 def recompute(folder: Path) -> tuple[dict, list[str]]:
     """(the matrix rebuilt from the folder's cells, the differences that do not match the committed ones)."""
     committed = json.loads((folder / "matrix.json").read_text())
-    cells = [load_cell(path) for path in sorted((folder / "eval").glob("*/*/*.json"))]
     labels = {task: table.get("label_stats", {}) for task, table in committed["tasks"].items()}
-    rebuilt = build_matrix([c for c in cells if c is not None], labels, committed_agreement(committed),
+    rebuilt = build_matrix(committed_cells(folder), labels, committed_agreement(committed),
                            committed.get("random_targets"))
     mismatched = []
     for task, table in committed["tasks"].items():

@@ -124,6 +124,23 @@ def headline_differences(cells: list, agreement: Optional[dict] = None) -> dict[
     return out
 
 
+def control_differences(cells: list, kinds: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
+    """matrix task -> per target and compared metric, each trained explainer (at each training size) minus
+    each of its control rows (or, given `kinds`, those of these row kinds), on all records: the lift over
+    zero v or over shuffled v beside the one over the best control."""
+    out: dict[str, list[dict]] = {}
+    for task in dict.fromkeys(c.task for c in cells):
+        form = form_of(task)
+        mine = [c for c in cells if c.task == task and c.units]
+        for cell in (c for c in mine if c.kind == "trained"):
+            controls = [c for c in mine if c.target == cell.target and control_of(c, cell)
+                        and (kinds is None or c.kind in kinds)]
+            for metric in form.compared:
+                found = (_compare(cell, c, metric, form.aggregate, "trained - control") for c in controls)
+                out.setdefault(task, []).extend(d for d in found if d)
+    return out
+
+
 def _against_control(cell, best, metric: str, aggregate, agreement: dict) -> list[dict]:
     """The trained row minus its best control on all records and on those where another model, as a target,
     labels the item otherwise: for a cross-explainer its own model; for a self-explainer each other model."""

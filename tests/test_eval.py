@@ -519,3 +519,44 @@ def test_seeds_are_set_side_by_side_with_their_spread(tmp_path, capsys):
     assert "| - | +0.010, +0.010 | 0 of 1 |" in lines["a trained, 60 per layer"]
     assert "+0.030 [-0.020, +0.080] | -0.010 [-0.060, +0.040] | -0.010, +0.030 | 0 of 2 |" in lines["a trained - b trained"]
     assert out.index("a trained, 60 per layer") < out.index("| trained - best control | a | exact_match | a trained |")
+
+
+def test_every_control_sets_each_trained_row_against_each_of_its_controls_from_the_cells(tmp_path, capsys):
+    """--every-control recomputes, from a folder's committed cells, each trained row minus each control
+    row of its own training size (or reading its base model) and each baseline, or those of the kinds
+    named; another size's controls, other explainers and the gold ceiling are not its controls."""
+    import dataclasses
+
+    from selfexplain.eval.differences import paired_difference
+    from selfexplain.eval.matrix import Cell
+    from selfexplain.eval.metrics import causal_from_units
+    from selfexplain.eval.seeds import main as seeds
+    from selfexplain.groundtruth.layout import RunLayout
+
+    def units(exact):  # 20 changed records, the first `exact` answered exactly
+        return [[True, True, i < exact, i < exact] for i in range(20)]
+
+    def write(row, kind, explainer, exact, size=None):
+        cell = Cell("activation_patching", row, kind, explainer, "a", causal_from_units(units(exact)), units(exact), size)
+        path = RunLayout(tmp_path / "seed0").eval_cell("activation_patching", "a", row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": "k", "cell": dataclasses.asdict(cell)}))
+
+    write("a trained, 60 per layer", "trained", "a", 12, size=60)
+    write("a trained, 60 per layer, zero v", "zero_vector", "a", 4, size=60)
+    write("a trained, zero v", "zero_vector", "a", 0)  # the full-size export's control
+    write("a untrained", "untrained", "a", 1)
+    write("b trained, 60 per layer, zero v", "zero_vector", "b", 0, size=60)
+    write("majority", "baseline", "majority", 2)
+    write("gold", "baseline", "gold", 20)
+    (tmp_path / "seed0" / "matrix.json").write_text(json.dumps({"tasks": {"activation_patching": {}}}))
+
+    seeds([str(tmp_path / "seed0"), "--every-control", "--metric", "exact_match"])
+    rows = {line.split(" | ")[3]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| trained")}
+    assert sorted(rows) == ["a trained, 60 per layer - a trained, 60 per layer, zero v",
+                            "a trained, 60 per layer - a untrained", "a trained, 60 per layer - majority"]
+    expected = paired_difference(units(12), units(4), causal_from_units, "exact_match")
+    assert f"+0.400 [{expected['lo']:+.3f}, {expected['hi']:+.3f}]" in rows["a trained, 60 per layer - a trained, 60 per layer, zero v"]
+    seeds([str(tmp_path / "seed0"), "--every-control", "zero_vector", "--metric", "exact_match"])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| trained")] == \
+        [rows["a trained, 60 per layer - a trained, 60 per layer, zero v"]]

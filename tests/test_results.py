@@ -23,3 +23,22 @@ def test_a_committed_study_recomputes_and_results_md_quotes_its_tables(folder, c
     tables = [line for line in out.splitlines() if line.startswith("| ")]
     assert tables and [line for line in tables if line not in quoted] == [], \
         f"docs/RESULTS.md quotes no table of {folder.name} as the audit prints it"
+
+
+QUOTED_SEED_TABLES = {  # a study's seeds, and the arguments of each table docs/RESULTS.md quotes from them
+    "study_patching_scale_seed*": [[], ["--every-control", "zero_vector,shuffled_vector", "--metric", "exact_match"]],
+}
+
+
+@pytest.mark.parametrize("pattern", QUOTED_SEED_TABLES)
+def test_results_md_quotes_the_seeds_side_by_side_as_recomputed(pattern, capsys):
+    from selfexplain.eval.seeds import main as seeds
+
+    folders = sorted(str(p) for p in (ROOT / "docs" / "results").glob(pattern))
+    assert folders, f"no committed study matches {pattern}"
+    quoted = (ROOT / "docs" / "RESULTS.md").read_text()
+    for args in QUOTED_SEED_TABLES[pattern]:
+        seeds([*folders, *args])
+        tables = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        assert tables and [line for line in tables if line not in quoted] == [], \
+            f"docs/RESULTS.md does not quote `python -m selfexplain.eval.seeds {pattern} {' '.join(args)}` as it prints"
