@@ -44,8 +44,8 @@ from typing import Callable, Optional
 from selfexplain.training.allocator import tune_this_process
 
 from .gpu_common import SIZES, Check, Outcome, Skipped
-from .gpu_stages import (stage_chat_template, stage_continuous, stage_generation, stage_lstsq, stage_patching,
-                         stage_patching_bf16, stage_sae, stage_two_gpus)
+from .gpu_stages import (stage_chat_template, stage_continuous, stage_generation, stage_head_patching, stage_lstsq,
+                         stage_patching, stage_patching_bf16, stage_sae, stage_two_gpus)
 from .gpu_train_stages import lora_resumed, train_cross, train_full
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -55,7 +55,8 @@ NEEDS = {"train_zero2": TRAINING, "train_zero3": TRAINING, "lora_zero2": TRAININ
          "cross": TRAINING, "generation": TRAINING, "continuous": TRAINING, "sae": ("sae_lens",), "two_gpus": ("accelerate",)}
 
 STAGES: dict[str, Callable[[Check], Outcome]] = {
-    "patching": stage_patching, "patching_bf16": stage_patching_bf16, "chat_template": stage_chat_template,
+    "patching": stage_patching, "patching_bf16": stage_patching_bf16, "head_patching": stage_head_patching,
+    "chat_template": stage_chat_template,
     "lstsq": stage_lstsq, "train_zero2": lambda c: train_full(c, 2), "train_zero3": lambda c: train_full(c, 3),
     "lora_zero2": lambda c: lora_resumed(c, 2), "lora_zero3": lambda c: lora_resumed(c, 3), "cross": train_cross,
     "generation": stage_generation, "continuous": stage_continuous, "sae": stage_sae, "two_gpus": stage_two_gpus,

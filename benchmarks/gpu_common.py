@@ -113,7 +113,7 @@ def body_params(spec) -> int:
 
 def facts_pairs(n: int):
     """Counterfactual pairs from made-up facts (no countryinfo on a bare GPU machine)."""
-    from selfexplain.groundtruth.patching_task import PatchItem
+    from selfexplain.groundtruth.fact_pairs import PatchItem
     from selfexplain.groundtruth.sources.facts import Fact, FactPair
 
     pairs = []

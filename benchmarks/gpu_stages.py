@@ -1,4 +1,4 @@
-"""The GPU check's stages that run no training: patching (fp32 and bf16) against the hooked reference,
+"""The GPU check's stages that run no training: patching (fp32 and bf16) and head patching against the hooked reference,
 chat templates, the lstsq fit, generation with v injected, continuous batching, the SAE, and a model spread over two GPUs."""
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def _load_target(c: Check, dtype: str):
 def _patch_compare(c: Check, model, tok, tie_margin: float) -> Outcome:
     """The fast patcher against one hooked forward per intervention on the target as loaded: labels must
     agree wherever the reference's decision is not a near-tie (top-two logit gap under tie_margin)."""
+    from selfexplain.groundtruth.fact_pairs import encode_side
     from selfexplain.groundtruth.patching import Intervention, decoder_layers, layer_blocks, patch_fast, patch_slow
-    from selfexplain.groundtruth.patching_task import PatchingConfig, align, encode_side
+    from selfexplain.groundtruth.patching_task import PatchingConfig, align
 
     cfg = PatchingConfig(num_blocks=4)
     n_layers = len(decoder_layers(model))
@@ -83,6 +84,42 @@ def stage_patching_bf16(c: Check) -> Outcome:
     from selfexplain.groundtruth.dataset import SplitConfig
 
     return _patch_compare(c, *_load_target(c, "bfloat16"), tie_margin=SplitConfig().near_tie_margin)
+
+
+def stage_head_patching(c: Check) -> Outcome:
+    """Head patching in fp32: every head's one-token row over x's cached keys and values against one hooked
+    full forward per head; labels must agree wherever the reference's decision is not a near-tie."""
+    from selfexplain.groundtruth.fact_pairs import encode_side
+    from selfexplain.groundtruth.head_patching import every_head, patch_heads, patch_heads_slow
+    from selfexplain.groundtruth.head_patching_task import HeadPatchingConfig
+    from selfexplain.groundtruth.patching import decoder_layers
+
+    model, tok = _load_target(c, "float32")
+    cfg, heads = HeadPatchingConfig(), every_head(model)
+    per_token = 2 * sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+    same = excused = decisions = changed = tokens = 0
+    flops = fast_s = slow_s = 0.0
+    for item in facts_pairs(c.size.pairs):
+        x, xp = encode_side(tok, cfg, item.pair, item.pair.x), encode_side(tok, cfg, item.pair, item.pair.x_prime)
+        c.sync()
+        start = time.perf_counter()
+        fast = patch_heads(model, x.ids, xp.ids, heads)
+        c.sync()
+        fast_s += time.perf_counter() - start
+        start = time.perf_counter()
+        slow = patch_heads_slow(model, x.ids, xp.ids, heads)
+        c.sync()
+        slow_s += time.perf_counter() - start
+        for got, want in zip([fast.clean, *fast.patched], [slow.clean, *slow.patched]):
+            same += got.token == want.token
+            excused += got.token != want.token and want.margin < 1e-3
+        decisions += 1 + len(heads)
+        changed += sum(d.token != slow.clean.token for d in slow.patched)
+        tokens += len(x.ids) + len(xp.ids) + len(heads)
+        flops += per_token * (len(x.ids) + len(xp.ids) + len(heads))
+    return Outcome(same + excused == decisions, fast_s, tokens, flops, {
+        "model": c.size.target, "heads": len(heads), "labels_agree": f"{same}/{decisions}", "differ_at_near_ties": excused,
+        "changed": changed, "speedup_vs_hooked": round(slow_s / fast_s, 2)})
 
 
 def stage_chat_template(c: Check) -> Outcome:

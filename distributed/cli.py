@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--wandb", action="store_true",
                              help="also publish a W&B report (matrix, figures, learning curves); needs W&B online")
     cmd = sub.add_parser("submit", help=SUBMIT, description=SUBMIT)
-    cmd.add_argument("config", help="YAML run config inside this repository, e.g. configs/paper/input_ablation.yaml")
+    cmd.add_argument("config", help="YAML run config inside this repository, e.g. configs/quickstart.yaml")
     cmd.add_argument("--address", help="the cluster's job server, e.g. http://head:8265 (default: $RAY_ADDRESS)")
     cmd.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
     cmd.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime env; submit nothing")
     cmd = sub.add_parser("explain", help=EXPLAIN, description=EXPLAIN)
     cmd.add_argument("config", help="the YAML run config whose ground truth and explainers to use")
-    cmd.add_argument("--task", required=True, help="the task whose units to explain, e.g. feature_descriptions")
+    cmd.add_argument("--task", required=True, help="the task whose units to explain (one of the config's tasks)")
     cmd.add_argument("--explainer", required=True, help="the explainer model's name in the config")
     cmd.add_argument("--target", required=True, help="the target model's name in the config")
     cmd.add_argument("--export", help="an explainer export folder (default: the run's trained one)")

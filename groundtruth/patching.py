@@ -232,15 +232,15 @@ class _CachedInput(nn.Module):
         return self.hidden
 
 
-def prefix_cache(model, x: torch.Tensor, prefix: int, clean: CleanRun):
-    """The keys and values of x's first `prefix` positions at every layer (a DynamicCache: cut from the
-    clean run's where it kept them, else computed), or None for an empty prefix. Under causal attention
-    a patch at position t leaves every position before t as it was, so the patched runs start at t and
-    read these instead of recomputing them."""
+def prefix_cache(model, x: torch.Tensor, prefix: int, full: Optional[object]):
+    """The keys and values of x's first `prefix` positions at every layer (a DynamicCache: cut from `full`,
+    the keys and values of x's clean run where it kept them, else computed), or None for an empty prefix.
+    Under causal attention a patch at position t leaves every position before t as it was, so the patched
+    runs start at t and read these instead of recomputing them."""
     if prefix == 0:
         return None
-    if clean.cache is not None and _holds_every_position(clean.cache, len(x)):
-        cache = copy.deepcopy(clean.cache)
+    if full is not None and _holds_every_position(full, len(x)):
+        cache = copy.deepcopy(full)
         cache.crop(prefix - len(x))  # a negative count drops that many positions from the end
         return cache
     return cache_of(model(input_ids=x[None, :prefix], use_cache=True, logits_to_keep=1))
@@ -298,7 +298,7 @@ def patch_pairs(model, pairs: list[PairPatches], blocks: list[list[int]]) -> lis
                 chunk = rows[start:start + PATCH_ROWS]
                 for p in {p for p, _ in chunk}:
                     if (p, first) not in prefixes:
-                        prefixes[p, first] = prefix_cache(model, pairs[p].x.to(model_device(model)), first, pairs[p].clean)
+                        prefixes[p, first] = prefix_cache(model, pairs[p].x.to(model_device(model)), first, pairs[p].clean.cache)
                 logits = _patched_block(model, pairs, chunk, block, first, prefixes)
                 for (p, i), decision in zip(chunk, decide(logits)):
                     decisions[p][i] = decision

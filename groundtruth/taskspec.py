@@ -113,7 +113,7 @@ class TaskSpec:
     templates: tuple[str, ...]
     """Explainer prompt templates, one picked per record (by a hash of its id). Fields: {prompt},
     {question}, and for vector tasks {vec} (the [begin][vec][end] triple, or nothing when the vector is
-    left out), {layers}, {token}, {position}."""
+    left out), {layers}, {token}, {position}; any query field as {query[name]}."""
     explanation_tokens: int
     """Max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for descriptions)."""
     work: TaskWork

@@ -93,3 +93,37 @@ def test_every_registry_refuses_a_second_item_of_one_name():
         with pytest.raises(ValueError, match="registered twice"):
             register_one(next(iter(registry.values())))
         assert registry == before
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of the string constants of a file that are not docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    # a field's docstring is the string statement after it: documentation too
+    docstrings |= {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+                   and isinstance(node.value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_no_code_outside_a_tasks_own_module_names_it():
+    """A task is its module (or its subpackage) plus one registry line: nothing else in the tree tells tasks
+    apart by name (capabilities of the spec do). Docstrings may name one as an example."""
+    import sys
+
+    from selfexplain.groundtruth.tasks import TASKS
+
+    named = []
+    for task, spec in TASKS.items():
+        home = Path(sys.modules[spec.config.__module__].__file__)
+        if home.parent != ROOT / "groundtruth":
+            home = home.parent  # a task of its own subpackage (groundtruth/features/)
+        for pkg in PACKAGES:
+            for path in sorted((ROOT / pkg).rglob("*.py")):
+                if path == home or home in path.parents:
+                    continue
+                named += [f"{path.relative_to(ROOT)}:{line} names {task}" for line, text in _code_strings(path)
+                          if task in text]
+    assert not named, named

@@ -13,9 +13,9 @@ from selfexplain.eval.explainer_api import unit_row
 from selfexplain.eval.rows import cyclic_derangement
 from selfexplain.groundtruth.ablation import AblationConfig, SpanSourceConfig, run_ablation
 from selfexplain.groundtruth.ablation import build_items as ablation_items
-from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
-from selfexplain.groundtruth.patching_task import build_items as patching_items
+from selfexplain.groundtruth.fact_pairs import build_items as patching_items
 from selfexplain.groundtruth.features.units import LatentRange
+from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
 from selfexplain.groundtruth.stages import StageContext
 from selfexplain.groundtruth.tasks import TASKS
 
@@ -45,6 +45,17 @@ def test_patching_questions_are_the_records_without_labels(tiny):
     chunk = units.chunks(ctx, 2)[0]
     assert len(chunk) == 2
     _same_questions(units.queries(ctx, chunk, model, tok), run_patching(model, tok, chunk, cfg, "t", lambda s: _split(cfg, s)))
+
+
+def test_head_patching_questions_are_the_records_without_labels(tiny):
+    from selfexplain.groundtruth.head_patching_task import HeadPatchingConfig, run_head_patching
+
+    model, tok = tiny
+    cfg = HeadPatchingConfig(max_facts=3, relations=["capital"], layers=[0, -1])
+    ctx, units = _context("head_patching", cfg), TASKS["head_patching"].explain_units
+    chunk = units.chunks(ctx, 2)[0]
+    _same_questions(units.queries(ctx, chunk, model, tok), run_head_patching(model, tok, chunk, cfg, "t",
+                                                                             lambda s: _split(cfg, s)))
 
 
 def _split(cfg, source: str) -> str:
@@ -102,7 +113,7 @@ def test_a_persons_prompts_make_the_units_the_technique_labels(tiny, tmp_path):
 
 
 def test_a_persons_counterfactual_facts_make_the_patching_units(tiny, tmp_path):
-    from selfexplain.groundtruth.patching_task import items_of_inputs
+    from selfexplain.groundtruth.fact_pairs import items_of_inputs
 
     model, tok = tiny
     cfg = PatchingConfig(num_blocks=2)
@@ -169,10 +180,7 @@ def test_unit_rows_leave_bulky_query_fields_out():
 
 
 def test_every_built_in_task_declares_its_units():
-    from selfexplain.groundtruth import ablation, patching_task
-    from selfexplain.groundtruth.features import spec as features
-
-    for spec in (ablation.SPEC, patching_task.SPEC, features.SPEC):
+    for spec in (s for s in TASKS.values() if s.config.__module__.startswith("selfexplain.")):  # not a test's own
         assert spec.explain_units is not None, f"{spec.name}: explain needs its units"
     with pytest.raises(Exception):
         TASKS["input_ablation"].explain_units.chunks(_context("input_ablation", AblationConfig(source="nope")), 4)

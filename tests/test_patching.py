@@ -117,7 +117,8 @@ def test_pairs_of_one_length_share_their_clean_runs_and_patched_forwards(arch, m
 import json  # noqa: E402
 
 from selfexplain.groundtruth.dataset import balance  # noqa: E402
-from selfexplain.groundtruth.patching_task import PatchItem, PatchingConfig, align, encode_side, run_patching  # noqa: E402
+from selfexplain.groundtruth.fact_pairs import PatchItem, encode_side  # noqa: E402
+from selfexplain.groundtruth.patching_task import PatchingConfig, align, run_patching  # noqa: E402
 from selfexplain.groundtruth.records import Record  # noqa: E402
 from selfexplain.groundtruth.sources.facts import Fact, FactPair, load_counterfact, make_pairs  # noqa: E402
 
@@ -247,7 +248,8 @@ def test_patching_pairs_never_share_a_prompt_across_the_split():
     """No prompt of a test pair is in train in either role (x or x'): the counterfactual x' is drawn
     from its x's split. The old split by x alone put most test x' into train pairs."""
     from selfexplain.groundtruth.dataset import split_of
-    from selfexplain.groundtruth.patching_task import PatchingConfig, build_items
+    from selfexplain.groundtruth.fact_pairs import build_items
+    from selfexplain.groundtruth.patching_task import PatchingConfig
 
     cfg = PatchingConfig(test_fraction=0.3, pairs_per_fact=2)
     items = build_items(cfg, seed=0)
@@ -259,7 +261,7 @@ def test_patching_pairs_never_share_a_prompt_across_the_split():
 
 
 def test_answers_are_whole_words_where_the_token_begins_one_option():
-    from selfexplain.groundtruth.patching_task import whole_answer
+    from selfexplain.groundtruth.fact_pairs import whole_answer
 
     class Tok:
         def decode(self, ids):

@@ -33,6 +33,8 @@ CONFIG = {
     "tasks": {"input_ablation": {"max_sources": 12, "test_fraction": 0.3, "max_new_tokens": 3, "span": {"answer_pattern": "\\S+"}},
               "activation_patching": {"max_facts": 8, "relations": ["capital"], "num_blocks": 2, "test_fraction": 0.3,
                                       "max_train_records": 24, "max_test_records": 8},
+              "head_patching": {"max_facts": 12, "relations": ["capital"], "test_fraction": 0.3, "max_train_records": 16,
+                                "max_test_records": 8},
               "feature_descriptions": {"layers": [1], "corpus": ["wordnet"], "corpus_texts": 120, "texts_per_shard": 40,
                                        "max_tokens": 24, "sae": {"d_sae": 64, "k": 4, "steps": 80, "batch_size": 64},
                                        "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6}},
@@ -80,7 +82,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
 
     # two explainers trained through Ray Train with 2 workers each, exported
     for name in ("input_ablation/a_on_a", "input_ablation/b_on_a", "activation_patching/a_on_a", "activation_patching/b_on_a",
-                 "feature_descriptions/a_on_a", "feature_descriptions/b_on_a"):
+                 "head_patching/a_on_a", "head_patching/b_on_a", "feature_descriptions/a_on_a", "feature_descriptions/b_on_a"):
         export = cfg.run_dir / "explainers" / name / "export"
         meta = json.loads((export / "selfexplain.json").read_text())
         assert meta["steps"] == 4
@@ -123,6 +125,15 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert json.loads((cross / "selfexplain.json").read_text())["projection"]["kind"] == "lstsq"
     assert "lstsq projection b<-a" in (cfg.run_dir / "report.md").read_text()
     assert list((cfg.run_dir / "wandb").glob("offline-run-*"))
+
+    # head patching: a head's contribution as v, its controls; heads do not correspond across models, so no
+    # agree / disagree split
+    heads = matrix["tasks"]["head_patching"]
+    assert {"a trained", "b trained", "a trained, zero v", "b trained, shuffled v", "majority"} <= set(heads["rows"])
+    head_test = list(iter_records(cfg.run_dir / "groundtruth" / "head_patching" / "a" / "test"))
+    assert head_test and all(r.vector.shape == (32,) and r.layers == [r.query["layer"]] and "effect" in r.query
+                             for r in head_test)
+    assert "agreement" not in heads
 
     # feature descriptions: an SAE trained here, whole features held out, judge and simulation scores
     features = matrix["tasks"]["feature_descriptions"]
@@ -175,7 +186,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     for log in (cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         info = run_info(log)
         runs.setdefault(info["job_type"], []).append((info, history(log)))
-    assert len(jobs) == 7 and sorted(i["name"] for i, _ in runs["train"]) == sorted(job_run_name(cfg.name, j) for j in jobs)
+    assert len(jobs) == 9 and sorted(i["name"] for i, _ in runs["train"]) == sorted(job_run_name(cfg.name, j) for j in jobs)
     assert {i["group"] for kind in runs.values() for i, _ in kind} == {cfg.name}
     for info, rows in runs["train"]:
         export = cfg.run_dir / "explainers" / info["name"].removeprefix(f"{cfg.name}/") / "export"
@@ -187,7 +198,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert {"progress/groundtruth/input_ablation/a/records", "progress/groundtruth/input_ablation/a/records_per_s"} <= progress
     assert any(k.startswith("progress/eval") for r in pipeline_rows for k in r)
     tables = {k: v["nrows"] for r in pipeline_rows for k, v in r.items() if isinstance(v, dict) and v.get("_type") == "table-file"}
-    assert tables["training_jobs"] == 7 and tables["matrix"] > 0, "the pipeline run links its jobs beside the matrix"
+    assert tables["training_jobs"] == 9 and tables["matrix"] > 0, "the pipeline run links its jobs beside the matrix"
     media = {k for g in grids for p in g.panels if isinstance(p, wr.MediaBrowser) for k in p.media_keys}
     assert media == {figure_key(p) for p in cfg.run_dir.glob("*.png")} and "figures/efficiency_feature_descriptions" in media
     capsys.readouterr()

@@ -55,7 +55,8 @@ def test_smollm2_fast_patcher_matches_reference_and_flips_the_capital(smollm2):
 
 
 def test_smollm2_patching_task_labels_are_not_degenerate(smollm2):
-    from selfexplain.groundtruth.patching_task import PatchingConfig, build_items as patch_items, run_patching
+    from selfexplain.groundtruth.fact_pairs import build_items as patch_items
+    from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching
 
     model, tok = smollm2
     cfg = PatchingConfig(max_facts=4, relations=["capital"])

@@ -32,7 +32,7 @@ def explainer_text(record: Record, with_vector: bool = True) -> str:
     return templates[pick].format(prompt=record.prompt, question=record.question,
                                   vec=VECTOR_TEXT if with_vector and record.vector is not None else "",
                                   layers=_layer_text(record.layers), token=record.query.get("token", ""),
-                                  position=record.query.get("position", ""))
+                                  position=record.query.get("position", ""), query=record.query)
 
 
 def encode_prompt(tokenizer, record: Record, fmt: PromptFormat, with_vector: bool = True) -> list[int]:
