@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.atp_screen import bench_atp_screen
 from benchmarks.explain_throughput import bench_explain_throughput
 from benchmarks.ray_train_worker import bench_ray_train_worker
 from benchmarks.setting import (RECIPE, Setting, explain_records, generation_flops, recipe_zero_stage,
@@ -314,10 +315,10 @@ def bench_head_patching(s: Setting) -> dict:
 BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
               "train_step": bench_train_step, "ray_train_worker": bench_ray_train_worker,
               "lm_head": bench_lm_head, "patching": bench_patching, "head_patching": bench_head_patching,
-              "explain_throughput": bench_explain_throughput}
+              "atp_screen": bench_atp_screen, "explain_throughput": bench_explain_throughput}
 
 
-NEEDS = {"groundtruth": ("countryinfo",), "eval_generation": ("countryinfo",),
+NEEDS = {"groundtruth": ("countryinfo",), "atp_screen": ("countryinfo",), "eval_generation": ("countryinfo",),
          "train_step": ("countryinfo", "deepspeed"), "lm_head": ("countryinfo",),
          "ray_train_worker": ("countryinfo", "deepspeed", "ray", "webdataset"),
          "explain_throughput": ("sae_lens", "webdataset")}

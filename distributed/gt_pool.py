@@ -40,6 +40,9 @@ def gt_hash(cfg: RunConfig, task: str, target: str) -> str:
     task_cfg = asdict(cfg.tasks[task])
     for name in type(cfg.tasks[task]).eval_only_fields:
         task_cfg.pop(name)
+    for name in getattr(type(cfg.tasks[task]), "unset_keeps_hash", ()):
+        if task_cfg[name] is None:
+            task_cfg.pop(name)
     return stable_hash({"task": task_cfg, "target": asdict(cfg.models[target]),
                         "seed": cfg.seed, "items_per_shard": cfg.groundtruth.items_per_shard})
 

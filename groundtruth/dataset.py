@@ -25,6 +25,9 @@ class SplitConfig:
     eval_only_fields: ClassVar[tuple[str, ...]] = ()
     """The task's settings read only after its ground truth is made (eval's): changing one keeps the
     ground truth."""
+    unset_keeps_hash: ClassVar[tuple[str, ...]] = ()
+    """Settings that shape the ground truth only when set: while null they are left out of its hash, so
+    ground truth made before the setting existed stays valid."""
 
     test_fraction: float = 0.2
     """Fraction of source prompts (original facts, for patching) held out for test, by a hash of the
@@ -212,6 +215,9 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
             continue
         rules[key] = round(sum(max(c.values()) for c in by_value.values()) / n, 4)
     cells = Counter(cell_of(r) for r in records) if cell_of else None
+    from .attribution_patching import screen_stats  # torch and the patchers: only where records carry a screen
+
+    screened = screen_stats(records) if any(isinstance(r.query.get("screen"), dict) for r in records) else None
     if cell_of:  # how well the balancing cell alone predicts the label (the majority rate: it tells nothing)
         by_cell: dict[str, Counter] = defaultdict(Counter)
         for r in records:
@@ -228,6 +234,7 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
         "trivial_rules": rules,
         **({"cells": dict(sorted(cells.items())), "largest_cell_share": round(max(cells.values()) / n, 4)}
            if cells else {}),
+        **({"screen": screened} if screened else {}),
     }
 
 

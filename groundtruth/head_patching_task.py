@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .attribution_patching import ATP_PASSES, ScreenConfig, head_estimates, patched_share, screen
 from .dataset import MARGIN
 from .explanations import format_explanation
 from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_side, items_of_inputs,
@@ -37,6 +38,15 @@ class HeadPatchingConfig(FactPairConfig):
 
     layers: Optional[list[int]] = None
     """Layers whose heads are patched (negative: from the last); null: every layer."""
+    screen: Optional[ScreenConfig] = None
+    """Attribution patching as a screen: exact patching only on a pair's heads with the largest AtP
+    estimates and an audit sample of the rest (label_stats.json: the recall of changed labels it
+    implies); null: every head."""
+
+    def check(self) -> None:
+        super().check()
+        if self.screen is not None:
+            self.screen.check()
 
     def label_settings(self) -> str:
         return ("prompt_format, target_format, system_prompt, or the target model's "
@@ -65,13 +75,21 @@ def run_head_patching(model, tokenizer, items: list[PatchItem], cfg: HeadPatchin
     pair), one record each with the smaller logit margin of its two decisions in query[MARGIN].
 
     batch_size is unused: a pair's heads always make up to HEAD_ROWS rows of one forward."""
-    heads, records = patched_heads(model, cfg), []
+    every, records = patched_heads(model, cfg), []
     for item in items:
         x, xp = _sides(tokenizer, cfg, item)
         answers = (answer_token(tokenizer, item.pair.x.answer), answer_token(tokenizer, item.pair.x_prime.answer))
         clean, source = head_run(model, x.ids), head_run(model, xp.ids)
+        kept = [(k, None) for k in range(len(every))]
+        if cfg.screen is not None:
+            kept = screen(head_estimates(model, x.ids, clean.outputs, source.outputs, every), cfg.screen, item.pair.pair_id)
+        heads = [every[k] for k, _ in kept]
         result = patch_heads(model, x.ids, xp.ids, heads, answers, clean, source)
-        records += _labelled(tokenizer, item, x, xp, heads, source, result, model, target, split_of)
+        mine = _labelled(tokenizer, item, x, xp, heads, source, result, model, target, split_of)
+        for record, (_, mark) in zip(mine, kept):
+            if mark is not None:
+                record.query["screen"] = mark
+        records += mine
     return records
 
 
@@ -136,10 +154,11 @@ SPEC = TaskSpec(
         "token is replaced by {vec}. What does the model output now?",
     ), explanation_tokens=50,
     # the clean runs of x and x', then one row of one token per head: an 8B Llama's 32 x 32 heads are about
-    # 26 forwards of a 40-token prompt
+    # 26 forwards of a 40-token prompt (with a screen: AtP's forward and backward, and the heads it patches)
     # a balanced pair keeps its changed heads and as many unchanged: about 1% of heads flip the answer on
     # the offline models (SmolLM2 0.8%, Gemma 4.5%), 10 of an 8B model's 1,024
-    work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919, passes=lambda cfg: 2 + 26,
+    work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919, passes=lambda cfg: 2 + (cfg.screen is not None) * ATP_PASSES
+                  + round(26 * patched_share(cfg.screen)),
                   records=lambda cfg, items: split_records(cfg, 20 * items)),
     build_items=build_items, run=run_head_patching, has_vectors=True, balance_cell=balance_cell,
     identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"),

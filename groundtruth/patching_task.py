@@ -12,10 +12,11 @@ prompts and token types are groundtruth/fact_pairs.py's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 
+from .attribution_patching import ATP_PASSES, ScreenConfig, block_estimates, patched_share, screen
 from .dataset import MARGIN
 from .explanations import format_explanation
 from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_side, items_of_inputs,
@@ -33,14 +34,21 @@ TASK = "activation_patching"
 class PatchingConfig(FactPairConfig):
     """Ground truth for activation patching."""
 
+    unset_keeps_hash: ClassVar[tuple[str, ...]] = ("screen",)
     num_blocks: int = 4
     """Contiguous blocks the target's layers are cut into (the paper: 4)."""
     positions: Literal["all", "text"] = "all"
     """Positions searched: every token of the target's input, or only the tokens of the prompt text
     (and the last position), skipping a few-shot preamble or chat-template tokens around it."""
+    screen: Optional[ScreenConfig] = None
+    """Attribution patching as a screen: exact patching only on a pair's (block, position) sites with the
+    largest AtP estimates and an audit sample of the rest (label_stats.json: the recall of changed labels
+    it implies); null: every site."""
 
     def check(self) -> None:
         super().check()
+        if self.screen is not None:
+            self.screen.check()
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks: must be at least 1, got {self.num_blocks}")
 
@@ -71,10 +79,20 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
              for it in items]
     records_of: dict[int, list[Record]] = {}
     for group in pair_clean_runs(model, [(x.ids, xp.ids) for x, xp in sides]):
-        plans = [PairPatches(sides[i][0].ids, pair_interventions(sides[i], len(blocks), cfg), clean, source)
-                 for i, clean, source in group]
-        for (i, *_), plan, patched in zip(group, plans, patch_pairs(model, plans, blocks)):
+        plans, marks = [], []
+        for i, clean, source in group:
+            interventions = pair_interventions(sides[i], len(blocks), cfg)
+            kept = [(k, None) for k in range(len(interventions))]
+            if cfg.screen is not None:
+                estimates = block_estimates(model, sides[i][0].ids, clean.states, source.states, blocks, interventions)
+                kept = screen(estimates, cfg.screen, items[i].pair.pair_id)
+            plans.append(PairPatches(sides[i][0].ids, [interventions[k] for k, _ in kept], clean, source))
+            marks.append([mark for _, mark in kept])
+        for (i, *_), plan, patched, mine in zip(group, plans, patch_pairs(model, plans, blocks), marks):
             records_of[i] = _pair_records(tokenizer, items[i], *sides[i], plan, patched, blocks, target, split_of)
+            for record, mark in zip(records_of[i], mine):
+                if mark is not None:
+                    record.query["screen"] = mark
     return [r for i in range(len(items)) for r in records_of[i]]
 
 
@@ -169,9 +187,10 @@ SPEC = TaskSpec(
         "while the model reads: {prompt}\nWhat does the model output now?",
     ), explanation_tokens=50,
     # CounterFact prompt + forced-choice suffix ~40 tokens; the clean runs of x and x', then one forward per
-    # (position, block)
+    # (position, block), or with a screen AtP's forward and backward and the share of sites it patches
     work=TaskWork(target_tokens=40, explainer_tokens=120, paper_items=21_919,
-                  passes=lambda cfg: 2 + 40 * cfg.num_blocks),
+                  passes=lambda cfg: 2 + (cfg.screen is not None) * ATP_PASSES
+                  + round(40 * cfg.num_blocks * patched_share(cfg.screen))),
     build_items=build_items, run=run_patching, has_vectors=True, balance_cell=balance_cell, same_item=same_item,
     identity_fields=("subject", "counterfactual_subject", "counterfactual_prompt"),
     explain_units=per_item_units(build_items, run_patching, explain_queries, needs_target=True, unit_name="pair",

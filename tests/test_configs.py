@@ -74,3 +74,19 @@ def test_a_tasks_eval_only_settings_keep_its_ground_truth():
     for eval_only in ("judge=lexical", "discriminative_k=4"):
         assert gt_hash(load_config(config, [f"tasks.feature_descriptions.{eval_only}"]), "feature_descriptions", "smollm2") == made
     assert gt_hash(load_config(config, ["tasks.feature_descriptions.top_k=7"]), "feature_descriptions", "smollm2") != made
+
+
+def test_a_setting_added_later_keeps_the_ground_truth_made_before_it_while_unset():
+    """Activation patching's AtP screen: unset, the hash is what it was before the setting existed (the
+    config's fields without it); set, it changes."""
+    from selfexplain.distributed.gt_pool import gt_hash
+    from selfexplain.distributed.typed_yaml import stable_hash
+
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    cfg = load_config(config, [])
+    before = {k: v for k, v in dataclasses.asdict(cfg.tasks["activation_patching"]).items() if k != "screen"}
+    assert gt_hash(cfg, "activation_patching", "smollm2") == stable_hash({
+        "task": before, "target": dataclasses.asdict(cfg.models["smollm2"]), "seed": cfg.seed,
+        "items_per_shard": cfg.groundtruth.items_per_shard})
+    screened = load_config(config, ["tasks.activation_patching.screen={top_fraction: 0.3}"])
+    assert gt_hash(screened, "activation_patching", "smollm2") != gt_hash(cfg, "activation_patching", "smollm2")
