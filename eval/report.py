@@ -153,10 +153,18 @@ def _split_lines(stats: dict) -> list[str]:
         lines += [f"- {split}: {s['count']} records, changed rate {s['changed_rate']:.2f}, majority "
                   f"{s['majority_rate']:.2f}; accuracy of predicting 'changed' from one field alone: "
                   f"{rules}; top outputs after the intervention: {top}"
-                  + (f"; largest (token type, block) cell {s['largest_cell_share']:.2f}" if "cells" in s else "")
+                  + (f"; largest balancing cell {s['largest_cell_share']:.2f}" if "cells" in s else "")
+                  + (_screen_text(s["screen"]) if s.get("screen") else "")
                   + (f"; {s['unanswered']} unanswered (dropped)" if s.get("unanswered") else "")
                   + (f"; {s['near_ties']} near-ties (logit margin < {s['near_tie_margin']})" if s.get("near_ties") else "")]
     return lines
+
+
+def _screen_text(screen: dict) -> str:
+    """What an attribution-patching screen patched and the recall of changed labels its audit implies."""
+    recall = (f", recall of changed labels {screen['recall']:.2f} [{screen['recall_lo']:.2f}, {screen['recall_hi']:.2f}]"
+              f" by an audit of {screen['audited']}") if "recall" in screen else ", no audit"
+    return f"; AtP screen: {screen['patched_fraction']:.0%} of {screen['sites']} sites patched exactly{recall}"
 
 
 def distinct_outputs_line(table: dict) -> str:

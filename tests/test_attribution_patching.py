@@ -127,3 +127,15 @@ def test_a_screened_run_patches_the_top_sites_and_an_audit_exactly_and_reports_i
     assert stats["sites"] == len(every) and stats["patched_fraction"] == pytest.approx(len(kept) / len(every), abs=1e-3)
     assert 0 <= stats["recall_lo"] <= stats["recall"] <= stats["recall_hi"] <= 1
     assert stats["found"] == sum(r.changed for r in kept if r.query["screen"]["kept"] == "top") > 0
+
+
+def test_the_report_says_what_a_screen_patched_and_the_recall_its_audit_implies():
+    from selfexplain.eval.report import _split_lines
+
+    screen = {"recall": 0.9, "recall_lo": 0.7, "recall_hi": 1.0, "audited": 30, "found": 9, "audit_changed": 1,
+              "unscreened": 300, "patched_fraction": 0.25, "sites": 400}
+    stats = {"count": 100, "changed_rate": 0.1, "majority_rate": 0.9, "trivial_rules": {},
+             "top_outputs_after": [("Paris", 3)]}
+    line = _split_lines({"raw": {**stats, "screen": screen}})[0]
+    assert "AtP screen: 25% of 400 sites patched exactly, recall of changed labels 0.90 [0.70, 1.00] by an audit of 30" in line
+    assert "AtP screen" not in _split_lines({"raw": stats})[0]
