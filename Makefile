@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart study study-features study-features-norm4 study-patching-scale study-heads sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
+.PHONY: install quickstart study study-features study-features-norm4 study-patching-scale study-techniques sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
 # From Debian, installed once (sudo only when not already root): the offline corpora, WordNet
 # (feature-description corpus and lexical categories) and fortunes, and headless Chromium, in which the
@@ -80,10 +80,10 @@ study-patching-scale: install
 		--set name=study_patching_scale_seed$(SEED)
 	$(call publish,study_patching_scale_seed$(SEED))
 
-# Attention-head patching on the offline models (about 2.5 hours).
-study-heads: install
-	$(VENV)/bin/selfexplain run configs/study_heads_cpu.yaml
-	$(call publish,study_heads_cpu)
+# Attention-head patching and gradient token attribution on the offline models (about 3 hours).
+study-techniques: install
+	$(VENV)/bin/selfexplain run configs/study_techniques_cpu.yaml
+	$(call publish,study_techniques_cpu)
 
 # The v-reading sweep of docs/RESULTS.md: name:overrides (comma-separated) per variant; one shared
 # ground truth (runs/sweep_cpu/groundtruth), copied into each variant's run folder.

@@ -25,6 +25,8 @@ setup(
         "pyyaml>=6",
         # LoRA adapters, trained and exported in the format everyone loads (PeftModel.from_pretrained)
         "peft>=0.17,<1",
+        # integrated gradients: the token-attribution task's ground truth
+        "captum>=0.7,<1",
         "gguf>=0.10",
         "numpy>=1.26",
         "matplotlib>=3.8",

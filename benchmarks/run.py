@@ -26,6 +26,7 @@ import torch
 from benchmarks.atp_screen import bench_atp_screen
 from benchmarks.explain_throughput import bench_explain_throughput
 from benchmarks.ray_train_worker import bench_ray_train_worker
+from benchmarks.token_attribution import bench_token_attribution
 from benchmarks.setting import (RECIPE, Setting, explain_records, generation_flops, recipe_zero_stage,
                                 train_batch, train_records, training_flops)
 from selfexplain.groundtruth.ablation import AblationConfig, build_items, run_ablation
@@ -315,10 +316,12 @@ def bench_head_patching(s: Setting) -> dict:
 BENCHMARKS = {"groundtruth": bench_groundtruth, "eval_generation": bench_eval_generation,
               "train_step": bench_train_step, "ray_train_worker": bench_ray_train_worker,
               "lm_head": bench_lm_head, "patching": bench_patching, "head_patching": bench_head_patching,
-              "atp_screen": bench_atp_screen, "explain_throughput": bench_explain_throughput}
+              "atp_screen": bench_atp_screen, "token_attribution": bench_token_attribution,
+              "explain_throughput": bench_explain_throughput}
 
 
-NEEDS = {"groundtruth": ("countryinfo",), "atp_screen": ("countryinfo",), "eval_generation": ("countryinfo",),
+NEEDS = {"groundtruth": ("countryinfo",), "atp_screen": ("countryinfo",), "token_attribution": ("countryinfo", "captum"),
+         "eval_generation": ("countryinfo",),
          "train_step": ("countryinfo", "deepspeed"), "lm_head": ("countryinfo",),
          "ray_train_worker": ("countryinfo", "deepspeed", "ray", "webdataset"),
          "explain_throughput": ("sae_lens", "webdataset")}

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from selfexplain.groundtruth.dataset import DegenerateSetError
+from selfexplain.groundtruth.explanations import format_attribution
 from selfexplain.groundtruth.records import Record
 from selfexplain.groundtruth.tasks import TaskSpec, task_spec
 
@@ -43,6 +44,16 @@ def gold(train: list[Record], test: list[Record]) -> list[str]:
     return [r.explanation for r in test]
 
 
+def last_word(train: list[Record], test: list[Record]) -> list[str]:
+    """Attribution form: name the input's last word (the one next to the answer)."""
+    return [format_attribution(r.query["words"][-1]) for r in test]
+
+
+def subject_word(train: list[Record], test: list[Record]) -> list[str]:
+    """Attribution form: name the subject's last word (where factual recall reads the attribute)."""
+    return [format_attribution(r.query["subject_word"]) for r in test]
+
+
 @dataclass(frozen=True)
 class Baseline:
     predict: Callable[[list[Record], list[Record]], list[str]]
@@ -59,5 +70,7 @@ BASELINES: dict[str, Baseline] = {
     "majority": Baseline(majority_class),
     "nearest_neighbour": Baseline(nearest_neighbour, lambda spec: spec.has_vectors),
     "gold": Baseline(gold, lambda spec: spec.explanation == "description", control=False),  # the ceiling
+    "last_word": Baseline(last_word, lambda spec: spec.explanation == "attribution"),
+    "subject_word": Baseline(subject_word, lambda spec: spec.explanation == "attribution"),
 }
 """Baseline name -> predictor(train records, test records) -> predictions, and which tasks it applies to."""

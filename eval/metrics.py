@@ -159,6 +159,35 @@ def _description_units(task_cfg):
                                                           task_cfg.discriminative_k)
 
 
+ATTRIBUTION_METRICS = ("exact_match", "recall_at_k", "parse_rate")
+"""exact_match: the named word is the top word; recall_at_k: it is among the record's top words."""
+
+
+def _word(text: Optional[str]) -> Optional[str]:
+    return None if text is None else text.strip().strip(".,;:!?\"'()").casefold()
+
+
+def attribution_units(predictions: list[str], records: list[Record]) -> list[list]:
+    """One unit per record, as JSON: [parsed, exact, in the top k]."""
+    from selfexplain.groundtruth.explanations import parse_attribution
+
+    if len(predictions) != len(records):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
+    units = []
+    for text, record in zip(predictions, records):
+        named, top = _word(parse_attribution(text)), [_word(w) for w in record.query["top_words"]]
+        units.append([named is not None, named is not None and named == top[0], named is not None and named in top])
+    return units
+
+
+def attribution_from_units(units: list) -> dict:
+    n = len(units)
+    if n == 0:
+        return {"n": 0}
+    return {"n": n, "parse_rate": sum(u[0] for u in units) / n, "exact_match": sum(u[1] for u in units) / n,
+            "recall_at_k": sum(u[2] for u in units) / n}
+
+
 @dataclass(frozen=True)
 class Form:
     """How one explanation form (TaskSpec.explanation) is scored."""
@@ -182,6 +211,8 @@ FORMS = {
                    lambda task_cfg: causal_units, ("gold_changed", "predicted_changed", "exact", "content")),
     "description": Form(DESCRIPTION_METRICS, DESCRIPTION_METRICS, ("top1", "simulation", "judge"), _mean_scores,
                         _description_units, ("judge", "simulation", "rank", "candidates")),
+    "attribution": Form(ATTRIBUTION_METRICS, ATTRIBUTION_METRICS, ("exact_match", "recall_at_k"), attribution_from_units,
+                        lambda task_cfg: attribution_units, ("parsed", "exact", "in_top_k")),
 }
 """What each explanation form (TaskSpec.explanation) is scored by."""
 

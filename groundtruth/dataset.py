@@ -65,7 +65,7 @@ class SplitConfig:
     def usable(self, record: Record) -> bool:
         """Whether a raw record may enter a split: answered, with a non-empty answer before and after
         (an empty one would teach 'change to <<<>>>'), and no near-tie when those are dropped."""
-        if record.query.get(UNANSWERED) or empty_answer(record):
+        if record.query.get(UNANSWERED) or record.query.get(DROPPED) or empty_answer(record):
             return False
         margin = record.query.get(MARGIN)
         return not (self.drop_near_ties and margin is not None and margin < self.near_tie_margin)
@@ -73,6 +73,9 @@ class SplitConfig:
 
 UNANSWERED = "unanswered"
 """Query flag of a record whose answer could not be extracted from the target's output."""
+DROPPED = "dropped"
+"""Query field of a record its technique labelled unreliably, saying why (integrated gradients whose
+completeness gap is past the tolerance): kept in the raw shards and counted, left out of the splits."""
 MARGIN = "logit_margin"
 """Query field: the smaller top-two logit gap of the record's decisions (before and after)."""
 
@@ -199,6 +202,9 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     margins = [r.query[MARGIN] for r in records if r.query.get(MARGIN) is not None]
     quality = {"unanswered": unanswered, "unanswered_fraction": round(unanswered / n, 4),
                "empty_answers": sum(empty_answer(r) and not r.query.get(UNANSWERED) for r in records)}
+    dropped = Counter(r.query[DROPPED] for r in records if r.query.get(DROPPED))
+    if dropped:
+        quality["dropped"] = dict(dropped)
     if margins and near_tie_margin is not None:
         quality["near_ties"] = sum(m < near_tie_margin for m in margins)
         quality["near_tie_margin"] = near_tie_margin

@@ -1,4 +1,5 @@
-"""The text form of causal explanations (tasks B and C) and its parser: one module owns both."""
+"""The text forms of causal explanations (patching, ablation) and of token attributions, and their
+parsers: one module owns both sides of each."""
 from __future__ import annotations
 
 import re
@@ -20,3 +21,18 @@ def parse_explanation(text: str) -> Optional[tuple[bool, str]]:
     if match is None:
         return None
     return match.group(1) == "change to", match.group(2).strip()
+
+
+DEPENDS = "The output depends most on <<<{word}>>>."
+_PARSE_WORD = re.compile(r"depends most on\s*<<<(.*?)>>>", re.DOTALL)
+
+
+def format_attribution(word: str) -> str:
+    """Gold explanation of a token attribution: the input word the output depends on most."""
+    return DEPENDS.format(word=word)
+
+
+def parse_attribution(text: str) -> Optional[str]:
+    """The word an explainer's output names, or None when it does not follow the form."""
+    match = _PARSE_WORD.search(text)
+    return None if match is None else match.group(1).strip()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from . import ablation, head_patching_task, patching_task
+from . import ablation, head_patching_task, patching_task, token_attribution
 from .features import spec as features
 from .registry import register
 from .taskspec import ExplanationForm, MemoryPlan, TaskSpec, TaskWork, split_records  # noqa: F401  (the API)
@@ -52,6 +52,7 @@ register_task(ablation.SPEC)
 register_task(patching_task.SPEC)
 register_task(features.SPEC)
 register_task(head_patching_task.SPEC)
+register_task(token_attribution.SPEC)
 
 for _module in filter(None, os.environ.get(TASK_MODULES_ENV, "").split(",")):  # in a worker: the run's own
     importlib.import_module(_module)

@@ -15,9 +15,11 @@ from typing import Any, Callable, Literal, Optional
 from .records import Record
 from .stages import StageContext, StagedRecipe
 
-ExplanationForm = Literal["causal", "description"]
+ExplanationForm = Literal["causal", "description", "attribution"]
 """causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
-changed-F1, content match); description: free text (judge and simulation scores)."""
+changed-F1, content match); description: free text (judge and simulation scores); attribution: "The
+output depends most on <<<W>>>." (exact match on the top input word, recall@k of the record's top words:
+records carry query["top_words"], query["words"] and query["subject_word"])."""
 
 
 def split_records(task_cfg: Any, items: int) -> tuple[int, int]:

@@ -58,6 +58,18 @@ def test_head_patching_questions_are_the_records_without_labels(tiny):
                                                                              lambda s: _split(cfg, s)))
 
 
+def test_token_attribution_questions_need_no_target_and_are_the_records_without_labels(tiny):
+    from selfexplain.groundtruth.token_attribution import TokenAttributionConfig, run_attribution
+
+    model, tok = tiny
+    cfg = TokenAttributionConfig(max_facts=3, steps=4)
+    ctx, units = _context("token_attribution", cfg), TASKS["token_attribution"].explain_units
+    chunk = units.chunks(ctx, 2)[0]
+    assert not units.needs_target
+    _same_questions(units.queries(ctx, chunk, None, None), run_attribution(model, tok, chunk, cfg, "t",
+                                                                           lambda s: _split(cfg, s)))
+
+
 def _split(cfg, source: str) -> str:
     from selfexplain.groundtruth.dataset import split_of
 
