@@ -292,10 +292,11 @@ def test_corrupt_shard_fails_with_its_name(config, tmp_path, capsys):
 
 
 def test_eval_refuses_ground_truth_made_for_another_target(config, capsys):
-    cfg = load_config(config, ["explainers=[a]", "tasks.activation_patching=null", "tasks.feature_descriptions=null"])
+    only_ablation = ["explainers=[a]", "tasks.activation_patching=null", "tasks.head_patching=null",
+                     "tasks.feature_descriptions=null"]
+    cfg = load_config(config, only_ablation)
     run(cfg, ("groundtruth",))
-    other = ["models.a.source=tiny-llama:seed=5", "explainers=[a]", "tasks.activation_patching=null",
-             "tasks.feature_descriptions=null"]
+    other = ["models.a.source=tiny-llama:seed=5", *only_ablation]
     assert cli_main(["eval", config, *[arg for o in other for arg in ("--set", o)]]) == 2
     err = capsys.readouterr().err
     assert "was made for another target model or input_ablation settings" in err and "rerun the groundtruth" in err
