@@ -74,11 +74,11 @@ def _measure(run: Callable, estimate: Callable, model, tok, items, cfg) -> dict:
 
 def _block_estimate(model, tok, item, cfg) -> list[float]:
     from selfexplain.groundtruth.attribution_patching import block_estimates
-    from selfexplain.groundtruth.fact_pairs import encode_side
+    from selfexplain.groundtruth.fact_pairs import encode_pair
     from selfexplain.groundtruth.patching import clean_runs, decoder_layers, layer_blocks
     from selfexplain.groundtruth.patching_task import pair_interventions
 
-    x, xp = encode_side(tok, cfg, item.pair, item.pair.x), encode_side(tok, cfg, item.pair, item.pair.x_prime)
+    x, xp = encode_pair(tok, cfg, item)
     blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
     clean, source = clean_runs(model, [x.ids, xp.ids])
     return block_estimates(model, x.ids, clean.states, source.states, blocks, pair_interventions((x, xp), len(blocks), cfg))
@@ -86,11 +86,11 @@ def _block_estimate(model, tok, item, cfg) -> list[float]:
 
 def _head_estimate(model, tok, item, cfg) -> list[float]:
     from selfexplain.groundtruth.attribution_patching import head_estimates
-    from selfexplain.groundtruth.fact_pairs import encode_side
+    from selfexplain.groundtruth.fact_pairs import encode_pair
     from selfexplain.groundtruth.head_patching import head_run
     from selfexplain.groundtruth.head_patching_task import patched_heads
 
-    x, xp = encode_side(tok, cfg, item.pair, item.pair.x), encode_side(tok, cfg, item.pair, item.pair.x_prime)
+    x, xp = encode_pair(tok, cfg, item)
     return head_estimates(model, x.ids, head_run(model, x.ids).outputs, head_run(model, xp.ids).outputs,
                           patched_heads(model, cfg))
 

@@ -27,7 +27,7 @@ def _load_target(c: Check, dtype: str):
 def _patch_compare(c: Check, model, tok, tie_margin: float) -> Outcome:
     """The fast patcher against one hooked forward per intervention on the target as loaded: labels must
     agree wherever the reference's decision is not a near-tie (top-two logit gap under tie_margin)."""
-    from selfexplain.groundtruth.fact_pairs import encode_side
+    from selfexplain.groundtruth.fact_pairs import encode_pair
     from selfexplain.groundtruth.patching import Intervention, decoder_layers, layer_blocks, patch_fast, patch_slow
     from selfexplain.groundtruth.patching_task import PatchingConfig, align
 
@@ -39,7 +39,7 @@ def _patch_compare(c: Check, model, tok, tie_margin: float) -> Outcome:
     same = excused = near_ties = decisions = changed = tokens = 0
     flops = fast_s = slow_s = 0.0
     for item in facts_pairs(c.size.pairs):
-        x, xp = encode_side(tok, cfg, item.pair, item.pair.x), encode_side(tok, cfg, item.pair, item.pair.x_prime)
+        x, xp = encode_pair(tok, cfg, item)
         plan = [Intervention(b, t, align(t, x, xp)) for b in range(4) for t in range(len(x.ids))]
         c.sync()
         start = time.perf_counter()
@@ -89,7 +89,7 @@ def stage_patching_bf16(c: Check) -> Outcome:
 def stage_head_patching(c: Check) -> Outcome:
     """Head patching in fp32: every head's one-token row over x's cached keys and values against one hooked
     full forward per head; labels must agree wherever the reference's decision is not a near-tie."""
-    from selfexplain.groundtruth.fact_pairs import encode_side
+    from selfexplain.groundtruth.fact_pairs import encode_pair
     from selfexplain.groundtruth.head_patching import every_head, patch_heads, patch_heads_slow
     from selfexplain.groundtruth.head_patching_task import HeadPatchingConfig
     from selfexplain.groundtruth.patching import decoder_layers
@@ -100,7 +100,7 @@ def stage_head_patching(c: Check) -> Outcome:
     same = excused = decisions = changed = tokens = 0
     flops = fast_s = slow_s = 0.0
     for item in facts_pairs(c.size.pairs):
-        x, xp = encode_side(tok, cfg, item.pair, item.pair.x), encode_side(tok, cfg, item.pair, item.pair.x_prime)
+        x, xp = encode_pair(tok, cfg, item)
         c.sync()
         start = time.perf_counter()
         fast = patch_heads(model, x.ids, xp.ids, heads)

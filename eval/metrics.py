@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
-from selfexplain.groundtruth.explanations import parse_explanation
+from selfexplain.groundtruth.explanations import WORD_EDGES, parse_attribution, parse_explanation
 from selfexplain.groundtruth.records import Record
 from selfexplain.groundtruth.tasks import task_spec
 
@@ -164,13 +164,11 @@ ATTRIBUTION_METRICS = ("exact_match", "recall_at_k", "parse_rate")
 
 
 def _word(text: Optional[str]) -> Optional[str]:
-    return None if text is None else text.strip().strip(".,;:!?\"'()").casefold()
+    return None if text is None else text.strip().strip(WORD_EDGES).casefold()
 
 
 def attribution_units(predictions: list[str], records: list[Record]) -> list[list]:
     """One unit per record, as JSON: [parsed, exact, in the top k]."""
-    from selfexplain.groundtruth.explanations import parse_attribution
-
     if len(predictions) != len(records):
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
     units = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,9 +51,9 @@ def patched_share(cfg: Optional[ScreenConfig]) -> float:
     return 1.0 if cfg is None else cfg.top_fraction + cfg.audit_fraction * (1 - cfg.top_fraction)
 
 
-def _gradients(model, ids: torch.Tensor, modules: list, pre: bool) -> tuple[int, list[torch.Tensor]]:
-    """(the clean greedy token at the last position, d log p(token) / d each module's output, or with
-    `pre` its input, [T, width] fp32): one forward with a zero perturbation added at each, one backward."""
+def _gradients(model, ids: torch.Tensor, modules: list, pre: bool) -> list[torch.Tensor]:
+    """d log p(the clean greedy token at the last position) / d each module's output, or with `pre` its
+    input, [T, width] fp32: one forward with a zero perturbation added at each, one backward."""
     deltas: list[torch.Tensor] = []
 
     def perturb(module, args, output=None):
@@ -69,19 +69,18 @@ def _gradients(model, ids: torch.Tensor, modules: list, pre: bool) -> tuple[int,
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids[None].to(model_device(model)), logits_to_keep=1).logits[0, -1].float()
-            token = int(logits.argmax())
-            logits.log_softmax(-1)[token].backward()
+            logits.log_softmax(-1)[int(logits.argmax())].backward()
     finally:
         for hook in hooks:
             hook.remove()
-    return token, [d.grad[0].float() for d in deltas]
+    return [d.grad[0].float() for d in deltas]
 
 
 def block_estimates(model, x: torch.Tensor, clean_states: torch.Tensor, source_states: torch.Tensor,
                     blocks: list[list[int]], interventions: list[Intervention]) -> list[float]:
     """AtP's estimate of each intervention's change of log p(clean token): sum over the block's layers of
     (v - the clean state after the layer at the position) . gradient there. States: [L + 1, T, d]."""
-    _, grads = _gradients(model, x, list(decoder_layers(model)), pre=False)  # grads[l]: after layer l
+    grads = _gradients(model, x, list(decoder_layers(model)), pre=False)  # grads[l]: after layer l
     out = []
     for iv in interventions:
         v = block_vector(source_states, blocks[iv.block], iv.source_position)  # [d]
@@ -95,7 +94,7 @@ def head_estimates(model, x: torch.Tensor, clean_outputs: torch.Tensor, source_o
     """AtP's estimate of each head patch's change of log p(clean token): (the head's output on x' minus
     on x, at the last position) . gradient there. Outputs: [L, H, D]."""
     layers, num_heads, dim = head_shape(model)
-    _, grads = _gradients(model, x, [attention_output(model, layer) for layer in range(layers)], pre=True)
+    grads = _gradients(model, x, [attention_output(model, layer) for layer in range(layers)], pre=True)
     last = [g[-1].view(num_heads, dim) for g in grads]  # [H, D] per layer
     return [float((source_outputs[h.layer, h.head] - clean_outputs[h.layer, h.head]).float()
                   @ last[h.layer][h.head].to(source_outputs.device)) for h in heads]
@@ -118,6 +117,22 @@ def screen(estimates: list[float], cfg: ScreenConfig, group: str) -> list[tuple[
     rest = len(estimates) - sum(why == "top" for why in picked.values())
     return [(i, {"kept": picked[i], "group": group, "rest": rest, "estimate": round(estimates[i], 4)})
             for i in sorted(picked)]
+
+
+def sites_to_patch(count: int, cfg: Optional[ScreenConfig], estimates: Callable[[], list[float]],
+                   group: str) -> list[tuple[int, Optional[dict]]]:
+    """(site index, its query["screen"] mark) of a pair's sites to patch exactly: without a screen all
+    `count` of them, unmarked; with one the screen's (`estimates` is called only then)."""
+    if cfg is None:
+        return [(k, None) for k in range(count)]
+    return screen(estimates(), cfg, group)
+
+
+def mark_screened(records: list, kept: list[tuple[int, Optional[dict]]]) -> None:
+    """Each record of a kept site notes why the screen kept it (records without a mark stay as they are)."""
+    for record, (_, mark) in zip(records, kept):
+        if mark is not None:
+            record.query["screen"] = mark
 
 
 def screen_stats(records: list) -> Optional[dict]:

@@ -24,6 +24,8 @@ def parse_explanation(text: str) -> Optional[tuple[bool, str]]:
 
 
 DEPENDS = "The output depends most on <<<{word}>>>."
+WORD_EDGES = ".,;:!?\"'()"
+"""Punctuation stripped from a word's ends, in a prompt's words and in the word an answer names alike."""
 _PARSE_WORD = re.compile(r"depends most on\s*<<<(.*?)>>>", re.DOTALL)
 
 

@@ -150,6 +150,11 @@ def encode_side(tokenizer, cfg: FactPairConfig, pair: FactPair, fact) -> PatchPr
                        inside + ([last] if last not in inside else []))
 
 
+def encode_pair(tokenizer, cfg: FactPairConfig, item: PatchItem) -> tuple[PatchPrompt, PatchPrompt]:
+    """Both prompts of an item's pair, x and x', as the target sees them."""
+    return encode_side(tokenizer, cfg, item.pair, item.pair.x), encode_side(tokenizer, cfg, item.pair, item.pair.x_prime)
+
+
 def whole_answer(tokenizer, token: int, options: tuple[str, ...]) -> str:
     """The answer a greedy next token stands for: the one option it begins (whole words, as the paper's
     forced-choice answers are: "Br" -> "Brazil"), else the token's text when it begins none or several."""

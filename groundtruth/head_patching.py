@@ -113,14 +113,13 @@ def _overwrite_heads(rows: torch.Tensor, heads: torch.Tensor, values: torch.Tens
     return overwrite
 
 
-def _hooked(model, heads: list[Head], values: torch.Tensor, rows: Optional[list[int]] = None) -> list:
-    """Register one pre-hook per patched layer: head i (row rows[i], or i) gets values[i]."""
+def _hooked(model, heads: list[Head], values: torch.Tensor) -> list:
+    """Register one pre-hook per patched layer: row i's head heads[i] gets values[i]."""
     _, num_heads, _ = head_shape(model)
-    rows = list(range(len(heads))) if rows is None else rows
     handles = []
     for layer in sorted({h.layer for h in heads}):
         mine = [i for i, h in enumerate(heads) if h.layer == layer]
-        hook = _overwrite_heads(torch.tensor([rows[i] for i in mine]), torch.tensor([heads[i].head for i in mine]),
+        hook = _overwrite_heads(torch.tensor(mine), torch.tensor([heads[i].head for i in mine]),
                                 values[mine], num_heads)
         handles.append(attention_output(model, layer).register_forward_pre_hook(hook))
     return handles

@@ -14,10 +14,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .attribution_patching import ATP_PASSES, ScreenConfig, head_estimates, patched_share, screen
+from .attribution_patching import ATP_PASSES, ScreenConfig, head_estimates, mark_screened, patched_share, sites_to_patch
 from .dataset import MARGIN
 from .explanations import format_explanation
-from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_side, items_of_inputs,
+from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_pair, items_of_inputs,
                          whole_answer, with_counterfact_file)
 from .head_patching import Head, HeadPatches, HeadRun, head_run, head_shape, head_vector, patch_heads
 from .records import Record, safe_key
@@ -48,10 +48,6 @@ class HeadPatchingConfig(FactPairConfig):
         if self.screen is not None:
             self.screen.check()
 
-    def label_settings(self) -> str:
-        return ("prompt_format, target_format, system_prompt, or the target model's "
-                "chat_template_kwargs (Qwen3: {enable_thinking: false})")
-
 
 def patched_heads(model, cfg: HeadPatchingConfig) -> list[Head]:
     """Every query head of the configured layers, layer by layer."""
@@ -65,10 +61,6 @@ def answer_token(tokenizer, answer: str) -> int:
     return tokenizer.encode(" " + answer, add_special_tokens=False)[0]
 
 
-def _sides(tokenizer, cfg: HeadPatchingConfig, item: PatchItem) -> tuple[PatchPrompt, PatchPrompt]:
-    return encode_side(tokenizer, cfg, item.pair, item.pair.x), encode_side(tokenizer, cfg, item.pair, item.pair.x_prime)
-
-
 def run_head_patching(model, tokenizer, items: list[PatchItem], cfg: HeadPatchingConfig, target: str,
                       split_of: Callable[[str], str], batch_size: int = 16) -> list[Record]:
     """Every configured head of every pair, patched at the last position (one batch of one-token rows per
@@ -77,18 +69,15 @@ def run_head_patching(model, tokenizer, items: list[PatchItem], cfg: HeadPatchin
     batch_size is unused: a pair's heads always make up to HEAD_ROWS rows of one forward."""
     every, records = patched_heads(model, cfg), []
     for item in items:
-        x, xp = _sides(tokenizer, cfg, item)
+        x, xp = encode_pair(tokenizer, cfg, item)
         answers = (answer_token(tokenizer, item.pair.x.answer), answer_token(tokenizer, item.pair.x_prime.answer))
         clean, source = head_run(model, x.ids), head_run(model, xp.ids)
-        kept = [(k, None) for k in range(len(every))]
-        if cfg.screen is not None:
-            kept = screen(head_estimates(model, x.ids, clean.outputs, source.outputs, every), cfg.screen, item.pair.pair_id)
+        kept = sites_to_patch(len(every), cfg.screen, lambda: head_estimates(
+            model, x.ids, clean.outputs, source.outputs, every), item.pair.pair_id)
         heads = [every[k] for k, _ in kept]
         result = patch_heads(model, x.ids, xp.ids, heads, answers, clean, source)
         mine = _labelled(tokenizer, item, x, xp, heads, source, result, model, target, split_of)
-        for record, (_, mark) in zip(mine, kept):
-            if mark is not None:
-                record.query["screen"] = mark
+        mark_screened(mine, kept)
         records += mine
     return records
 
@@ -132,7 +121,7 @@ def explain_queries(model, tokenizer, items: list[PatchItem], cfg: HeadPatchingC
     """Every configured head of every pair as an unlabelled record: v needs only x''s clean run."""
     heads, records = patched_heads(model, cfg), []
     for item in items:
-        x, xp = _sides(tokenizer, cfg, item)
+        x, xp = encode_pair(tokenizer, cfg, item)
         records += head_queries(tokenizer, item, x, xp, heads, head_run(model, xp.ids), model, target, split_of)
     return records
 

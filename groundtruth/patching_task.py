@@ -16,10 +16,10 @@ from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 
-from .attribution_patching import ATP_PASSES, ScreenConfig, block_estimates, patched_share, screen
+from .attribution_patching import ATP_PASSES, ScreenConfig, block_estimates, mark_screened, patched_share, sites_to_patch
 from .dataset import MARGIN
 from .explanations import format_explanation
-from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_side, items_of_inputs,
+from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_pair, items_of_inputs,
                          whole_answer, with_counterfact_file)
 from .patching import (CLEAN_ROWS, Decision, Intervention, PairPatches, block_vector, clean_runs, decoder_layers, layer_blocks,
                        pair_clean_runs, patch_pairs)
@@ -75,24 +75,19 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
     batch_size is unused: a pair's interventions of one block always make one batch, and pairs of one
     length share their clean runs' forwards (patching.pair_clean_runs)."""
     blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
-    sides = [(encode_side(tokenizer, cfg, it.pair, it.pair.x), encode_side(tokenizer, cfg, it.pair, it.pair.x_prime))
-             for it in items]
+    sides = [encode_pair(tokenizer, cfg, it) for it in items]
     records_of: dict[int, list[Record]] = {}
     for group in pair_clean_runs(model, [(x.ids, xp.ids) for x, xp in sides]):
         plans, marks = [], []
         for i, clean, source in group:
             interventions = pair_interventions(sides[i], len(blocks), cfg)
-            kept = [(k, None) for k in range(len(interventions))]
-            if cfg.screen is not None:
-                estimates = block_estimates(model, sides[i][0].ids, clean.states, source.states, blocks, interventions)
-                kept = screen(estimates, cfg.screen, items[i].pair.pair_id)
+            kept = sites_to_patch(len(interventions), cfg.screen, lambda: block_estimates(
+                model, sides[i][0].ids, clean.states, source.states, blocks, interventions), items[i].pair.pair_id)
             plans.append(PairPatches(sides[i][0].ids, [interventions[k] for k, _ in kept], clean, source))
-            marks.append([mark for _, mark in kept])
-        for (i, *_), plan, patched, mine in zip(group, plans, patch_pairs(model, plans, blocks), marks):
+            marks.append(kept)
+        for (i, *_), plan, patched, kept in zip(group, plans, patch_pairs(model, plans, blocks), marks):
             records_of[i] = _pair_records(tokenizer, items[i], *sides[i], plan, patched, blocks, target, split_of)
-            for record, mark in zip(records_of[i], mine):
-                if mark is not None:
-                    record.query["screen"] = mark
+            mark_screened(records_of[i], kept)
     return [r for i in range(len(items)) for r in records_of[i]]
 
 
@@ -151,8 +146,7 @@ def explain_queries(model, tokenizer, items: list[PatchItem], cfg: PatchingConfi
     """Every (block, position) of every pair as an unlabelled record: v needs only x''s clean run (one
     forward per pair, where labelling it patches every intervention)."""
     blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
-    sides = [(encode_side(tokenizer, cfg, it.pair, it.pair.x), encode_side(tokenizer, cfg, it.pair, it.pair.x_prime))
-             for it in items]
+    sides = [encode_pair(tokenizer, cfg, it) for it in items]
     records = []
     for start in range(0, len(items), CLEAN_ROWS):  # x' of several pairs in one right-padded forward
         group = range(start, min(start + CLEAN_ROWS, len(items)))

@@ -14,6 +14,7 @@ Words are the text split on spaces (punctuation stripped), so two models' labels
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,7 +22,7 @@ import torch
 
 from .dataset import DROPPED, SplitConfig
 from .errors import DataSourceError
-from .explanations import format_attribution
+from .explanations import WORD_EDGES, format_attribution
 from .generation import PromptFormat, prompt_string
 from .models import model_device
 from .records import Record, safe_key
@@ -68,8 +69,6 @@ class AttributionItem:
 
 
 def build_items(cfg: TokenAttributionConfig, seed: int) -> list[AttributionItem]:
-    import random
-
     facts = country_facts(cfg.relations)
     if cfg.max_facts is not None:
         facts = random.Random(seed).sample(facts, min(cfg.max_facts, len(facts)))
@@ -84,7 +83,7 @@ def words_of(text: str) -> list[tuple[int, int, str]]:
     for i, ch in enumerate(text + " "):
         if ch.isspace():
             if start is not None:
-                word = text[start:i].strip(".,;:!?\"'()")
+                word = text[start:i].strip(WORD_EDGES)
                 if word:
                     out.append((start, i, word))
                 start = None
@@ -154,8 +153,8 @@ def run_attribution(model, tokenizer, items: list[AttributionItem], cfg: TokenAt
         ids, owner = _encode(tokenizer, cfg, text)
         token, per_word, change, gap = attribute(model, ids, owner, len(words), cfg.steps, reference_token(tokenizer))
         order = sorted(range(len(words)), key=lambda w: -per_word[w])
-        subject = {w for w, (s, e, _) in enumerate(words) if s < text.index(item.fact.subject) + len(item.fact.subject)
-                   and e > text.index(item.fact.subject)}
+        at = text.index(item.fact.subject)
+        subject = {w for w, (s, e, _) in enumerate(words) if s < at + len(item.fact.subject) and e > at}
         top = words[order[0]][2]
         relative_gap = abs(gap) / max(abs(change), 1e-6)
         record = Record(
