@@ -80,7 +80,8 @@ study-patching-scale: install
 		--set name=study_patching_scale_seed$(SEED)
 	$(call publish,study_patching_scale_seed$(SEED))
 
-# Attention-head patching and gradient token attribution on the offline models (about 3 hours).
+# Attention-head patching, which heads carry the answer and gradient token attribution on the offline
+# models (about 3.5 hours).
 study-techniques: install
 	$(VENV)/bin/selfexplain run configs/study_techniques_cpu.yaml
 	$(call publish,study_techniques_cpu)

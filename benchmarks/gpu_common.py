@@ -85,7 +85,10 @@ class Check:
 
     def run_module(self, module: str, *args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
         """`python -m module args` from the repository, on this check's device, within the stage's time."""
-        full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+        from selfexplain.training.step import without_rendezvous
+
+        full = {**without_rendezvous(dict(os.environ)),
+                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
         if self.device == "cpu":
             full["CUDA_VISIBLE_DEVICES"] = ""  # the rank picks its device by what it sees
         return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full, capture_output=True,

@@ -149,8 +149,8 @@ def stage_lstsq(c: Check) -> Outcome:
     """Pi fitted between the target and a model of another family and width, on the device; kept for the
     cross-explainer's training."""
     from selfexplain.groundtruth.models import ModelSpec
-    from selfexplain.training.explainer import ProjectionConfig
-    from selfexplain.training.projection_fit import fit_projection
+    from selfexplain.training.projection import ProjectionConfig
+    from selfexplain.training.projection import fit_projection
     from selfexplain.training.vectors import vector_keys
 
     corpus = c.work / "fit_corpus.txt"

@@ -111,8 +111,8 @@ def train_cross(c: Check) -> Outcome:
     """The explainer of another family and width (ZeRO-2) reads the target's v through the lstsq stage's
     Pi; trained, then evaluated on held-out records (causal metrics)."""
     from selfexplain.eval.metrics import score
-    from selfexplain.training.explainer import ProjectionConfig
-    from selfexplain.training.projection_fit import save_projection
+    from selfexplain.training.projection import ProjectionConfig
+    from selfexplain.training.projection import save_projection
     from selfexplain.training.vectors import vector_keys
 
     job = _job(c, "cross", c.size.cross, zero_stage=2, train_embeddings=False,

@@ -14,12 +14,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from selfexplain.eval.baselines import BASELINES
+from selfexplain.eval.settings import RowSettings
 from selfexplain.groundtruth.layout import RunLayout
 from selfexplain.groundtruth.models import ModelSpec, ModelSpecError, describe
 from selfexplain.groundtruth.records import write_atomic
 from selfexplain.groundtruth.tasks import TASKS, import_task_modules
-from selfexplain.training.controls import TRAINED_CONTROLS
 from selfexplain.training.job import TrainConfig, precision_conflict
 
 from .scaling import ScalePlanConfig
@@ -81,54 +80,13 @@ class GroundTruthConfig(ActorPoolConfig):
 
 
 @dataclass
-class EvalConfig(ActorPoolConfig):
-    """Evaluator actors that run explainers on held-out records."""
+class EvalConfig(ActorPoolConfig, RowSettings):
+    """Evaluator actors that run explainers on held-out records, and what they score (eval/settings.py)."""
 
     batch_size: int = 64
     """Explanations generated together. Decoding reads every weight once per step for all rows, so more
     rows cost less per row (SmolLM2 on 2 cores: 5.2 ms a row at 64 vs 8.2 ms at 16); the prompts still
     run in length-sorted chunks of 16."""
-
-    max_new_tokens: Optional[int] = None
-    """Tokens per explanation; null: the task's default (50 for causal tasks, as in the paper)."""
-    max_examples: Optional[int] = None
-    """Score at most this many test records per target (null: all)."""
-    untrained: bool = True
-    """Also score each explainer before fine-tuning."""
-    no_vector: bool = True
-    """For vector tasks, also score each trained explainer with the vector left out of its prompt."""
-    vector_controls: bool = True
-    """For vector tasks, also score each trained explainer reading a zero v and a shuffled v (another test
-    record's v from the same layers): an explainer that ignores v scores the same on both."""
-    trained_controls: list[str] = field(default_factory=list)
-    """Controls that train an explainer of their own on the same records with the evidence removed
-    (training/controls.py): text_only (vector tasks: v left out) and question_only (tasks without
-    vectors: the input's content left out). Each is one more training job per explainer and target."""
-    trained_controls_for: Literal["self", "all"] = "self"
-    """Which explainers get the trained controls: the self-explainers (one job per target and control), or
-    every explainer of every target."""
-    data_efficiency: dict[str, list[int]] = field(default_factory=dict)
-    """Per task, also train explainers on the first n train records per layer for each n (the paper's
-    features: 64, 256, 1024): the data-efficiency curve, each size scored with its own v-controls and
-    its lift over the best control tabulated in the report, plotted in W&B."""
-    data_efficiency_for: Literal["self", "all"] = "self"
-    """Which explainers the curve trains: the self-explainers, or every explainer of every target."""
-    baselines: list[str] = field(default_factory=lambda: ["majority"])
-    """Baselines to score (see eval/baselines.py); each is scored on the tasks it applies to."""
-    selfie_scales: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0])
-    """Feature descriptions: SelfIE reads v unit-normalised times each scale with the untrained
-    explainer; the best scale's scores are reported (the paper's scales). Empty: no SelfIE row."""
-
-    def check(self) -> None:
-        unknown = set(self.baselines) - set(BASELINES)
-        if unknown:
-            raise ValueError(f"baselines: unknown {sorted(unknown)} (known: {', '.join(BASELINES)})")
-        unknown = set(self.trained_controls) - set(TRAINED_CONTROLS)
-        if unknown:
-            raise ValueError(f"trained_controls: unknown {sorted(unknown)} (known: {', '.join(TRAINED_CONTROLS)})")
-        for task, sizes in self.data_efficiency.items():
-            if not sizes or any(n < 1 for n in sizes):
-                raise ValueError(f"data_efficiency.{task}: sizes must be at least 1 record per layer, got {sizes}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Optional
 
 from selfexplain.eval.baselines import BASELINES
 from selfexplain.eval.matrix import Cell, load_cell, save_cell
-from selfexplain.eval.metrics import make_scorer, metrics_of
+from selfexplain.eval.forms import make_scorer, metrics_of
 from selfexplain.eval.rows import ROW_KINDS, plan_rows, row_records
 from selfexplain.groundtruth.dataset import stratified_sample
 from selfexplain.groundtruth.models import prepare

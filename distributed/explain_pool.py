@@ -18,15 +18,15 @@ from selfexplain.eval.explain_outputs import BROWSER, NEURONPEDIA, browser_title
 from selfexplain.eval.explain_units import ExplainJob, UnitExplainer, read_rows, shard_file, task_units, write_rows
 from selfexplain.eval.explain_validation import VALIDATION, sample_rows, summary_lines, validate
 from selfexplain.groundtruth.errors import ConfigError, DataSourceError
+from selfexplain.groundtruth.faults import inject_fault
 from selfexplain.groundtruth.records import (complete_shards, iter_records, read_manifest, remove_temporaries, safe_key,
                                              temporary_name, write_atomic, write_manifest)
-from selfexplain.groundtruth.stages import StagedRecipe
 from selfexplain.groundtruth.tasks import TASKS
 from selfexplain.training.export import read_metadata
 
-from .actor_pool import inject_fault, run_pool
+from .actor_pool import run_pool
 from .config import RunConfig
-from .gt_pool import run_staged, stage_context
+from .gt_pool import run_steps, stage_context
 from .ray_session import torch_threads
 from .scaling import gpu_hours, shape_of
 from .typed_yaml import stable_hash
@@ -77,8 +77,7 @@ def explain_job(cfg: RunConfig, task: str, explainer: str, target: str, export: 
 def prepare_source(cfg: RunConfig, job: ExplainJob) -> None:
     """A --source job's own ground-truth context, made by the task's prepare steps (skipped where done)."""
     if job.source is not None and job.units.prepare:
-        run_staged(cfg, StagedRecipe(job.units.prepare, finish=lambda ctx: {}, splits=(), plan=lambda task_cfg: []),
-                   job.ctx)
+        run_steps(cfg, job.units.prepare, job.ctx)
 
 
 def job_hash(job: ExplainJob) -> str:

@@ -125,17 +125,6 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
     save_resolved(cfg)
 
 
-def _items_plan(cfg: RunConfig, spec, task_cfg) -> list[str]:
-    """A task's ground-truth work in words: its recipe's own lines, or its items and raw shards."""
-    if spec.staged is not None:
-        return spec.staged.plan(task_cfg)
-    try:
-        n_items = len(spec.build_items(task_cfg, cfg.seed))
-    except (FileNotFoundError, ValueError) as err:
-        return [f"items not countable here ({err})"]
-    return [f"{n_items} items -> {-(-n_items // cfg.groundtruth.items_per_shard)} raw shards per target"]
-
-
 def plan(cfg: RunConfig) -> str:
     """What a run would do, computed without loading any model."""
     gp, tc, ec = cfg.groundtruth, cfg.train, cfg.eval
@@ -143,7 +132,7 @@ def plan(cfg: RunConfig) -> str:
     lines += [f"  {name}: {spec.source} ({describe(spec.source)}, {spec.dtype})" for name, spec in cfg.models.items()]
     lines.append(f"targets: {', '.join(cfg.targets)}; explainers: {', '.join(cfg.explainers)}")
     for task, task_cfg in cfg.tasks.items():
-        lines += [f"task {task}: " + "\n".join(_items_plan(cfg, TASKS[task], task_cfg)),
+        lines += [f"task {task}: " + "\n".join(TASKS[task].recipe.plan(task_cfg, cfg.seed, gp.items_per_shard)),
                   f"  groundtruth: {gp.actors} actors x ({gp.actor_cpus} CPU, {gp.actor_gpus} GPU), batch {gp.batch_size}"]
     jobs = train_jobs(cfg)
     lines.append(f"train: {len(jobs)} explainer jobs, {'Ray Train' if tc.use_ray else 'in-process'} with "

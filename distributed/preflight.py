@@ -31,10 +31,7 @@ def _check_model(cfg: RunConfig, name: str) -> None:
 def _check_task(cfg: RunConfig, task: str) -> None:
     spec, task_cfg = TASKS[task], cfg.tasks[task]
     try:
-        if spec.check_inputs is not None:
-            spec.check_inputs(task_cfg, cfg.seed)
-        else:
-            spec.build_items(task_cfg, cfg.seed)
+        (spec.check_inputs or spec.recipe.count_items)(task_cfg, cfg.seed)
     except DataSourceError as err:
         raise DataSourceError(f"tasks.{task}: {err}") from None
 

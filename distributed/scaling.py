@@ -120,11 +120,9 @@ def gpu_hours(flops: float, plan: ScalePlanConfig, training: bool) -> float:
 
 
 def _items(cfg, spec, task_cfg) -> int:
-    """Work items per target: counted by the task, built, or (a source not on this machine) the paper's."""
-    if spec.work.count_items is not None:
-        return spec.work.count_items(task_cfg)
+    """Work items per target: counted by the task's recipe, or (a source not on this machine) the paper's."""
     try:
-        return len(spec.build_items(task_cfg, cfg.seed))
+        return spec.recipe.count_items(task_cfg, cfg.seed)
     except (FileNotFoundError, ValueError):
         return spec.work.paper_items
 

@@ -1,7 +1,7 @@
 """The ground-truth actor: one copy of a frozen target model that runs whatever function it is handed.
 
-It knows no task: a per-item unit and a staged recipe's `target` step are both plain functions called as
-fn(*args, model, tokenizer), so a new task or step needs nothing here.
+It knows no task: a recipe's `target` step is a plain function called as fn(*args, model, tokenizer), so a
+new task or step needs nothing here.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from selfexplain.groundtruth.models import prepare
 from selfexplain.groundtruth.records import MANIFEST
 from selfexplain.groundtruth.tasks import TASKS
 from selfexplain.training.controls import TRAINED_CONTROLS
-from selfexplain.training.explainer import Projection
+from selfexplain.training.projection import Projection
 from selfexplain.training.export import export_differences, export_matches
 from selfexplain.training.job import TrainJob
 from selfexplain.training.preemption import PreemptionWatch, TrainingPreempted

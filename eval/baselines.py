@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from selfexplain.groundtruth.dataset import DegenerateSetError
-from selfexplain.groundtruth.explanations import format_attribution
+from selfexplain.groundtruth.explanations import format_attribution, format_list, parse_list
 from selfexplain.groundtruth.records import Record
 from selfexplain.groundtruth.tasks import TaskSpec, task_spec
 
@@ -54,6 +54,16 @@ def subject_word(train: list[Record], test: list[Record]) -> list[str]:
     return [format_attribution(r.query["subject_word"]) for r in test]
 
 
+def head_prior(train: list[Record], test: list[Record]) -> list[str]:
+    """List form: the items the train split names most often (for the heads question: the heads most
+    often among a pair's top), as many as each test record's gold list holds, most frequent first."""
+    counts = Counter(item for r in train for item in parse_list(r.explanation) or [])
+    if not counts:
+        raise DegenerateSetError("head_prior baseline: the train split names no items")
+    ranked = [item for item, _ in counts.most_common()]
+    return [format_list(ranked[:len(parse_list(r.explanation) or [])] or ranked[:1]) for r in test]
+
+
 @dataclass(frozen=True)
 class Baseline:
     predict: Callable[[list[Record], list[Record]], list[str]]
@@ -72,5 +82,6 @@ BASELINES: dict[str, Baseline] = {
     "gold": Baseline(gold, lambda spec: spec.explanation == "description", control=False),  # the ceiling
     "last_word": Baseline(last_word, lambda spec: spec.explanation == "attribution"),
     "subject_word": Baseline(subject_word, lambda spec: spec.explanation == "attribution"),
+    "head_prior": Baseline(head_prior, lambda spec: spec.explanation == "list"),
 }
 """Baseline name -> predictor(train records, test records) -> predictions, and which tasks it applies to."""

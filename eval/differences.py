@@ -15,7 +15,8 @@ import numpy as np
 
 from .agreement import AGREE, DISAGREE, subset
 from .baselines import BASELINES
-from .metrics import BOOTSTRAP_RESAMPLES, form_of
+from .forms import form_of
+from .metrics import BOOTSTRAP_RESAMPLES
 from .rows import ROW_KINDS
 
 

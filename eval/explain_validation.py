@@ -17,7 +17,7 @@ from selfexplain.groundtruth.records import Record
 from .differences import paired_difference, reading
 from .explainer_api import Explainer
 from .explain_units import ExplainJob, row_record
-from .metrics import form_of, make_scorer
+from .forms import form_of, make_scorer
 from .rows import cyclic_derangement
 
 VALIDATION = "validation.json"

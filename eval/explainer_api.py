@@ -23,7 +23,7 @@ import torch
 
 from selfexplain.groundtruth.records import Record
 from selfexplain.groundtruth.tasks import TASKS
-from selfexplain.training.explainer import Projection
+from selfexplain.training.projection import Projection
 from selfexplain.training.export import load_explainer, read_metadata
 
 from .generate import explain

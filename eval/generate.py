@@ -10,7 +10,8 @@ import torch
 from selfexplain.groundtruth.generation import PromptFormat, greedy_generate
 from selfexplain.groundtruth.records import Record
 from selfexplain.training.batches import encode_prompt
-from selfexplain.training.explainer import Projection, add_vector_tokens, injecting, vector_key
+from selfexplain.training.explainer import add_vector_tokens, injecting
+from selfexplain.training.projection import Projection, vector_key
 from selfexplain.training.export import has_vector_tokens
 
 

@@ -12,7 +12,7 @@ from selfexplain.groundtruth.records import write_atomic
 
 from .agreement import agreement_counts
 from .differences import headline_differences, random_target_differences
-from .metrics import metrics_of
+from .forms import metrics_of
 from .rows import ROW_KINDS
 
 

@@ -1,16 +1,15 @@
 """Scores of generated explanations, each with a bootstrap 95% interval: causal ones (exact match, has-changed
-macro-F1, content match, also within each gold class) and descriptions (judge, simulation)."""
+macro-F1, content match, also within each gold class), descriptions (judge, simulation, discriminative
+rank), attributions (exact match, recall@k) and lists (top-1, precision@k, recall@k). Which a task gets is its form (eval/forms.py)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from selfexplain.groundtruth.explanations import WORD_EDGES, parse_attribution, parse_explanation
+from selfexplain.groundtruth.explanations import WORD_EDGES, parse_attribution, parse_explanation, parse_list
 from selfexplain.groundtruth.records import Record
-from selfexplain.groundtruth.tasks import task_spec
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:
@@ -90,7 +89,7 @@ CAUSAL_METRICS = ("exact_match", "changed_macro_f1", "content_match", "content_m
 """Headline first; content match on records whose output did change is where reading v shows most."""
 DESCRIPTION_METRICS = ("top1", "mean_rank", "judge", "simulation")
 """top1 first: the judge compresses its range (majority baselines 0.66-0.72), the discriminative rank does not."""
-_CAUSAL_INTERVALS = CAUSAL_METRICS + ("exact_match_changed", "exact_match_unchanged", "content_match_unchanged")
+CAUSAL_INTERVAL_METRICS = CAUSAL_METRICS + ("exact_match_changed", "exact_match_unchanged", "content_match_unchanged")
 
 
 def causal_units(predictions: list[str], records: list[Record]) -> list[list]:
@@ -101,10 +100,10 @@ def causal_units(predictions: list[str], records: list[Record]) -> list[list]:
 def score(predictions: list[str], records: list[Record]) -> dict:
     """Metrics of causal predictions against gold records, each with its bootstrap 95% interval over
     records. Unparseable output counts as wrong everywhere."""
-    return with_intervals(causal_units(predictions, records), causal_from_units, _CAUSAL_INTERVALS)
+    return with_intervals(causal_units(predictions, records), causal_from_units, CAUSAL_INTERVAL_METRICS)
 
 
-def _mean_scores(units: list[list[float]]) -> dict:
+def mean_scores(units: list[list[float]]) -> dict:
     """Per feature [judge, simulation, rank of the true feature among the K+1 candidates (0: first), K+1]."""
     if not units:
         return {"n": 0}
@@ -145,18 +144,8 @@ def description_units(predictions: list[str], records: list[Record], judge, simu
 def score_descriptions(predictions: list[str], records: list[Record], judge, simulator, k: int = 9) -> dict:
     """Task A: judge, simulation, and the discriminative top-1 accuracy and mean rank (chance: top1_chance),
     averaged over features, each with its bootstrap 95% interval over features."""
-    return with_intervals(description_units(predictions, records, judge, simulator, k), _mean_scores,
+    return with_intervals(description_units(predictions, records, judge, simulator, k), mean_scores,
                           DESCRIPTION_METRICS)
-
-
-def _description_units(task_cfg):
-    from selfexplain.groundtruth.features.task import simulator_of
-
-    from .judges import make_judge
-
-    judge, simulator = make_judge(task_cfg.judge, task_cfg.endpoint), simulator_of(task_cfg)
-    return lambda predictions, records: description_units(predictions, records, judge, simulator,
-                                                          task_cfg.discriminative_k)
 
 
 ATTRIBUTION_METRICS = ("exact_match", "recall_at_k", "parse_rate")
@@ -186,54 +175,30 @@ def attribution_from_units(units: list) -> dict:
             "recall_at_k": sum(u[2] for u in units) / n}
 
 
-@dataclass(frozen=True)
-class Form:
-    """How one explanation form (TaskSpec.explanation) is scored."""
-
-    metrics: tuple[str, ...]
-    """What its cells report, headline first."""
-    interval_metrics: tuple[str, ...]
-    """Those given a bootstrap interval."""
-    compared: tuple[str, ...]
-    """Those the report's headline differences are taken on (paired bootstrap)."""
-    aggregate: Callable[[list], dict]
-    """Per-record (or per-feature) units -> metrics."""
-    units: Callable[[Any], Callable[[list[str], list[Record]], list]]
-    """Task config -> (predictions, records -> units, as JSON); judges and simulators built once per task."""
-    unit_fields: tuple[str, ...]
-    """What each entry of a unit is."""
+LIST_METRICS = ("recall_at_k", "precision_at_k", "top1", "parse_rate")
+"""With k the gold list's length and the explainer's first k items: recall_at_k, the share of the gold
+items named; precision_at_k, the share of the items named that are gold; top1, the first item named is
+the gold first. An answer not in the form scores 0 on each."""
 
 
-FORMS = {
-    "causal": Form(CAUSAL_METRICS, _CAUSAL_INTERVALS, ("exact_match", "content_match_changed"), causal_from_units,
-                   lambda task_cfg: causal_units, ("gold_changed", "predicted_changed", "exact", "content")),
-    "description": Form(DESCRIPTION_METRICS, DESCRIPTION_METRICS, ("top1", "simulation", "judge"), _mean_scores,
-                        _description_units, ("judge", "simulation", "rank", "candidates")),
-    "attribution": Form(ATTRIBUTION_METRICS, ATTRIBUTION_METRICS, ("exact_match", "recall_at_k"), attribution_from_units,
-                        lambda task_cfg: attribution_units, ("parsed", "exact", "in_top_k")),
-}
-"""What each explanation form (TaskSpec.explanation) is scored by."""
+def list_units(predictions: list[str], records: list[Record]) -> list[list]:
+    """One unit per record, as JSON: [parsed, gold items named, items named, gold items, first right]."""
+    if len(predictions) != len(records):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
+    units = []
+    for text, record in zip(predictions, records):
+        gold, named = parse_list(record.explanation) or [], parse_list(text)
+        mine = (named or [])[:len(gold)]
+        units.append([named is not None, len(set(mine) & set(gold)), len(mine), len(gold),
+                      bool(mine and gold and mine[0] == gold[0])])
+    return units
 
 
-def form_of(task: str) -> Form:
-    """The scoring form of a task ('<task>:<set>' as its task)."""
-    return FORMS[task_spec(task).explanation]
-
-
-def metrics_of(task: str) -> tuple[str, ...]:
-    """The metrics a task's cells carry, headline first ('<task>:<set>' as its task)."""
-    return form_of(task).metrics
-
-
-def make_scorer(task: str, task_cfg) -> Callable[[list[str], list[Record]], tuple[dict, list]]:
-    """score(predictions, records) -> (metrics with intervals and distinct_outputs, per-record units)."""
-    form = form_of(task)
-    units_of = form.units(task_cfg)
-
-    def scorer(predictions: list[str], records: list[Record]) -> tuple[dict, list]:
-        units = units_of(predictions, records)
-        metrics = with_intervals(units, form.aggregate, form.interval_metrics)
-        metrics["distinct_outputs"] = len({p.strip() for p in predictions})
-        return metrics, units
-
-    return scorer
+def list_from_units(units: list) -> dict:
+    n = len(units)
+    if n == 0:
+        return {"n": 0}
+    return {"n": n, "parse_rate": sum(u[0] for u in units) / n,
+            "recall_at_k": sum(u[1] / u[3] if u[3] else 0.0 for u in units) / n,
+            "precision_at_k": sum(u[1] / u[2] if u[2] else 0.0 for u in units) / n,
+            "top1": sum(u[4] for u in units) / n}

@@ -20,7 +20,7 @@ from selfexplain.groundtruth.layout import RunLayout
 
 from .differences import control_of, paired_difference
 from .matrix import Cell
-from .metrics import form_of
+from .forms import form_of
 from .rows import ROW_KINDS
 
 

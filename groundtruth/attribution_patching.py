@@ -149,6 +149,15 @@ def screen_stats(records: list) -> Optional[dict]:
             "patched_fraction": round(len(marks) / sites, 4), "sites": sites}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion successes / n (n > 0): unlike the normal one it stays
+    inside [0, 1] and is not empty at 0 or n successes."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n ** 2)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def screen_recall(found: int, audit_changed: int, audited: int, unscreened: int) -> Optional[dict]:
     """Recall of changed labels: those the top sites found over those plus the changed the rest is estimated
     to hold (the audit's changed rate times the unscreened sites), with a 95% interval from the audit's
@@ -160,9 +169,7 @@ def screen_recall(found: int, audit_changed: int, audited: int, unscreened: int)
         missed = rate * unscreened
         return found / (found + missed) if found + missed else 1.0
 
-    p, z = audit_changed / audited, 1.96
-    centre = (p + z * z / (2 * audited)) / (1 + z * z / audited)
-    half = z * math.sqrt(p * (1 - p) / audited + z * z / (4 * audited ** 2)) / (1 + z * z / audited)
-    return {"recall": round(recall(p), 4), "recall_lo": round(recall(min(1.0, centre + half)), 4),
-            "recall_hi": round(recall(max(0.0, centre - half)), 4), "found": found, "audit_changed": audit_changed,
+    lo, hi = wilson_interval(audit_changed, audited)
+    return {"recall": round(recall(audit_changed / audited), 4), "recall_lo": round(recall(hi), 4),
+            "recall_hi": round(recall(lo), 4), "found": found, "audit_changed": audit_changed,
             "audited": audited, "unscreened": unscreened}

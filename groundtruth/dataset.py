@@ -8,14 +8,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 from .errors import BadInput
 from .layout import LABEL_STATS, RAW
 from .records import Record, iter_records, split_complete, write_split
 
-if TYPE_CHECKING:
-    from .taskspec import TaskSpec
 
 
 @dataclass
@@ -28,6 +26,9 @@ class SplitConfig:
     unset_keeps_hash: ClassVar[tuple[str, ...]] = ()
     """Settings that shape the ground truth only when set: while null they are left out of its hash, so
     ground truth made before the setting existed stays valid."""
+    two_classes: ClassVar[bool] = True
+    """Records are 'changed' or not: balancing evens the classes out and a train split of one class is
+    refused. False for a task whose explanation is no class (a list of components): neither applies."""
 
     test_fraction: float = 0.2
     """Fraction of source prompts (original facts, for patching) held out for test, by a hash of the
@@ -99,7 +100,7 @@ def check_labels(stats: dict, cfg: SplitConfig, where: str) -> None:
             f"{where}: no answer could be read from the target's output for {raw['unanswered']} of {raw['count']} "
             f"raw records ({fraction:.0%}, above max_unanswered_fraction {cfg.max_unanswered_fraction}); "
             f"label_stats: {_summary(raw)}. Change {cfg.label_settings()} so the target answers in the expected form.")
-    if train.get("count") and train["changed_rate"] in (0.0, 1.0):
+    if cfg.two_classes and train.get("count") and train["changed_rate"] in (0.0, 1.0):
         which = "changed" if train["changed_rate"] == 1.0 else "unchanged"
         raise DegenerateSetError(
             f"{where}: every one of the {train['count']} train records is '{which}': an explainer learns nothing "
@@ -244,23 +245,24 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     }
 
 
-def finalize(folder: Path, spec: "TaskSpec", task_cfg, config_hash: str, seed: int, shard_size: int) -> dict:
+def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: int,
+             cell_of: Optional[Callable[[Record], str]] = None, identity_fields: tuple[str, ...] = ()) -> dict:
     """Balance the raw records of a per-item task (folder/raw) into train/ and test/ shards; write
-    label_stats.json; refuse a degenerate set (check_labels). The task's balancing cells (e.g. token
-    type x block) and identity fields come from its spec; a finished set is read back, not redone."""
-    cell_of = spec.balance_cell
+    label_stats.json; refuse a degenerate set (check_labels). cell_of and identity_fields are the task
+    spec's balance_cell (e.g. token type x block) and identity_fields; a finished set is read back, not
+    redone."""
     stats_path = folder / LABEL_STATS
     if stats_path.exists() and all(split_complete(folder / split, config_hash) for split in ("train", "test")):
         return json.loads(stats_path.read_text())
     records = list(iter_records(folder / RAW))
     stats_of = partial(label_stats, cell_of=cell_of, near_tie_margin=task_cfg.near_tie_margin,
-                       identity_fields=spec.identity_fields)
+                       identity_fields=identity_fields)
     stats = {"raw": stats_of(records)}
     usable = [r for r in records if task_cfg.usable(r)]  # unanswered (and, if asked, near-tie) records out
     chosen_by_split = {}
     for split, cap in (("train", task_cfg.max_train_records), ("test", task_cfg.max_test_records)):
         chosen = [r for r in usable if r.split == split]
-        if task_cfg.balance:
+        if task_cfg.balance and task_cfg.two_classes:
             chosen = balance(chosen, task_cfg.changed_fraction, seed, cap, cell_of)
         elif cap is not None:
             chosen = chosen[:cap]

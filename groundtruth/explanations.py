@@ -1,5 +1,5 @@
-"""The text forms of causal explanations (patching, ablation) and of token attributions, and their
-parsers: one module owns both sides of each."""
+"""The text forms of causal explanations (patching, ablation), of token attributions and of lists of
+components (which heads carry the answer), and their parsers: one module owns both sides of each."""
 from __future__ import annotations
 
 import re
@@ -38,3 +38,21 @@ def parse_attribution(text: str) -> Optional[str]:
     """The word an explainer's output names, or None when it does not follow the form."""
     match = _PARSE_WORD.search(text)
     return None if match is None else match.group(1).strip()
+
+
+CARRIED = "The answer is carried by <<<{items}>>>."
+_PARSE_LIST = re.compile(r"carried by\s*<<<(.*?)>>>", re.DOTALL)
+
+
+def format_list(items: list[str]) -> str:
+    """Gold explanation of a list question: the components named, most important first."""
+    return CARRIED.format(items=", ".join(items))
+
+
+def parse_list(text: str) -> Optional[list[str]]:
+    """The components an explainer's output names, in its order (each once), or None when it does not
+    follow the form."""
+    match = _PARSE_LIST.search(text)
+    if match is None:
+        return None
+    return list(dict.fromkeys(item.strip() for item in match.group(1).split(",") if item.strip()))

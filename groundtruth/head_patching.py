@@ -45,9 +45,16 @@ def head_shape(model) -> tuple[int, int, int]:
     return len(decoder_layers(model)), heads, attention_output(model, 0).in_features // heads
 
 
-def every_head(model) -> list[Head]:
-    layers, heads, _ = head_shape(model)
-    return [Head(layer, head) for layer in range(layers) for head in range(heads)]
+def every_head(model, layers: Optional[list[int]] = None) -> list[Head]:
+    """Every query head of the given layers (negative: from the last; None: every layer), layer by layer."""
+    num_layers, num_heads, _ = head_shape(model)
+    chosen = range(num_layers) if layers is None else sorted({layer % num_layers for layer in layers})
+    return [Head(layer, head) for layer in chosen for head in range(num_heads)]
+
+
+def answer_token(tokenizer, answer: str) -> int:
+    """The first token of an answer as it follows a completion prompt (" Paris")."""
+    return tokenizer.encode(" " + answer, add_special_tokens=False)[0]
 
 
 class HeadRun(NamedTuple):

@@ -19,7 +19,8 @@ from .dataset import MARGIN
 from .explanations import format_explanation
 from .fact_pairs import (FactPairConfig, PatchItem, PatchPrompt, build_items, encode_pair, items_of_inputs,
                          whole_answer, with_counterfact_file)
-from .head_patching import Head, HeadPatches, HeadRun, head_run, head_shape, head_vector, patch_heads
+from .head_patching import (Head, HeadPatches, HeadRun, answer_token, every_head, head_run, head_shape, head_vector,
+                            patch_heads)
 from .records import Record, safe_key
 from .taskspec import TaskSpec, TaskWork, split_records
 from .units import per_item_units
@@ -49,25 +50,13 @@ class HeadPatchingConfig(FactPairConfig):
             self.screen.check()
 
 
-def patched_heads(model, cfg: HeadPatchingConfig) -> list[Head]:
-    """Every query head of the configured layers, layer by layer."""
-    num_layers, num_heads, _ = head_shape(model)
-    layers = range(num_layers) if cfg.layers is None else sorted({layer % num_layers for layer in cfg.layers})
-    return [Head(layer, head) for layer in layers for head in range(num_heads)]
-
-
-def answer_token(tokenizer, answer: str) -> int:
-    """The first token of an answer as it follows a completion prompt (" Paris")."""
-    return tokenizer.encode(" " + answer, add_special_tokens=False)[0]
-
-
 def run_head_patching(model, tokenizer, items: list[PatchItem], cfg: HeadPatchingConfig, target: str,
                       split_of: Callable[[str], str], batch_size: int = 16) -> list[Record]:
     """Every configured head of every pair, patched at the last position (one batch of one-token rows per
     pair), one record each with the smaller logit margin of its two decisions in query[MARGIN].
 
     batch_size is unused: a pair's heads always make up to HEAD_ROWS rows of one forward."""
-    every, records = patched_heads(model, cfg), []
+    every, records = every_head(model, cfg.layers), []
     for item in items:
         x, xp = encode_pair(tokenizer, cfg, item)
         answers = (answer_token(tokenizer, item.pair.x.answer), answer_token(tokenizer, item.pair.x_prime.answer))
@@ -119,7 +108,7 @@ def head_queries(tokenizer, item: PatchItem, x: PatchPrompt, xp: PatchPrompt, he
 def explain_queries(model, tokenizer, items: list[PatchItem], cfg: HeadPatchingConfig, target: str,
                     split_of: Callable[[str], str]) -> list[Record]:
     """Every configured head of every pair as an unlabelled record: v needs only x''s clean run."""
-    heads, records = patched_heads(model, cfg), []
+    heads, records = every_head(model, cfg.layers), []
     for item in items:
         x, xp = encode_pair(tokenizer, cfg, item)
         records += head_queries(tokenizer, item, x, xp, heads, head_run(model, xp.ids), model, target, split_of)

@@ -1,15 +1,14 @@
-"""How a task's ground truth is made, as data: the per-item path or a staged recipe.
+"""How a task's ground truth is made, as data: a recipe of steps, the same for every task.
 
-A per-item task (patching, ablation) gives `build_items` and `run` in its TaskSpec: items are cut into
-units, each unit becomes one raw shard, and `groundtruth.dataset.finalize` balances and splits them.
-
-A staged task (feature descriptions) gives a `StagedRecipe`: steps, each a list of units still to do and
-a function that does one unit, then `finish`, which writes the label statistics. A step says where its
-units run, not how they are spread: `target` units need the frozen target model (an actor holding it),
-`task` units need only the files earlier steps wrote (a task with an actor's resources), `driver` units
-run where the stage is driven. Every unit writes its result to the work folder itself and is skipped by
-`todo` once written, so a rerun finishes what an interrupted one left. `run_in_process` runs a recipe
-in one process (tests, a GPU check); distributed/gt_pool.py fans the same steps out over Ray.
+A recipe is steps, each a list of units still to do and a function that does one unit, then `finish`,
+which writes the label statistics. A step says where its units run, not how they are spread: `target`
+units need the frozen target model (an actor holding it), `task` units need only the files earlier steps
+wrote (a task with an actor's resources), `driver` units run where the stage is driven. Every unit
+writes its result itself and is skipped by `todo` once written, so a rerun finishes what an interrupted
+one left. A per-item task (patching, ablation) declares `build_items` and `run`, and its recipe is made
+from them (groundtruth/per_item.py); feature descriptions write theirs out (features/recipe.py).
+`run_in_process` runs a recipe in one process (tests, a GPU check); distributed/gt_pool.py fans the same
+steps out over Ray.
 """
 from __future__ import annotations
 
@@ -41,6 +40,9 @@ class StageContext:
     seed: int
     batch_size: int
     shard_size: int
+    """Records per shard of a finished split."""
+    items_per_shard: int = 64
+    """Work items per unit of a step that cuts its items (a per-item task's raw shards)."""
 
     @property
     def work(self) -> Path:
@@ -59,6 +61,15 @@ class Step:
     """Units not done yet."""
     run: Callable[..., Any]
     """run(ctx, unit), or run(ctx, unit, model, tokenizer) for a `target` step; writes its own output."""
+    collect: Optional[Callable[[StageContext, Any, Any], int]] = None
+    """collect(ctx, unit, result) where the stage is driven, as each unit finishes (e.g. listing its
+    shard in a manifest); returns the records it made, for the progress bar. None: an int result is
+    that count."""
+
+    def collected(self, ctx: StageContext, unit: Any, result: Any) -> int:
+        if self.collect is not None:
+            return self.collect(ctx, unit, result)
+        return result if isinstance(result, int) else 0
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,11 @@ class StagedRecipe:
     """After every step: writes and returns the label statistics."""
     splits: tuple[str, ...]
     """Split folders the recipe writes: a run whose splits are complete and has statistics is done."""
-    plan: Callable[[Any], list[str]]
-    """Dry-run lines about the task config (sizes, sources), without loading anything."""
+    plan: Callable[[Any, int, int], list[str]]
+    """plan(task config, seed, items per shard) -> dry-run lines (sizes, sources), loading no model."""
+    count_items: Callable[[Any, int], int]
+    """count_items(task config, seed) -> work items per target (for the scale plan); raises
+    FileNotFoundError or ValueError where a source is not on this machine."""
 
     def done(self, ctx: StageContext) -> Optional[dict]:
         """The label statistics of a finished run of this config, or None."""
@@ -100,6 +114,7 @@ def run_steps(steps: tuple[Step, ...], ctx: StageContext, target: Optional[tuple
         for unit in step.todo(ctx):
             if step.where == "target":
                 target = target or load_model(ctx.model)
-                step.run(ctx, unit, *target)
+                result = step.run(ctx, unit, *target)
             else:
-                step.run(ctx, unit)
+                result = step.run(ctx, unit)
+            step.collected(ctx, unit, result)

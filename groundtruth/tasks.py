@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from . import ablation, head_patching_task, patching_task, token_attribution
+from . import ablation, answer_heads_task, head_patching_task, patching_task, token_attribution
 from .features import spec as features
 from .registry import register
 from .taskspec import ExplanationForm, MemoryPlan, TaskSpec, TaskWork, split_records  # noqa: F401  (the API)
@@ -20,9 +20,6 @@ TASKS: dict[str, TaskSpec] = {}
 
 def register_task(spec: TaskSpec) -> TaskSpec:
     """Add a task (a built-in one below; one defined elsewhere from its own module)."""
-    per_item = spec.build_items is not None and spec.run is not None
-    if per_item == (spec.staged is not None) or (spec.build_items is None) != (spec.run is None):
-        raise ValueError(f"task {spec.name!r}: give build_items and run (a per-item task), or staged (a staged one)")
     return register(TASKS, spec, "task")
 
 
@@ -53,6 +50,7 @@ register_task(patching_task.SPEC)
 register_task(features.SPEC)
 register_task(head_patching_task.SPEC)
 register_task(token_attribution.SPEC)
+register_task(answer_heads_task.SPEC)
 
 for _module in filter(None, os.environ.get(TASK_MODULES_ENV, "").split(",")):  # in a worker: the run's own
     importlib.import_module(_module)

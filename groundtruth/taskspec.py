@@ -1,7 +1,8 @@
 """What a task is: the TaskSpec a task module declares (and the dry run's TaskWork estimate).
 
 Everything that differs between tasks is a field of its spec, so nothing else in the tree names a task:
-its config class, how its ground truth is made (per-item `build_items` + `run`, or a `staged` recipe),
+its config class, how its ground truth is made (a recipe of steps, or per-item `build_items` + `run`,
+from which its recipe is made),
 the explainer's prompt templates, the form of its explanations (which selects parsers and metrics),
 the query fields that identify an input, the work a dry run estimates, its data check, and
 capabilities such as `has_vectors` that decide which eval rows and baselines apply. The registry
@@ -10,16 +11,18 @@ capabilities such as `has_vectors` that decide which eval rows and baselines app
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
+from .per_item import per_item_recipe
 from .records import Record
 from .stages import StageContext, StagedRecipe
 
-ExplanationForm = Literal["causal", "description", "attribution"]
-"""causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
+ExplanationForm = str
+"""The name of a form registered in eval/forms.py (how explanations are parsed and scored). Built in: causal: "The most likely output would change to <<<X>>>." / "... unchanged from <<<X>>>." (exact match,
 changed-F1, content match); description: free text (judge and simulation scores); attribution: "The
 output depends most on <<<W>>>." (exact match on the top input word, recall@k of the record's top words:
-records carry query["top_words"], query["words"] and query["subject_word"])."""
+records carry query["top_words"], query["words"] and query["subject_word"]); list: "The answer is carried
+by <<<23.4, 20.1>>>." (top-1, precision@k, recall@k of the gold list). A task module may register its own."""
 
 
 def split_records(task_cfg: Any, items: int) -> tuple[int, int]:
@@ -53,8 +56,6 @@ class TaskWork:
     """Work items per target when the source cannot be counted offline (the paper's data set sizes)."""
     passes: Callable[[Any], int] = lambda task_cfg: 1
     """Target forward passes of target_tokens per item, from the task config."""
-    count_items: Optional[Callable[[Any], int]] = None
-    """Items without building them (a staged task); None: len(build_items(...))."""
     items_per_shard: Optional[Callable[[Any], int]] = None
     """Work items per ground-truth shard, from the task config; None: the run's groundtruth.items_per_shard."""
     records: Callable[[Any, int], tuple[int, int]] = split_records
@@ -120,11 +121,11 @@ class TaskSpec:
     """Max new tokens when an explainer answers (the paper: 50 for causal tasks, 20 for descriptions)."""
     work: TaskWork
     build_items: Optional[Callable[[Any, int], list]] = None
-    """(task config, seed) -> items, each with .source_id; None for a staged task."""
+    """(task config, seed) -> items, each with .source_id; with run, a per-item task."""
     run: Optional[Callable[..., list]] = None
     """(model, tokenizer, items, task config, target, split_of, batch_size) -> records."""
     staged: Optional[StagedRecipe] = None
-    """The steps of a staged task (see groundtruth/stages.py), instead of build_items and run."""
+    """A recipe written out (groundtruth/stages.py), instead of build_items and run."""
     check_inputs: Optional[Callable[[Any, int], None]] = None
     """(task config, seed): read the task's data sources, raising DataSourceError for a missing, empty or
     malformed one (for the dry run and before a run starts). None: building the items does it."""
@@ -143,8 +144,21 @@ class TaskSpec:
     tokenizer or depth): eval splits self vs cross by whether the cross-explainer's model, as a target,
     gives the same label for the same item. None: no such split (the item is the target's own, e.g. one
     of its SAE features)."""
+    simulator: Optional[Callable[[Any], Any]] = None
+    """(task config) -> what predicts activations from a description (description form: its simulation
+    and discriminative scores; groundtruth/features/simulators.py)."""
     explain_units: Optional[ExplainUnits] = None
+    """What `selfexplain explain` asks about (None: the task cannot be explained beyond its ground truth)."""
     label_stats_lines: Optional[Callable[[dict], list[str]]] = None
     """Report lines (markdown bullets) of one target's label_stats.json, for a task whose statistics are
     its own (feature descriptions: its SAEs and descriptions); None: per split, the per-item counts."""
-    """What `selfexplain explain` asks about (None: the task cannot be explained beyond its ground truth)."""
+
+    def __post_init__(self) -> None:
+        per_item = self.build_items is not None and self.run is not None
+        if per_item == (self.staged is not None) or (self.build_items is None) != (self.run is None):
+            raise ValueError(f"task {self.name!r}: give build_items and run (a per-item task), or staged (a recipe)")
+
+    @property
+    def recipe(self) -> StagedRecipe:
+        """How the ground truth is made: the staged recipe, or the one made from build_items and run."""
+        return self.staged or per_item_recipe(self.build_items, self.run, self.balance_cell, self.identity_fields)

@@ -14,14 +14,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # DeepSpeed's CPU comm op is compiled once into the project's own cache (see Makefile).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
-# A child process makes its own process group: it must not inherit this one's rendezvous (an earlier
-# in-process test set MASTER_PORT here, and that port is taken by this process's store).
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
-
-
 def child_env() -> dict:
-    """This process's environment less its torch.distributed rendezvous (for a child that makes its own)."""
-    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    """This process's environment less its torch.distributed rendezvous, for a child that makes its own (an
+    earlier in-process test set MASTER_PORT here, and that port is taken by this process's store)."""
+    from selfexplain.training.step import without_rendezvous
+
+    return without_rendezvous(dict(os.environ))
 
 
 from selfexplain.groundtruth.explanations import format_explanation  # noqa: E402

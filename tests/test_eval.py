@@ -366,8 +366,8 @@ def test_self_vs_cross_is_split_by_whether_the_cross_model_as_a_target_labels_th
     from selfexplain.eval.agreement import agreement
     from selfexplain.eval.differences import headline_differences, paired_difference
     from selfexplain.eval.headline import headline_lines
+    from selfexplain.eval.forms import form_of
     from selfexplain.eval.matrix import Cell, build_matrix
-    from selfexplain.eval.metrics import form_of
     from selfexplain.groundtruth.records import Record
 
     def patch(target, pair, block, position, token, explanation):
@@ -560,3 +560,30 @@ def test_every_control_sets_each_trained_row_against_each_of_its_controls_from_t
     seeds([str(tmp_path / "seed0"), "--every-control", "zero_vector", "--metric", "exact_match"])
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| trained")] == \
         [rows["a trained, 60 per layer - a trained, 60 per layer, zero v"]]
+
+
+def test_a_form_is_one_registration_and_a_task_names_only_registered_ones(monkeypatch):
+    """A task may bring its own explanation form (one register_form call) and is scored by it; a second
+    form of a name is refused, and a task whose form nobody registered fails naming the known forms."""
+    import dataclasses
+
+    from selfexplain.eval import forms
+    from selfexplain.groundtruth.records import Record
+    from selfexplain.groundtruth.tasks import TASKS
+
+    monkeypatch.setattr(forms, "FORMS", dict(forms.FORMS))  # this test's registrations leave with it
+    yes_no = forms.Form("yes_no", ("accuracy",), ("accuracy",), ("accuracy",),
+                        lambda units: {"n": len(units), "accuracy": sum(units) / len(units) if units else None},
+                        lambda spec, task_cfg: lambda predictions, records: [
+                            int(p.strip() == r.explanation) for p, r in zip(predictions, records)], ("right",))
+    forms.register_form(yes_no)
+    for name, form in (("yes_no_task", "yes_no"), ("unknown_form_task", "nobody's")):
+        monkeypatch.setitem(TASKS, name, dataclasses.replace(TASKS["input_ablation"], name=name, explanation=form))
+    records = [Record(f"r{i}", "yes_no_task", "a", "test", f"s{i}", "", "", gold, False, "", "")
+               for i, gold in enumerate(["yes", "no", "yes", "yes"])]
+    metrics, units = forms.make_scorer("yes_no_task", None)([" yes", "yes", "yes", "no"], records)
+    assert units == [1, 0, 1, 0] and metrics["accuracy"] == 0.5 and metrics["accuracy_lo"] <= 0.5 <= metrics["accuracy_hi"]
+    with pytest.raises(ValueError, match="registered twice"):
+        forms.register_form(yes_no)
+    with pytest.raises(KeyError, match="which no module registered .known: causal, description, attribution, list, yes_no"):
+        forms.form_of("unknown_form_task")

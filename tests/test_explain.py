@@ -70,6 +70,18 @@ def test_token_attribution_questions_need_no_target_and_are_the_records_without_
                                                                            lambda s: _split(cfg, s)))
 
 
+def test_answer_heads_questions_need_no_target_and_are_the_records_without_labels(tiny):
+    from selfexplain.groundtruth.answer_heads_task import AnswerHeadsConfig, run_answer_heads
+
+    model, tok = tiny
+    cfg = AnswerHeadsConfig(max_facts=3, relations=["capital"], layers=[0, -1])
+    ctx, units = _context("answer_heads", cfg), TASKS["answer_heads"].explain_units
+    chunk = units.chunks(ctx, 2)[0]
+    assert not units.needs_target
+    _same_questions(units.queries(ctx, chunk, None, None), run_answer_heads(model, tok, chunk, cfg, "t",
+                                                                            lambda s: _split(cfg, s)))
+
+
 def _split(cfg, source: str) -> str:
     from selfexplain.groundtruth.dataset import split_of
 

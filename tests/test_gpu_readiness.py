@@ -62,7 +62,7 @@ def test_unanswered_records_are_dropped_and_counted_then_refused_above_the_limit
     assert all(r.query.get("unanswered") for r in records), "an unread answer is flagged, never labelled"
     _raw(tmp_path / "a", records)
     with pytest.raises(DegenerateSetError) as err:
-        finalize(tmp_path / "a", TASKS["input_ablation"], cfg, "h", 0, 100)
+        finalize(tmp_path / "a", cfg, "h", 0, 100)
     message = str(err.value)
     assert f"{len(records)} of {len(records)} raw records" in message and "span.answer_pattern" in message
     assert json.loads((tmp_path / "a" / "label_stats.json").read_text())["raw"]["unanswered"] == len(records)
@@ -74,7 +74,7 @@ def test_unanswered_records_are_dropped_and_counted_then_refused_above_the_limit
     for r in good[::4]:
         r.split = "test"
     _raw(tmp_path / "b", good)
-    stats = finalize(tmp_path / "b", TASKS["input_ablation"], replace(cfg, balance=False), "h", 0, 100)
+    stats = finalize(tmp_path / "b", replace(cfg, balance=False), "h", 0, 100)
     assert stats["raw"]["unanswered"] == 3 and stats["train"]["unanswered"] == stats["test"]["unanswered"] == 0
     assert stats["train"]["count"] + stats["test"]["count"] == 17
 
@@ -87,7 +87,7 @@ def test_a_train_split_of_one_class_is_refused_with_its_numbers(tmp_path):
         r.split = "test"
     _raw(tmp_path, records)
     with pytest.raises(DegenerateSetError, match=r"every one of the 15 train records is 'unchanged'.*changed_rate 0\.0"):
-        finalize(tmp_path, TASKS["input_ablation"], AblationConfig(balance=False), "h", 0, 100)
+        finalize(tmp_path, AblationConfig(balance=False), "h", 0, 100)
 
 
 def test_near_ties_are_counted_and_can_be_dropped(tmp_path):
@@ -99,7 +99,9 @@ def test_near_ties_are_counted_and_can_be_dropped(tmp_path):
         r.split = "test" if i % 4 == 0 else "train"
     assert label_stats(records, near_tie_margin=0.25)["near_ties"] == 4
     _raw(tmp_path, records)
-    stats = finalize(tmp_path, TASKS["activation_patching"], PatchingConfig(balance=False, drop_near_ties=True), "h", 0, 100)
+    patching = TASKS["activation_patching"]
+    stats = finalize(tmp_path, PatchingConfig(balance=False, drop_near_ties=True), "h", 0, 100, patching.balance_cell,
+                     patching.identity_fields)
     assert stats["raw"]["near_ties"] == 4 and stats["train"]["near_ties"] == stats["test"]["near_ties"] == 0
 
 

@@ -60,8 +60,8 @@ def test_head_vectors_sum_to_the_attention_output():
 
 # ---------------------------------------------------------------- the ground-truth task
 from selfexplain.groundtruth.fact_pairs import PatchItem, encode_side  # noqa: E402
-from selfexplain.groundtruth.head_patching_task import (HeadPatchingConfig, answer_token,  # noqa: E402
-                                                        run_head_patching)
+from selfexplain.groundtruth.head_patching import answer_token  # noqa: E402
+from selfexplain.groundtruth.head_patching_task import HeadPatchingConfig, run_head_patching  # noqa: E402
 from selfexplain.groundtruth.sources.facts import Fact, FactPair  # noqa: E402
 from selfexplain.training.batches import explainer_text  # noqa: E402
 
@@ -100,3 +100,90 @@ def test_head_patching_patches_the_configured_layers_only(tiny):
                                 lambda s: "train")
     assert sorted({r.query["layer"] for r in records}) == [0, layers - 1]
     assert len(records) == 2 * head_shape(model)[1]
+
+
+# ---------------------------------------------------------------- the list question: which heads carry the answer
+def test_answer_heads_names_the_reference_top_heads_by_effect(tiny):
+    """One record per pair whose list is the top_k heads by the hooked reference's effects, strongest
+    first; `changed` is whether the top head alone changes the answer."""
+    from selfexplain.eval.forms import make_scorer
+    from selfexplain.groundtruth.answer_heads_task import AnswerHeadsConfig, run_answer_heads
+    from selfexplain.groundtruth.explanations import format_list, parse_list
+
+    model, tok = tiny
+    cfg = AnswerHeadsConfig(top_k=4)
+    [record] = run_answer_heads(model, tok, [PatchItem("s", PAIR)], cfg, "t", lambda s: "train")
+    x, xp = encode_side(tok, cfg, PAIR, PAIR.x), encode_side(tok, cfg, PAIR, PAIR.x_prime)
+    heads = every_head(model)
+    slow = patch_heads_slow(model, x.ids, xp.ids, heads, (answer_token(tok, "Paris"), answer_token(tok, "Madrid")))
+    ranked = sorted(range(len(heads)), key=lambda k: -slow.effects[k])[:4]
+    assert parse_list(record.explanation) == [f"{heads[k].layer}.{heads[k].head}" for k in ranked]
+    assert record.query["effects"] == pytest.approx([slow.effects[k] for k in ranked], abs=1e-3)
+    assert record.changed == (tok.decode([slow.patched[ranked[0]].token]).strip() != record.output_before)
+    text = explainer_text(record)
+    assert PAIR.x_prime.text in text and "4" in text and record.vector is None
+
+    # scored as a list: the gold itself, its first two (recall 0.5, precision 1), reversed, and no list
+    gold = parse_list(record.explanation)
+    score = make_scorer("answer_heads", cfg)
+    units = score([record.explanation, format_list(gold[:2]), format_list(gold[::-1]), "layer 3"], [record] * 4)[1]
+    assert units == [[True, 4, 4, 4, True], [True, 2, 2, 4, True], [True, 4, 4, 4, False], [False, 0, 0, 4, False]]
+
+
+def test_head_prior_names_the_heads_most_often_on_top_in_training():
+    from selfexplain.eval.baselines import head_prior
+    from selfexplain.groundtruth.explanations import format_list
+    from selfexplain.groundtruth.records import Record
+
+    def pair(heads):
+        return Record("r", "answer_heads", "t", "train", "s", "", "", format_list(heads), False, "", "")
+
+    train = [pair(["5.1", "2.0", "3.3"]), pair(["5.1", "3.3", "1.1"]), pair(["3.3", "5.1", "0.2"])]
+    assert head_prior(train, [pair(["9.9", "8.8"]), pair(["1.1"])]) == [format_list(["5.1", "3.3"]),
+                                                                       format_list(["5.1"])]
+
+
+def test_a_list_task_is_neither_balanced_nor_refused_for_one_class(tmp_path):
+    from selfexplain.groundtruth.answer_heads_task import AnswerHeadsConfig
+    from selfexplain.groundtruth.dataset import finalize
+    from selfexplain.groundtruth.records import Record, write_split
+
+    records = [Record(f"r{i}", "answer_heads", "t", "test" if i % 4 == 0 else "train", f"s{i}", "", "",
+                      "The answer is carried by <<<1.2>>>.", True, "Paris", "Madrid") for i in range(12)]
+    write_split(tmp_path / "raw", records, "h", shard_size=100)
+    stats = finalize(tmp_path, AnswerHeadsConfig(balance=True), "h", 0, 100)
+    assert stats["train"]["count"] == 9 and stats["test"]["count"] == 3, "every record kept, one class or not"
+
+
+def test_answer_heads_runs_through_the_whole_pipeline(tmp_path):
+    """Ground truth on Ray actors, training, eval with the list form's rows and the head prior, the report."""
+    import json
+    import tempfile
+
+    import yaml
+
+    from selfexplain.distributed.config import load_config
+    from selfexplain.distributed.pipeline import run as run_pipeline
+
+    config = {
+        "name": "heads", "out_dir": str(tmp_path / "run"),
+        "models": {"l": {"source": "tiny-llama:hidden=32,layers=3,heads=4,kv_heads=2,seed=3"}}, "targets": ["l"],
+        "explainers": ["l"],
+        "tasks": {"answer_heads": {"max_facts": 30, "prompt_format": "plain", "target_format": "plain",
+                                   "test_fraction": 0.3, "top_k": 2}},
+        "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
+        "train": {"use_ray": False, "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
+        "eval": {"actors": 1, "actor_cpus": 0.5, "max_new_tokens": 16, "baselines": ["majority", "head_prior"]},
+        "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"enabled": False},
+    }
+    (tmp_path / "heads.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(str(tmp_path / "heads.yaml"))
+    run_pipeline(cfg)
+    stats = json.loads((cfg.run_dir / "groundtruth" / "answer_heads" / "l" / "label_stats.json").read_text())
+    assert stats["train"]["count"] + stats["test"]["count"] == stats["raw"]["count"] == 30, "no balancing"
+    table = json.loads((cfg.run_dir / "matrix.json").read_text())["tasks"]["answer_heads"]
+    assert table["metrics"] == ["recall_at_k", "precision_at_k", "top1", "parse_rate"]
+    assert {"l trained", "l untrained", "majority", "head_prior"} <= set(table["rows"])
+    prior = table["rows"]["head_prior"]["cells"]["l"]
+    assert prior["parse_rate"] == 1.0 and 0 < prior["recall_at_k"] <= 1
+    assert "answer_heads" in (cfg.run_dir / "report.md").read_text()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from selfexplain.distributed.config import load_config
-from selfexplain.distributed.actor_pool import FAULT_ENV
+from selfexplain.groundtruth.faults import FAULT_ENV
 from selfexplain.distributed.pipeline import run
 from selfexplain.distributed.ray_session import worker_env
 from selfexplain.groundtruth.ablation import build_items

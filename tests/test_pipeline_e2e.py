@@ -16,7 +16,7 @@ from wandb_log import history, run_info
 
 from selfexplain.distributed.cli import main as cli_main
 from selfexplain.distributed.config import load_config
-from selfexplain.distributed.actor_pool import FAULT_ENV
+from selfexplain.groundtruth.faults import FAULT_ENV
 from selfexplain.distributed.pipeline import run
 from selfexplain.distributed.tracking import figure_key, train_logs
 from selfexplain.distributed.wandb_report import build_report

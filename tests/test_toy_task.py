@@ -91,3 +91,41 @@ def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, mo
     naming = [p for p in repo.rglob("*.py") if ".venv" not in p.parts and p != Path(__file__).resolve()
               and TASK in p.read_text()]
     assert naming == [], "only this file knows the task"
+
+
+def test_the_same_recipe_runs_without_ray_and_resumes_unit_by_unit(tmp_path):
+    """A per-item task's recipe (its raw shards, then balanced splits) in one process: the path a GPU
+    check takes, the same steps Ray fans out. A deleted raw shard is the only unit redone."""
+    import dataclasses
+    import shutil
+
+    from selfexplain.groundtruth.layout import RAW
+    from selfexplain.groundtruth.models import ModelSpec
+    from selfexplain.groundtruth.records import iter_records, read_manifest
+    from selfexplain.groundtruth.stages import StageContext, run_in_process
+    from selfexplain.groundtruth.tasks import task_spec
+
+    cfg = ToyConfig(texts=30, test_fraction=0.3, max_unanswered_fraction=0.5)
+    ctx = StageContext(task=TASK, task_cfg=cfg, target="a", model=ModelSpec("tiny-llama:hidden=32,layers=2,seed=4"),
+                       folder=tmp_path / "gt", config_hash="h" * 64, seed=0, batch_size=8, shard_size=100,
+                       items_per_shard=8)
+    recipe = task_spec(TASK).recipe
+    stats = json.loads(json.dumps(run_in_process(recipe, ctx)))  # as label_stats.json holds it
+    raw = read_manifest(ctx.folder / RAW)
+    assert raw["complete"] and raw["count"] == 30 and len(raw["shards"]) == 4, "30 items in shards of 8"
+    ids = sorted(r.source_id for r in iter_records(ctx.folder / RAW))
+    assert ids == sorted(item.source_id for item in build_items(cfg, 0))
+    train = {r.source_id for r in iter_records(ctx.folder / "train")}
+    test = {r.source_id for r in iter_records(ctx.folder / "test")}
+    assert train and test and not train & test and stats["train"]["count"] == len(train)
+
+    assert run_in_process(recipe, ctx) == stats, "finished: read back"
+    (ctx.folder / RAW / "shard-000002.tar").unlink()
+    shutil.rmtree(ctx.folder / "test")
+    ran = []
+    step = recipe.steps[0]
+    watched = dataclasses.replace(recipe, steps=(dataclasses.replace(
+        step, run=lambda c, unit, *target: ran.append(unit[0]) or step.run(c, unit, *target)),))
+    again = run_in_process(watched, ctx)
+    assert ran == [2] and json.loads(json.dumps(again)) == stats
+    assert {r.source_id for r in iter_records(ctx.folder / "test")} == test

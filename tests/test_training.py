@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import make_records, make_train_job as make_job
 from selfexplain.groundtruth.models import ModelSpec, load_model
 from selfexplain.training.batches import IGNORE, collate, encode_example, micro_batch_order, padding_share
-from selfexplain.training.explainer import ProjectionConfig
+from selfexplain.training.projection import ProjectionConfig
 from selfexplain.training.export import CheckpointMismatch, export_differences, export_matches, job_identity, load_explainer
 from selfexplain.training.loss import ExplainerLM
 from selfexplain.training.job import TrainConfig, deepspeed_config
@@ -299,7 +299,8 @@ def test_convert_export_rewrites_a_format_1_lora_export_into_the_model_it_held(t
     """A format-1 export written by hand (adapters as lora_a / lora_b, untrained [vec] rows, projection.pt)
     converts, without retraining, into a folder whose model is W + (alpha / r) B A with those rows."""
     from selfexplain.distributed.cli import main as cli_main
-    from selfexplain.training.explainer import VECTOR_TEXT, Projection, add_vector_tokens
+    from selfexplain.training.explainer import VECTOR_TEXT, add_vector_tokens
+    from selfexplain.training.projection import Projection
     from safetensors.torch import save_file
 
     expected, tok = load_model(ModelSpec("tiny-llama"))

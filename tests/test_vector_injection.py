@@ -5,8 +5,8 @@ import torch
 from selfexplain.groundtruth.models import ModelSpec, load_model
 from torch import nn
 
-from selfexplain.training.explainer import (Projection, add_vector_tokens, embedding_norm, key_layers, projected_inputs,
-                                vector_key)
+from selfexplain.training.explainer import add_vector_tokens, embedding_norm, projected_inputs
+from selfexplain.training.projection import Projection, key_layers, vector_key
 
 
 @pytest.fixture()

@@ -12,7 +12,8 @@ from selfexplain.groundtruth.explanations import format_explanation
 from selfexplain.groundtruth.models import ModelSpec, load_model
 from selfexplain.groundtruth.records import Record, write_split
 from selfexplain.training.batches import encode_prompt
-from selfexplain.training.explainer import Projection, ProjectionConfig, add_vector_tokens, inject, vector_key
+from selfexplain.training.explainer import add_vector_tokens, inject
+from selfexplain.training.projection import Projection, ProjectionConfig, vector_key
 from selfexplain.training.export import load_explainer
 from selfexplain.training.job import TrainConfig, TrainJob
 from selfexplain.training.step import run_training
@@ -137,7 +138,7 @@ def test_an_lstsq_projection_is_fitted_once_and_stays_frozen(tmp_path):
 def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, monkeypatch):
     import dataclasses
 
-    import selfexplain.training.projection_fit as projection_fit_mod
+    import selfexplain.training.vectors as vectors
     from selfexplain.training.vectors import prefit_projections
 
     patching = vector_job(tmp_path, "lstsq")
@@ -147,8 +148,8 @@ def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, 
     features = dataclasses.replace(patching, task="feature_descriptions", data_dir=str(features_data),
                                    out_dir=str(tmp_path / "job-features"))
     calls = []
-    original = projection_fit_mod.fit_projection
-    monkeypatch.setattr(projection_fit_mod, "fit_projection", lambda keys, *a: calls.append(keys) or original(keys, *a))
+    original = vectors.fit_projection
+    monkeypatch.setattr(vectors, "fit_projection", lambda keys, *a: calls.append(keys) or original(keys, *a))
     prefit_projections([patching, features])
     assert calls == [["0-1", "2-3", "3"]], "both models ran over the fit passages once"
     shared = original(["0-1", "2-3", "3"], patching.target_spec, patching.explainer_spec, patching.train.projection,

@@ -14,7 +14,8 @@ from selfexplain.groundtruth.generation import PromptFormat, render_prompt
 from selfexplain.groundtruth.records import Record
 from selfexplain.groundtruth.tasks import task_spec
 
-from .explainer import SPECIAL_TOKENS, VECTOR_TEXT, vector_key
+from .explainer import SPECIAL_TOKENS, VECTOR_TEXT
+from .projection import vector_key
 
 IGNORE = -100  # label value cross-entropy skips
 

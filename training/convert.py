@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from selfexplain.groundtruth.models import ModelSpec, load_model
 
-from .explainer import Projection, add_vector_tokens
+from .explainer import add_vector_tokens
+from .projection import Projection
 from .export import FORMAT, LEGACY_WEIGHTS, METADATA, PROJECTION, CheckpointMismatch
 from .export_format import write_weights
 from .lora import LoraConfig, apply_lora

@@ -106,7 +106,7 @@ def export_explainer(engine, wrapper, tokenizer, job: "TrainJob", rank: int, ste
     projection = wrapper.projection
     if projection is not None:
         if projection_state:  # ZeRO-3: the module's own parameters are partitioned; save a gathered copy
-            from .explainer import Projection
+            from .projection import Projection
 
             gathered = Projection(projection.kind, projection.keys, projection.d_target, projection.d_explainer)
             gathered.load_state_dict({k: v.float() for k, v in projection_state.items()})
@@ -170,7 +170,7 @@ def load_explainer(folder: Path, expect: Optional[dict] = None, device: Optional
     model, tokenizer = read_weights(Path(folder), meta["weights"], base, meta.get("vector_tokens", False), device)
     projection = None
     if "projection" in meta:
-        from .explainer import Projection
+        from .projection import Projection
 
         # in the explainer's own dtype, as training ran it (docs/GPU.md: Pi's precision)
         projection = Projection.load(Path(folder) / PROJECTION).to(model_device(model),

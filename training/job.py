@@ -14,7 +14,7 @@ from selfexplain.groundtruth.models import ModelSpec
 from selfexplain.groundtruth.records import iter_records
 
 from .controls import TRAINED_CONTROLS
-from .explainer import ProjectionConfig
+from .projection import ProjectionConfig
 from .lora import LoraConfig
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import IGNORE
-from .explainer import Projection, injecting
+from .explainer import injecting
+from .projection import Projection
 
 
 class ExplainerLM(nn.Module):

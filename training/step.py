@@ -74,6 +74,16 @@ def init_process_group_if_needed(device: Optional[torch.device] = None) -> tuple
     return dist.get_rank(), dist.get_world_size()
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
+"""What a process group is found by: set in this process's environment by an in-process run above."""
+
+
+def without_rendezvous(env: dict) -> dict:
+    """An environment for a child process that makes its own process group: this one's rendezvous left
+    out (its MASTER_PORT is taken by this process's store)."""
+    return {k: v for k, v in env.items() if k not in RENDEZVOUS}
+
+
 def on_device(batch: dict, device: torch.device) -> dict:
     """A collated batch with its tensors on the engine's device (DeepSpeed moves the model, not the
     batch); lists such as vector_keys stay as they are."""

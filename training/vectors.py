@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from .explainer import Projection, embedding_norm, key_layers, vector_key
+from .explainer import embedding_norm
 from .job import TrainJob
-from .projection_fit import initial_projection
+from .projection import Projection, fit_projection, initial_projection, key_layers, save_projection, vector_key
 
 
 def vector_keys(records: list) -> list[str]:
@@ -34,8 +34,6 @@ def match_injection_norm(projection: Projection, job: TrainJob, model) -> Projec
 
 def fit_for_job(job: TrainJob, keys: list[str], device: Optional[str] = None) -> Projection:
     """The lstsq Pi of a job's (explainer, target) pair over `keys`, its models on `device`."""
-    from .projection_fit import fit_projection
-
     return fit_projection(keys, job.target_spec, job.explainer_spec, job.train.projection, job.seed,
                           job.train.projection.is_trainable("lstsq"), device)
 
@@ -45,8 +43,6 @@ def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]]
     fitting). Jobs of one (explainer, target) pair share one fit over the union of their keys (both
     models run over the fit passages once for every task), saved per job as its keys' subset. `fit`
     runs one fit (distributed/ makes it a Ray task holding a GPU)."""
-    from .projection_fit import save_projection
-
     groups: dict[str, list[tuple[TrainJob, list[str]]]] = {}
     for job in jobs:
         if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:

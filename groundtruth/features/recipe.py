@@ -1,4 +1,4 @@
-"""Task A's ground truth as a staged recipe (see groundtruth/stages.py), one target at a time:
+"""Task A's ground truth as a recipe of steps (see groundtruth/stages.py), one target at a time:
 
 1. activations (target): units of `texts_per_shard` corpus texts -> activation shards
    (`work/activations/shard-*/`, one memory-mapped .npy per layer, written atomically);
@@ -211,7 +211,8 @@ def finish(ctx: StageContext) -> dict:
     return stats
 
 
-def plan(cfg) -> list[str]:
+def plan(cfg, seed: int, items_per_shard: int) -> list[str]:
+    """The recipe's dry-run lines (its shards are cut by texts_per_shard)."""
     n_shards = -(-cfg.corpus_texts // cfg.texts_per_shard)
     layers = cfg.layers if cfg.layers is not None else f"at depths {cfg.depths}"
     sae = (f"pretrained {cfg.sae.pretrained}" if cfg.sae.pretrained else
@@ -228,4 +229,5 @@ FEATURE_RECIPE = StagedRecipe(
            Step("exemplars", "task", exemplar_units, mine_shard),
            Step("describe", "driver", describe_units, describe_and_split),
            Step("ood sets", "target", ood_units, write_ood_sets)),
-    finish=finish, splits=("train", "test", "act", "dact"), plan=plan)
+    finish=finish, splits=("train", "test", "act", "dact"), plan=plan,
+    count_items=lambda cfg, seed: cfg.corpus_texts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..taskspec import TaskSpec, TaskWork
 from .memory import feature_memory
 from .recipe import FEATURE_RECIPE
-from .task import OOD_SPLITS, TASK, FeatureConfig, check_inputs, stats_lines
+from .task import OOD_SPLITS, TASK, FeatureConfig, check_inputs, simulator_of, stats_lines
 from .units import FEATURE_UNITS
 
 
@@ -25,7 +25,7 @@ SPEC = TaskSpec(
     templates=("At layer {layers}, {vec} encodes ", "What does {vec} encode at layer {layers}? ",
                "Describe the inputs that activate {vec} in layer {layers}: "), explanation_tokens=20,
     # one corpus text of max_tokens; an explainer example is template + layer + description
-    work=TaskWork(target_tokens=64, explainer_tokens=60, count_items=lambda cfg: cfg.corpus_texts,
-                  items_per_shard=lambda cfg: cfg.texts_per_shard, records=_planned_records, memory=feature_memory),
+    work=TaskWork(target_tokens=64, explainer_tokens=60, items_per_shard=lambda cfg: cfg.texts_per_shard,
+                  records=_planned_records, memory=feature_memory),
     staged=FEATURE_RECIPE, check_inputs=check_inputs, has_vectors=True, eval_splits=("test",) + OOD_SPLITS, selfie=True,
-    explain_units=FEATURE_UNITS, label_stats_lines=stats_lines)
+    explain_units=FEATURE_UNITS, label_stats_lines=stats_lines, simulator=simulator_of)
