@@ -62,3 +62,28 @@ def make_train_job(tmp_path: Path, **train):
     settings = {"micro_batch_size": 4, "lr": 3e-3, "use_ray": False, "checkpoint_every": 5, "log_every": 5, **train}
     return TrainJob("input_ablation", "t", "tiny", ModelSpec("tiny-llama"), str(data), str(tmp_path / "job"),
                     TrainConfig(**settings))
+
+
+def run_one_model_pipeline(tmp_path: Path, name: str, source: str, tasks: dict, eval_settings: dict,
+                           items_per_shard: int = 20, **extra):
+    """The whole pipeline (ground truth on one Ray actor, two in-process training steps, eval on one Ray
+    evaluator, the report) for one tiny model as target and explainer; returns the run's config."""
+    import tempfile
+
+    import yaml
+
+    from selfexplain.distributed.config import load_config
+    from selfexplain.distributed.pipeline import run as run_pipeline
+
+    config = {
+        "name": name, "out_dir": str(tmp_path / "run"), "models": {"m": {"source": source}}, "targets": ["m"],
+        "explainers": ["m"], "tasks": tasks,
+        "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": items_per_shard, "batch_size": 8},
+        "train": {"use_ray": False, "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
+        "eval": {"actors": 1, "actor_cpus": 0.5, **eval_settings},
+        "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"enabled": False}, **extra,
+    }
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(str(tmp_path / f"{name}.yaml"))
+    run_pipeline(cfg)
+    return cfg

@@ -158,32 +158,19 @@ def test_a_list_task_is_neither_balanced_nor_refused_for_one_class(tmp_path):
 def test_answer_heads_runs_through_the_whole_pipeline(tmp_path):
     """Ground truth on Ray actors, training, eval with the list form's rows and the head prior, the report."""
     import json
-    import tempfile
 
-    import yaml
+    from conftest import run_one_model_pipeline
 
-    from selfexplain.distributed.config import load_config
-    from selfexplain.distributed.pipeline import run as run_pipeline
-
-    config = {
-        "name": "heads", "out_dir": str(tmp_path / "run"),
-        "models": {"l": {"source": "tiny-llama:hidden=32,layers=3,heads=4,kv_heads=2,seed=3"}}, "targets": ["l"],
-        "explainers": ["l"],
-        "tasks": {"answer_heads": {"max_facts": 30, "prompt_format": "plain", "target_format": "plain",
-                                   "test_fraction": 0.3, "top_k": 2}},
-        "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
-        "train": {"use_ray": False, "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
-        "eval": {"actors": 1, "actor_cpus": 0.5, "max_new_tokens": 16, "baselines": ["majority", "head_prior"]},
-        "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"enabled": False},
-    }
-    (tmp_path / "heads.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(str(tmp_path / "heads.yaml"))
-    run_pipeline(cfg)
-    stats = json.loads((cfg.run_dir / "groundtruth" / "answer_heads" / "l" / "label_stats.json").read_text())
+    cfg = run_one_model_pipeline(
+        tmp_path, "heads", "tiny-llama:hidden=32,layers=3,heads=4,kv_heads=2,seed=3",
+        {"answer_heads": {"max_facts": 30, "prompt_format": "plain", "target_format": "plain", "test_fraction": 0.3,
+                          "top_k": 2}},
+        {"max_new_tokens": 16, "baselines": ["majority", "head_prior"]}, items_per_shard=16)
+    stats = json.loads((cfg.run_dir / "groundtruth" / "answer_heads" / "m" / "label_stats.json").read_text())
     assert stats["train"]["count"] + stats["test"]["count"] == stats["raw"]["count"] == 30, "no balancing"
     table = json.loads((cfg.run_dir / "matrix.json").read_text())["tasks"]["answer_heads"]
     assert table["metrics"] == ["recall_at_k", "precision_at_k", "top1", "parse_rate"]
-    assert {"l trained", "l untrained", "majority", "head_prior"} <= set(table["rows"])
-    prior = table["rows"]["head_prior"]["cells"]["l"]
+    assert {"m trained", "m untrained", "majority", "head_prior"} <= set(table["rows"])
+    prior = table["rows"]["head_prior"]["cells"]["m"]
     assert prior["parse_rate"] == 1.0 and 0 < prior["recall_at_k"] <= 1
     assert "answer_heads" in (cfg.run_dir / "report.md").read_text()

@@ -90,34 +90,21 @@ def test_the_attribution_form_scores_the_named_word_and_the_baselines_name_their
 def test_token_attribution_runs_through_the_whole_pipeline(tmp_path):
     """Ground truth on Ray actors, training, eval with the attribution form's rows and baselines, the report."""
     import json
-    import tempfile
 
-    import yaml
+    from conftest import run_one_model_pipeline
 
-    from selfexplain.distributed.config import load_config
-    from selfexplain.distributed.pipeline import run as run_pipeline
-
-    config = {
-        "name": "tokens", "out_dir": str(tmp_path / "run"),
-        "models": {"g": {"source": "tiny-gemma:hidden=32,layers=2,seed=1"}}, "targets": ["g"], "explainers": ["g"],
-        # the tiny random model's integrals converge slowly: the gap tolerance is the test's, not a recipe's
-        "tasks": {"token_attribution": {"max_facts": 40, "system_prompt": PREAMBLE, "steps": 8,
-                                        "max_completeness_gap": 1.0, "test_fraction": 0.3}},
-        "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": 20, "batch_size": 8},
-        "train": {"use_ray": False, "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
-        "eval": {"actors": 1, "actor_cpus": 0.5, "max_new_tokens": 12,
-                 "baselines": ["majority", "last_word", "subject_word", "gold"]},
-        "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"enabled": False},
-    }
-    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(str(tmp_path / "tokens.yaml"))
-    run_pipeline(cfg)
-    stats = json.loads((cfg.run_dir / "groundtruth" / "token_attribution" / "g" / "label_stats.json").read_text())
+    # the tiny random model's integrals converge slowly: the gap tolerance is the test's, not a recipe's
+    cfg = run_one_model_pipeline(
+        tmp_path, "tokens", "tiny-gemma:hidden=32,layers=2,seed=1",
+        {"token_attribution": {"max_facts": 40, "system_prompt": PREAMBLE, "steps": 8, "max_completeness_gap": 1.0,
+                               "test_fraction": 0.3}},
+        {"max_new_tokens": 12, "baselines": ["majority", "last_word", "subject_word", "gold"]})
+    stats = json.loads((cfg.run_dir / "groundtruth" / "token_attribution" / "m" / "label_stats.json").read_text())
     assert stats["raw"]["count"] == 40 and 0 < stats["train"]["changed_rate"] < 1
     table = json.loads((cfg.run_dir / "matrix.json").read_text())["tasks"]["token_attribution"]
     assert table["metrics"] == ["exact_match", "recall_at_k", "parse_rate"]
-    assert {"g trained", "g untrained", "majority", "last_word", "subject_word"} <= set(table["rows"])
-    assert "g trained, zero v" not in table["rows"], "no vectors: no vector controls"
-    cells = {row: r["cells"]["g"] for row, r in table["rows"].items()}
+    assert {"m trained", "m untrained", "majority", "last_word", "subject_word"} <= set(table["rows"])
+    assert "m trained, zero v" not in table["rows"], "no vectors: no vector controls"
+    cells = {row: r["cells"]["m"] for row, r in table["rows"].items()}
     assert cells["subject_word"]["exact_match"] > 0 and cells["subject_word"]["parse_rate"] == 1.0
     assert "token_attribution" in (cfg.run_dir / "report.md").read_text()

@@ -3,11 +3,11 @@ The run config names this module in task_modules; ground truth (Ray actors), tra
 evaluators) then run it on tiny models, and no file of the project knows its name."""
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from conftest import run_one_model_pipeline
+
 
 from selfexplain.groundtruth.dataset import UNANSWERED, SplitConfig
 from selfexplain.groundtruth.explanations import format_explanation
@@ -59,32 +59,21 @@ register_task(TaskSpec(TASK, ToyConfig, "if the last word were removed, how woul
 
 
 def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
-    from selfexplain.distributed.config import load_config
-    from selfexplain.distributed.pipeline import run as run_pipeline
-
     # Ray workers import this module by name (task_modules): it must be on their path. Loading the config
     # notes the module in the environment for worker processes: restored after the test, like PYTHONPATH.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv(TASK_MODULES_ENV, os.environ.get(TASK_MODULES_ENV, ""))
-    config = {
-        "name": "toy", "out_dir": str(tmp_path / "run"), "task_modules": [Path(__file__).stem],
-        "models": {"a": {"source": "tiny-llama:hidden=32,layers=2,seed=4"}}, "targets": ["a"], "explainers": ["a"],
-        "tasks": {TASK: {"texts": 40, "test_fraction": 0.3, "max_unanswered_fraction": 0.5}},
-        "groundtruth": {"actors": 1, "actor_cpus": 0.5, "items_per_shard": 20, "batch_size": 8},
-        "train": {"use_ray": False, "max_steps": 2, "micro_batch_size": 2, "log_every": 1},
-        "eval": {"actors": 1, "actor_cpus": 0.5, "max_new_tokens": 6, "baselines": ["majority", "nearest_neighbour"]},
-        "ray": {"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="se-ray-")}, "wandb": {"enabled": False},
-    }
-    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(str(tmp_path / "toy.yaml"))
-    run_pipeline(cfg)
+    cfg = run_one_model_pipeline(tmp_path, "toy", "tiny-llama:hidden=32,layers=2,seed=4",
+                                 {TASK: {"texts": 40, "test_fraction": 0.3, "max_unanswered_fraction": 0.5}},
+                                 {"max_new_tokens": 6, "baselines": ["majority", "nearest_neighbour"]},
+                                 task_modules=[Path(__file__).stem])
 
-    stats = json.loads((cfg.run_dir / "groundtruth" / TASK / "a" / "label_stats.json").read_text())
+    stats = json.loads((cfg.run_dir / "groundtruth" / TASK / "m" / "label_stats.json").read_text())
     assert stats["train"]["count"] > 0 and 0 < stats["train"]["changed_rate"] < 1
     rows = json.loads((cfg.run_dir / "matrix.json").read_text())["tasks"][TASK]["rows"]
     # rows by capability: no vectors, so no no-vector row and no nearest neighbour
-    assert set(rows) == {"a trained", "a untrained", "majority"}
-    assert 0 <= rows["a trained"]["cells"]["a"]["exact_match"] <= 1
+    assert set(rows) == {"m trained", "m untrained", "majority"}
+    assert 0 <= rows["m trained"]["cells"]["m"]["exact_match"] <= 1
     assert TASK in (cfg.run_dir / "report.md").read_text()
 
     repo = Path(__file__).resolve().parents[1]
