@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from selfexplain.groundtruth.errors import DataSourceError
-from selfexplain.groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, build, client_for
+from selfexplain.groundtruth.features.endpoint import ChatClient, EndpointConfig, build, client_for
 
 
 class Judge(Protocol):
@@ -68,14 +68,14 @@ _NUMBER = re.compile(r"[1-5]")
 
 
 class LLMJudge:
-    def __init__(self, endpoint: ChatEndpoint):
+    def __init__(self, endpoint: ChatClient):
         self.endpoint = endpoint
 
     def grade(self, predictions: list[str], golds: list[str]) -> list[float]:
+        replies = self.endpoint.complete_many([[{"role": "user", "content": _RUBRIC.format(gold=gold, prediction=prediction)}]
+                                               for prediction, gold in zip(predictions, golds)], max_tokens=4)
         grades = []
-        for prediction, gold in zip(predictions, golds):
-            reply = self.endpoint.complete([{"role": "user", "content": _RUBRIC.format(gold=gold, prediction=prediction)}],
-                                           max_tokens=4)
+        for reply in replies:
             m = _NUMBER.search(reply)
             grades.append((int(m.group()) - 1) / 4 if m else 0.0)  # an unreadable grade counts as unrelated
         return grades

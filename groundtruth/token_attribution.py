@@ -121,13 +121,14 @@ def attribute(model, ids: torch.Tensor, owner: list[int], n_words: int, steps: i
     embed = model.get_input_embeddings()
     with torch.no_grad():
         embeds = embed(ids[None].to(device)).float()  # [1, T, d], Gemma's scale included
-        token = int(model(inputs_embeds=embeds.to(model.dtype)).logits[0, -1].argmax())
+        token = int(model(inputs_embeds=embeds.to(model.dtype), logits_to_keep=1).logits[0, -1].argmax())
         neutral = embed(torch.tensor([[reference]], device=device)).float()  # [1, 1, d]
     inside = torch.tensor([w >= 0 for w in owner], device=device)[None, :, None]
     baseline = torch.where(inside, neutral.expand_as(embeds), embeds)
 
     def log_p(x: torch.Tensor) -> torch.Tensor:
-        return model(inputs_embeds=x.to(model.dtype)).logits[:, -1].float().log_softmax(-1)[:, token]
+        # the last position's logits only: all of them would be [steps, T, vocab] (2 GB for Gemma's 262k)
+        return model(inputs_embeds=x.to(model.dtype), logits_to_keep=1).logits[:, -1].float().log_softmax(-1)[:, token]
 
     with torch.enable_grad():
         attributions, delta = IntegratedGradients(log_p).attribute(embeds, baselines=baseline, n_steps=steps,

@@ -13,7 +13,8 @@ import torch
 
 from selfexplain.groundtruth.errors import DataSourceError
 from selfexplain.groundtruth.features.activations import ActivationBatch, corpus_activations
-from selfexplain.groundtruth.features.describers import DESCRIBERS, DescriberSettings, best_description, top_tokens, wordnet_describer
+from selfexplain.groundtruth.features.describers import (DESCRIBERS, DescriberSettings, best_description, describe_features,
+                                                         top_tokens, wordnet_describer)
 from selfexplain.groundtruth.features.endpoint import ChatEndpoint, EndpointConfig, EndpointError
 from selfexplain.groundtruth.features.exemplars import FeatureExemplars, Window, merge_exemplars, mine_exemplars
 from selfexplain.groundtruth.features.neuronpedia import load_neuronpedia
@@ -64,7 +65,8 @@ def test_describers_find_the_feature_and_the_best_candidate_wins():
     assert top_tokens(ex)[:2] == ['the token "dog"', 'the tokens "dog" and "cat"']
     described = wordnet_describer(MEMBERS)(ex)
     assert described[0].startswith("words for animals (noun.animal), such as") and '"dog"' in described[0]
-    best = best_description(ex, {"top_tokens": top_tokens, "wordnet": wordnet_describer(MEMBERS)}, lexical)
+    candidates = describe_features([ex], {"top_tokens": top_tokens, "wordnet": wordnet_describer(MEMBERS)})[0]
+    best = best_description(ex, candidates, lexical)
     text, describer, score, candidates = best
     assert describer == "wordnet" and score == max(c["simulation"] for c in candidates) and len(candidates) >= 4
 
@@ -231,6 +233,53 @@ def test_llm_describer_simulator_and_judge_through_a_fake_endpoint():
     with pytest.raises(EndpointError, match="gave up after 1 attempts"):
         ChatEndpoint(EndpointConfig(url=endpoint.url, model="fake", retries=0, timeout=2)).complete(
             [{"role": "user", "content": "hi"}])
+
+
+def test_a_local_model_serves_the_llm_clients_offline_one_request_or_many():
+    """url: local runs the model in this process: a batch of requests gets each request's own greedy
+    answer (as one decoded alone), a system message leads the prompt, and every client shares one copy."""
+    from selfexplain.groundtruth.features.endpoint import client_for
+    from selfexplain.groundtruth.features.local_chat import LocalChat, _loaded, render_messages
+    from selfexplain.groundtruth.generation import greedy_generate
+
+    cfg = EndpointConfig(url="local", model="tiny-llama:hidden=32,layers=2,seed=4", max_tokens=5, batch_size=2)
+    client = client_for(cfg, "the llm describer")
+    assert isinstance(client, LocalChat)
+    requests = [[{"role": "user", "content": text}] for text in ("a cat", "the dog ran far", "x", "Q: 1+1?")]
+    requests.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "why"}])
+    model, tok = _loaded(cfg.model, client.device)
+    for p in model.parameters():
+        p.data *= 3  # a sharp random model: answers differ per prompt
+    replies = client.complete_many(requests)
+    for p in (client_for(cfg, "the llm judge"), LocalChat(cfg)):
+        assert _loaded(p.cfg.model, p.device)[0] is model
+    rendered = tok.decode(render_messages(tok, requests[-1]))
+    assert "Be brief." in rendered and rendered.index("Be brief.") < rendered.index("why")
+    alone = [greedy_generate(model, tok, [render_messages(tok, m)], 5, batch_size=1)[0] for m in requests]
+    assert replies == alone and len(set(replies)) > 1
+    assert client.complete(requests[1]) == replies[1] and client.calls == len(requests) + 1
+    with pytest.raises(EndpointError, match="one turn"):
+        client.complete([{"role": "assistant", "content": "hi"}])
+
+
+def test_a_batched_describer_gets_the_features_a_chunk_at_a_time():
+    class Spy:
+        def __init__(self):
+            self.sizes = []
+
+        def __call__(self, ex):
+            raise AssertionError("a describer with `many` is asked in chunks")
+
+        def many(self, exemplars):
+            self.sizes.append(len(exemplars))
+            return [[f"feature with {len(ex.top)} exemplars"] for ex in exemplars]
+
+    spy, features = Spy(), [animal_feature() for _ in range(5)]
+    features[3].top = features[3].top[:2]
+    rows = describe_features(features, {"spy": spy, "top_tokens": top_tokens}, chunk=2)
+    assert spy.sizes == [2, 2, 1]
+    assert [r["spy"] for r in rows] == [["feature with 6 exemplars"]] * 3 + [["feature with 2 exemplars"], ["feature with 6 exemplars"]]
+    assert all(r["top_tokens"] == top_tokens(ex) for r, ex in zip(rows, features))
 
 
 def test_embedding_judge_prefers_the_matching_description():

@@ -5,7 +5,8 @@ factory). The pipeline keeps, per feature, the candidate with the best simulatio
 - `wordnet`: the WordNet lexical category whose membership best matches where the feature is active
   (F1 over the tokens of the exemplars and negatives), with member words from the exemplars:
   'words for animals (noun.animal), such as "dog" and "horse"'.
-- `llm`: an OpenAI-compatible endpoint shown the exemplars with the active tokens marked.
+- `llm`: a chat model (an OpenAI-compatible endpoint, or a model in this process: local_chat.py) shown
+  the exemplars with the active tokens marked.
 - `neuronpedia`: descriptions from a Neuronpedia explanations export (see neuronpedia.py).
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .endpoint import ChatEndpoint, EndpointConfig, client_for
+from tqdm import tqdm
+
+from .endpoint import ChatClient, EndpointConfig, client_for
 from .exemplars import FeatureExemplars
 from .simulators import Simulator, simulation_score, word_of
 
@@ -79,16 +82,36 @@ are marked <<like this>> (strongest first).
 In one short phrase (under 15 words), what does the feature respond to? Answer with the phrase only."""
 
 
-def llm_describer(client: ChatEndpoint) -> Describer:
-    def describe(ex: FeatureExemplars) -> list[str]:
-        texts = []
-        for w in ex.top:
-            cut = ACTIVE * w.peak
-            texts.append("".join(f"<<{t}>>" if a >= cut and a > 0 else t for t, a in zip(w.tokens, w.acts)))
-        reply = client.complete([{"role": "user", "content": _DESCRIBE_PROMPT.format(texts="\n".join(texts))}])
+def marked_exemplars(ex: FeatureExemplars) -> str:
+    """The top exemplars, one per line, tokens at ACTIVE of their window's peak marked <<like this>>."""
+    texts = []
+    for w in ex.top:
+        cut = ACTIVE * w.peak
+        texts.append("".join(f"<<{t}>>" if a >= cut and a > 0 else t for t, a in zip(w.tokens, w.acts)))
+    return "\n".join(texts)
+
+
+class LLMDescriber:
+    """Asks a chat model for a phrase per feature; `many` sends a list of features' requests together
+    (a local model decodes them in batches)."""
+
+    def __init__(self, client: ChatClient):
+        self.client = client
+
+    @staticmethod
+    def request(ex: FeatureExemplars) -> list[dict]:
+        return [{"role": "user", "content": _DESCRIBE_PROMPT.format(texts=marked_exemplars(ex))}]
+
+    @staticmethod
+    def phrase(reply: str) -> list[str]:
         phrase = reply.strip().splitlines()[0].strip().strip('"') if reply.strip() else ""
         return [phrase] if phrase else []
-    return describe
+
+    def __call__(self, ex: FeatureExemplars) -> list[str]:
+        return self.many([ex])[0]
+
+    def many(self, exemplars: list[FeatureExemplars]) -> list[list[str]]:
+        return [self.phrase(r) for r in self.client.complete_many([self.request(ex) for ex in exemplars])]
 
 
 @dataclass
@@ -108,22 +131,38 @@ def neuronpedia_describer(table: Optional[dict]) -> Describer:
 DESCRIBERS: dict[str, Callable[[DescriberSettings], Describer]] = {
     "top_tokens": lambda s: top_tokens,
     "wordnet": lambda s: wordnet_describer(),
-    "llm": lambda s: llm_describer(client_for(s.endpoint, "the llm describer")),
+    "llm": lambda s: LLMDescriber(client_for(s.endpoint, "the llm describer")),
     "neuronpedia": lambda s: neuronpedia_describer(s.neuronpedia),
 }
 """Describer name -> factory(settings) -> describer(exemplars) -> candidate descriptions."""
 
 
-def best_description(ex: FeatureExemplars, describers: dict[str, Describer],
-                     simulator: Simulator) -> Optional[tuple[str, str, float, list[dict]]]:
-    """(description, describer, simulation score, every candidate with its score), or None when no
-    describer had a candidate. Ties keep the earlier describer's candidate."""
-    candidates = []
+def describe_features(exemplars: list[FeatureExemplars], describers: dict[str, Describer],
+                      chunk: int = 64) -> list[dict[str, list[str]]]:
+    """Per feature, each describer's candidates. A describer with a `many` method (an LLM) gets the
+    features `chunk` at a time, with a progress bar; the others one by one."""
+    out: list[dict[str, list[str]]] = [{} for _ in exemplars]
     for name, describe in describers.items():
-        for text in describe(ex):
-            candidates.append({"describer": name, "description": text,
-                               "simulation": round(simulation_score(simulator, text, ex), 4)})
-    if not candidates:
+        many = getattr(describe, "many", None)
+        if many is None:
+            texts = [describe(ex) for ex in exemplars]
+        else:
+            texts = []
+            for first in tqdm(range(0, len(exemplars), chunk), desc=f"describing ({name})", unit="chunk",
+                              disable=len(exemplars) <= chunk):
+                texts += many(exemplars[first:first + chunk])
+        for row, candidates in zip(out, texts):
+            row[name] = candidates
+    return out
+
+
+def best_description(ex: FeatureExemplars, candidates: dict[str, list[str]],
+                     simulator: Simulator) -> Optional[tuple[str, str, float, list[dict]]]:
+    """(description, describer, simulation score, every candidate with its score) among one feature's
+    candidates (describer -> texts), or None when there are none. Ties keep the earlier describer's."""
+    scored = [{"describer": name, "description": text, "simulation": round(simulation_score(simulator, text, ex), 4)}
+              for name, texts in candidates.items() for text in texts]
+    if not scored:
         return None
-    best = max(candidates, key=lambda c: c["simulation"])  # max keeps the first of equals
-    return best["description"], best["describer"], best["simulation"], candidates
+    best = max(scored, key=lambda c: c["simulation"])  # max keeps the first of equals
+    return best["description"], best["describer"], best["simulation"], scored

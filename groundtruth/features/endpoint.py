@@ -1,5 +1,6 @@
 """A client for any OpenAI-compatible chat-completions endpoint (a local vLLM or llama.cpp server, or a
-hosted API): what the `llm` describer, simulator and judge talk to.
+hosted API): what the `llm` describer, simulator and judge talk to. `url: local` runs `model` in this
+process instead (local_chat.py), offline.
 
 Plain urllib, no SDK: POST {url}/chat/completions with {model, messages, temperature, max_tokens}
 and read choices[0].message.content. Rate limits (429) and server errors (5xx) are retried with
@@ -13,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 
 @dataclass
@@ -21,9 +22,10 @@ class EndpointConfig:
     """An OpenAI-compatible chat endpoint."""
 
     url: str
-    """Base URL of the API, e.g. http://localhost:8000/v1 (the client appends /chat/completions)."""
+    """Base URL of the API, e.g. http://localhost:8000/v1 (the client appends /chat/completions), or
+    `local`: `model` runs in this process (groundtruth/features/local_chat.py)."""
     model: str
-    """Model name the server expects."""
+    """Model name the server expects; with url `local`, a model source (e.g. smollm2-135m-instruct)."""
     api_key_env: Optional[str] = "OPENAI_API_KEY"
     """Environment variable holding the API key (sent as a Bearer token if set; local servers need none)."""
     temperature: float = 0.0
@@ -32,10 +34,20 @@ class EndpointConfig:
     """Seconds per request."""
     retries: int = 4
     """Attempts after a 429 / 5xx / connection error before giving up."""
+    batch_size: int = 16
+    """Requests a local model decodes together (complete_many)."""
 
 
 class EndpointError(RuntimeError):
     pass
+
+
+class ChatClient(Protocol):
+    """What the llm describer, simulator and judge call: ChatEndpoint or local_chat.LocalChat."""
+
+    def complete(self, messages: list[dict], max_tokens: Optional[int] = None) -> str: ...
+
+    def complete_many(self, requests: list[list[dict]], max_tokens: Optional[int] = None) -> list[str]: ...
 
 
 class ChatEndpoint:
@@ -74,11 +86,22 @@ class ChatEndpoint:
                 raise EndpointError(f"{url}: not an OpenAI chat-completions reply ({err!r})") from None
         raise EndpointError(f"{url}: gave up after {cfg.retries + 1} attempts: {last}")
 
+    def complete_many(self, requests: list[list[dict]], max_tokens: Optional[int] = None) -> list[str]:
+        """The replies to several requests, in order (one HTTP request each)."""
+        return [self.complete(messages, max_tokens) for messages in requests]
 
-def client_for(endpoint: Optional[EndpointConfig], what: str) -> ChatEndpoint:
-    """A client for `what` (e.g. 'the llm judge'), failing clearly when no endpoint is configured."""
+
+LOCAL = "local"
+
+
+def client_for(endpoint: Optional[EndpointConfig], what: str) -> ChatClient:
+    """A client for `what` (e.g. 'the llm judge'), failing clearly when no endpoint is configured: a
+    ChatEndpoint, or a LocalChat where the url is `local`."""
     if endpoint is None:
         raise ValueError(f"{what} needs an endpoint (endpoint.url and endpoint.model in the task config)")
+    if endpoint.url == LOCAL:
+        from .local_chat import LocalChat  # loads torch and transformers only where a local model is asked for
+        return LocalChat(endpoint)
     return ChatEndpoint(endpoint)
 
 

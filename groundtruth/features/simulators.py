@@ -13,7 +13,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from .endpoint import ChatEndpoint, EndpointConfig, build, client_for
+from .endpoint import ChatClient, EndpointConfig, build, client_for
 from .exemplars import FeatureExemplars, Window
 
 _QUOTED = re.compile(r'"([^"]+)"')
@@ -70,7 +70,7 @@ _LINE = re.compile(r"^\s*(\d+)\s*[\t:,= ]\s*(\d+(?:\.\d+)?)")
 
 
 class LLMSimulator:
-    def __init__(self, endpoint: ChatEndpoint):
+    def __init__(self, endpoint: ChatClient):
         self.endpoint = endpoint
 
     def predict(self, description: str, windows: list[Window]) -> list[list[float]]:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..records import Record, safe_key
 from ..sources.corpus import load_passages
-from .describers import DESCRIBERS, Describer, DescriberSettings, best_description
+from .describers import DESCRIBERS, Describer, DescriberSettings, best_description, describe_features
 from .endpoint import EndpointConfig
 from .exemplars import FeatureExemplars
 from .neuronpedia import load_neuronpedia
@@ -134,9 +134,10 @@ def feature_records(exemplars: dict[int, FeatureExemplars], directions: np.ndarr
     eligible = [f for f in sorted(exemplars) if len(exemplars[f].top) >= cfg.min_exemplars]
     if cfg.max_features_per_layer is not None and len(eligible) > cfg.max_features_per_layer:
         eligible = sorted(random.Random(f"features:{layer}").sample(eligible, cfg.max_features_per_layer))
-    for f in eligible:
+    candidates = describe_features([exemplars[f] for f in eligible], describers)
+    for f, texts in zip(eligible, candidates):
         ex = exemplars[f]
-        best = best_description(ex, describers, simulator)
+        best = best_description(ex, texts, simulator)
         if best is None or best[2] < cfg.min_simulation:
             continue
         description, describer, score, candidates = best
