@@ -14,6 +14,7 @@ Words are the text split on spaces (punctuation stripped), so two models' labels
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +25,7 @@ from .dataset import DROPPED, SplitConfig
 from .errors import DataSourceError
 from .explanations import WORD_EDGES, format_attribution
 from .generation import PromptFormat, prompt_string
+from .kv_cache import cache_kwargs, cache_of
 from .models import model_device
 from .records import Record, safe_key
 from .sources.facts import Fact, country_facts
@@ -114,33 +116,49 @@ def attribute(model, ids: torch.Tensor, owner: list[int], n_words: int, steps: i
     """(greedy token, attribution per word, metric change from the baseline, completeness gap): integrated
     gradients of log p(greedy token) over the input embeddings of the text's tokens, from a baseline that
     puts the `reference` token's embedding at each of them (a zero embedding would take the path through
-    the RMS norms' singular point, where the integral does not converge)."""
+    the RMS norms' singular point, where the integral does not converge).
+
+    Every position before the text's first token (the preamble) is the same on the whole path, so its keys
+    and values are computed once and every step of the integral runs from the text on: the preamble is
+    most of the prompt."""
     from captum.attr import IntegratedGradients
 
     device = model_device(model)
     embed = model.get_input_embeddings()
+    start = next(t for t, w in enumerate(owner) if w >= 0)  # the text's first token
     with torch.no_grad():
         embeds = embed(ids[None].to(device)).float()  # [1, T, d], Gemma's scale included
-        token = int(model(inputs_embeds=embeds.to(model.dtype), logits_to_keep=1).logits[0, -1].argmax())
         neutral = embed(torch.tensor([[reference]], device=device)).float()  # [1, 1, d]
+        prefix = cache_of(model(input_ids=ids[None, :start].to(device), use_cache=True, logits_to_keep=1)) if start else None
     inside = torch.tensor([w >= 0 for w in owner], device=device)[None, :, None]
-    baseline = torch.where(inside, neutral.expand_as(embeds), embeds)
+    text = embeds[:, start:]  # [1, T - start, d]
+    baseline = torch.where(inside, neutral.expand_as(embeds), embeds)[:, start:]
+
+    def logits(x: torch.Tensor) -> torch.Tensor:  # x: [n, T - start, d] -> the last position's logits [n, V]
+        past = None
+        if prefix is not None:
+            past = copy.deepcopy(prefix)  # a forward appends to its cache
+            past.batch_repeat_interleave(len(x))
+        # the last position's logits only: all of them would be [steps, T, vocab] (2 GB for Gemma's 262k)
+        return model(inputs_embeds=x.to(model.dtype), **cache_kwargs(model, past), use_cache=past is not None,
+                     logits_to_keep=1).logits[:, -1].float()
+
+    with torch.no_grad():
+        token = int(logits(text)[0].argmax())
 
     def log_p(x: torch.Tensor) -> torch.Tensor:
-        # the last position's logits only: all of them would be [steps, T, vocab] (2 GB for Gemma's 262k)
-        return model(inputs_embeds=x.to(model.dtype), logits_to_keep=1).logits[:, -1].float().log_softmax(-1)[:, token]
+        return logits(x).log_softmax(-1)[:, token]
 
     with torch.enable_grad():
-        attributions, delta = IntegratedGradients(log_p).attribute(embeds, baselines=baseline, n_steps=steps,
+        attributions, delta = IntegratedGradients(log_p).attribute(text, baselines=baseline, n_steps=steps,
                                                                    internal_batch_size=steps,
                                                                    return_convergence_delta=True)
-    per_token = attributions[0].sum(-1).tolist()
     per_word = [0.0] * n_words
-    for value, w in zip(per_token, owner):
+    for value, w in zip(attributions[0].sum(-1).tolist(), owner[start:]):
         if w >= 0:
             per_word[w] += value
     with torch.no_grad():
-        change = float(log_p(embeds) - log_p(baseline))
+        change = float(log_p(text) - log_p(baseline))
     return token, per_word, change, float(delta)
 
 

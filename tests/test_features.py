@@ -332,12 +332,14 @@ def test_features_are_held_out_whole_per_layer():
     assert {r.split for r in train} == {"train"} and {r.split for r in test} == {"test"}
 
 
-def test_nearest_neighbour_takes_the_label_of_the_largest_dot_product_in_the_same_layer():
+def test_nearest_neighbour_takes_the_label_of_the_largest_dot_product_in_the_same_layer_else_any():
     from selfexplain.eval.baselines import BASELINES
 
     train = [feature_record(1, 0, [1, 0], "one-x"), feature_record(1, 1, [0, 1], "one-y"), feature_record(2, 2, [5, 5], "two")]
     test = [feature_record(1, 9, [0.2, 0.9], "?"), feature_record(1, 8, [3, -1], "?"), feature_record(2, 7, [-1, 0], "?")]
     assert BASELINES["nearest_neighbour"].predict(train, test) == ["one-y", "one-x", "two"]
+    elsewhere = [feature_record(3, 6, [4, 6], "?"), feature_record(3, 5, [2, -9], "?")]  # no train record at layer 3
+    assert BASELINES["nearest_neighbour"].predict(train, elsewhere) == ["two", "one-x"]
     assert not BASELINES["nearest_neighbour"].applies_to("input_ablation")
 
 

@@ -33,6 +33,14 @@ def _riemann(model, ids, owner, reference, steps=400) -> list[float]:
     return (total / steps * (x - base))[0].sum(-1).tolist()
 
 
+def _per_word(per_token: list[float], owner: list[int], n_words: int) -> list[float]:
+    out = [0.0] * n_words
+    for value, w in zip(per_token, owner):
+        if w >= 0:
+            out[w] += value
+    return out
+
+
 def test_captum_integrated_gradients_match_a_riemann_sum_and_are_complete():
     model, tok = load_model(ModelSpec("tiny-llama:hidden=32,layers=2,seed=3"))
     model.double()
@@ -41,12 +49,34 @@ def test_captum_integrated_gradients_match_a_riemann_sum_and_are_complete():
     words = words_of(FACT.text)
     assert sorted({w for w in owner if w >= 0}) == list(range(len(words))) and owner[0] == -1  # preamble: no word
     _, per_word, change, gap = attribute(model, ids, owner, len(words), 64, reference_token(tok))
-    by_hand = [0.0] * len(words)
-    for value, w in zip(_riemann(model, ids, owner, reference_token(tok)), owner):
-        if w >= 0:
-            by_hand[w] += value
+    by_hand = _per_word(_riemann(model, ids, owner, reference_token(tok)), owner, len(words))
     assert per_word == pytest.approx(by_hand, abs=2e-3 * max(map(abs, by_hand)))
     assert sum(per_word) == pytest.approx(change, rel=1e-2) and abs(gap) < 1e-2 * abs(change)
+
+
+@pytest.mark.parametrize("source", ["tiny-llama:hidden=32,layers=2,seed=3,kv_heads=2",
+                                    "tiny-gemma:hidden=32,layers=2,seed=3,window=64",
+                                    "tiny-gemma:hidden=32,layers=2,seed=3,window=4"])
+def test_running_the_preamble_once_changes_no_attribution(source):
+    """attribute runs the preamble once and integrates from the text on; the obvious path integrates over
+    the whole prompt at every step (Llama and Gemma shapes; a 4-token window keeps only the preamble's
+    last positions)."""
+    from captum.attr import IntegratedGradients
+
+    model, tok = load_model(ModelSpec(source))
+    model.double()
+    ids, owner = _encode(tok, TokenAttributionConfig(system_prompt=PREAMBLE), FACT.text)
+    n = len(words_of(FACT.text))
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        x = embed(ids[None])
+        token = int(model(inputs_embeds=x).logits[0, -1].argmax())
+        base = torch.where(torch.tensor([w >= 0 for w in owner])[None, :, None], embed(torch.tensor([[reference_token(tok)]])), x)
+    whole = IntegratedGradients(lambda e: model(inputs_embeds=e).logits[:, -1].log_softmax(-1)[:, token]).attribute(
+        x, baselines=base, n_steps=32, internal_batch_size=32)
+    greedy, per_word, _, _ = attribute(model, ids, owner, n, 32, reference_token(tok))
+    expected = _per_word(whole[0].sum(-1).tolist(), owner, n)
+    assert greedy == token and per_word == pytest.approx(expected, rel=1e-4, abs=1e-7)  # attribute holds v in fp32
 
 
 def test_the_records_name_the_top_word_and_drop_what_does_not_converge():
