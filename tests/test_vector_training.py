@@ -162,6 +162,23 @@ def test_jobs_of_one_pair_share_one_lstsq_fit_and_each_keeps_its_keys(tmp_path, 
     assert len(calls) == 1, "a second call finds the fitted files and fits nothing"
 
 
+def test_pi_maps_every_layer_of_the_ground_truth_also_those_no_train_record_has(tmp_path):
+    """A test record at layers no train record has (a small balanced set of head patches) is still read:
+    the fit covers the layers of every split beside the train split."""
+    import dataclasses
+
+    from selfexplain.training.vectors import prefit_projections
+
+    job = vector_job(tmp_path, "lstsq", max_steps=2)
+    write_split(tmp_path / "data" / "test", [dataclasses.replace(r, layers=[3], record_id=f"t{i}", split="test")
+                                             for i, r in enumerate(vector_records(2))], "h", shard_size=8)
+    prefit_projections([job])
+    assert Projection.load(job.projection_init_path).keys == ["0-1", "2-3", "3"]
+    run_training(job)
+    _, _, exported = load_explainer(job.export_dir, {"task": "activation_patching"})
+    assert exported(torch.randn(2, D_TARGET), ["3", "0-1"]).shape == (2, 32)
+
+
 def test_self_explainers_with_kind_none_need_equal_sizes(tmp_path):
     job = vector_job(tmp_path, "none", max_steps=2)  # cross_kind none: 48 -> 32 cannot be the identity
     with pytest.raises(ValueError, match="cannot map target hidden size 48 to explainer hidden size 32"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional
+
+from selfexplain.groundtruth.records import MANIFEST, iter_records
 
 from .explainer import embedding_norm
 from .job import TrainJob
@@ -16,12 +19,22 @@ def vector_keys(records: list) -> list[str]:
     return sorted({vector_key(r.layers) for r in records if r.vector is not None}, key=lambda k: key_layers(k)[0])
 
 
+def projection_keys(job: TrainJob, records: list) -> list[str]:
+    """The target layers a job's Pi maps: its train records' and those of every other split of its ground
+    truth (raw, test, out-of-distribution sets), so the explainer reads any test vector, also one at
+    layers no train record has (a small balanced set of head patches misses some layers)."""
+    train = Path(job.data_dir)
+    others = [r for split in sorted(train.parent.iterdir()) if split != train and (split / MANIFEST).exists()
+              for r in iter_records(split)]
+    return vector_keys(records + others)
+
+
 def job_projection(job: TrainJob, records: list, d_explainer: int, device: Optional[str] = None):
     """The projection a job's explainer starts from, for the vector keys and size its records have (an
     lstsq fit, if it must happen here, runs its models on `device`)."""
     d_target = next(r.vector.shape[0] for r in records if r.vector is not None)
     kind = job.train.projection.kind_for(job.explainer, job.target)
-    return initial_projection(job.projection_init_path, kind, vector_keys(records), d_target, d_explainer,
+    return initial_projection(job.projection_init_path, kind, projection_keys(job, records), d_target, d_explainer,
                               job.target_spec, job.explainer_spec, job.train.projection, job.seed, device)
 
 
@@ -50,7 +63,7 @@ def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]]
         records = job.records()
         if not any(r.vector is not None for r in records):  # also a control trained without v
             continue
-        keys = vector_keys(records)
+        keys = projection_keys(job, records)
         if job.projection_init_path.exists() and Projection.load(job.projection_init_path).keys == keys:
             continue
         pair = json.dumps([asdict(job.explainer_spec), asdict(job.target_spec), asdict(job.train.projection), job.seed],
