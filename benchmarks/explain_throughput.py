@@ -67,7 +67,7 @@ def bench_explain_throughput(s) -> dict:
             return json.loads((ctx.work / DESCRIBED).read_text())["raw"]
 
     fast, labelled = s.timed(label, repeats=1)
-    naive, by_llm = s.timed(lambda: analyse(["llm"]), repeats=1)
+    naive, by_llm = s.timed(lambda: analyse(["llm"]), repeats=1, warmup=False)  # minutes: no warm-up
     offline, by_offline = s.timed(lambda: analyse(list(job.ctx.task_cfg.describers)), repeats=1)
     validation = json.loads((Path(job.out) / "validation.json").read_text()) if (Path(job.out) / "validation.json").exists() else {}
     rows = validation.get("rows", {})

@@ -48,14 +48,16 @@ class Setting:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def timed(self, fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, object]:
-        """Median seconds of fn() over `repeats` runs after one warm-up, and its last result."""
-        return self.timed_together({"run": fn}, repeats)["run"]
+    def timed(self, fn: Callable[[], object], repeats: int = REPEATS, warmup: bool = True) -> tuple[float, object]:
+        """Median seconds of fn() over `repeats` runs after one warm-up (none for a workload of minutes,
+        where loading is a rounding error), and its last result."""
+        return self.timed_together({"run": fn}, repeats, warmup)["run"]
 
-    def timed_together(self, fns: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, tuple]:
+    def timed_together(self, fns: dict[str, Callable[[], object]], repeats: int = REPEATS,
+                       warmup: bool = True) -> dict[str, tuple]:
         """{name: (median seconds over `repeats` runs after one warm-up, last result)} for several ways of one
         workload, their runs taken in turn, so that a slower or faster spell of the machine falls on each alike."""
-        results = {name: fn() for name, fn in fns.items()}
+        results = {name: fn() for name, fn in fns.items()} if warmup else {}
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():

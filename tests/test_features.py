@@ -247,18 +247,18 @@ def test_a_local_model_serves_the_llm_clients_offline_one_request_or_many():
     assert isinstance(client, LocalChat)
     requests = [[{"role": "user", "content": text}] for text in ("a cat", "the dog ran far", "x", "Q: 1+1?")]
     requests.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "why"}])
-    model, tok = _loaded(cfg.model, client.device)
+    model, tok = _loaded(client.model, client.device)
     for p in model.parameters():
         p.data *= 3  # a sharp random model: answers differ per prompt
     replies = client.complete_many(requests)
-    for p in (client_for(cfg, "the llm judge"), LocalChat(cfg)):
-        assert _loaded(p.cfg.model, p.device)[0] is model
+    for p in (client_for(cfg, "the llm judge"), LocalChat(cfg.model)):
+        assert _loaded(p.model, p.device)[0] is model
     rendered = tok.decode(render_messages(tok, requests[-1]))
     assert "Be brief." in rendered and rendered.index("Be brief.") < rendered.index("why")
     alone = [greedy_generate(model, tok, [render_messages(tok, m)], 5, batch_size=1)[0] for m in requests]
     assert replies == alone and len(set(replies)) > 1
     assert client.complete(requests[1]) == replies[1] and client.calls == len(requests) + 1
-    with pytest.raises(EndpointError, match="one turn"):
+    with pytest.raises(ValueError, match="one turn"):
         client.complete([{"role": "assistant", "content": "hi"}])
 
 

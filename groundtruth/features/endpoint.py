@@ -101,7 +101,7 @@ def client_for(endpoint: Optional[EndpointConfig], what: str) -> ChatClient:
         raise ValueError(f"{what} needs an endpoint (endpoint.url and endpoint.model in the task config)")
     if endpoint.url == LOCAL:
         from .local_chat import LocalChat  # loads torch and transformers only where a local model is asked for
-        return LocalChat(endpoint)
+        return LocalChat(endpoint.model, endpoint.max_tokens, endpoint.batch_size)
     return ChatEndpoint(endpoint)
 
 

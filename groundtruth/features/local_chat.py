@@ -12,7 +12,6 @@ from typing import Optional
 
 from ..generation import greedy_generate, render_prompt
 from ..models import ModelSpec, default_device, load_model
-from .endpoint import EndpointConfig, EndpointError
 
 
 @lru_cache(maxsize=2)
@@ -25,17 +24,18 @@ def render_messages(tokenizer, messages: list[dict]) -> list[int]:
     its chat template where it has one, else as plain text after the system text."""
     roles = {m["role"] for m in messages}
     if not roles <= {"system", "user"}:
-        raise EndpointError(f"a local model answers one turn: roles {sorted(roles - {'system', 'user'})} are not supported")
+        raise ValueError(f"a local model answers one turn: roles {sorted(roles - {'system', 'user'})} are not supported")
     system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
     text = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
     return render_prompt(tokenizer, text, "auto", system)
 
 
 class LocalChat:
-    """The ChatEndpoint interface (complete, complete_many, calls) over a model in this process."""
+    """The ChatClient interface (complete, complete_many, calls) over a model in this process: `model` a
+    model source, `max_tokens` the default answer length, `batch_size` requests decoded together."""
 
-    def __init__(self, cfg: EndpointConfig, device: Optional[str] = None):
-        self.cfg = cfg
+    def __init__(self, model: str, max_tokens: int = 256, batch_size: int = 16, device: Optional[str] = None):
+        self.model, self.max_tokens, self.batch_size = model, max_tokens, batch_size
         self.device = device or default_device()
         self.calls = 0
 
@@ -44,9 +44,8 @@ class LocalChat:
 
     def complete_many(self, requests: list[list[dict]], max_tokens: Optional[int] = None) -> list[str]:
         """The replies to several requests, in order, decoded together."""
-        model, tokenizer = _loaded(self.cfg.model, self.device)
+        model, tokenizer = _loaded(self.model, self.device)
         prompts = [render_messages(tokenizer, messages) for messages in requests]
-        replies = greedy_generate(model, tokenizer, prompts, max_tokens or self.cfg.max_tokens,
-                                  batch_size=self.cfg.batch_size)
+        replies = greedy_generate(model, tokenizer, prompts, max_tokens or self.max_tokens, batch_size=self.batch_size)
         self.calls += len(requests)
         return replies
