@@ -10,13 +10,14 @@ up to what the layers after it do, since o_proj is linear.
 
 Used as a screen (`screened`): exact patching runs only on the sites with the largest |estimate| and on a
 uniform random audit sample of the rest, from which the recall of changed labels is estimated
-(`screen_recall`). AtP*'s QK fix (exact attention weights where a patched key or query saturates the
-softmax) and GradDrop are not implemented: the audit sample measures what that costs in recall.
+(`screen_recall`). For (block, position) sites AtP*'s QK fix is an option (`ScreenConfig.qk_fix`,
+groundtruth/qk_fix.py); GradDrop is not implemented: the audit sample measures what that costs in recall.
 """
 from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -25,6 +26,7 @@ import torch
 from .head_patching import Head, attention_output, head_shape
 from .models import model_device
 from .patching import Intervention, block_vector, decoder_layers
+from .qk_fix import LayerAttention, qk_corrections, recorded_attention
 
 
 @dataclass
@@ -34,6 +36,9 @@ class ScreenConfig:
 
     top_fraction: float = 0.2
     audit_fraction: float = 0.05
+    qk_fix: bool = False
+    """(block, position) sites: AtP*'s QK fix, exact attention probabilities in the layer after each of the
+    block's layers (groundtruth/qk_fix.py; about 0.4 of a forward more per pair). Head sites stay linear."""
 
     def check(self) -> None:
         if not 0.0 < self.top_fraction <= 1.0:
@@ -51,9 +56,11 @@ def patched_share(cfg: Optional[ScreenConfig]) -> float:
     return 1.0 if cfg is None else cfg.top_fraction + cfg.audit_fraction * (1 - cfg.top_fraction)
 
 
-def _gradients(model, ids: torch.Tensor, modules: list, pre: bool) -> list[torch.Tensor]:
+def _gradients(model, ids: torch.Tensor, modules: list, pre: bool,
+               attention: Optional[list[LayerAttention]] = None) -> list[torch.Tensor]:
     """d log p(the clean greedy token at the last position) / d each module's output, or with `pre` its
-    input, [T, width] fp32: one forward with a zero perturbation added at each, one backward."""
+    input, [T, width] fp32: one forward with a zero perturbation added at each, one backward. With
+    `attention`, each decoder layer's attention is recorded there, with its gradients (groundtruth/qk_fix.py)."""
     deltas: list[torch.Tensor] = []
 
     def perturb(module, args, output=None):
@@ -67,7 +74,8 @@ def _gradients(model, ids: torch.Tensor, modules: list, pre: bool) -> list[torch
 
     hooks = [m.register_forward_pre_hook(perturb) if pre else m.register_forward_hook(perturb) for m in modules]
     try:
-        with torch.enable_grad():
+        recording = recorded_attention(decoder_layers(model), attention) if attention is not None else nullcontext()
+        with torch.enable_grad(), recording:
             logits = model(input_ids=ids[None].to(model_device(model)), logits_to_keep=1).logits[0, -1].float()
             logits.log_softmax(-1)[int(logits.argmax())].backward()
     finally:
@@ -77,16 +85,25 @@ def _gradients(model, ids: torch.Tensor, modules: list, pre: bool) -> list[torch
 
 
 def block_estimates(model, x: torch.Tensor, clean_states: torch.Tensor, source_states: torch.Tensor,
-                    blocks: list[list[int]], interventions: list[Intervention]) -> list[float]:
+                    blocks: list[list[int]], interventions: list[Intervention], qk_fix: bool = False) -> list[float]:
     """AtP's estimate of each intervention's change of log p(clean token): sum over the block's layers of
-    (v - the clean state after the layer at the position) . gradient there. States: [L + 1, T, d]."""
-    grads = _gradients(model, x, list(decoder_layers(model)), pre=False)  # grads[l]: after layer l
-    out = []
-    for iv in interventions:
+    (v - the clean state after the layer at the position) . gradient there. States: [L + 1, T, d]. With
+    `qk_fix`, AtP*'s: the layer after each of the block's layers takes its attention probabilities exactly
+    (groundtruth/qk_fix.py)."""
+    layers = decoder_layers(model)
+    attention: Optional[list[LayerAttention]] = [] if qk_fix else None
+    grads = _gradients(model, x, list(layers), pre=False, attention=attention)  # grads[l]: after layer l
+    out, fixed = [], {}
+    for i, iv in enumerate(interventions):
         v = block_vector(source_states, blocks[iv.block], iv.source_position)  # [d]
         out.append(sum(float((v - clean_states[l + 1, iv.position].float()) @ grads[l][iv.position].to(v.device))
                        for l in blocks[iv.block]))
-    return out
+        for l in blocks[iv.block]:
+            if l + 1 < len(layers):  # layer l + 1 reads v at the position
+                fixed.setdefault(l + 1, []).append((i, iv.position, v))
+    if attention is None:
+        return out
+    return [e + c for e, c in zip(out, qk_corrections(layers, attention, fixed, len(out)))]
 
 
 def head_estimates(model, x: torch.Tensor, clean_outputs: torch.Tensor, source_outputs: torch.Tensor,

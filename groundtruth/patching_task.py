@@ -82,7 +82,8 @@ def run_patching(model, tokenizer, items: list[PatchItem], cfg: PatchingConfig, 
         for i, clean, source in group:
             interventions = pair_interventions(sides[i], len(blocks), cfg)
             kept = sites_to_patch(len(interventions), cfg.screen, lambda: block_estimates(
-                model, sides[i][0].ids, clean.states, source.states, blocks, interventions), items[i].pair.pair_id)
+                model, sides[i][0].ids, clean.states, source.states, blocks, interventions, cfg.screen.qk_fix),
+                items[i].pair.pair_id)
             plans.append(PairPatches(sides[i][0].ids, [interventions[k] for k, _ in kept], clean, source))
             marks.append(kept)
         for (i, *_), plan, patched, kept in zip(group, plans, patch_pairs(model, plans, blocks), marks):
