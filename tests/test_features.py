@@ -2,8 +2,10 @@
 the endpoint client against a local fake server, Neuronpedia import."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -233,6 +235,26 @@ def test_llm_describer_simulator_and_judge_through_a_fake_endpoint():
     with pytest.raises(EndpointError, match="gave up after 1 attempts"):
         ChatEndpoint(EndpointConfig(url=endpoint.url, model="fake", retries=0, timeout=2)).complete(
             [{"role": "user", "content": "hi"}])
+
+
+def test_many_requests_to_a_server_are_in_flight_at_once_and_answered_in_order():
+    """complete_many keeps up to batch_size requests open (a server batches them), replies in request order."""
+    lock, state = threading.Lock(), {"open": 0, "most": 0}
+
+    def slow_echo(prompt: str) -> str:
+        with lock:
+            state["open"] += 1
+            state["most"] = max(state["most"], state["open"])
+        time.sleep(0.3)
+        with lock:
+            state["open"] -= 1
+        return prompt.upper()
+
+    with FakeChatServer(slow_echo) as endpoint:
+        client = ChatEndpoint(dataclasses.replace(endpoint, batch_size=4))
+        prompts = [f"request {i}" for i in range(8)]
+        assert client.complete_many([[{"role": "user", "content": p}] for p in prompts]) == [p.upper() for p in prompts]
+    assert state["most"] == 4 and client.calls == 8
 
 
 def test_a_local_model_serves_the_llm_clients_offline_one_request_or_many():

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -35,7 +37,7 @@ class EndpointConfig:
     retries: int = 4
     """Attempts after a 429 / 5xx / connection error before giving up."""
     batch_size: int = 16
-    """Requests a local model decodes together (complete_many)."""
+    """Requests a local model decodes together, or a server is sent at once (complete_many)."""
 
 
 class EndpointError(RuntimeError):
@@ -54,6 +56,7 @@ class ChatEndpoint:
     def __init__(self, cfg: EndpointConfig):
         self.cfg = cfg
         self.calls = 0
+        self._count = threading.Lock()
 
     def complete(self, messages: list[dict], max_tokens: Optional[int] = None) -> str:
         """The assistant's reply to a list of {'role', 'content'} messages."""
@@ -73,7 +76,8 @@ class ChatEndpoint:
                 request = urllib.request.Request(url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
                     reply = json.loads(response.read())
-                self.calls += 1
+                with self._count:
+                    self.calls += 1
                 return reply["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as err:
                 if err.code != 429 and err.code < 500:
@@ -87,8 +91,13 @@ class ChatEndpoint:
         raise EndpointError(f"{url}: gave up after {cfg.retries + 1} attempts: {last}")
 
     def complete_many(self, requests: list[list[dict]], max_tokens: Optional[int] = None) -> list[str]:
-        """The replies to several requests, in order (one HTTP request each)."""
-        return [self.complete(messages, max_tokens) for messages in requests]
+        """The replies to several requests, in order, up to batch_size HTTP requests in flight at once: a
+        server batches concurrent requests itself, and one at a time leaves it waiting on each round trip."""
+        workers = min(self.cfg.batch_size, len(requests))
+        if workers <= 1:
+            return [self.complete(messages, max_tokens) for messages in requests]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda messages: self.complete(messages, max_tokens), requests))
 
 
 LOCAL = "local"
