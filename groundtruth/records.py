@@ -124,13 +124,29 @@ def remove_temporaries(folder: Path) -> int:
 
 
 def write_shard(path: Path, records: list[Record]) -> dict:
-    """Write records to `path` atomically (temporary name, fsync, rename); return its manifest entry."""
+    """Write records to `path` atomically (temporary name, fsync, rename); return its manifest entry: count,
+    sha256 and `layers`, the distinct target layers its vectors come from (what Pi must map, read without
+    loading the vectors)."""
     tmp = temporary_name(path)
     write_tar(tmp, records)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    return {"count": len(records), "sha256": sha256_file(path)}
+    layers = sorted({tuple(r.layers) for r in records if r.vector is not None and r.layers is not None})
+    return {"count": len(records), "sha256": sha256_file(path), "layers": [list(group) for group in layers]}
+
+
+def split_layers(folder: Path) -> list[list[int]]:
+    """The distinct target layers of a complete split's vectors, from its manifest (a shard written before
+    manifests listed them is read)."""
+    manifest, found = read_manifest(folder), set()
+    for name, entry in manifest["shards"].items():
+        if "layers" in entry:
+            found.update(tuple(group) for group in entry["layers"])
+        else:
+            found.update(tuple(r.layers) for r in read_shard(folder / name, entry["sha256"])
+                         if r.vector is not None and r.layers is not None)
+    return [list(group) for group in sorted(found)]
 
 
 def _whole(urls):

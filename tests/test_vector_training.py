@@ -167,6 +167,7 @@ def test_pi_maps_every_layer_of_the_ground_truth_also_those_no_train_record_has(
     the fit covers the layers of every split beside the train split."""
     import dataclasses
 
+    from selfexplain.groundtruth.records import read_manifest, split_layers, write_manifest
     from selfexplain.training.vectors import prefit_projections
 
     job = vector_job(tmp_path, "lstsq", max_steps=2)
@@ -174,6 +175,13 @@ def test_pi_maps_every_layer_of_the_ground_truth_also_those_no_train_record_has(
                                              for i, r in enumerate(vector_records(2))], "h", shard_size=8)
     prefit_projections([job])
     assert Projection.load(job.projection_init_path).keys == ["0-1", "2-3", "3"]
+    test = tmp_path / "data" / "test"
+    manifest = read_manifest(test)  # the layers come from the manifest, or a shard that does not list them
+    assert [entry["layers"] for entry in manifest["shards"].values()] == [[[3]]]
+    for entry in manifest["shards"].values():
+        del entry["layers"]
+    write_manifest(test, manifest)
+    assert split_layers(test) == [[3]]
     run_training(job)
     _, _, exported = load_explainer(job.export_dir, {"task": "activation_patching"})
     assert exported(torch.randn(2, D_TARGET), ["3", "0-1"]).shape == (2, 32)

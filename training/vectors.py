@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from selfexplain.groundtruth.records import MANIFEST, iter_records
+from selfexplain.groundtruth.records import MANIFEST, split_layers
 
 from .explainer import embedding_norm
 from .job import TrainJob
@@ -24,9 +24,9 @@ def projection_keys(job: TrainJob, records: list) -> list[str]:
     truth (raw, test, out-of-distribution sets), so the explainer reads any test vector, also one at
     layers no train record has (a small balanced set of head patches misses some layers)."""
     train = Path(job.data_dir)
-    others = [r for split in sorted(train.parent.iterdir()) if split != train and (split / MANIFEST).exists()
-              for r in iter_records(split)]
-    return vector_keys(records + others)
+    others = {vector_key(layers) for split in sorted(train.parent.iterdir())
+              if split != train and (split / MANIFEST).exists() for layers in split_layers(split)}
+    return sorted(set(vector_keys(records)) | others, key=lambda k: key_layers(k)[0])
 
 
 def job_projection(job: TrainJob, records: list, d_explainer: int, device: Optional[str] = None):
