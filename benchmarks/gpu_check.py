@@ -44,7 +44,7 @@ from typing import Callable, Optional
 from selfexplain.training.allocator import tune_this_process
 
 from .gpu_common import SIZES, Check, Outcome, Skipped
-from .gpu_stages import (stage_chat_template, stage_continuous, stage_generation, stage_head_patching, stage_lstsq,
+from .gpu_stages import (stage_atp, stage_chat_template, stage_continuous, stage_generation, stage_head_patching, stage_lstsq,
                          stage_patching, stage_patching_bf16, stage_sae, stage_two_gpus)
 from .gpu_train_stages import lora_resumed, train_cross, train_full
 
@@ -56,6 +56,7 @@ NEEDS = {"train_zero2": TRAINING, "train_zero3": TRAINING, "lora_zero2": TRAININ
 
 STAGES: dict[str, Callable[[Check], Outcome]] = {
     "patching": stage_patching, "patching_bf16": stage_patching_bf16, "head_patching": stage_head_patching,
+    "atp": stage_atp,
     "chat_template": stage_chat_template,
     "lstsq": stage_lstsq, "train_zero2": lambda c: train_full(c, 2), "train_zero3": lambda c: train_full(c, 3),
     "lora_zero2": lambda c: lora_resumed(c, 2), "lora_zero3": lambda c: lora_resumed(c, 3), "cross": train_cross,

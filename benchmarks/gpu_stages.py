@@ -1,8 +1,9 @@
 """The GPU check's stages that run no training: patching (fp32 and bf16) and head patching against the hooked reference,
-chat templates, the lstsq fit, generation with v injected, continuous batching, the SAE, and a model spread over two GPUs."""
+attribution patching with and without the QK fix, chat templates, the lstsq fit, generation with v injected, continuous batching, the SAE, and a model spread over two GPUs."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 from .gpu_common import REPO, SUBJECTS, TEMPLATES, Check, Outcome, Skipped, body_params, facts_pairs, params
@@ -120,6 +121,64 @@ def stage_head_patching(c: Check) -> Outcome:
     return Outcome(same + excused == decisions, fast_s, tokens, flops, {
         "model": c.size.target, "heads": len(heads), "labels_agree": f"{same}/{decisions}", "differ_at_near_ties": excused,
         "changed": changed, "speedup_vs_hooked": round(slow_s / fast_s, 2)})
+
+
+def stage_atp(c: Check) -> Outcome:
+    """Attribution patching on the device, fp32: every (block, position) of each pair estimated by AtP and
+    by AtP* with the QK fix, against the exact labels (fast patcher). Passes where the fixed layer's
+    patched probabilities equal a patched forward's at one site and every estimate is finite; reports the
+    recall of changed labels among each pair's top fifth by |estimate| for both."""
+    from selfexplain.groundtruth.attribution_patching import ATP_PASSES, block_estimates
+    from selfexplain.groundtruth.fact_pairs import encode_pair
+    from selfexplain.groundtruth.patching import Intervention, clean_runs, decoder_layers, layer_blocks, patch_fast
+    from selfexplain.groundtruth.patching_task import PatchingConfig, align
+    from selfexplain.groundtruth.qk_fix import patched_probs, query_key, recorded_attention
+    import torch
+
+    model, tok = _load_target(c, "float32")
+    layers, cfg = decoder_layers(model), PatchingConfig(num_blocks=4)
+    blocks = layer_blocks(len(layers), 4)
+    per_token = 2 * sum(p.numel() for layer in layers for p in layer.parameters())
+    found, seconds, changed, finite, worst = {False: 0, True: 0}, {False: 0.0, True: 0.0}, 0, True, 0.0
+    tokens = 0
+    for item in facts_pairs(c.size.pairs):
+        x, xp = encode_pair(tok, cfg, item)
+        plan = [Intervention(b, t, align(t, x, xp)) for b in range(4) for t in range(len(x.ids))]
+        clean, source = clean_runs(model, [x.ids, xp.ids])
+        labels = [d.token != clean.decision.token for d in patch_fast(model, x.ids, xp.ids, blocks, plan)[1]]
+        changed += sum(labels)
+        tokens += len(x.ids)
+        for fix in (False, True):
+            c.sync()
+            start = time.perf_counter()
+            estimates = block_estimates(model, x.ids, clean.states, source.states, blocks, plan, qk_fix=fix)
+            c.sync()
+            seconds[fix] += time.perf_counter() - start
+            finite &= all(math.isfinite(e) for e in estimates)
+            top = sorted(range(len(plan)), key=lambda k: -abs(estimates[k]))[:math.ceil(0.2 * len(plan))]
+            found[fix] += sum(labels[k] for k in top)
+        layer, position = blocks[0][-1], len(x.ids) // 2  # layer + 1 reads v at the position
+        v = source.states[layer + 1, align(position, x, xp)].to(c.device)
+        seen, patched = [], []
+        with torch.no_grad(), recorded_attention(layers, seen):
+            model(input_ids=x.ids[None].to(c.device))
+
+        def overwrite(module, args, output):
+            (output[0] if isinstance(output, tuple) else output)[0, position] = v
+            return output
+        handle = layers[layer].register_forward_hook(overwrite)
+        with torch.no_grad(), recorded_attention(layers, patched):
+            model(input_ids=x.ids[None].to(c.device))
+        handle.remove()
+        with torch.no_grad():
+            where = torch.tensor([position], device=c.device)
+            predicted = patched_probs(seen[layer + 1], where, *query_key(layers[layer + 1], seen[layer + 1], v[None], where))
+        worst = max(worst, float((predicted[0] - patched[layer + 1].probs[0].float()).abs().max()))
+    return Outcome(finite and worst < 1e-4, seconds[True], tokens, ATP_PASSES * per_token * tokens, {
+        "model": c.size.target, "changed": changed, "recall_top_fifth": {"atp": round(found[False] / max(changed, 1), 3),
+                                                                          "atp_qk_fix": round(found[True] / max(changed, 1), 3)},
+        "estimate_seconds": {"atp": round(seconds[False], 3), "atp_qk_fix": round(seconds[True], 3)},
+        "patched_probs_max_error": worst})
 
 
 def stage_chat_template(c: Check) -> Outcome:

@@ -132,6 +132,7 @@ def test_gpu_check_runs_every_stage_on_the_cpu_at_tiny_sizes(tmp_path, capsys):
         agree, decisions = map(int, by_stage[stage]["labels_agree"].split("/"))
         assert agree + by_stage[stage]["differ_at_near_ties"] == decisions > least
     assert by_stage["head_patching"]["changed"] > 0, "some head's patch changes the tiny target's answer"
+    assert by_stage["atp"]["changed"] > 0 and set(by_stage["atp"]["recall_top_fifth"]) == {"atp", "atp_qk_fix"}
     for stage in ("train_zero2", "train_zero3", "lora_zero2", "lora_zero3", "cross"):
         first, last = by_stage[stage]["loss"]
         assert last < first and by_stage[stage]["export_loads"]
