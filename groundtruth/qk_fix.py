@@ -54,10 +54,14 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, sof
     return scores if not softcap else softcap * torch.tanh(scores / softcap)
 
 
-def additive_mask(mask: Optional[torch.Tensor], tq: int, tk: int, device) -> torch.Tensor:
-    """An attention function's mask ([B, 1, Tq, Tk] bool or additive, or None for plain causal) -> [Tq, Tk]."""
+def additive_mask(mask: Optional[torch.Tensor], tq: int, tk: int, device, window: Optional[int] = None) -> torch.Tensor:
+    """An attention function's mask ([B, 1, Tq, Tk] bool or additive; None: causal, within `window` positions
+    where a sliding window is passed beside it, as flash attention gets it) -> [Tq, Tk]."""
     if mask is None:
-        return torch.full((tq, tk), float("-inf"), device=device).triu(1 + tk - tq)
+        query = torch.arange(tk - tq, tk, device=device)[:, None]
+        key = torch.arange(tk, device=device)[None]
+        hidden = (key > query) | ((query - key >= window) if window else False)
+        return torch.zeros(tq, tk, device=device).masked_fill(hidden, float("-inf"))
     mask = mask[0, 0, -tq:, :tk]
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
@@ -78,7 +82,7 @@ def _explicit_attention(records: Optional[list], keep: Optional[list]):
         scaling = module.head_dim ** -0.5 if scaling is None else scaling
         tq, tk = query.shape[2], key.shape[2]
         scores = attention_scores(query, key.repeat_interleave(groups, 1), scaling, softcap)
-        mask = additive_mask(attention_mask, tq, tk, query.device)
+        mask = additive_mask(attention_mask, tq, tk, query.device, kwargs.get("sliding_window"))
         probs = torch.softmax(scores + mask, dim=-1)
         output = torch.matmul(probs.to(value.dtype), value.repeat_interleave(groups, 1)).transpose(1, 2).contiguous()
         if records is not None and query.shape[0] == 1:
@@ -91,9 +95,9 @@ def _explicit_attention(records: Optional[list], keep: Optional[list]):
 
 
 @contextmanager
-def _attention_function(function) -> Iterator[None]:
-    """Within the block, the models' SDPA and eager attention run `function`."""
-    saved = {name: ALL_ATTENTION_FUNCTIONS.get(name) for name in ("sdpa", "eager")}
+def _attention_function(function, also: Optional[str] = None) -> Iterator[None]:
+    """Within the block, the models' SDPA and eager attention (and `also`, a model's own) run `function`."""
+    saved = {name: ALL_ATTENTION_FUNCTIONS.get(name) for name in {"sdpa", "eager", also or "eager"}}
     for name in saved:
         ALL_ATTENTION_FUNCTIONS[name] = function
     try:
@@ -129,7 +133,7 @@ def recorded_attention(layers: nn.ModuleList, out: list[LayerAttention]) -> Iter
         layer.register_forward_pre_hook(layer_input(i), with_kwargs=True),
         layer.self_attn.register_forward_pre_hook(attention_call(i), with_kwargs=True))]
     try:
-        with _attention_function(_explicit_attention(seen, None)):
+        with _attention_function(_explicit_attention(seen, None), layers[0].self_attn.config._attn_implementation):
             yield
     finally:
         for handle in handles:
@@ -148,7 +152,7 @@ def query_key(layer: nn.Module, record: LayerAttention, hidden: torch.Tensor,
     kwargs = dict(record.kwargs)
     cos, sin = kwargs.pop("position_embeddings")  # [1, T, D] each
     kept: list = []
-    with _attention_function(_explicit_attention(None, kept)):
+    with _attention_function(_explicit_attention(None, kept), layer.self_attn.config._attn_implementation):
         layer.self_attn(hidden_states=layer.input_layernorm(hidden)[:, None],
                         position_embeddings=(cos[0, positions][:, None], sin[0, positions][:, None]),
                         attention_mask=None, **kwargs)
@@ -163,10 +167,10 @@ def patched_probs(record: LayerAttention, positions: torch.Tensor, query: torch.
     q, k = record.query[0].detach(), record.key[0].detach()  # [H, T, D], [Hkv, T, D]
     groups, n, (heads, length, _) = q.shape[0] // k.shape[0], len(positions), q.shape
     keys = k.repeat_interleave(groups, 0)[None].repeat(n, 1, 1, 1)  # [n, H, T, D]
-    keys[torch.arange(n), :, positions] = key.repeat_interleave(groups, 1).to(keys.dtype)
+    keys[torch.arange(n, device=keys.device), :, positions.to(keys.device)] = key.repeat_interleave(groups, 1).to(keys.dtype)
     scores = attention_scores(q[None], keys, record.scaling, record.softcap)  # [n, H, T, T]: the new key's column
     own_row = attention_scores(query[:, :, None].to(keys.dtype), keys, record.scaling, record.softcap)  # [n, H, 1, T]
-    index = positions.view(n, 1, 1, 1).expand(n, heads, 1, length)
+    index = positions.to(keys.device).view(n, 1, 1, 1).expand(n, heads, 1, length)
     scores = scores.scatter(2, index, own_row)
     return torch.softmax(scores + record.mask, dim=-1)
 

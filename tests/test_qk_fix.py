@@ -108,3 +108,13 @@ def test_the_fix_is_second_order_in_the_patch(source):
     assert big.sum() >= 3
     assert torch.allclose(double[big] / small[big], torch.full((int(big.sum()),), 4.0, dtype=torch.float64), rtol=0.1)
     assert fix(1.0).abs().max() > 1e3 * small.abs().max(), "the fix matters at a whole patch's size"
+
+
+def test_a_missing_mask_is_causal_within_a_sliding_window():
+    """Flash attention passes no mask and the window beside it: the mask built for it equals SDPA's."""
+    inf = float("-inf")
+    assert additive_mask(None, 2, 4, "cpu").tolist() == [[0, 0, 0, inf], [0, 0, 0, 0]]
+    assert additive_mask(None, 4, 4, "cpu", window=2).tolist() == [
+        [0, inf, inf, inf], [0, 0, inf, inf], [inf, 0, 0, inf], [inf, inf, 0, 0]]
+    given = torch.tensor([[True, False], [True, True]])[None, None]
+    assert additive_mask(given, 2, 2, "cpu").tolist() == [[0, inf], [0, 0]]
