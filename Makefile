@@ -86,7 +86,7 @@ study-patching-scale: install
 	$(call publish,study_patching_scale_seed$(SEED))
 
 # Attention-head patching, which heads carry the answer and gradient token attribution on the offline
-# models (about 3.5 hours).
+# models (an hour of ground truth, then an estimated two or more of training and eval).
 study-techniques: install
 	$(VENV)/bin/selfexplain run configs/study_techniques_cpu.yaml
 	$(call publish,study_techniques_cpu)

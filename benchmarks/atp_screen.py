@@ -10,7 +10,8 @@ recall measured and the recall the audit estimates, and seconds (screened: AtP i
 whose records keep the exact patch's continuous effect (the change of the two answers' logit
 difference), also how the estimates rank the heads against it: Spearman's correlation of |estimate| with
 |effect| per pair (median over pairs) and the recall of each pair's top TOP_K heads by |effect| among
-its top TOP_K by |estimate|. The file's
+its top TOP_K by |estimate|. For activation patching, the same curve from AtP*'s QK fix (`qk_fix`,
+groundtruth/qk_fix.py), and each estimate's seconds over all pairs (`estimate_seconds`). The file's
 `fast` / `naive` are activation patching's seconds; the issue's target is 5x fewer rows at recall >= 0.95.
 """
 from __future__ import annotations
@@ -68,8 +69,16 @@ def _effect_ranking(effects: dict[tuple, list[float]], estimates: dict[tuple, li
             f"recall_of_top{TOP_K}_effects": round(float(np.mean(recalls)), 3)}
 
 
-def _measure(run: Callable, estimate: Callable, model, tok, items, cfg) -> dict:
-    """Exhaustive labels and timing, the estimates, the recall curve, then the screen at the chosen fraction."""
+def _estimates(estimate: Callable, model, tok, items, cfg) -> tuple[dict[tuple, list[float]], float]:
+    """Every pair's estimates and their seconds in all."""
+    start = time.perf_counter()
+    out = {(item.source_id, item.pair.x_prime.subject): estimate(model, tok, item, cfg) for item in items}
+    return out, round(time.perf_counter() - start, 3)
+
+
+def _measure(run: Callable, estimate: Callable, model, tok, items, cfg, variants: dict[str, Callable] = {}) -> dict:
+    """Exhaustive labels and timing, the estimates, the recall curve, then the screen at the chosen fraction;
+    for each of `variants` (name: another estimate), its recall curve and seconds beside."""
     from selfexplain.groundtruth.attribution_patching import ScreenConfig
     from selfexplain.groundtruth.dataset import label_stats
 
@@ -83,8 +92,14 @@ def _measure(run: Callable, estimate: Callable, model, tok, items, cfg) -> dict:
         labels.setdefault(pair, []).append(record.changed)
         if "effect" in record.query:
             effects.setdefault(pair, []).append(record.query["effect"])
-    estimates = {(item.source_id, item.pair.x_prime.subject): estimate(model, tok, item, cfg) for item in items}
+    estimates, atp_s = _estimates(estimate, model, tok, items, cfg)
     curve = _recall_curve(labels, estimates)
+    others = {}
+    for name, other in variants.items():
+        their, seconds = _estimates(other, model, tok, items, cfg)
+        others[name] = {"recall_by_top_fraction": {str(f): r for f, r in _recall_curve(labels, their).items()},
+                        "estimate_seconds": seconds,
+                        **({"against_exact_effects": _effect_ranking(effects, their)} if effects else {})}
     fraction = next((f for f in FRACTIONS if curve[f] >= WANTED_RECALL), FRACTIONS[-1])
     screened_cfg = dataclasses.replace(cfg, screen=ScreenConfig(top_fraction=fraction))
     start = time.perf_counter()
@@ -96,11 +111,11 @@ def _measure(run: Callable, estimate: Callable, model, tok, items, cfg) -> dict:
             "recall_measured": curve[fraction], "recall_audit_estimate": [stats.get("recall"), stats.get("recall_lo"),
                                                                            stats.get("recall_hi")],
             "rows": [len(every), len(kept)], "rows_ratio": round(len(every) / len(kept), 3),
-            "seconds": [round(exhaustive_s, 3), round(screened_s, 3)],
-            **({"against_exact_effects": _effect_ranking(effects, estimates)} if effects else {})}
+            "seconds": [round(exhaustive_s, 3), round(screened_s, 3)], "estimate_seconds": atp_s,
+            **({"against_exact_effects": _effect_ranking(effects, estimates)} if effects else {}), **others}
 
 
-def _block_estimate(model, tok, item, cfg) -> list[float]:
+def _block_estimate(model, tok, item, cfg, qk_fix: bool = False) -> list[float]:
     from selfexplain.groundtruth.attribution_patching import block_estimates
     from selfexplain.groundtruth.fact_pairs import encode_pair
     from selfexplain.groundtruth.patching import clean_runs, decoder_layers, layer_blocks
@@ -109,7 +124,8 @@ def _block_estimate(model, tok, item, cfg) -> list[float]:
     x, xp = encode_pair(tok, cfg, item)
     blocks = layer_blocks(len(decoder_layers(model)), cfg.num_blocks)
     clean, source = clean_runs(model, [x.ids, xp.ids])
-    return block_estimates(model, x.ids, clean.states, source.states, blocks, pair_interventions((x, xp), len(blocks), cfg))
+    return block_estimates(model, x.ids, clean.states, source.states, blocks, pair_interventions((x, xp), len(blocks), cfg),
+                           qk_fix)
 
 
 def _head_estimate(model, tok, item, cfg) -> list[float]:
@@ -130,7 +146,8 @@ def bench_atp_screen(s) -> dict:
     model, tok = s.load("smollm2-135m-instruct", dtype="float32")
     blocks_cfg, heads_cfg = _study_task(PatchingConfig), _study_task(HeadPatchingConfig)
     items = build_items(blocks_cfg, 0)[:PAIRS]
-    blocks = _measure(run_patching, _block_estimate, model, tok, items, blocks_cfg)
+    blocks = _measure(run_patching, _block_estimate, model, tok, items, blocks_cfg,
+                      {"qk_fix": lambda *a: _block_estimate(*a, qk_fix=True)})
     heads = _measure(run_head_patching, _head_estimate, model, tok, items, heads_cfg)
     return s.write("atp_screen", blocks["seconds"][1], blocks["seconds"][0], 5.0,
                    {"model": "smollm2-135m-instruct", "pairs": len(items), "config": "configs/study_patching_scale_cpu.yaml"},
