@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -132,8 +132,13 @@ def write_shard(path: Path, records: list[Record]) -> dict:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    layers = sorted({tuple(r.layers) for r in records if r.vector is not None and r.layers is not None})
-    return {"count": len(records), "sha256": sha256_file(path), "layers": [list(group) for group in layers]}
+    return {"count": len(records), "sha256": sha256_file(path),
+            "layers": [list(group) for group in sorted(_vector_layers(records))]}
+
+
+def _vector_layers(records: Iterable[Record]) -> set[tuple[int, ...]]:
+    """The distinct target layers the records' vectors come from."""
+    return {tuple(r.layers) for r in records if r.vector is not None and r.layers is not None}
 
 
 def split_layers(folder: Path) -> list[list[int]]:
@@ -144,8 +149,7 @@ def split_layers(folder: Path) -> list[list[int]]:
         if "layers" in entry:
             found.update(tuple(group) for group in entry["layers"])
         else:
-            found.update(tuple(r.layers) for r in read_shard(folder / name, entry["sha256"])
-                         if r.vector is not None and r.layers is not None)
+            found.update(_vector_layers(read_shard(folder / name, entry["sha256"])))
     return [list(group) for group in sorted(found)]
 
 

@@ -14,9 +14,13 @@ from .job import TrainJob
 from .projection import Projection, fit_projection, initial_projection, key_layers, save_projection, vector_key
 
 
+def _in_layer_order(keys: set[str]) -> list[str]:
+    return sorted(keys, key=lambda k: key_layers(k)[0])
+
+
 def vector_keys(records: list) -> list[str]:
     """The target layers (as vector keys) the records' vectors come from."""
-    return sorted({vector_key(r.layers) for r in records if r.vector is not None}, key=lambda k: key_layers(k)[0])
+    return _in_layer_order({vector_key(r.layers) for r in records if r.vector is not None})
 
 
 def projection_keys(job: TrainJob, records: list) -> list[str]:
@@ -26,7 +30,7 @@ def projection_keys(job: TrainJob, records: list) -> list[str]:
     train = Path(job.data_dir)
     others = {vector_key(layers) for split in sorted(train.parent.iterdir())
               if split != train and (split / MANIFEST).exists() for layers in split_layers(split)}
-    return sorted(set(vector_keys(records)) | others, key=lambda k: key_layers(k)[0])
+    return _in_layer_order(set(vector_keys(records)) | others)
 
 
 def job_projection(job: TrainJob, records: list, d_explainer: int, device: Optional[str] = None):
