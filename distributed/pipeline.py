@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 from selfexplain.eval.agreement import agreement
 from selfexplain.eval.baselines import BASELINES
@@ -24,7 +26,7 @@ from .gt_pool import run_groundtruth
 from .preflight import check_inputs
 from .ray_session import ray_session
 from .scaling import scale_plan
-from .tracking import log_to_wandb, pipeline_run
+from .tracking import log_progress, log_to_wandb, pipeline_run
 from .train_job import describe_job, run_train_stage, train_jobs
 from .typed_yaml import to_dict
 
@@ -107,19 +109,27 @@ def report(cfg: RunConfig) -> Path:
     return md
 
 
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """A stage's wall time, on the console and into the pipeline's W&B run: where a run's time went."""
+    started = time.time()
+    yield
+    seconds = time.time() - started
+    print(f"[{stage}] done in {seconds / 60:.1f} min", flush=True)
+    log_progress(stage, {"seconds": seconds})
+
+
 def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> None:
     """Run the given stages in order inside one Ray session (report needs none), after checking their
     inputs; config.resolved.yaml is written when they succeed, so it describes what the folder holds."""
     check_inputs(cfg, stages)
     needs_ray = any(s in stages for s in ("groundtruth", "eval")) or ("train" in stages and cfg.train.use_ray)
+    steps = {"groundtruth": run_groundtruth, "train": run_train_stage, "eval": eval_and_matrix}
     with pipeline_run(cfg):  # W&B: ground truth's and eval's progress as they go, then the results
         with ray_session(cfg.ray) if needs_ray else nullcontext():
-            if "groundtruth" in stages:
-                run_groundtruth(cfg)
-            if "train" in stages:
-                run_train_stage(cfg)
-            if "eval" in stages:
-                eval_and_matrix(cfg)
+            for stage in (s for s in STAGES if s in steps and s in stages):
+                with timed(stage):
+                    steps[stage](cfg)
         if "report" in stages:
             report(cfg)
     save_resolved(cfg)

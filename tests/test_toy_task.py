@@ -58,7 +58,7 @@ register_task(TaskSpec(TASK, ToyConfig, "if the last word were removed, how woul
                        build_items=build_items, run=run))
 
 
-def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
+def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     # Ray workers import this module by name (task_modules): it must be on their path. Loading the config
     # notes the module in the environment for worker processes: restored after the test, like PYTHONPATH.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
@@ -75,6 +75,9 @@ def test_a_task_defined_in_one_file_runs_through_the_whole_pipeline(tmp_path, mo
     assert set(rows) == {"m trained", "m untrained", "majority"}
     assert 0 <= rows["m trained"]["cells"]["m"]["exact_match"] <= 1
     assert TASK in (cfg.run_dir / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert [line.split(" done in ")[0] for line in out.splitlines() if " done in " in line and " min" in line] == \
+        ["[groundtruth]", "[train]", "[eval]"], "each stage's wall time, in order"
 
     repo = Path(__file__).resolve().parents[1]
     naming = [p for p in repo.rglob("*.py") if ".venv" not in p.parts and p != Path(__file__).resolve()
