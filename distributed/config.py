@@ -152,7 +152,8 @@ class RunConfig:
         # a task's entry stays valid while the task is switched off (--set tasks.<name>=null narrows a run);
         # a name that is no task at all is a typo
         for field_name, by_task in (("train.max_steps_by_task", self.train.max_steps_by_task),
-                                    ("eval.data_efficiency", self.eval.data_efficiency)):
+                                    ("eval.data_efficiency", self.eval.data_efficiency),
+                                    ("eval.max_new_tokens_by_task", self.eval.max_new_tokens_by_task)):
             for task in by_task:
                 if task not in TASKS:
                     raise ValueError(f"{field_name}: {task!r} is not a task (known: {', '.join(sorted(TASKS))})")

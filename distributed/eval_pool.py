@@ -18,6 +18,7 @@ from selfexplain.eval.matrix import Cell, load_cell, save_cell
 from selfexplain.eval.forms import make_scorer, metrics_of
 from selfexplain.eval.rows import ROW_KINDS, plan_rows, row_records
 from selfexplain.groundtruth.dataset import stratified_sample
+from selfexplain.groundtruth.errors import ConfigError
 from selfexplain.groundtruth.models import prepare
 from selfexplain.groundtruth.records import Record, ShardError, iter_records, read_manifest
 from selfexplain.groundtruth.tasks import TASKS
@@ -184,7 +185,7 @@ def plan_eval(cfg: RunConfig, scorers: dict) -> EvalPlan:
                 test = plan.records_of[(cell_task, target)] = test_records(cfg, task, target, split)
                 if not test:
                     continue
-                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg), dataclasses.asdict(cfg.tasks[task])])
+                data_key = stable_hash([r.record_id for r in test] + [eval_settings(cfg, task), dataclasses.asdict(cfg.tasks[task])])
                 plan.cells += _baseline_cells(cfg, task, cell_task, target, test, data_key, scorers[task])
                 _explainer_rows(cfg, plan, task, split, target, data_key, jobs)
     return plan
@@ -205,6 +206,33 @@ def _scored_cell(cfg: RunConfig, unit: EvalUnit, predictions, test: list[Record]
     return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics, units, size), predictions
 
 
+def answer_budget(cfg: RunConfig, task: str) -> int:
+    """New tokens an explainer may decode for the task (eval/settings.py RowSettings.budget_for)."""
+    return cfg.eval.budget_for(task)
+
+
+def check_answer_budgets(cfg: RunConfig, plan: EvalPlan) -> None:
+    """Refuse a decode budget shorter than a gold explanation of the records it scores, in the tokens of
+    the explainer that has to write it: an answer cut before its closing marker does not parse, and the
+    row would read as an explainer that failed. Each trained explainer's export tokenizer counts the
+    few longest gold texts (by characters) of each scored set."""
+    from transformers import AutoTokenizer
+
+    seen = {}
+    for unit in plan.units:
+        if ROW_KINDS[unit.kind].reads_base or (unit.cell_task, unit.target, unit.explainer) in seen:
+            continue
+        seen[(unit.cell_task, unit.target, unit.explainer)] = True
+        golds = sorted({r.explanation for r in plan.records_of[(unit.cell_task, unit.target)]}, key=len)[-8:]
+        tok = AutoTokenizer.from_pretrained(unit.job.export_dir)
+        longest = max((len(tok(g, add_special_tokens=False).input_ids) for g in golds), default=0)
+        budget = answer_budget(cfg, unit.task)
+        if longest > budget:
+            raise ConfigError(f"eval.max_new_tokens: {budget} new tokens cut {unit.cell_task}'s gold explanations on "
+                              f"target {unit.target}: the longest takes {longest} of {unit.explainer}'s tokens; set "
+                              f"eval.max_new_tokens_by_task.{unit.task} (or eval.max_new_tokens) to at least {longest}")
+
+
 def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     """Score every row on every target; returns all cells (loaded from disk where already done)."""
     import ray
@@ -214,6 +242,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
     plan = plan_eval(cfg, scorers)
     if not plan.units:
         return plan.cells
+    check_answer_budgets(cfg, plan)
     for spec in {u.job.explainer_spec.source: u.job.explainer_spec for u in plan.units}.values():
         prepare(spec)
     actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(Evaluator)
@@ -233,14 +262,13 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
         n_actors=ec.actors, units=group_units(plan.units),
         call=lambda actor, group: actor.explain.remote(
             group, [plan.records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
-            ec.max_new_tokens or TASKS[group[0].task].explanation_tokens, ec.batch_size,
+            answer_budget(cfg, group[0].task), ec.batch_size,
             tuple(ec.selfie_scales)),
         on_result=on_result, max_retries=ec.max_retries, desc="eval", unit_name="group",
     )
     return plan.cells
 
 
-def eval_settings(cfg: RunConfig) -> dict:
-    """The eval settings a scored cell depends on."""
-    ec = cfg.eval
-    return {"max_new_tokens": ec.max_new_tokens, "max_examples": ec.max_examples}
+def eval_settings(cfg: RunConfig, task: str) -> dict:
+    """The eval settings a scored cell of the task depends on."""
+    return {"max_new_tokens": answer_budget(cfg, task), "max_examples": cfg.eval.max_examples}

@@ -9,6 +9,8 @@ from typing import Literal, Optional
 
 from selfexplain.training.controls import TRAINED_CONTROLS
 
+from selfexplain.groundtruth.tasks import TASKS
+
 from .baselines import BASELINES
 
 
@@ -16,6 +18,9 @@ from .baselines import BASELINES
 class RowSettings:
     max_new_tokens: Optional[int] = None
     """Tokens per explanation; null: the task's default (50 for causal tasks, as in the paper)."""
+    max_new_tokens_by_task: dict[str, int] = field(default_factory=dict)
+    """Tokens per explanation for the named tasks (the others: max_new_tokens), e.g. {answer_heads: 32}.
+    The eval stage refuses a budget shorter than a scored gold explanation in the explainer's tokens."""
     max_examples: Optional[int] = None
     """Score at most this many test records per target (null: all)."""
     untrained: bool = True
@@ -44,7 +49,13 @@ class RowSettings:
     """Feature descriptions: SelfIE reads v unit-normalised times each scale with the untrained
     explainer; the best scale's scores are reported (the paper's scales). Empty: no SelfIE row."""
 
+    def budget_for(self, task: str) -> int:
+        """New tokens an explainer may decode for the task's explanations."""
+        return self.max_new_tokens_by_task.get(task) or self.max_new_tokens or TASKS[task].explanation_tokens
+
     def check(self) -> None:
+        if any(n < 1 for n in self.max_new_tokens_by_task.values()):
+            raise ValueError(f"max_new_tokens_by_task: every budget must be at least 1, got {self.max_new_tokens_by_task}")
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ValueError(f"baselines: unknown {sorted(unknown)} (known: {', '.join(BASELINES)})")

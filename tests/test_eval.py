@@ -587,3 +587,36 @@ def test_a_form_is_one_registration_and_a_task_names_only_registered_ones(monkey
         forms.register_form(yes_no)
     with pytest.raises(KeyError, match="which no module registered .known: causal, description, attribution, list, yes_no"):
         forms.form_of("unknown_form_task")
+
+
+def test_a_decode_budget_shorter_than_a_gold_explanation_is_refused_before_generating(tmp_path):
+    """An answer cut before its closing marker does not parse: a row would read as a failed explainer."""
+    from selfexplain.distributed.config import load_config
+    from selfexplain.distributed.eval_pool import EvalPlan, EvalUnit, check_answer_budgets, eval_settings
+    from selfexplain.distributed.train_job import train_jobs
+    from selfexplain.groundtruth.errors import ConfigError
+    from selfexplain.groundtruth.models import byte_tokenizer
+
+    def plan_for(budget: int) -> tuple:
+        cfg = load_config("configs/quickstart.yaml", [f"out_dir={tmp_path / 'run'}", f"eval.max_new_tokens={budget}"])
+        job = next(j for j in train_jobs(cfg) if j.task == "input_ablation")
+        byte_tokenizer().save_pretrained(job.export_dir)
+        test = make_records(6, target=job.target, split="test")
+        plan = EvalPlan(records_of={("input_ablation", job.target): test})
+        plan.units.append(EvalUnit("input_ablation", "input_ablation", job.target, "r", "trained", job.explainer, job,
+                                   str(tmp_path / "cell.json"), "k"))
+        return cfg, plan, max(len(r.explanation.encode()) for r in test)  # the byte tokenizer: a token a byte
+
+    cfg, plan, longest = plan_for(1000)
+    check_answer_budgets(cfg, plan)  # room to spare
+    cfg, plan, _ = plan_for(longest)
+    check_answer_budgets(cfg, plan)  # exactly enough
+    cfg, plan, _ = plan_for(longest - 1)
+    with pytest.raises(ConfigError, match=f"the longest takes {longest} of"):
+        check_answer_budgets(cfg, plan)
+    # a task's own budget overrides the run's, and is what the cells' keys and the actors get
+    cfg = load_config("configs/quickstart.yaml", ["eval.max_new_tokens=3", f"eval.max_new_tokens_by_task={{input_ablation: {longest}}}"])
+    check_answer_budgets(cfg, plan)
+    assert eval_settings(cfg, "input_ablation")["max_new_tokens"] == longest and eval_settings(cfg, "head_patching")["max_new_tokens"] == 3
+    with pytest.raises(Exception, match="max_new_tokens_by_task: 'nope' is not a task"):
+        load_config("configs/quickstart.yaml", ["eval.max_new_tokens_by_task={nope: 3}"])
