@@ -57,7 +57,7 @@ def explain_job(cfg: RunConfig, task: str, explainer: str, target: str, export: 
                 source: Optional[str] = None) -> ExplainJob:
     """The job `selfexplain explain` runs: the run's trained explainer (or an export folder) on the run's
     ground-truth context of (task, target), or on a context of its own for the units of `source`."""
-    spec, units, name = TASKS[task], task_units(task), f"{explainer}_on_{target}"
+    units, name = task_units(task), f"{explainer}_on_{target}"
     ctx = stage_context(cfg, task, target)
     train = cfg.layout.split(task, target, "train")
     trained_on = frozenset(r.source_id for r in iter_records(train)) if (train / "manifest.json").exists() else frozenset()
