@@ -20,7 +20,7 @@ class RowSettings:
     """Tokens per explanation; null: the task's default (50 for causal tasks, as in the paper)."""
     max_new_tokens_by_task: dict[str, int] = field(default_factory=dict)
     """Tokens per explanation for the named tasks (the others: max_new_tokens), e.g. {answer_heads: 32}.
-    The eval stage refuses a budget shorter than a scored gold explanation in the explainer's tokens."""
+    The eval stage warns where a budget is shorter than a scored gold explanation in the explainer's tokens."""
     max_examples: Optional[int] = None
     """Score at most this many test records per target (null: all)."""
     untrained: bool = True
