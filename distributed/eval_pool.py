@@ -205,11 +205,6 @@ def _scored_cell(cfg: RunConfig, unit: EvalUnit, predictions, test: list[Record]
     return Cell(unit.cell_task, unit.row, unit.kind, unit.explainer, unit.target, metrics, units, size), predictions
 
 
-def answer_budget(cfg: RunConfig, task: str) -> int:
-    """New tokens an explainer may decode for the task (eval/settings.py RowSettings.budget_for)."""
-    return cfg.eval.budget_for(task)
-
-
 def check_answer_budgets(cfg: RunConfig, plan: EvalPlan) -> list[str]:
     """Where a decode budget is shorter than a gold explanation of the records it scores, in the tokens of
     the explainer that has to write it, a warning each: an answer cut before its closing marker does not
@@ -218,15 +213,17 @@ def check_answer_budgets(cfg: RunConfig, plan: EvalPlan) -> list[str]:
     models decode a few tokens on purpose.)"""
     from transformers import AutoTokenizer
 
-    warnings, seen = [], set()
+    warnings, seen, tokenizers = [], set(), {}
     for unit in plan.units:
         if ROW_KINDS[unit.kind].reads_base or (unit.cell_task, unit.target, unit.explainer) in seen:
             continue
         seen.add((unit.cell_task, unit.target, unit.explainer))
         golds = sorted({r.explanation for r in plan.records_of[(unit.cell_task, unit.target)]}, key=len)[-8:]
-        tok = AutoTokenizer.from_pretrained(unit.job.export_dir)
+        # one per explainer: its exports differ only by the [vec] tokens, which no gold text holds
+        tok = tokenizers.get(unit.explainer) or tokenizers.setdefault(
+            unit.explainer, AutoTokenizer.from_pretrained(unit.job.export_dir))
         longest = max((len(tok(g, add_special_tokens=False).input_ids) for g in golds), default=0)
-        budget = answer_budget(cfg, unit.task)
+        budget = cfg.eval.budget_for(unit.task)
         if longest > budget:
             warnings.append(f"{budget} new tokens cut {unit.cell_task}'s gold explanations on target {unit.target}: "
                             f"the longest takes {longest} of {unit.explainer}'s tokens, so its answers cannot close; "
@@ -264,7 +261,7 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
         n_actors=ec.actors, units=group_units(plan.units),
         call=lambda actor, group: actor.explain.remote(
             group, [plan.records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
-            answer_budget(cfg, group[0].task), ec.batch_size,
+            ec.budget_for(group[0].task), ec.batch_size,
             tuple(ec.selfie_scales)),
         on_result=on_result, max_retries=ec.max_retries, desc="eval", unit_name="group",
     )
@@ -273,4 +270,4 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
 
 def eval_settings(cfg: RunConfig, task: str) -> dict:
     """The eval settings a scored cell of the task depends on."""
-    return {"max_new_tokens": answer_budget(cfg, task), "max_examples": cfg.eval.max_examples}
+    return {"max_new_tokens": cfg.eval.budget_for(task), "max_examples": cfg.eval.max_examples}

@@ -26,7 +26,6 @@ from selfexplain.training.export import read_metadata
 
 from .actor_pool import run_pool
 from .config import RunConfig
-from .eval_pool import answer_budget
 from .gt_pool import run_steps, stage_context
 from .ray_session import torch_threads
 from .scaling import gpu_hours, shape_of
@@ -72,7 +71,7 @@ def explain_job(cfg: RunConfig, task: str, explainer: str, target: str, export: 
     export = export or str(cfg.layout.explainer(task, target, explainer) / "export")
     return ExplainJob(ctx, export, str(cfg.run_dir / "explain" / task / name), explainer,
                       chunk_size or units.chunk_size, limit, tuple(layers) if layers else None,
-                      answer_budget(cfg, task), cfg.eval.batch_size, trained_on, source)
+                      cfg.eval.budget_for(task), cfg.eval.batch_size, trained_on, source)
 
 
 def prepare_source(cfg: RunConfig, job: ExplainJob) -> None:

@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from selfexplain.training.controls import TRAINED_CONTROLS
-
 from selfexplain.groundtruth.tasks import TASKS
+from selfexplain.training.controls import TRAINED_CONTROLS
 
 from .baselines import BASELINES
 
