@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install quickstart quickstart-techniques study study-features study-features-norm4 study-patching-scale study-techniques sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
+.PHONY: install quickstart study study-features study-features-norm4 study-patching-scale study-techniques sweep test test-all bench gpu-check gpu-wheels gpu-wheels-check install-check clean
 
 # From Debian, installed once (sudo only when not already root): the offline corpora, WordNet
 # (feature-description corpus and lexical categories) and fortunes, and headless Chromium, in which the
@@ -45,11 +45,6 @@ install: $(STAMP) $(CORPORA) $(CHROMIUM)
 quickstart: install
 	$(VENV)/bin/selfexplain run configs/quickstart.yaml
 	$(VENV)/bin/selfexplain explain configs/quickstart.yaml --task feature_descriptions --explainer smollm2 --target smollm2
-
-# Attention-head patching (screened by attribution patching) and gradient token attribution at the
-# quickstart's scale (about 10 minutes after installation): runs/quickstart_techniques/report.md.
-quickstart-techniques: install
-	$(VENV)/bin/selfexplain run configs/quickstart_techniques.yaml
 
 study: install
 	$(VENV)/bin/selfexplain run configs/study_cpu.yaml

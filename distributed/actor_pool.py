@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -61,19 +61,26 @@ def run_pool(
     max_retries: int,
     desc: str,
     unit_name: str = "shard",
+    kept: Optional[list] = None,
 ) -> None:
     """Run call(actor, unit) for every unit on up to n_actors actors; on_result(unit, result) returns
-    the number of records the unit produced (for the records/s shown on the progress bar)."""
+    the number of records the unit produced (for the records/s shown on the progress bar). `kept`: live
+    actors of an earlier pool of the same kind, used first; once every unit is done the healthy actors are
+    left in it for the next pool instead of being killed (on an error every actor is killed)."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
     if not units:
         return
+    kept = [] if kept is None else kept
     queue = deque(range(len(units)))
     failures = [0] * len(units)
-    idle = [make_actor() for _ in range(min(n_actors, len(units)))]
+    wanted = min(n_actors, len(units))
+    idle = kept[:wanted] + [make_actor() for _ in range(wanted - len(kept[:wanted]))]
+    spare = kept[wanted:]
+    kept.clear()
     running: dict = {}
-    records, started = 0, time.time()
+    records, started, finished = 0, time.time(), False
     bar = tqdm(total=len(units), desc=desc, unit=unit_name, dynamic_ncols=True)
     metrics = PoolMetrics(desc, len(units))
     try:
@@ -86,6 +93,7 @@ def run_pool(
             try:
                 result = ray.get(ready[0])
             except RayTaskError as err:  # the unit's own code raised: not a fault to retry
+                idle.append(actor)  # alive: killed below with the others
                 raise err.as_instanceof_cause() from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                 failures[index] += 1
@@ -104,7 +112,11 @@ def run_pool(
             bar.update(1)
             bar.set_postfix(records=records, rate=f"{rate:.1f}/s")
             metrics.update(bar.n, produced, rate)
+        finished = True
     finally:
         bar.close()
-        for actor in idle + [a for a, _ in running.values()]:
-            ray.kill(actor, no_restart=True)
+        if finished:
+            kept.extend(idle + spare)
+        else:
+            for actor in idle + spare + [a for a, _ in running.values()]:
+                ray.kill(actor, no_restart=True)

@@ -26,8 +26,8 @@ from selfexplain.training.export import read_metadata
 
 from .actor_pool import run_pool
 from .config import RunConfig
-from .gt_pool import run_steps, stage_context
-from .ray_session import torch_threads
+from .gt_pool import TargetActors, run_steps, stage_context
+from .ray_session import idle_share, torch_threads
 from .scaling import gpu_hours, shape_of
 from .typed_yaml import stable_hash
 
@@ -77,7 +77,8 @@ def explain_job(cfg: RunConfig, task: str, explainer: str, target: str, export: 
 def prepare_source(cfg: RunConfig, job: ExplainJob) -> None:
     """A --source job's own ground-truth context, made by the task's prepare steps (skipped where done)."""
     if job.source is not None and job.units.prepare:
-        run_steps(cfg, job.units.prepare, job.ctx)
+        with TargetActors(cfg) as actors:
+            run_steps(cfg, job.units.prepare, job.ctx, actors)
 
 
 def job_hash(job: ExplainJob) -> str:
@@ -166,11 +167,13 @@ def validate_sample(cfg: RunConfig, job: ExplainJob, rows: list[dict], validate_
 
 def on_workers(cfg: RunConfig, job: ExplainJob, units: list, call: Callable, on_result: Callable[[Any, Any], int],
                verb: str, unit_name: str) -> None:
-    """call(actor, unit) for every unit on ExplainWorker actors with the eval stage's resources."""
+    """call(actor, unit) for every unit on ExplainWorker actors with the eval stage's resources (fewer units
+    than actors: each actor also takes the idle ones' CPUs)."""
     import ray
 
     ec = cfg.eval
-    actor_cls = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_restarts=0)(ExplainWorker)
-    run_pool(make_actor=lambda: actor_cls.remote(job, torch_threads(ec.actor_cpus)), n_actors=ec.actors, units=units,
+    cpus = idle_share(ec.actor_cpus, ec.actors, len(units))
+    actor_cls = ray.remote(num_cpus=cpus, num_gpus=ec.actor_gpus, max_restarts=0)(ExplainWorker)
+    run_pool(make_actor=lambda: actor_cls.remote(job, torch_threads(cpus)), n_actors=ec.actors, units=units,
              call=call, on_result=on_result, max_retries=ec.max_retries,
              desc=f"{verb} {job.ctx.task}/{job.explainer}_on_{job.ctx.target}", unit_name=unit_name)

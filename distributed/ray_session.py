@@ -67,3 +67,14 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
 def torch_threads(cpus: float) -> int:
     """Threads for a worker reserving `cpus` CPUs: at least 1, never more than it reserved."""
     return max(1, int(cpus))
+
+
+def idle_share(cpus: float, actors: int, units: int) -> float:
+    """CPUs each unit of a pool sized for `actors` workers of `cpus` CPUs reserves when the units are
+    fewer than the workers: its share of the idle workers' CPUs too (one SAE to train, one validation
+    sample), at most what the largest node has. GPUs stay one worker's: these units use one device."""
+    import ray
+
+    share = cpus * max(1, actors // max(units, 1))
+    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=cpus)
+    return max(cpus, min(share, largest))

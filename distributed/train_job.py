@@ -15,7 +15,7 @@ from selfexplain.training.export import export_differences, export_matches
 from selfexplain.training.job import TrainJob
 from selfexplain.training.preemption import PreemptionWatch, TrainingPreempted
 from selfexplain.training.step import run_training
-from selfexplain.training.vectors import fit_for_job, prefit_projections
+from selfexplain.training.vectors import FitMany, fit_each, fit_for_job, prefit_projections
 
 from .config import RunConfig
 from .ray_session import torch_threads
@@ -46,12 +46,12 @@ def train_jobs(cfg: RunConfig) -> list[TrainJob]:
     return jobs
 
 
-def ready_for_ranks(jobs: list[TrainJob], fit) -> None:
+def ready_for_ranks(jobs: list[TrainJob], fit_many: FitMany) -> None:
     """What the jobs' ranks would otherwise each do: packaged models dequantised once, and one lstsq fit
-    per (explainer, target) pair, shared by its tasks (`fit` runs one)."""
+    per (explainer, target) pair, shared by its tasks (`fit_many` runs them)."""
     for job in jobs:
         prepare(job.explainer_spec)
-    prefit_projections(jobs, fit)
+    prefit_projections(jobs, fit_many)
 
 
 def write_job_files(cfg: RunConfig) -> list[Path]:
@@ -63,7 +63,7 @@ def write_job_files(cfg: RunConfig) -> list[Path]:
     missing = sorted({job.data_dir for job in jobs if not (Path(job.data_dir) / MANIFEST).exists()})
     if missing:
         raise DataSourceError(f"no ground truth at {', '.join(missing)}; run `selfexplain groundtruth` first")
-    ready_for_ranks(jobs, fit_for_job)
+    ready_for_ranks(jobs, fit_each)
     folder = cfg.layout.jobs
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -111,9 +111,40 @@ def _ray_worker_loop(config: dict) -> None:
         gc.collect()  # the finished engine's weights and optimizer state, before the next model loads
 
 
+def deal(jobs: list[TrainJob], groups: int, weight) -> list[list[TrainJob]]:
+    """The jobs split among `groups` worker groups, heaviest first to the lightest-loaded group (each
+    group keeps the stage's order), so the groups finish close together; empty groups are dropped."""
+    loads, shares = [0.0] * groups, [[] for _ in range(groups)]
+    for index in sorted(range(len(jobs)), key=lambda i: -weight(jobs[i])):
+        lightest = loads.index(min(loads))
+        loads[lightest] += weight(jobs[index])
+        shares[lightest].append(index)
+    return [[jobs[i] for i in sorted(share)] for share in shares if share]
+
+
+def explainer_weight(job: TrainJob) -> float:
+    """A job's relative cost: its explainer's weights on disk (steps are alike within a stage's tasks)."""
+    folder = Path(prepare(job.explainer_spec))
+    return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 1.0
+
+
 def fit_with_ray(jobs: list[TrainJob], storage: Path) -> None:
-    """Run jobs one after another on one group of train.num_workers Ray Train workers (gloo on CPU,
-    nccl on GPUs); the jobs share one TrainConfig (resources, ZeRO stage)."""
+    """Run the jobs on train.concurrent_groups groups of train.num_workers Ray Train workers at once (gloo
+    on CPU, nccl on GPUs), each group its share one after another; the jobs share one TrainConfig
+    (resources, ZeRO stage)."""
+    shares = deal(jobs, jobs[0].train.concurrent_groups, explainer_weight)
+    if len(shares) == 1:
+        _fit_group(shares[0], storage, "explainers")
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Ray Train runs a trainer off the main thread (as under Tune); result() raises a group's failure
+    with ThreadPoolExecutor(len(shares)) as pool:
+        for done in [pool.submit(_fit_group, share, storage, f"explainers_{i}") for i, share in enumerate(shares)]:
+            done.result()
+
+
+def _fit_group(jobs: list[TrainJob], storage: Path, name: str) -> None:
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -125,7 +156,7 @@ def fit_with_ray(jobs: list[TrainJob], storage: Path) -> None:
                                      resources_per_worker={"CPU": tc.worker_cpus}),
         torch_config=TorchConfig(backend=tc.backend or ("nccl" if tc.use_gpu else "gloo")),
         # a crashed worker restarts the group, which resumes from the newest DeepSpeed checkpoint
-        run_config=RayRunConfig(name="explainers", storage_path=str(storage),
+        run_config=RayRunConfig(name=name, storage_path=str(storage),
                                 failure_config=FailureConfig(max_failures=2)),
     )
     trainer.fit()
@@ -138,17 +169,18 @@ def _fit_task(job: TrainJob, keys: list[str], threads: int) -> Projection:
     return fit_for_job(job, keys)
 
 
-def projection_fitter(cfg: RunConfig):
-    """How the stage runs an lstsq fit: as a Ray task with an evaluator's resources (the fit runs the
-    target and the explainer, as an evaluator runs explainers: on its GPU where eval.actor_gpus says so),
-    or in this process when no Ray session is up (train.use_ray: false)."""
+def projection_fitter(cfg: RunConfig) -> FitMany:
+    """How the stage runs its lstsq fits: side by side as Ray tasks with an evaluator's resources (a fit
+    runs the target and the explainer, as an evaluator runs explainers: on its GPU where eval.actor_gpus
+    says so), or one after another in this process when no Ray session is up (train.use_ray: false)."""
     import ray
 
     if not ray.is_initialized():
-        return fit_for_job
+        return fit_each
     ec = cfg.eval
     remote = ray.remote(num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus, max_retries=ec.max_retries)(_fit_task)
-    return lambda job, keys: ray.get(remote.remote(job, keys, torch_threads(ec.actor_cpus)))
+    threads = torch_threads(ec.actor_cpus)
+    return lambda fits: ray.get([remote.remote(job, keys, threads) for job, keys in fits])
 
 
 def run_train_stage(cfg: RunConfig) -> list[Path]:

@@ -14,7 +14,8 @@ from selfexplain.distributed.submit import AGENT_NOT_READY, REPO, runtime_env, s
 
 TINY = [  # the quickstart config shrunk to tiny models and one task, through --set alone
     "models.smollm2.source=tiny-llama:hidden=32,layers=2", "models.gemma.source=tiny-llama:hidden=48,layers=2,seed=1",
-    "tasks.activation_patching=null", "tasks.feature_descriptions=null", "tasks.input_ablation.max_sources=12",
+    "tasks.activation_patching=null", "tasks.feature_descriptions=null", "tasks.head_patching=null",
+    "tasks.token_attribution=null", "tasks.input_ablation.max_sources=12",
     "tasks.input_ablation.test_fraction=0.3",
     "tasks.input_ablation.balance=false", "tasks.input_ablation.span.answer_pattern=\\S+",
     "groundtruth.actors=1", "groundtruth.actor_cpus=0.5", "train.max_steps=2", "train.micro_batch_size=2",

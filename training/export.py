@@ -46,7 +46,7 @@ def job_identity(job: "TrainJob") -> dict:
     """What an export must match to be reused: base model, task, target, data and hyperparameters. The
     data is named by its content (a hash of its shards), not its path, so a copied or moved run folder
     still matches its exports."""
-    train = dataclasses.asdict(job.train) | {"use_ray": None, "num_workers": None, "worker_cpus": None}
+    train = dataclasses.asdict(job.train) | dict.fromkeys(job.train.RESOURCES)
     if not reads_vectors(job.task):
         train.pop("projection")  # no vector reaches this explainer: how one would be projected cannot matter
     return {

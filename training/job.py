@@ -68,6 +68,10 @@ class TrainConfig:
     """Training ranks (Ray Train workers)."""
     worker_cpus: float = 1.0
     """CPUs reserved per worker; torch threads per worker follow from it."""
+    concurrent_groups: int = 1
+    """Ray Train worker groups training at once, each taking its share of the jobs in turn (a group:
+    num_workers x worker_cpus). On a small machine two 1-CPU groups beat one 2-CPU group: a job's loading,
+    tokenizer and export run on one core, and small batches use a second thread poorly."""
     use_gpu: bool = False
     """One GPU per worker (clusters)."""
     backend: Optional[str] = None
@@ -88,6 +92,9 @@ class TrainConfig:
     """Low-rank adapters instead of a full fine-tune (the paper: r=128 for activation patching);
     null: every weight is trained. Exports keep the adapters only (merged when loaded)."""
 
+    RESOURCES = ("use_ray", "num_workers", "worker_cpus", "concurrent_groups")
+    """Where and how many at once: no part of what an explainer learns (nor of its export's identity)."""
+
     def for_task(self, task: str) -> "TrainConfig":
         """The settings one task's jobs train with (another task's step count is no part of them)."""
         steps = self.max_steps_by_task.get(task, self.max_steps)
@@ -101,7 +108,7 @@ class TrainConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3")
         for name in ("micro_batch_size", "grad_accum", "epochs", "checkpoint_every", "num_workers", "log_every",
-                     "length_window"):
+                     "length_window", "concurrent_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
 

@@ -55,11 +55,21 @@ def fit_for_job(job: TrainJob, keys: list[str], device: Optional[str] = None) ->
                           job.train.projection.is_trainable("lstsq"), device)
 
 
-def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]], Projection] = fit_for_job) -> None:
+FitMany = Callable[[list[tuple[TrainJob, list[str]]]], list[Projection]]
+"""Runs several lstsq fits, each a (job, keys), and returns their Pi in order."""
+
+
+def fit_each(fits: list[tuple[TrainJob, list[str]]]) -> list[Projection]:
+    """The fits one after another in this process."""
+    return [fit_for_job(job, keys) for job, keys in fits]
+
+
+def prefit_projections(jobs: list[TrainJob], fit_many: FitMany = fit_each) -> None:
     """Fit the lstsq projections of jobs before their ranks start (they then load them instead of each
     fitting). Jobs of one (explainer, target) pair share one fit over the union of their keys (both
-    models run over the fit passages once for every task), saved per job as its keys' subset. `fit`
-    runs one fit (distributed/ makes it a Ray task holding a GPU)."""
+    models run over the fit passages once for every task), saved per job as its keys' subset.
+    `fit_many` runs the pairs' fits (distributed/ runs them side by side as Ray tasks, each holding a
+    GPU where there are GPUs)."""
     groups: dict[str, list[tuple[TrainJob, list[str]]]] = {}
     for job in jobs:
         if job.train.projection.kind_for(job.explainer, job.target) != "lstsq" or job.target_spec is None:
@@ -73,9 +83,9 @@ def prefit_projections(jobs: list[TrainJob], fit: Callable[[TrainJob, list[str]]
         pair = json.dumps([asdict(job.explainer_spec), asdict(job.target_spec), asdict(job.train.projection), job.seed],
                           sort_keys=True)
         groups.setdefault(pair, []).append((job, keys))
-    for members in groups.values():
-        job = members[0][0]
-        union = sorted({k for _, keys in members for k in keys}, key=lambda k: [int(x) for x in k.split("-")])
-        shared = fit(job, union)
+    unions = [sorted({k for _, keys in members for k in keys}, key=lambda k: [int(x) for x in k.split("-")])
+              for members in groups.values()]
+    fitted = fit_many([(members[0][0], union) for members, union in zip(groups.values(), unions)])
+    for members, shared in zip(groups.values(), fitted):
         for member, keys in members:
             save_projection(shared.subset(keys), member.projection_init_path)
