@@ -147,6 +147,7 @@ def plan(cfg: RunConfig) -> str:
     jobs = train_jobs(cfg)
     lines.append(f"train: {len(jobs)} explainer jobs, {'Ray Train' if tc.use_ray else 'in-process'} with "
                  f"{tc.num_workers} workers x ({tc.worker_cpus} CPU{', 1 GPU' if tc.use_gpu else ''}), "
+                 + (f"{tc.concurrent_groups} groups at once, " if tc.use_ray and tc.concurrent_groups > 1 else "")
                  + (f"LoRA r={tc.lora.r} on {', '.join(tc.lora.target_modules)}" if tc.lora else "full fine-tune"))
     for j in jobs:
         reads = (f", reads v through Pi '{tc.projection.kind_for(j.explainer, j.target)}'"

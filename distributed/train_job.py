@@ -200,7 +200,8 @@ def run_train_stage(cfg: RunConfig) -> list[Path]:
         tc = cfg.train
         print(f"[train] {len(todo)} explainers to train "
               f"({'Ray Train, ' + str(tc.num_workers) + ' workers' if tc.use_ray else 'in-process'}, "
-              f"ZeRO-{tc.zero_stage})", flush=True)
+              + (f"{tc.concurrent_groups} groups at once, " if tc.use_ray and tc.concurrent_groups > 1 else "")
+              + f"ZeRO-{tc.zero_stage})", flush=True)
         for job in todo:
             job.stop_file.unlink(missing_ok=True)  # left by an earlier preempted run
         if tc.use_ray:

@@ -244,6 +244,21 @@ def test_balancing_equalises_the_label_mix_within_each_cell():
     assert not SplitConfig().usable(empty) and label_stats([empty, *records[:3]])["empty_answers"] == 1
 
 
+def test_a_cap_smaller_than_the_number_of_cells_keeps_the_ratio():
+    """20 (token type, block) cells and a cap of 12: each cell's queue starts at its own phase of the ratio,
+    so the first round already holds it (every queue starting on a changed record made 12 of 12 changed)."""
+    def rec(i, changed):
+        return Record(f"r{i:04d}", "activation_patching", "t", "test", "s", "p", "q", "e", changed, "a",
+                      "b" if changed else "a", query={"block": str(i % 4)}, token_type=f"type{i % 5}")
+    records = [rec(i, (i // 20) % 4 == 0) for i in range(800)]  # a quarter changed, in every cell
+    cell_of = lambda r: f"{r.token_type}/{r.query['block']}"  # noqa: E731
+    for cap, fraction in ((12, 0.5), (10, 0.5), (30, 0.5), (20, 0.3)):
+        chosen = balance(records, fraction, seed=0, cap=cap, cell_of=cell_of)
+        assert len(chosen) == cap and abs(sum(r.changed for r in chosen) - fraction * cap) <= 1, (cap, fraction)
+    full = balance(records, 0.5, seed=0, cell_of=cell_of)
+    assert len(full) == 400 and sum(r.changed for r in full) == 200
+
+
 def test_patching_pairs_never_share_a_prompt_across_the_split():
     """No prompt of a test pair is in train in either role (x or x'): the counterfactual x' is drawn
     from its x's split. The old split by x alone put most test x' into train pairs."""

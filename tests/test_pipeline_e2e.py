@@ -39,7 +39,7 @@ CONFIG = {
                                        "max_tokens": 24, "sae": {"d_sae": 64, "k": 4, "steps": 80, "batch_size": 64},
                                        "top_k": 6, "negatives": 4, "min_exemplars": 3, "test_features_per_layer": 6}},
     "groundtruth": {"actors": 2, "actor_cpus": 0.5, "items_per_shard": 16, "batch_size": 8},
-    "train": {"num_workers": 2, "worker_cpus": 0.5, "zero_stage": 2, "max_steps": 4, "micro_batch_size": 2,
+    "train": {"num_workers": 2, "worker_cpus": 0.5, "concurrent_groups": 2, "zero_stage": 2, "max_steps": 4, "micro_batch_size": 2,
               "checkpoint_every": 2, "log_every": 2, "projection": {"fit_texts": 40}},
     "eval": {"max_examples": 6, "max_new_tokens": 8, "actors": 2, "actor_cpus": 0.5,
              "baselines": ["majority", "nearest_neighbour", "gold"], "selfie_scales": [1, 10],
@@ -80,7 +80,7 @@ def test_pipeline_end_to_end_with_a_killed_actor(config, tmp_path, monkeypatch, 
     assert train_ids and test_ids and not train_ids & test_ids
     assert json.loads((gt / "label_stats.json").read_text())["raw"]["count"] == len(expected)
 
-    # two explainers trained through Ray Train with 2 workers each, exported
+    # every explainer trained through Ray Train, two groups of 2 workers at once, and exported
     for name in ("input_ablation/a_on_a", "input_ablation/b_on_a", "activation_patching/a_on_a", "activation_patching/b_on_a",
                  "head_patching/a_on_a", "head_patching/b_on_a", "feature_descriptions/a_on_a", "feature_descriptions/b_on_a"):
         export = cfg.run_dir / "explainers" / name / "export"
