@@ -52,6 +52,30 @@ class PoolMetrics:
         self.retried += 1
 
 
+class _Progress:
+    """A pool's progress bar and Ray metrics, fed one finished unit at a time."""
+
+    def __init__(self, desc: str, total: int, unit_name: str):
+        self.bar = tqdm(total=total, desc=desc, unit=unit_name, dynamic_ncols=True)
+        self.metrics = PoolMetrics(desc, total)
+        self.records, self.started = 0, time.time()
+
+    def done(self, produced: int) -> None:
+        self.records += produced
+        rate = self.records / max(time.time() - self.started, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(records=self.records, rate=f"{rate:.1f}/s")
+        self.metrics.update(self.bar.n, produced, rate)
+
+
+def _first_actors(kept: list, wanted: int, make_actor: Callable[[], Any]) -> tuple[list, list]:
+    """(the pool's starting actors: kept ones first, then new ones; the kept ones it does not need),
+    emptying `kept`."""
+    idle, spare = kept[:wanted], kept[wanted:]
+    kept.clear()
+    return idle + [make_actor() for _ in range(wanted - len(idle))], spare
+
+
 def run_pool(
     make_actor: Callable[[], Any],
     n_actors: int,
@@ -73,16 +97,10 @@ def run_pool(
     if not units:
         return
     kept = [] if kept is None else kept
-    queue = deque(range(len(units)))
-    failures = [0] * len(units)
-    wanted = min(n_actors, len(units))
-    idle = kept[:wanted] + [make_actor() for _ in range(wanted - len(kept[:wanted]))]
-    spare = kept[wanted:]
-    kept.clear()
+    queue, failures = deque(range(len(units))), [0] * len(units)
+    idle, spare = _first_actors(kept, min(n_actors, len(units)), make_actor)
     running: dict = {}
-    records, started, finished = 0, time.time(), False
-    bar = tqdm(total=len(units), desc=desc, unit=unit_name, dynamic_ncols=True)
-    metrics = PoolMetrics(desc, len(units))
+    progress, finished = _Progress(desc, len(units), unit_name), False
     try:
         while queue or running:
             while idle and queue:
@@ -100,21 +118,16 @@ def run_pool(
                 if failures[index] > max_retries:
                     raise RuntimeError(f"{desc}: unit {index} lost its actor {failures[index]} times; last: {err}") from err
                 tqdm.write(f"[{desc}] actor died on unit {index} ({type(err).__name__}); retrying on a new actor")
-                metrics.retry()
+                progress.metrics.retry()
                 ray.kill(actor, no_restart=True)
                 idle.append(make_actor())
                 queue.appendleft(index)
                 continue
-            produced = on_result(units[index], result)
-            records += produced
+            progress.done(on_result(units[index], result))
             idle.append(actor)
-            rate = records / max(time.time() - started, 1e-9)
-            bar.update(1)
-            bar.set_postfix(records=records, rate=f"{rate:.1f}/s")
-            metrics.update(bar.n, produced, rate)
         finished = True
     finally:
-        bar.close()
+        progress.bar.close()
         if finished:
             kept.extend(idle + spare)
         else:

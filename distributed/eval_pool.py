@@ -256,9 +256,14 @@ def run_eval_stage(cfg: RunConfig) -> list[Cell]:
             explained += len(kept)
         return explained
 
+    def answers(group: list[EvalUnit]) -> int:
+        return sum(len(plan.records_of[(u.cell_task, u.target)]) * (len(ec.selfie_scales) if ROW_KINDS[u.kind].scaled
+                                                                    else 1) for u in group)
+
     run_pool(
         make_actor=lambda: actor_cls.remote(torch_threads(ec.actor_cpus)),
-        n_actors=ec.actors, units=group_units(plan.units),
+        # the longest groups first: the last to finish are short, so no actor waits long on another
+        n_actors=ec.actors, units=sorted(group_units(plan.units), key=answers, reverse=True),
         call=lambda actor, group: actor.explain.remote(
             group, [plan.records_of[(u.cell_task, u.target)] for u in group], cfg.train.prompt_format,
             ec.budget_for(group[0].task), ec.batch_size,
