@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from selfexplain.eval.rows import applicable_controls
 from selfexplain.groundtruth.errors import DataSourceError
@@ -111,13 +112,14 @@ def _ray_worker_loop(config: dict) -> None:
         gc.collect()  # the finished engine's weights and optimizer state, before the next model loads
 
 
-def deal(jobs: list[TrainJob], groups: int, weight) -> list[list[TrainJob]]:
+def deal(jobs: list[TrainJob], groups: int, weight: Callable[[TrainJob], float]) -> list[list[TrainJob]]:
     """The jobs split among `groups` worker groups, heaviest first to the lightest-loaded group (each
     group keeps the stage's order), so the groups finish close together; empty groups are dropped."""
+    weights = [weight(job) for job in jobs]
     loads, shares = [0.0] * groups, [[] for _ in range(groups)]
-    for index in sorted(range(len(jobs)), key=lambda i: -weight(jobs[i])):
+    for index in sorted(range(len(jobs)), key=lambda i: -weights[i]):
         lightest = loads.index(min(loads))
-        loads[lightest] += weight(jobs[index])
+        loads[lightest] += weights[index]
         shares[lightest].append(index)
     return [[jobs[i] for i in sorted(share)] for share in shares if share]
 
