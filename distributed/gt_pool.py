@@ -140,9 +140,9 @@ def run_recipe(cfg: RunConfig, recipe: StagedRecipe, ctx: StageContext, actors: 
 def run_groundtruth(cfg: RunConfig) -> dict:
     """Generate (or finish) ground truth for every enabled task and target, target by target so that its
     tasks share the target's actors; returns label stats as {task: {target: stats}}."""
-    stats: dict = {task: {} for task in cfg.tasks}
+    stats: dict = {task: {} for task in cfg.tasks}  # filled target by target: each task's targets in order
     with TargetActors(cfg) as actors:
         for target in cfg.targets:
             for task in cfg.tasks:
                 stats[task][target] = run_recipe(cfg, TASKS[task].recipe, stage_context(cfg, task, target), actors)
-    return {task: {target: by_target[target] for target in cfg.targets} for task, by_target in stats.items()}
+    return stats
