@@ -46,9 +46,13 @@ quickstart: install
 	$(VENV)/bin/selfexplain run configs/quickstart.yaml
 	$(VENV)/bin/selfexplain explain configs/quickstart.yaml --task feature_descriptions --explainer smollm2 --target smollm2
 
+# The three-task study of docs/RESULTS.md; SEED=1 or 2 runs it at another seed (about 2.5 hours each)
+# into study_cpu_seed<N>, beside seed 0's study_cpu.
+SEED ?= 0
+seeded = $(1)$(if $(filter-out 0,$(SEED)),_seed$(SEED))
 study: install
-	$(VENV)/bin/selfexplain run configs/study_cpu.yaml
-	$(call publish,study_cpu)
+	$(VENV)/bin/selfexplain run configs/study_cpu.yaml --set seed=$(SEED) --set name=$(call seeded,study_cpu)
+	$(call publish,$(call seeded,study_cpu))
 
 # A study run's results, committed: matrix.json, report.md with its figures and the eval cells (units
 # and predictions) copied to docs/results/<run name>, where the audit recomputes every difference.
@@ -74,7 +78,6 @@ study-features-norm4: install
 
 # The patching data-scale curve of docs/RESULTS.md: one seed per run (about 2.5 hours each);
 # `python -m selfexplain.eval.seeds docs/results/study_patching_scale_seed*` sets the seeds side by side.
-SEED ?= 0
 study-patching-scale: install
 	$(VENV)/bin/selfexplain run configs/study_patching_scale_cpu.yaml --set seed=$(SEED) \
 		--set name=study_patching_scale_seed$(SEED)
@@ -83,8 +86,8 @@ study-patching-scale: install
 # Attention-head patching, which heads carry the answer and gradient token attribution on the offline
 # models (an hour of ground truth, then an estimated two or more of training and eval).
 study-techniques: install
-	$(VENV)/bin/selfexplain run configs/study_techniques_cpu.yaml
-	$(call publish,study_techniques_cpu)
+	$(VENV)/bin/selfexplain run configs/study_techniques_cpu.yaml --set seed=$(SEED) --set name=$(call seeded,study_techniques_cpu)
+	$(call publish,$(call seeded,study_techniques_cpu))
 
 # The v-reading sweep of docs/RESULTS.md: name:overrides (comma-separated) per variant; one shared
 # ground truth (runs/sweep_cpu/groundtruth), copied into each variant's run folder.

@@ -193,13 +193,16 @@ def _balanced_picks(records: list[Record], changed_fraction: float, rng: random.
 
 
 def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable[[Record], str]] = None,
-                near_tie_margin: Optional[float] = None, identity_fields: tuple[str, ...] = ()) -> dict:
+                near_tie_margin: Optional[float] = None, identity_fields: tuple[str, ...] = (),
+                with_screen: bool = True) -> dict:
     """Label distribution and how well trivial rules predict the label.
 
     `trivial_rules` gives, for each categorical query field (kind, hint letter, relation, ...), the
     accuracy of predicting `changed` from that field alone (majority per value), next to the overall
     majority rate. A rule far above the majority rate means the labels are explained by it. Fields that
     identify an input (`identity_fields`: a subject, the removed span) get no rule: one only memorises.
+    with_screen=False leaves out the AtP screen's recall: it estimates something only over every record
+    the screen kept, not over a split drawn from them by label.
     """
     n = len(records)
     if n == 0:
@@ -229,7 +232,8 @@ def label_stats(records: list[Record], top: int = 10, cell_of: Optional[Callable
     cells = Counter(cell_of(r) for r in records) if cell_of else None
     from .attribution_patching import screen_stats  # torch and the patchers: only where records carry a screen
 
-    screened = screen_stats(records) if any(isinstance(r.query.get("screen"), dict) for r in records) else None
+    screened = screen_stats(records) if with_screen and any(isinstance(r.query.get("screen"), dict) for r in records) \
+        else None
     if cell_of:  # how well the balancing cell alone predicts the label (the majority rate: it tells nothing)
         by_cell: dict[str, Counter] = defaultdict(Counter)
         for r in records:
@@ -272,7 +276,7 @@ def finalize(folder: Path, task_cfg, config_hash: str, seed: int, shard_size: in
         elif cap is not None:
             chosen = chosen[:cap]
         chosen_by_split[split] = chosen
-        stats[split] = stats_of(chosen)
+        stats[split] = stats_of(chosen, with_screen=False)
     stats_path.write_text(json.dumps(stats, indent=1))  # kept for a refused set too: it is what to look at
     check_labels(stats, task_cfg, str(folder))
     for split, chosen in chosen_by_split.items():

@@ -102,8 +102,8 @@ from selfexplain.groundtruth.head_patching_task import HeadPatchingConfig, run_h
 from selfexplain.groundtruth.patching_task import PatchingConfig, run_patching  # noqa: E402
 
 
-@pytest.mark.parametrize("task", ["blocks", "heads"])
-def test_a_screened_run_patches_the_top_sites_and_an_audit_exactly_and_reports_its_recall(task):
+def _screened_run(task: str) -> tuple[dict, list]:
+    """(every record of an exhaustive run by id, the records a screened run of the same pairs kept)."""
     model, tok = load_model(ModelSpec("tiny-llama:hidden=32,layers=4,seed=3"))
     for p in model.parameters():  # sharper, so that patches change the answer
         p.data *= 3
@@ -112,7 +112,12 @@ def test_a_screened_run_patches_the_top_sites_and_an_audit_exactly_and_reports_i
     items = build_items(cfg, 0)
     every = {r.record_id: r for r in run(model, tok, items, cfg, "t", lambda s: "train")}
     screen_cfg = ScreenConfig(top_fraction=0.25, audit_fraction=0.2)
-    kept = run(model, tok, items, config(max_facts=4, relations=["capital"], screen=screen_cfg), "t", lambda s: "train")
+    return every, run(model, tok, items, config(max_facts=4, relations=["capital"], screen=screen_cfg), "t", lambda s: "train")
+
+
+@pytest.mark.parametrize("task", ["blocks", "heads"])
+def test_a_screened_run_patches_the_top_sites_and_an_audit_exactly_and_reports_its_recall(task):
+    every, kept = _screened_run(task)
     assert 0.25 * len(every) <= len(kept) < 0.5 * len(every)
     for record in kept:  # exactly what the exhaustive run labels them
         assert (record.changed, record.explanation) == (every[record.record_id].changed, every[record.record_id].explanation)
@@ -127,6 +132,22 @@ def test_a_screened_run_patches_the_top_sites_and_an_audit_exactly_and_reports_i
     assert stats["sites"] == len(every) and stats["patched_fraction"] == pytest.approx(len(kept) / len(every), abs=1e-3)
     assert 0 <= stats["recall_lo"] <= stats["recall"] <= stats["recall_hi"] <= 1
     assert stats["found"] == sum(r.changed for r in kept if r.query["screen"]["kept"] == "top") > 0
+
+
+def test_only_the_raw_set_reports_the_screens_recall(tmp_path):
+    """A balanced split draws its records by label, so an audit's changed rate over it estimates nothing."""
+    from selfexplain.groundtruth.dataset import finalize
+    from selfexplain.groundtruth.records import write_split
+    from selfexplain.groundtruth.tasks import TASKS
+
+    _, kept = _screened_run("blocks")
+    for i, r in enumerate(kept):
+        r.split = "test" if i % 4 == 0 else "train"
+    write_split(tmp_path / "raw", kept, "h", shard_size=100)
+    stats = finalize(tmp_path, PatchingConfig(balance=True, changed_fraction=0.5), "h", 0, 100,
+                     TASKS["activation_patching"].balance_cell)
+    assert stats["raw"]["screen"] == label_stats(kept)["screen"]
+    assert stats["train"]["count"] > 0 and "screen" not in stats["train"] and "screen" not in stats["test"]
 
 
 def test_the_report_says_what_a_screen_patched_and_the_recall_its_audit_implies():
